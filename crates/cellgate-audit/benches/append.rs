@@ -1,0 +1,144 @@
+//! Audit log throughput and durable latency on the filesystem at hand.
+//!
+//! - `submit_1000_then_flush`: 1000 plain submissions, then one flush (a single group commit
+//!   and sync in the best case): the cost of auditing allows.
+//! - `submit_durable`: one durable submission, written and synced: what a denial waits for.
+//! - `verify_10000`: `verify_path` over 10 000 records (parse, canonicalize, hash).
+//!
+//! The log goes to a temporary directory under `CELLGATE_BENCH_DIR` (default: the system temp
+//! dir, often tmpfs, where a sync is nearly free; point it at a real disk to see fsync cost).
+
+use std::time::{Duration, Instant};
+
+use cellgate_audit::{AuditLog, AuditOptions, Decision, Record};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+fn record(i: u64) -> Record {
+    let mut r = Record::new(
+        "node-a",
+        "intake",
+        "https",
+        Decision::Allow,
+        "capability_granted",
+    );
+    r.cell = Some("researcher".into());
+    r.namespace = Some("agents".into());
+    r.token_id = Some("0b6f0f3e-1c7d-4a53-9d2e-6c1f4b7a9e10".into());
+    r.source = Some("10.244.1.17:41822".into());
+    r.destination = Some("140.82.112.3:443".into());
+    r.method = Some("GET".into());
+    r.host = Some("api.github.com".into());
+    r.path = Some(format!("/repos/cellgate/cellgate/issues/{i}"));
+    r.capability = Some("github-read".into());
+    r.policy_version = Some("sha256:5f1d".into());
+    r.budget = Some(serde_json::json!({"requests": {"used": i, "limit": 1_000_000}}));
+    r.latency_us = Some(87);
+    r.request_id = Some(format!("req-{i}"));
+    r
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    match std::env::var_os("CELLGATE_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
+fn append(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = bench_dir();
+    let (log, writer) = rt
+        .block_on(AuditLog::open(
+            dir.path().join("audit.jsonl"),
+            AuditOptions::default(),
+        ))
+        .unwrap();
+
+    let mut group = c.benchmark_group("audit");
+    group.measurement_time(Duration::from_secs(5));
+    let mut i = 0_u64;
+
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("submit_1000_then_flush", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let records: Vec<Record> = (0..1000)
+                    .map(|_| {
+                        i += 1;
+                        record(i)
+                    })
+                    .collect();
+                let start = Instant::now();
+                rt.block_on(async {
+                    for r in records {
+                        log.submit(r).unwrap();
+                    }
+                    log.flush().await.unwrap();
+                });
+                total += start.elapsed();
+            }
+            total
+        });
+    });
+
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("submit_durable", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                record(i)
+            },
+            |r| rt.block_on(log.submit_durable(r)).unwrap(),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+
+    let stats = log.stats();
+    eprintln!(
+        "{} records in {} writes and {} syncs",
+        stats.written, stats.writes, stats.syncs
+    );
+    rt.block_on(async {
+        log.close().await.unwrap();
+        writer.await.unwrap().unwrap();
+    });
+}
+
+/// Verification speed (parse, canonicalize, hash) over a log of 10 000 records.
+fn verify(c: &mut Criterion) {
+    const N: u64 = 10_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = bench_dir();
+    let path = dir.path().join("audit.jsonl");
+    rt.block_on(async {
+        let (log, writer) = AuditLog::open(&path, AuditOptions::default())
+            .await
+            .unwrap();
+        for i in 0..N {
+            log.submit(record(i)).unwrap();
+            if i % 1000 == 0 {
+                log.flush().await.unwrap();
+            }
+        }
+        log.close().await.unwrap();
+        writer.await.unwrap().unwrap();
+    });
+    let mut group = c.benchmark_group("audit");
+    group.throughput(Throughput::Elements(N));
+    group.bench_function("verify_10000", |b| {
+        b.iter(|| assert_eq!(cellgate_audit::verify_path(&path).unwrap().records, N));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, verify);
+criterion_main!(benches);

@@ -1,0 +1,345 @@
+//! The chain rule: canonical JSON, the record hash, sealing a record into its line, and the
+//! head anchor.
+//!
+//! ```text
+//! hash = lowercase_hex(SHA-256(prev || "\n" || canonical_json(record without its "hash" key)))
+//! line = canonical_json(record with its "hash" key) || "\n"
+//! ```
+//!
+//! Canonical JSON sorts object keys explicitly at every level instead of relying on
+//! `serde_json::Map`'s iteration order, which becomes insertion order when any crate in the
+//! build enables serde_json's `preserve_order` feature. See the crate docs for the full format.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::record::Record;
+use crate::MAX_LINE_LEN;
+
+/// `prev` of the first record: 64 ASCII zeros.
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Length of a hash in hex characters (SHA-256).
+pub const HASH_HEX_LEN: usize = 64;
+
+/// Whether `s` looks like a hash: 64 lowercase hex characters.
+#[must_use]
+pub fn is_hash(s: &str) -> bool {
+    s.len() == HASH_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The canonical JSON of `value`: keys sorted at every level, no whitespace.
+#[must_use]
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_value(value, &mut out);
+    out
+}
+
+/// Appends the canonical JSON of an object to `out`.
+pub(crate) fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(key, out);
+        out.push(b':');
+        write_value(value, out);
+    }
+    out.push(b'}');
+}
+
+fn write_value(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Value::String(s) => write_str(s, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_object(map, out),
+    }
+}
+
+/// Escapes as serde_json and Python's `json.dumps(ensure_ascii=False)` both do.
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if u32::from(c) < 0x20 => {
+                let b = u32::from(c);
+                out.extend_from_slice(b"\\u00");
+                for nibble in [b >> 4, b & 0xf] {
+                    let digit = usize::try_from(nibble)
+                        .ok()
+                        .and_then(|i| HEX.get(i))
+                        .copied()
+                        .unwrap_or(b'0');
+                    out.push(digit);
+                }
+            }
+            c => {
+                let mut buf = [0_u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// The hash of a record whose canonical body (without `hash`) is `body`, chained to `prev`.
+#[must_use]
+pub fn record_hash(prev: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// Hashes a parsed record: removes its `hash` key (returned as found) and returns the hash its
+/// content and `prev` field call for. Used by the verifier on lines read back from disk.
+pub(crate) fn rehash(map: &mut Map<String, Value>, prev: &str) -> (Option<Value>, String) {
+    let claimed = map.remove("hash");
+    let mut body = Vec::new();
+    write_object(map, &mut body);
+    (claimed, record_hash(prev, &body))
+}
+
+/// Turns every number that is not an integer into its string form, so that every language
+/// formats the record identically (float formatting differs between serde_json and Python).
+fn normalize_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if !(n.is_i64() || n.is_u64()) => *value = Value::String(n.to_string()),
+        Value::Array(items) => items.iter_mut().for_each(normalize_numbers),
+        Value::Object(map) => map.values_mut().for_each(normalize_numbers),
+        _ => {}
+    }
+}
+
+/// Fills the chain fields of `rec` for position `seq` after `prev`, and appends its line
+/// (with the `\n`) to `out`.
+///
+/// A record whose line would exceed [`MAX_LINE_LEN`] is [clamped](Record::clamp) first, so
+/// the writer never produces a line the verifier refuses.
+///
+/// # Errors
+///
+/// Only if the record cannot be serialized as a JSON object, which its types rule out; the
+/// writer treats that as a fault and fails closed.
+pub(crate) fn seal(rec: &mut Record, seq: u64, prev: &str, out: &mut Vec<u8>) -> io::Result<()> {
+    rec.seq = seq;
+    rec.prev.clear();
+    rec.prev.push_str(prev);
+    rec.hash.clear();
+    if let Some(budget) = &mut rec.budget {
+        normalize_numbers(budget);
+    }
+    let mut clamped = false;
+    loop {
+        let Value::Object(mut map) = serde_json::to_value(&*rec).map_err(io::Error::other)? else {
+            return Err(io::Error::other(
+                "audit record did not serialize as an object",
+            ));
+        };
+        let (_, hash) = rehash(&mut map, prev);
+        map.insert("hash".to_owned(), Value::String(hash.clone()));
+        let mut line = Vec::new();
+        write_object(&map, &mut line);
+        if line.len() > MAX_LINE_LEN {
+            if clamped {
+                return Err(io::Error::other(format!(
+                    "audit record {seq} is {} bytes even after clamping, over the limit of {MAX_LINE_LEN}",
+                    line.len()
+                )));
+            }
+            rec.clamp();
+            clamped = true;
+            continue;
+        }
+        rec.hash = hash;
+        out.extend_from_slice(&line);
+        out.push(b'\n');
+        return Ok(());
+    }
+}
+
+/// The head anchor: the last record known durable, kept in [`head_path`] next to the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Head {
+    /// `seq` of that record.
+    pub seq: u64,
+    /// `hash` of that record.
+    pub hash: String,
+}
+
+impl Head {
+    /// Canonical JSON of the head, `{"hash":"...","seq":N}`, without a trailing newline.
+    #[must_use]
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut map = Map::new();
+        map.insert("hash".to_owned(), Value::String(self.hash.clone()));
+        map.insert("seq".to_owned(), Value::from(self.seq));
+        let mut out = Vec::new();
+        write_object(&map, &mut out);
+        out
+    }
+}
+
+/// Where the head anchor of the log at `log` lives: `<log>.head`.
+#[must_use]
+pub fn head_path(log: &Path) -> PathBuf {
+    let mut name = OsString::from(log.as_os_str());
+    name.push(".head");
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_sorts_keys_at_every_level_and_drops_whitespace() {
+        let v = json!({"b": 1, "a": {"z": [3, {"y": null, "x": true}], "c": "s"}});
+        assert_eq!(
+            String::from_utf8(canonical_json(&v)).unwrap(),
+            r#"{"a":{"c":"s","z":[3,{"x":true,"y":null}]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn canonical_is_independent_of_insertion_order() {
+        let mut one = Map::new();
+        let mut two = Map::new();
+        let keys = ["time", "seq", "a", "prev", "Z", "é", "_", "a0"];
+        for (i, k) in keys.iter().enumerate() {
+            one.insert((*k).to_owned(), json!({"n": i, "m": [i]}));
+        }
+        for (i, k) in keys.iter().enumerate().rev() {
+            two.insert((*k).to_owned(), json!({"m": [i], "n": i}));
+        }
+        assert_eq!(
+            canonical_json(&Value::Object(one)),
+            canonical_json(&Value::Object(two))
+        );
+    }
+
+    #[test]
+    fn strings_escape_like_serde_json() {
+        let s: String = (0_u8..0x80)
+            .map(char::from)
+            .chain("é\u{2028}😀".chars())
+            .collect();
+        let ours = canonical_json(&Value::String(s.clone()));
+        assert_eq!(ours, serde_json::to_vec(&s).unwrap());
+    }
+
+    #[test]
+    fn floats_become_strings_before_sealing() {
+        let mut rec = Record::new("n", "intake", "http", crate::Decision::Allow, "ok");
+        rec.budget = Some(json!({"left": 3, "ratio": 0.25, "big": 1e16, "neg": -2}));
+        let mut line = Vec::new();
+        seal(&mut rec, 1, ZERO_HASH, &mut line).unwrap();
+        let text = String::from_utf8(line).unwrap();
+        assert!(
+            text.contains(r#""budget":{"big":"1e+16","left":3,"neg":-2,"ratio":"0.25"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn seal_fills_chain_fields_and_the_hash_checks_out() {
+        let mut rec = Record::new("n", "intake", "http", crate::Decision::Allow, "ok");
+        let mut line = Vec::new();
+        seal(&mut rec, 1, ZERO_HASH, &mut line).unwrap();
+        assert_eq!((rec.seq, rec.prev.as_str()), (1, ZERO_HASH));
+        assert!(is_hash(&rec.hash));
+        assert_eq!(line.last(), Some(&b'\n'));
+        let Value::Object(mut map) = serde_json::from_slice(&line).unwrap() else {
+            panic!("not an object")
+        };
+        let (claimed, recomputed) = rehash(&mut map, ZERO_HASH);
+        assert_eq!(claimed, Some(Value::String(recomputed.clone())));
+        assert_eq!(recomputed, rec.hash);
+        // The line is itself canonical.
+        let mut again = canonical_json(&serde_json::from_slice(&line).unwrap());
+        again.push(b'\n');
+        assert_eq!(again, line);
+    }
+
+    /// A fixed vector so that other implementations can check themselves against this one.
+    #[test]
+    fn golden_hash() {
+        let body = br#"{"decision":"deny","front_door":"intake","node":"n1","prev":"0000000000000000000000000000000000000000000000000000000000000000","protocol":"tcp","reason":"ppv2_missing","seq":1,"time":"2024-02-29T12:34:56.123456789Z"}"#;
+        let mut rec = Record::new("n1", "intake", "tcp", crate::Decision::Deny, "ppv2_missing");
+        rec.time = "2024-02-29T12:34:56.123456789Z".into();
+        let mut line = Vec::new();
+        seal(&mut rec, 1, ZERO_HASH, &mut line).unwrap();
+        assert_eq!(rec.hash, record_hash(ZERO_HASH, body));
+        // Computed independently: python3 -c 'import hashlib; print(hashlib.sha256(("0"*64
+        // + "\n" + body).encode()).hexdigest())'
+        assert_eq!(
+            rec.hash,
+            "7c1e0aea0899e82c9f918753f342f2856b2bd9f9d15839b6bd33dfd16589ac94"
+        );
+    }
+
+    #[test]
+    fn oversized_records_are_clamped_not_refused() {
+        let mut rec = Record::new("n", "intake", "http", crate::Decision::Allow, "ok");
+        // Control characters escape to six bytes each: the worst case for the line length.
+        rec.path = Some("\u{1}".repeat(MAX_LINE_LEN));
+        rec.host = Some("\u{1}".repeat(MAX_LINE_LEN));
+        rec.reasons = vec!["\u{1}".repeat(MAX_LINE_LEN); 50];
+        let mut line = Vec::new();
+        seal(&mut rec, 7, ZERO_HASH, &mut line).unwrap();
+        assert!(line.len() <= MAX_LINE_LEN + 1, "{}", line.len());
+        assert_eq!(
+            rec.reasons.last().map(String::as_str),
+            Some(crate::CLAMPED_REASON)
+        );
+    }
+
+    #[test]
+    fn head_json_and_path() {
+        let head = Head {
+            seq: 3,
+            hash: "ab".repeat(32),
+        };
+        assert_eq!(
+            String::from_utf8(head.to_json()).unwrap(),
+            format!(r#"{{"hash":"{}","seq":3}}"#, "ab".repeat(32))
+        );
+        assert_eq!(
+            head_path(Path::new("/var/log/audit.jsonl")),
+            Path::new("/var/log/audit.jsonl.head")
+        );
+    }
+}

@@ -1,0 +1,736 @@
+//! The writer: one task owns the log file; handles submit records through a bounded queue.
+//!
+//! - [`AuditLog::submit`] never waits: it puts the record in the queue or returns
+//!   [`AuditError::Overflow`], and the caller fails closed. This is how allows never wait on
+//!   the disk yet no record is ever dropped silently.
+//! - [`AuditLog::submit_durable`] resolves once the record is written and `sync_data` has
+//!   returned: a denial is durable before the denial is sent.
+//! - Group commit: the writer takes everything queued (up to [`MAX_BATCH_RECORDS`]), chains it
+//!   in the order received, writes it with one `write`, and syncs once if anyone waits for
+//!   durability (or [`AuditOptions::sync_interval`] has passed since the last sync). After each
+//!   sync it replaces the head anchor (`<log>.head`, temp file + rename).
+//! - A write or sync failure fails the log closed: every waiter gets
+//!   [`AuditError::Unavailable`], so does every later submission, and plain records that were
+//!   accepted but not written are counted in [`AuditStats::lost`] and logged.
+//!
+//! File I/O runs on tokio's blocking pool (one batch at a time), so the writer works on any
+//! runtime flavour and never stalls a runtime worker on the disk.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{self, Instant, MissedTickBehavior};
+
+use crate::chain::{self, head_path, Head};
+use crate::error::{AuditError, VerifyError};
+use crate::record::Record;
+use crate::verify::{verify_path, VerifyReport};
+
+/// Most records written by one `write` call. Bounds the writer's buffer (a typical record is
+/// under 1 KiB, so about 1 MiB) and how long a durable submission can wait behind a flood.
+pub const MAX_BATCH_RECORDS: usize = 1024;
+
+/// Permissions of a new log and of its head: the node writes, its group (log shippers) reads.
+const FILE_MODE: u32 = 0o640;
+
+/// How the writer behaves.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Records that may wait for the writer before [`AuditLog::submit`] overflows.
+    pub queue_capacity: usize,
+    /// Longest time a plain submission stays written but not synced.
+    pub sync_interval: Duration,
+    /// Records a [`AuditLog::subscribe`] receiver may fall behind before it lags.
+    pub subscriber_capacity: usize,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions {
+            queue_capacity: 65_536,
+            sync_interval: Duration::from_millis(100),
+            subscriber_capacity: 4096,
+        }
+    }
+}
+
+impl AuditOptions {
+    /// Checks the ranges (the tokio primitives underneath panic on zero).
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::InvalidOptions`] naming the first option out of range.
+    pub fn validate(&self) -> Result<(), AuditError> {
+        /// Far beyond any sensible queue; keeps a typo from reserving gigabytes.
+        const MAX_QUEUE: usize = 1 << 24;
+        if !(1..=MAX_QUEUE).contains(&self.queue_capacity) {
+            return Err(AuditError::InvalidOptions {
+                name: "queue_capacity",
+                value: self.queue_capacity.to_string(),
+                hint: "must be between 1 and 16777216",
+            });
+        }
+        if self.sync_interval.is_zero() {
+            return Err(AuditError::InvalidOptions {
+                name: "sync_interval",
+                value: format!("{:?}", self.sync_interval),
+                hint: "must be above zero",
+            });
+        }
+        if !(1..=MAX_QUEUE).contains(&self.subscriber_capacity) {
+            return Err(AuditError::InvalidOptions {
+                name: "subscriber_capacity",
+                value: self.subscriber_capacity.to_string(),
+                hint: "must be between 1 and 16777216",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the writer's counters, read without locks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records written to the file.
+    pub written: u64,
+    /// `write` calls (batches); `written / writes` is the mean group-commit size.
+    pub writes: u64,
+    /// `sync_data` calls.
+    pub syncs: u64,
+    /// Syncs made because a durable submission or a flush was waiting.
+    pub durable_syncs: u64,
+    /// Submissions refused because the queue was full.
+    pub overflows: u64,
+    /// Accepted plain submissions that a writer failure kept from the file.
+    pub lost: u64,
+    /// Submissions waiting for the writer (approximate).
+    pub queue_depth: u64,
+    /// `seq` of the last record written.
+    pub last_seq: u64,
+}
+
+/// The writer task; await it after [`AuditLog::close`] for its final result.
+pub type WriterHandle = JoinHandle<Result<(), AuditError>>;
+
+type Ack = oneshot::Sender<Result<(), AuditError>>;
+
+enum Command {
+    Record(Record),
+    Durable(Record, Ack),
+    Flush(Ack),
+    Close(Ack),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    durable_syncs: AtomicU64,
+    overflows: AtomicU64,
+    lost: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    counters: Counters,
+    events: broadcast::Sender<Arc<Record>>,
+    /// Set once, by the writer, when it fails.
+    failure: OnceLock<String>,
+    capacity: usize,
+}
+
+/// Handle to an audit log. Cheap to clone; the writer stops when every handle is dropped or
+/// [`AuditLog::close`] is called.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Command>,
+    state: Arc<State>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log at `path` and starts its writer task.
+    ///
+    /// An existing log is verified first, head anchor included, and the chain resumes after
+    /// its last record. The file is locked (`flock`) for as long as the writer runs.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Broken`] naming the first bad record if the existing log does not verify
+    /// (the node must not append to a broken chain), [`AuditError::Locked`] if another writer
+    /// holds it, [`AuditError::Open`] on I/O errors, [`AuditError::InvalidOptions`].
+    ///
+    /// # Caveats
+    ///
+    /// Must be called inside a tokio runtime. A crash in the middle of a write leaves an
+    /// incomplete last line, which is indistinguishable from truncation: the next open
+    /// refuses the file and an operator must move it aside.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        options: AuditOptions,
+    ) -> Result<(AuditLog, WriterHandle), AuditError> {
+        options.validate()?;
+        let path = path.as_ref().to_owned();
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_and_verify(&path)).await
+        };
+        let (file, report) = opened.map_err(|e| AuditError::Open {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })??;
+        tracing::info!(
+            path = %path.display(),
+            records = report.records,
+            "audit log opened"
+        );
+        Ok(start(file, path, report, &options))
+    }
+
+    /// Queues a record without waiting. The chain fields are overwritten by the writer.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Overflow`] if the queue is full, [`AuditError::Unavailable`] after a
+    /// writer failure, [`AuditError::Closed`] after [`AuditLog::close`]. On any error the
+    /// record was not accepted and the caller must fail closed.
+    pub fn submit(&self, rec: Record) -> Result<(), AuditError> {
+        self.check_failed()?;
+        match self.tx.try_send(Command::Record(rec)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.state
+                    .counters
+                    .overflows
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(AuditError::Overflow {
+                    capacity: self.state.capacity,
+                })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.closed_error()),
+        }
+    }
+
+    /// Queues a record and resolves once it is written and synced to disk.
+    ///
+    /// Waits for room in the queue rather than overflowing: the caller is already waiting on
+    /// the disk.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Unavailable`] if the writer failed before the record was synced (it may
+    /// or may not be in the file), [`AuditError::Closed`] after [`AuditLog::close`].
+    ///
+    /// # Caveats
+    ///
+    /// Dropping the future after the record entered the queue does not withdraw the record.
+    pub async fn submit_durable(&self, rec: Record) -> Result<(), AuditError> {
+        self.check_failed()?;
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Durable(rec, ack)).await.is_err() {
+            return Err(self.closed_error());
+        }
+        done.await.unwrap_or_else(|_| Err(self.closed_error()))
+    }
+
+    /// Resolves once every record submitted before the call is written and synced, and the
+    /// head anchor names the last of them.
+    ///
+    /// # Errors
+    ///
+    /// As [`AuditLog::submit_durable`].
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        self.check_failed()?;
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Flush(ack)).await.is_err() {
+            return Err(self.closed_error());
+        }
+        done.await.unwrap_or_else(|_| Err(self.closed_error()))
+    }
+
+    /// Stops accepting records (from every handle), writes and syncs everything already
+    /// accepted, updates the head anchor, and resolves when the file is final.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Unavailable`] if the writer failed. Closing a closed log is not an error.
+    pub async fn close(self) -> Result<(), AuditError> {
+        self.check_failed()?;
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Close(ack)).await.is_err() {
+            return match self.closed_error() {
+                AuditError::Closed => Ok(()),
+                e => Err(e),
+            };
+        }
+        done.await.unwrap_or_else(|_| match self.closed_error() {
+            AuditError::Closed => Ok(()),
+            e => Err(e),
+        })
+    }
+
+    /// Records as they are written, with their chain fields filled, in chain order.
+    ///
+    /// # Caveats
+    ///
+    /// A receiver that falls more than [`AuditOptions::subscriber_capacity`] records behind
+    /// gets `RecvError::Lagged` and misses records from its stream (never from the file):
+    /// exporters must resume from the file by `seq`.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
+        self.state.events.subscribe()
+    }
+
+    /// The writer's counters.
+    #[must_use]
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.state.counters;
+        let free = self.tx.capacity();
+        AuditStats {
+            written: c.written.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            durable_syncs: c.durable_syncs.load(Ordering::Relaxed),
+            overflows: c.overflows.load(Ordering::Relaxed),
+            lost: c.lost.load(Ordering::Relaxed),
+            queue_depth: u64::try_from(self.state.capacity.saturating_sub(free))
+                .unwrap_or(u64::MAX),
+            last_seq: c.last_seq.load(Ordering::Relaxed),
+        }
+    }
+
+    fn check_failed(&self) -> Result<(), AuditError> {
+        match self.state.failure.get() {
+            Some(reason) => Err(AuditError::Unavailable {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn closed_error(&self) -> AuditError {
+        match self.state.failure.get() {
+            Some(reason) => AuditError::Unavailable {
+                reason: reason.clone(),
+            },
+            None => AuditError::Closed,
+        }
+    }
+}
+
+/// Starts the writer task on an opened, verified log.
+fn start(
+    file: File,
+    path: PathBuf,
+    report: VerifyReport,
+    options: &AuditOptions,
+) -> (AuditLog, WriterHandle) {
+    let (tx, rx) = mpsc::channel(options.queue_capacity);
+    let (events, _) = broadcast::channel(options.subscriber_capacity);
+    let state = Arc::new(State {
+        counters: Counters::default(),
+        events,
+        failure: OnceLock::new(),
+        capacity: options.queue_capacity,
+    });
+    state
+        .counters
+        .last_seq
+        .store(report.records, Ordering::Relaxed);
+    let writer = Writer {
+        rx,
+        state: Arc::clone(&state),
+        file: Arc::new(file),
+        head_path: head_path(&path),
+        path,
+        head_seq: report.head.as_ref().map_or(0, |h| h.seq),
+        seq: report.records,
+        hash: report.last_hash,
+        sync_interval: options.sync_interval,
+        dirty: false,
+        last_sync: Instant::now(),
+        durable: Vec::new(),
+        flushers: Vec::new(),
+        closers: Vec::new(),
+        batch_plain: 0,
+    };
+    let handle = tokio::spawn(writer.run());
+    (AuditLog { tx, state }, handle)
+}
+
+/// Opens the log for appending, locks it, and verifies what it already holds.
+fn open_and_verify(path: &Path) -> Result<(File, VerifyReport), AuditError> {
+    let open_err = |source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(open_err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(AuditError::Locked {
+                path: path.to_owned(),
+            })
+        }
+        Err(TryLockError::Error(e)) => return Err(open_err(e)),
+    }
+    let report = verify_path(path).map_err(|e| match e {
+        VerifyError::Io { path, source } => AuditError::Open { path, source },
+        other => AuditError::Broken {
+            path: path.to_owned(),
+            source: other,
+        },
+    })?;
+    Ok((file, report))
+}
+
+/// Replaces the head anchor atomically: temp file, rename.
+fn write_head(path: &Path, head: &Head) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
+    let mut bytes = head.to_json();
+    bytes.push(b'\n');
+    f.write_all(&bytes)?;
+    // Not synced: a second fsync per group commit would double what a denial waits for. The
+    // head is written only after the records it names are synced, so after a crash it is the
+    // new head, the previous (stale) one, or an empty file, which the verifier treats like a
+    // missing head (deleting the head is no harder than emptying it).
+    drop(f);
+    fs::rename(&tmp, path)
+}
+
+/// What one batch wrote.
+struct Written {
+    seq: u64,
+    hash: String,
+    records: Vec<Arc<Record>>,
+}
+
+/// Chains `records` after (`seq`, `hash`), appends them with one write, and syncs if asked.
+fn write_batch(
+    mut file: &File,
+    records: Vec<Record>,
+    mut seq: u64,
+    mut hash: String,
+    sync: bool,
+) -> io::Result<Written> {
+    /// Initial buffer per record; a typical record line is a few hundred bytes.
+    const LINE_HINT: usize = 512;
+    let mut buf = Vec::with_capacity(records.len().saturating_mul(LINE_HINT));
+    let mut sealed = Vec::with_capacity(records.len());
+    for mut rec in records {
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("audit sequence number overflow"))?;
+        chain::seal(&mut rec, seq, &hash, &mut buf)?;
+        hash.clone_from(&rec.hash);
+        sealed.push(Arc::new(rec));
+    }
+    if !buf.is_empty() {
+        file.write_all(&buf)?;
+    }
+    if sync {
+        file.sync_data()?;
+    }
+    Ok(Written {
+        seq,
+        hash,
+        records: sealed,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("audit i/o task failed: {e}"))))
+}
+
+struct Writer {
+    rx: mpsc::Receiver<Command>,
+    state: Arc<State>,
+    file: Arc<File>,
+    path: PathBuf,
+    head_path: PathBuf,
+    /// `seq` the head anchor on disk names (0: none).
+    head_seq: u64,
+    /// Last record written.
+    seq: u64,
+    hash: String,
+    sync_interval: Duration,
+    /// Written but not yet synced.
+    dirty: bool,
+    last_sync: Instant,
+    /// Waiters of the current batch.
+    durable: Vec<Ack>,
+    flushers: Vec<Ack>,
+    /// Waiters of `close`, answered when the queue is drained.
+    closers: Vec<Ack>,
+    /// Plain records in the current batch (lost if it fails).
+    batch_plain: u64,
+}
+
+// Lives on the stack for one loop iteration; boxing the command would cost an allocation per
+// record for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Command(Option<Command>),
+    Tick,
+}
+
+impl Writer {
+    async fn run(mut self) -> Result<(), AuditError> {
+        match self.run_inner().await {
+            Ok(()) => {
+                for ack in self.closers.drain(..) {
+                    // The closer may have gone away; nothing to tell it then.
+                    let _ = ack.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    async fn run_inner(&mut self) -> io::Result<()> {
+        let mut ticker = time::interval(self.sync_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                cmd = self.rx.recv() => Event::Command(cmd),
+                _ = ticker.tick() => Event::Tick,
+            };
+            match event {
+                Event::Tick => {
+                    if self.dirty && self.last_sync.elapsed() >= self.sync_interval {
+                        self.commit(Vec::new(), true).await?;
+                    }
+                }
+                Event::Command(None) => break,
+                Event::Command(Some(cmd)) => {
+                    let mut records = Vec::new();
+                    self.take(cmd, &mut records);
+                    while records.len() < MAX_BATCH_RECORDS {
+                        match self.rx.try_recv() {
+                            Ok(cmd) => self.take(cmd, &mut records),
+                            Err(_) => break,
+                        }
+                    }
+                    let sync = !self.durable.is_empty()
+                        || !self.flushers.is_empty()
+                        || !self.closers.is_empty()
+                        || self.last_sync.elapsed() >= self.sync_interval;
+                    self.commit(records, sync).await?;
+                }
+            }
+        }
+        // Closed (or every handle dropped) and drained.
+        self.commit(Vec::new(), true).await
+    }
+
+    fn take(&mut self, cmd: Command, records: &mut Vec<Record>) {
+        match cmd {
+            Command::Record(rec) => {
+                records.push(rec);
+                self.batch_plain = self.batch_plain.saturating_add(1);
+            }
+            Command::Durable(rec, ack) => {
+                records.push(rec);
+                self.durable.push(ack);
+            }
+            Command::Flush(ack) => self.flushers.push(ack),
+            Command::Close(ack) => {
+                self.closers.push(ack);
+                // Refuse new submissions; what is already queued is still written.
+                self.rx.close();
+            }
+        }
+    }
+
+    /// Writes `records`, syncs if `sync` and there is anything unsynced, updates the head,
+    /// and answers the batch's waiters.
+    async fn commit(&mut self, records: Vec<Record>, sync: bool) -> io::Result<()> {
+        let sync = sync && (self.dirty || !records.is_empty());
+        if !records.is_empty() || sync {
+            let file = Arc::clone(&self.file);
+            let (seq, hash) = (self.seq, self.hash.clone());
+            let written = blocking(move || write_batch(&file, records, seq, hash, sync)).await?;
+            let c = &self.state.counters;
+            let n = u64::try_from(written.records.len()).unwrap_or(u64::MAX);
+            c.written.fetch_add(n, Ordering::Relaxed);
+            if n > 0 {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            c.last_seq.store(written.seq, Ordering::Relaxed);
+            self.seq = written.seq;
+            self.hash = written.hash;
+            if sync {
+                c.syncs.fetch_add(1, Ordering::Relaxed);
+                if !self.durable.is_empty() || !self.flushers.is_empty() {
+                    c.durable_syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                self.dirty = false;
+                self.last_sync = Instant::now();
+            } else if n > 0 {
+                self.dirty = true;
+            }
+            for rec in written.records {
+                // No subscriber is not an error.
+                let _ = self.state.events.send(rec);
+            }
+        }
+        self.batch_plain = 0;
+        for ack in self.durable.drain(..) {
+            let _ = ack.send(Ok(()));
+        }
+        if !self.dirty && self.head_seq != self.seq {
+            let head = Head {
+                seq: self.seq,
+                hash: self.hash.clone(),
+            };
+            let path = self.head_path.clone();
+            blocking(move || write_head(&path, &head)).await?;
+            self.head_seq = self.seq;
+        }
+        for ack in self.flushers.drain(..) {
+            let _ = ack.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Fails the log closed: answers every waiter and every queued submission with
+    /// [`AuditError::Unavailable`] and counts the plain records that will never be written.
+    async fn fail(&mut self, err: io::Error) -> AuditError {
+        let reason = format!("writing {}: {err}", self.path.display());
+        let reason = self.state.failure.get_or_init(|| reason).clone();
+        let unavailable = || AuditError::Unavailable {
+            reason: reason.clone(),
+        };
+        self.rx.close();
+        let mut lost = self.batch_plain;
+        for ack in self
+            .durable
+            .drain(..)
+            .chain(self.flushers.drain(..))
+            .chain(self.closers.drain(..))
+        {
+            let _ = ack.send(Err(unavailable()));
+        }
+        while let Some(cmd) = self.rx.recv().await {
+            match cmd {
+                Command::Record(_) => lost = lost.saturating_add(1),
+                Command::Durable(_, ack) | Command::Flush(ack) | Command::Close(ack) => {
+                    let _ = ack.send(Err(unavailable()));
+                }
+            }
+        }
+        self.state.counters.lost.fetch_add(lost, Ordering::Relaxed);
+        tracing::error!(
+            reason = %reason,
+            lost,
+            "audit writer failed: the log is closed and every submission now fails"
+        );
+        unavailable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Decision, ZERO_HASH};
+
+    fn rec(i: u32) -> Record {
+        let mut r = Record::new("n1", "intake", "http", Decision::Allow, "ok");
+        r.request_id = Some(format!("r{i}"));
+        r
+    }
+
+    /// A write error fails every waiter and every later submission, and counts what is lost.
+    #[tokio::test]
+    async fn write_failure_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        File::create(&path).unwrap();
+        // Read-only descriptor: the first write fails with EBADF.
+        let file = File::open(&path).unwrap();
+        let report = VerifyReport {
+            records: 0,
+            last_hash: ZERO_HASH.to_owned(),
+            head: None,
+        };
+        let options = AuditOptions {
+            sync_interval: Duration::from_secs(3600),
+            ..AuditOptions::default()
+        };
+        let (log, writer) = start(file, path, report, &options);
+        log.submit(rec(1)).unwrap();
+        log.submit(rec(2)).unwrap();
+        let err = log.submit_durable(rec(3)).await.unwrap_err();
+        assert!(matches!(err, AuditError::Unavailable { .. }), "{err}");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+        assert!(matches!(
+            log.submit(rec(4)),
+            Err(AuditError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            log.submit_durable(rec(5)).await,
+            Err(AuditError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            log.flush().await,
+            Err(AuditError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            writer.await.unwrap(),
+            Err(AuditError::Unavailable { .. })
+        ));
+        let stats = log.stats();
+        assert_eq!((stats.lost, stats.written), (2, 0));
+        assert!(log.close().await.is_err());
+    }
+
+    #[test]
+    fn options_are_validated() {
+        for bad in [
+            AuditOptions {
+                queue_capacity: 0,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                sync_interval: Duration::ZERO,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                subscriber_capacity: 0,
+                ..AuditOptions::default()
+            },
+        ] {
+            assert!(matches!(
+                bad.validate(),
+                Err(AuditError::InvalidOptions { .. })
+            ));
+        }
+        AuditOptions::default().validate().unwrap();
+    }
+}
