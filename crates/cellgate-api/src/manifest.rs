@@ -434,7 +434,10 @@ impl AgentCell {
             );
         }
         if self.kind != KIND {
-            err("kind".into(), format!("expected {KIND}, found {:?}", self.kind));
+            err(
+                "kind".into(),
+                format!("expected {KIND}, found {:?}", self.kind),
+            );
         }
         match self.metadata.name.as_deref() {
             None | Some("") => err("metadata.name".into(), "missing name".into()),
@@ -807,7 +810,9 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(format!("label {label:?} has a character not allowed in a host name"));
+            return Err(format!(
+                "label {label:?} has a character not allowed in a host name"
+            ));
         }
         if label.starts_with('-') || label.ends_with('-') {
             return Err(format!("label {label:?} starts or ends with '-'"));
@@ -911,10 +916,19 @@ spec:
     fn unknown_fields_under_spec_are_refused() {
         let text = GOOD.replace("role: researcher", "role: researcher\n  rol: x");
         assert_eq!(errs(&text), vec!["spec.rol: unknown field"]);
-        let text = GOOD.replace("paths: [\"/repos/**\"]", "paths: [\"/repos/**\"]\n        path: x");
-        assert_eq!(errs(&text), vec!["spec.capabilities[0].http.path: unknown field"]);
+        let text = GOOD.replace(
+            "paths: [\"/repos/**\"]",
+            "paths: [\"/repos/**\"]\n        path: x",
+        );
+        assert_eq!(
+            errs(&text),
+            vec!["spec.capabilities[0].http.path: unknown field"]
+        );
         // Unknown metadata (set by the API server) is fine.
-        let text = GOOD.replace("namespace: agents", "namespace: agents\n  resourceVersion: \"7\"");
+        let text = GOOD.replace(
+            "namespace: agents",
+            "namespace: agents\n  resourceVersion: \"7\"",
+        );
         assert!(errs(&text).is_empty());
     }
 
@@ -929,7 +943,10 @@ spec:
         );
         let text = GOOD.replace("mode: shadow", "mode: audit");
         let e = errs(&text);
-        assert!(e[0].starts_with("spec.capabilities[1].mode: unknown variant"), "{e:?}");
+        assert!(
+            e[0].starts_with("spec.capabilities[1].mode: unknown variant"),
+            "{e:?}"
+        );
         let text = GOOD.replace("ports: [8443]", "ports: [70000]");
         assert!(errs(&text)[0].starts_with("spec.capabilities[1].destinations[0].ports[0]"));
     }
@@ -937,17 +954,41 @@ spec:
     #[test]
     fn bad_values() {
         let cases = [
-            ("name: research", "name: Research", "metadata.name: \"Research\" must be"),
+            (
+                "name: research",
+                "name: Research",
+                "metadata.name: \"Research\" must be",
+            ),
             ("api.GitHub.com", "api.github.com:443", "is not a host name"),
-            ("\"*.githubusercontent.com\"", "\"a.*.com\"", "wildcard is allowed only"),
-            ("\"*.githubusercontent.com\"", "\"*.com\"", "at least two labels"),
-            ("\"*.githubusercontent.com\"", "10.0.0.1", "is an address: use cidr"),
+            (
+                "\"*.githubusercontent.com\"",
+                "\"a.*.com\"",
+                "wildcard is allowed only",
+            ),
+            (
+                "\"*.githubusercontent.com\"",
+                "\"*.com\"",
+                "at least two labels",
+            ),
+            (
+                "\"*.githubusercontent.com\"",
+                "10.0.0.1",
+                "is an address: use cidr",
+            ),
             ("192.0.2.0/24", "192.0.2.0/33", "prefix length must be"),
-            ("name: internal", "name: github-read", "duplicate capability name"),
+            (
+                "name: internal",
+                "name: github-read",
+                "duplicate capability name",
+            ),
             ("\"/repos/**\"", "\"repos\"", "must start with /"),
             ("[get, HEAD]", "[CONNECT]", "CONNECT cannot be granted"),
             ("kind: AgentCell", "kind: Pod", "kind: expected AgentCell"),
-            ("cellgate.dev/v1alpha1", "cellgate.dev/v2", "apiVersion: expected"),
+            (
+                "cellgate.dev/v1alpha1",
+                "cellgate.dev/v2",
+                "apiVersion: expected",
+            ),
         ];
         for (from, to, want) in cases {
             let e = errs(&GOOD.replace(from, to)).join("\n");
@@ -959,8 +1000,13 @@ spec:
 
     #[test]
     fn passthrough_with_http_or_credential_is_refused() {
-        let text = GOOD.replace("      http:\n        methods", "      tls: passthrough\n      http:\n        methods");
-        assert!(errs(&text)[0].contains("spec.capabilities[0].http: http rules need TLS interception"));
+        let text = GOOD.replace(
+            "      http:\n        methods",
+            "      tls: passthrough\n      http:\n        methods",
+        );
+        assert!(
+            errs(&text)[0].contains("spec.capabilities[0].http: http rules need TLS interception")
+        );
     }
 
     #[test]
@@ -986,7 +1032,10 @@ spec:
 
     #[test]
     fn multi_document_and_empty() {
-        let two = format!("{GOOD}\n---\n{}", GOOD.replace("name: research", "name: other"));
+        let two = format!(
+            "{GOOD}\n---\n{}",
+            GOOD.replace("name: research", "name: other")
+        );
         assert_eq!(parse_agent_cells(&two).unwrap().len(), 2);
         assert!(parse_agent_cell(&two).is_err());
         assert!(parse_agent_cells("").is_err());

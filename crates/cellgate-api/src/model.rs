@@ -181,7 +181,9 @@ impl Cidr {
         let addr = match addr {
             IpAddr::V4(a) => {
                 let bits = u32::from(a);
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix.min(32)))
+                    .unwrap_or(0);
                 IpAddr::V4((bits & mask).into())
             }
             IpAddr::V6(a) => {

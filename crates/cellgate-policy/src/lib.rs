@@ -1,0 +1,26 @@
+//! Cellgate's policy engine: Rego policy sets evaluated with regorus.
+//!
+//! - [`PolicySet`] ([`set`]): loads every `*.rego` of a base directory and of pack directories,
+//!   refuses a set that does not parse (`path:line:col: message`) or fails one of its own
+//!   `test_*` rules (`path:line: test name failed`), compiles `data.cellgate.authz.decision`
+//!   once, and evaluates requests with no I/O, one regorus VM per worker thread.
+//! - [`PolicyStore`] ([`store`]): the node's current set, swapped atomically and only on
+//!   success, with a polling watcher. No valid set means every request is denied.
+//! - [`convert`]: [`cellgate_api::policy::InputDoc`] to a regorus value without JSON text, and
+//!   the strict parsing of the decision.
+//!
+//! Start reading at [`PolicySet::load`]; the policy language itself is documented in
+//! `docs/policy.md`, the base policy lives in `policies/base/cellgate.rego`.
+
+pub mod convert;
+pub mod error;
+pub mod set;
+pub mod store;
+
+pub use convert::CellValue;
+pub use error::{EvalError, PolicyError};
+pub use set::{
+    PolicyFile, PolicySet, ENTRYPOINT, EVAL_TIME_LIMIT, MAX_INSTRUCTIONS, MAX_POLICY_FILES,
+    MAX_POLICY_FILE_BYTES,
+};
+pub use store::{PolicyStatus, PolicyStore, DEFAULT_WATCH_INTERVAL};
