@@ -307,6 +307,11 @@ impl AuditLog {
         }
     }
 
+    /// Why the writer failed, once it has: every later submission is refused with this reason.
+    pub fn failure(&self) -> Option<String> {
+        self.state.failure.get().cloned()
+    }
+
     fn check_failed(&self) -> Result<(), AuditError> {
         match self.state.failure.get() {
             Some(reason) => Err(AuditError::Unavailable {

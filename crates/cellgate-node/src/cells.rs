@@ -1,0 +1,232 @@
+//! The node's registry of cells, keyed by uid, fed from a directory of AgentCell files.
+//!
+//! Each file is parsed strictly; a file that fails is refused (logged with its path and field
+//! path, counted) and the cells it held before stay as they were, so a bad edit never widens or
+//! drops anyone's access by accident. The registry is swapped atomically and every change bumps
+//! the node's state generation, which makes open tunnels re-check their authorization.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use cellgate_api::manifest::{parse_agent_cells, MAX_MANIFEST_BYTES};
+use cellgate_api::model::{Cell, DestinationTarget};
+use cellgate_api::policy::{CapabilityDoc, CellDoc, DestinationDoc, HttpRuleDoc};
+
+/// A cell as the node holds it: the model plus its policy document, built once per change.
+#[derive(Debug)]
+pub struct CellEntry {
+    /// The model.
+    pub cell: Cell,
+    /// `input.cell` for the policy.
+    pub doc: CellDoc,
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// The policy document of a cell.
+pub fn cell_doc(cell: &Cell) -> CellDoc {
+    CellDoc {
+        uid: cell.uid.clone(),
+        namespace: cell.namespace.clone(),
+        name: cell.name.clone(),
+        role: cell.role.clone(),
+        suspended: cell.suspended,
+        labels: cell.labels.clone(),
+        capabilities: cell
+            .capabilities
+            .iter()
+            .map(|c| CapabilityDoc {
+                name: c.name.clone(),
+                mode: c.mode.as_str().into(),
+                tls: c.tls.as_str().into(),
+                destinations: c
+                    .destinations
+                    .iter()
+                    .map(|d| match &d.target {
+                        DestinationTarget::Host(h) => DestinationDoc {
+                            host: Some(h.as_manifest()),
+                            cidr: None,
+                            ports: d.ports.clone(),
+                        },
+                        DestinationTarget::Cidr(c) => DestinationDoc {
+                            host: None,
+                            cidr: Some(c.to_string()),
+                            ports: d.ports.clone(),
+                        },
+                    })
+                    .collect(),
+                http: c.http.as_ref().map(|h| HttpRuleDoc {
+                    methods: h.methods.clone(),
+                    paths: h.paths.clone(),
+                }),
+                approval: c.approval,
+                credential: c.credential.is_some(),
+            })
+            .collect(),
+    }
+}
+
+type Snapshot = Arc<HashMap<String, Arc<CellEntry>>>;
+
+/// The registry: an atomically swapped snapshot.
+#[derive(Debug, Default)]
+pub struct CellStore {
+    snapshot: RwLock<Snapshot>,
+    /// What each file last contributed (path -> cells), so a broken file keeps its old cells.
+    by_file: RwLock<BTreeMap<PathBuf, Vec<Cell>>>,
+    fingerprint: RwLock<Vec<(PathBuf, SystemTime, u64)>>,
+    last_errors: RwLock<Vec<String>>,
+}
+
+impl CellStore {
+    /// The cell with this uid.
+    pub fn get(&self, uid: &str) -> Option<Arc<CellEntry>> {
+        self.snapshot.read().ok()?.get(uid).cloned()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Number of cells.
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    /// Whether there is no cell.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Problems found in the last scan (file: message).
+    pub fn last_errors(&self) -> Vec<String> {
+        self.last_errors.read().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Replaces every cell (the Kubernetes path and tests use this).
+    pub fn replace_all(&self, cells: Vec<Cell>) {
+        let map = cells
+            .into_iter()
+            .map(|cell| {
+                let doc = cell_doc(&cell);
+                (cell.uid.clone(), Arc::new(CellEntry { cell, doc, source: None }))
+            })
+            .collect();
+        if let Ok(mut s) = self.snapshot.write() {
+            *s = Arc::new(map);
+        }
+    }
+
+    /// Scans `dir` if anything in it changed; returns whether the registry changed.
+    pub fn rescan(&self, dir: &Path) -> bool {
+        let mut files: Vec<(PathBuf, SystemTime, u64)> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .filter_map(|p| {
+                    let m = std::fs::metadata(&p).ok()?;
+                    Some((p, m.modified().ok()?, m.len()))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the cells directory; keeping the cells we have");
+                return false;
+            }
+        };
+        files.sort();
+        {
+            let Ok(mut fp) = self.fingerprint.write() else { return false };
+            if *fp == files {
+                return false;
+            }
+            *fp = files.clone();
+        }
+        let mut errors = Vec::new();
+        let Ok(mut by_file) = self.by_file.write() else { return false };
+        by_file.retain(|p, _| files.iter().any(|(f, _, _)| f == p));
+        for (path, _, len) in &files {
+            if *len as usize > MAX_MANIFEST_BYTES {
+                errors.push(format!("{}: over the {MAX_MANIFEST_BYTES} byte limit", path.display()));
+                continue;
+            }
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let parsed = parse_agent_cells(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|docs| docs.iter().map(|d| d.to_model().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>());
+            match parsed {
+                Ok(cells) => {
+                    by_file.insert(path.clone(), cells);
+                }
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+        }
+        let mut map: HashMap<String, Arc<CellEntry>> = HashMap::new();
+        for (path, cells) in by_file.iter() {
+            for cell in cells {
+                if let Some(prev) = map.get(&cell.uid) {
+                    errors.push(format!(
+                        "{}: cell {} is also defined in {}; keeping the first",
+                        path.display(),
+                        cell.key(),
+                        prev.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                    ));
+                    continue;
+                }
+                map.insert(
+                    cell.uid.clone(),
+                    Arc::new(CellEntry { doc: cell_doc(cell), cell: cell.clone(), source: Some(path.clone()) }),
+                );
+            }
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "refused a cell file; its previous cells stay in force");
+        }
+        if let Ok(mut le) = self.last_errors.write() {
+            *le = errors;
+        }
+        tracing::info!(cells = map.len(), dir = %dir.display(), "cells loaded");
+        if let Ok(mut s) = self.snapshot.write() {
+            *s = Arc::new(map);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CELL: &str = "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: NAME}\nspec:\n  capabilities:\n    - name: web\n      destinations: [{host: example.com}]\n";
+
+    #[test]
+    fn broken_file_keeps_its_previous_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CellStore::default();
+        std::fs::write(dir.path().join("a.yaml"), CELL.replace("NAME", "a")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), CELL.replace("NAME", "b")).unwrap();
+        assert!(store.rescan(dir.path()));
+        assert_eq!(store.len(), 2);
+        assert!(!store.rescan(dir.path()), "no change, no reload");
+        // Break a.yaml: its cell stays, the error is reported with file and field path.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("a.yaml"), CELL.replace("NAME", "a").replace("example.com", "\"\"")).unwrap();
+        assert!(store.rescan(dir.path()));
+        assert!(store.get("local:default:a").is_some());
+        let errs = store.last_errors();
+        assert!(errs[0].contains("a.yaml") && errs[0].contains("spec.capabilities[0].destinations[0].host: empty host"), "{errs:?}");
+        // Removing a file removes its cells.
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        assert!(store.rescan(dir.path()));
+        assert!(store.get("local:default:b").is_none());
+    }
+}

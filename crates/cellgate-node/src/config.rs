@@ -1,0 +1,338 @@
+//! The node's configuration: a pure function of its command line and an environment map.
+//!
+//! Every flag has a `CELLGATE_` environment equivalent (flag `--upstream-ca` is
+//! `CELLGATE_UPSTREAM_CA`; repeatable flags take a comma-separated list there). Flags win over the
+//! environment. [`NodeConfig::validate`] is the one place values are checked; the resolved
+//! configuration is logged at start (it holds no secrets: key material stays in files).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Command line of `cellgate-node`.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "cellgate-node", version, about = "Cellgate's per-node proxy: every request a cell sends out is identified, decided by policy and audited.")]
+pub struct NodeArgs {
+    /// Tagged intake (PPv2 required) [env: CELLGATE_LISTEN] [default: 0.0.0.0:15001]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Admin endpoint: /healthz, /readyz, /metrics [env: CELLGATE_ADMIN] [default: 127.0.0.1:15021]
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Directory of AgentCell YAML files, watched for changes [env: CELLGATE_CELLS]
+    #[arg(long)]
+    pub cells: Option<PathBuf>,
+    /// Extra Rego policy packs (layers), watched for changes [env: CELLGATE_POLICIES]
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Base policy directory; the base policy built into the binary when absent [env: CELLGATE_BASE_POLICY]
+    #[arg(long)]
+    pub base_policy: Option<PathBuf>,
+    /// CA directory (ca.crt, ca.key) from `cellgate ca init` [env: CELLGATE_CA]
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Trusted token signing key (signing.pub); repeatable [env: CELLGATE_TRUST]
+    #[arg(long = "trust")]
+    pub trust: Vec<PathBuf>,
+    /// Audit log file (hash-chained JSON lines) [env: CELLGATE_AUDIT] [default: cellgate-audit.jsonl]
+    #[arg(long)]
+    pub audit: Option<PathBuf>,
+    /// Extra CA bundle for upstream TLS, added to the system roots; repeatable [env: CELLGATE_UPSTREAM_CA]
+    #[arg(long = "upstream-ca")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// HOST:PORT:ADDR, like curl's --resolve; repeatable [env: CELLGATE_RESOLVE]
+    #[arg(long = "resolve")]
+    pub resolve: Vec<String>,
+    /// Node name written in audit records [env: CELLGATE_NODE_NAME] [default: host name]
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Most connections open at once [env: CELLGATE_MAX_CONNECTIONS] [default: 10000]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Grace period for open connections on SIGTERM [env: CELLGATE_DRAIN] [default: 10s]
+    #[arg(long)]
+    pub drain: Option<String>,
+    /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// One `--resolve` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveEntry {
+    /// Lowercase host.
+    pub host: String,
+    /// Port, or `None` for `*` (any port).
+    pub port: Option<u16>,
+    /// Address to connect to.
+    pub addr: IpAddr,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Tagged intake address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Cells directory.
+    pub cells_dir: Option<PathBuf>,
+    /// Policy packs directory.
+    pub policies_dir: Option<PathBuf>,
+    /// Base policy directory, or the built-in one.
+    pub base_policy_dir: Option<PathBuf>,
+    /// CA directory; `None` generates an in-memory CA (tests and dry runs).
+    pub ca_dir: Option<PathBuf>,
+    /// Trusted public keys.
+    pub trust: Vec<PathBuf>,
+    /// Audit log path.
+    pub audit: PathBuf,
+    /// Extra upstream CA files.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Static resolution.
+    pub resolve: Vec<ResolveEntry>,
+    /// Node name.
+    pub node_name: String,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Drain grace.
+    pub drain: Duration,
+    /// JSON logs.
+    pub log_json: bool,
+    /// How long the PPv2 header may take to arrive.
+    pub header_timeout: Duration,
+    /// How long the first bytes (ClientHello, request line) may take.
+    pub first_bytes_timeout: Duration,
+    /// HTTP request head read timeout.
+    pub http_header_timeout: Duration,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// An opaque tunnel (passthrough, TCP, WebSocket) idle longer than this is closed.
+    pub tunnel_idle_timeout: Duration,
+    /// How often watched directories are polled.
+    pub watch_interval: Duration,
+    /// Largest request head accepted, bytes.
+    pub max_header_bytes: usize,
+}
+
+/// Why the configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value could not be parsed.
+    #[error("{name}: {message}")]
+    Invalid {
+        /// Flag or variable.
+        name: &'static str,
+        /// What is wrong, with the value.
+        message: String,
+    },
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        message: message.into(),
+    }
+}
+
+/// Parses one `HOST:PORT:ADDR` (`ADDR` may be an IPv6 address, bracketed or not; `PORT` may be `*`).
+///
+/// # Errors
+/// A message naming the entry.
+pub fn parse_resolve(s: &str) -> Result<ResolveEntry, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(host), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("{s:?} is not HOST:PORT:ADDR"));
+    };
+    let port = if port == "*" {
+        None
+    } else {
+        Some(
+            port.parse::<u16>()
+                .map_err(|_| format!("{s:?}: bad port {port:?}"))?,
+        )
+    };
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    let addr = addr
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    Ok(ResolveEntry {
+        host: host.trim_end_matches('.').to_ascii_lowercase(),
+        port,
+        addr,
+    })
+}
+
+impl NodeConfig {
+    /// Resolves flags and the environment (`env` is a map so tests never touch the process).
+    ///
+    /// # Errors
+    /// The first invalid value, named.
+    pub fn from_args_env(args: NodeArgs, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let list = |k: &str| -> Vec<String> {
+            get(k)
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default()
+        };
+        let parse_addr = |name: &'static str, flag: Option<SocketAddr>, default: &str| -> Result<SocketAddr, ConfigError> {
+            match (flag, get(name)) {
+                (Some(a), _) => Ok(a),
+                (None, Some(v)) => v.parse().map_err(|_| invalid(name, format!("{v:?} is not ADDR:PORT"))),
+                (None, None) => default.parse().map_err(|_| invalid(name, "bad default")),
+            }
+        };
+        let listen = parse_addr("CELLGATE_LISTEN", args.listen, "0.0.0.0:15001")?;
+        let admin = parse_addr("CELLGATE_ADMIN", args.admin, "127.0.0.1:15021")?;
+        let path = |flag: Option<PathBuf>, name: &str| flag.or_else(|| get(name).map(PathBuf::from));
+        let paths = |flag: Vec<PathBuf>, name: &str| {
+            if flag.is_empty() {
+                list(name).into_iter().map(PathBuf::from).collect()
+            } else {
+                flag
+            }
+        };
+        let resolve_raw = if args.resolve.is_empty() { list("CELLGATE_RESOLVE") } else { args.resolve };
+        let resolve = resolve_raw
+            .iter()
+            .map(|s| parse_resolve(s).map_err(|m| invalid("--resolve", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_connections = match (args.max_connections, get("CELLGATE_MAX_CONNECTIONS")) {
+            (Some(n), _) => n,
+            (None, Some(v)) => v
+                .parse()
+                .map_err(|_| invalid("CELLGATE_MAX_CONNECTIONS", format!("{v:?} is not a number")))?,
+            (None, None) => 10_000,
+        };
+        let drain_raw = args.drain.or_else(|| get("CELLGATE_DRAIN")).unwrap_or_else(|| "10s".into());
+        let drain = cellgate_api::manifest::parse_duration(&drain_raw)
+            .map(Duration::from_secs)
+            .ok_or_else(|| invalid("--drain", format!("{drain_raw:?} is not a duration like 10s")))?;
+        let log_format = args.log_format.or_else(|| get("CELLGATE_LOG_FORMAT")).unwrap_or_else(|| "text".into());
+        let node_name = args
+            .node_name
+            .or_else(|| get("CELLGATE_NODE_NAME"))
+            .or_else(|| get("HOSTNAME"))
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+            .unwrap_or_else(|| "node".into());
+        let cfg = Self {
+            listen,
+            admin,
+            cells_dir: path(args.cells, "CELLGATE_CELLS"),
+            policies_dir: path(args.policies, "CELLGATE_POLICIES"),
+            base_policy_dir: path(args.base_policy, "CELLGATE_BASE_POLICY"),
+            ca_dir: path(args.ca, "CELLGATE_CA"),
+            trust: paths(args.trust, "CELLGATE_TRUST"),
+            audit: path(args.audit, "CELLGATE_AUDIT").unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
+            upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
+            resolve,
+            node_name,
+            max_connections,
+            drain,
+            log_json: log_format == "json",
+            ..Self::defaults()
+        };
+        if log_format != "json" && log_format != "text" {
+            return Err(invalid("--log-format", format!("{log_format:?}: expected text or json")));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Defaults for everything, listening on loopback port 0 (tests use this).
+    pub fn defaults() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cells_dir: None,
+            policies_dir: None,
+            base_policy_dir: None,
+            ca_dir: None,
+            trust: Vec::new(),
+            audit: PathBuf::from("cellgate-audit.jsonl"),
+            upstream_ca: Vec::new(),
+            resolve: Vec::new(),
+            node_name: "node".into(),
+            max_connections: 10_000,
+            drain: Duration::from_secs(10),
+            log_json: false,
+            header_timeout: Duration::from_secs(5),
+            first_bytes_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            tunnel_idle_timeout: Duration::from_secs(600),
+            watch_interval: Duration::from_millis(250),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+
+    /// Checks values that parsing cannot.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.trust.is_empty() {
+            return Err(invalid(
+                "--trust",
+                "at least one trusted signing key (signing.pub) is needed; without one every token is refused",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections", "must be at least 1"));
+        }
+        if self.listen == self.admin && self.listen.port() != 0 {
+            return Err(invalid("--admin", "the admin and intake addresses must differ"));
+        }
+        Ok(())
+    }
+
+    /// The static address for `host:port`, if `--resolve` names one.
+    pub fn resolve_static(&self, host: &str, port: u16) -> Option<IpAddr> {
+        self.resolve
+            .iter()
+            .find(|e| e.host == host && e.port.is_none_or(|p| p == port))
+            .map(|e| e.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn flags_win_over_env() {
+        let args = NodeArgs::parse_from(["cellgate-node", "--listen", "127.0.0.1:7000", "--trust", "a.pub"]);
+        let cfg = NodeConfig::from_args_env(
+            args,
+            &env(&[("CELLGATE_LISTEN", "127.0.0.1:8000"), ("CELLGATE_ADMIN", "127.0.0.1:9000"), ("CELLGATE_RESOLVE", "x.test:443:10.0.0.1, y.test:*:[::1]")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 7000);
+        assert_eq!(cfg.admin.port(), 9000);
+        assert_eq!(cfg.resolve.len(), 2);
+        assert_eq!(cfg.resolve_static("x.test", 443), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(cfg.resolve_static("x.test", 80), None);
+        assert_eq!(cfg.resolve_static("y.test", 80), Some("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_name_the_value() {
+        let args = NodeArgs::parse_from(["cellgate-node"]);
+        let e = NodeConfig::from_args_env(args.clone(), &env(&[])).unwrap_err().to_string();
+        assert!(e.contains("--trust"), "{e}");
+        let e = NodeConfig::from_args_env(args.clone(), &env(&[("CELLGATE_TRUST", "k.pub"), ("CELLGATE_LISTEN", "nope")])).unwrap_err().to_string();
+        assert!(e.contains("\"nope\""), "{e}");
+        let e = NodeConfig::from_args_env(args, &env(&[("CELLGATE_TRUST", "k.pub"), ("CELLGATE_RESOLVE", "x.test:443")])).unwrap_err().to_string();
+        assert!(e.contains("HOST:PORT:ADDR"), "{e}");
+    }
+}

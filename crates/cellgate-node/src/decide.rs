@@ -1,0 +1,253 @@
+//! One decision: the facts of a request, the cell and token behind its connection, the policy.
+//!
+//! Everything the node refuses before policy (fronting, CONNECT, a revoked or expired token) and
+//! everything policy decides goes through [`decide`] and then [`record`], so each decision has
+//! exactly one audit record and one metric sample with the same reason label.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cellgate_api::policy::{AddrDoc, IdentityDoc, InputDoc, RequestDoc, INPUT_VERSION};
+use cellgate_audit::{Decision, Record};
+use cellgate_identity::Claims;
+
+use crate::cells::CellEntry;
+use crate::Shared;
+
+/// Who is on a connection: verified once when it is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnIdentity {
+    /// Verified claims.
+    pub claims: Claims,
+    /// The agent's address (from PPv2).
+    pub source: SocketAddr,
+    /// What the agent dialled (from PPv2).
+    pub original_dst: SocketAddr,
+}
+
+/// What is known about a request.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// http, https, tls, tcp, dns
+    pub protocol: &'static str,
+    /// Lowercase host without port.
+    pub host: Option<String>,
+    /// Port the request is for.
+    pub port: u16,
+    /// TLS SNI.
+    pub sni: Option<String>,
+    /// HTTP method.
+    pub method: Option<String>,
+    /// Path without query.
+    pub path: Option<String>,
+    /// Query string.
+    pub query: Option<String>,
+    /// Selected headers, lowercase names.
+    pub headers: BTreeMap<String, String>,
+    /// Front door.
+    pub front_door: &'static str,
+    /// DNS query type.
+    pub dns_type: Option<String>,
+}
+
+/// The outcome of one decision.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// allow, deny, shadow_deny
+    pub result: Decision,
+    /// Short label.
+    pub reason: String,
+    /// Details.
+    pub reasons: Vec<String>,
+    /// A hint for the agent.
+    pub hint: Option<String>,
+    /// The capability that granted (or would have).
+    pub capability: Option<String>,
+    /// Policy version used.
+    pub policy_version: Option<String>,
+    /// The cell, when known.
+    pub cell: Option<Arc<CellEntry>>,
+    /// Time to decide.
+    pub latency_us: u64,
+    /// Request id (also sent to the agent).
+    pub request_id: String,
+}
+
+impl Outcome {
+    /// Whether the request may proceed (allow or shadow_deny).
+    pub fn allowed(&self) -> bool {
+        matches!(self.result, Decision::Allow | Decision::ShadowDeny)
+    }
+
+    /// A denial decided by the node itself, before or without policy.
+    pub fn deny(reason: &str, detail: impl Into<String>, hint: Option<String>) -> Self {
+        Self {
+            result: Decision::Deny,
+            reason: reason.into(),
+            reasons: vec![detail.into()],
+            hint,
+            capability: None,
+            policy_version: None,
+            cell: None,
+            latency_us: 0,
+            request_id: new_request_id(),
+        }
+    }
+}
+
+/// A fresh request id.
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Unix time now, in seconds.
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Decides a request of `ident` with `facts`. Never does I/O.
+pub fn decide(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome {
+    let start = Instant::now();
+    let mut out = decide_inner(shared, ident, facts);
+    out.latency_us = start.elapsed().as_micros() as u64;
+    shared.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
+    out
+}
+
+fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome {
+    let claims = &ident.claims;
+    // The token was verified when the connection opened; it can since have expired or been
+    // revoked, and the cell removed: re-check on every request.
+    if shared.verifier.is_revoked(&claims.jti) {
+        return Outcome::deny("token_revoked", format!("token {} was revoked", claims.jti), None);
+    }
+    if now_secs() >= claims.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS) {
+        return Outcome::deny("token_expired", format!("token expired at {}", claims.exp), Some("the cell's token expired; a new one is issued by the control plane".into()));
+    }
+    let Some(entry) = shared.cells.get(&claims.cell_uid) else {
+        return Outcome::deny("cell_unknown", format!("cell {}/{} ({}) is not known to this node", claims.namespace, claims.name, claims.cell_uid), None);
+    };
+    let Some(policy) = shared.policy.current() else {
+        let mut o = Outcome::deny("no_policy", "this node has no valid policy and denies everything", None);
+        o.cell = Some(entry);
+        return o;
+    };
+    let input = InputDoc {
+        version: INPUT_VERSION.into(),
+        time_ns: now_ns(),
+        front_door: facts.front_door.into(),
+        source: AddrDoc { address: ident.source.ip().to_canonical().to_string(), port: ident.source.port() },
+        identity: IdentityDoc {
+            jti: claims.jti.clone(),
+            cell_uid: claims.cell_uid.clone(),
+            namespace: claims.namespace.clone(),
+            name: claims.name.clone(),
+            role: claims.role.clone(),
+        },
+        cell: entry.doc.clone(),
+        request: RequestDoc {
+            protocol: facts.protocol.into(),
+            host: facts.host.clone(),
+            port: facts.port,
+            sni: facts.sni.clone(),
+            method: facts.method.clone(),
+            path: facts.path.clone(),
+            query: facts.query.clone(),
+            headers: facts.headers.clone(),
+            destination: AddrDoc { address: ident.original_dst.ip().to_canonical().to_string(), port: ident.original_dst.port() },
+            dns_type: facts.dns_type.clone(),
+        },
+    };
+    let version = policy.version().to_string();
+    match policy.evaluate(&input) {
+        Ok(d) => Outcome {
+            result: match d.outcome.as_str() {
+                "allow" if d.allow => Decision::Allow,
+                "shadow_deny" if d.allow => Decision::ShadowDeny,
+                _ => Decision::Deny,
+            },
+            reason: d.reason,
+            reasons: d.reasons,
+            hint: d.hint,
+            capability: d.capability,
+            policy_version: Some(version),
+            cell: Some(entry),
+            latency_us: 0,
+            request_id: new_request_id(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "policy evaluation failed; denying");
+            let mut o = Outcome::deny("policy_error", format!("policy evaluation failed: {e}"), None);
+            o.policy_version = Some(version);
+            o.cell = Some(entry);
+            o
+        }
+    }
+}
+
+/// Builds the audit record of a decision.
+pub fn audit_record(shared: &Shared, ident: Option<&ConnIdentity>, source: SocketAddr, dst: SocketAddr, facts: &Facts, out: &Outcome) -> Record {
+    let (cell, namespace) = match (&out.cell, ident) {
+        (Some(e), _) => (Some(e.cell.name.clone()), Some(e.cell.namespace.clone())),
+        (None, Some(i)) => (Some(i.claims.name.clone()), Some(i.claims.namespace.clone())),
+        _ => (None, None),
+    };
+    let mut reasons = out.reasons.clone();
+    reasons.truncate(16);
+    let mut rec = Record::new(&shared.config.node_name, facts.front_door, facts.protocol, out.result, &out.reason);
+    rec.cell = cell;
+    rec.namespace = namespace;
+    rec.token_id = ident.map(|i| i.claims.jti.clone());
+    rec.source = Some(source.to_string());
+    rec.destination = Some(dst.to_string());
+    rec.method = facts.method.clone();
+    rec.host = facts.host.clone();
+    rec.path = facts.path.clone();
+    rec.capability = out.capability.clone();
+    rec.reasons = reasons;
+    rec.policy_version = out.policy_version.clone();
+    rec.latency_us = Some(out.latency_us);
+    rec.request_id = Some(out.request_id.clone());
+    rec
+}
+
+/// Why a decision could not be recorded; the caller fails closed.
+#[derive(Debug, thiserror::Error)]
+#[error("audit unavailable: {0}")]
+pub struct AuditFailed(pub String);
+
+/// Writes the record of a decision and counts it: denials are durable before this returns;
+/// allows are queued (never waiting on the disk), and a full queue is an error.
+///
+/// # Errors
+/// When the record could not be written or queued: the request must then be refused.
+pub async fn record(shared: &Shared, rec: Record) -> Result<(), AuditFailed> {
+    let result = decision_label(rec.decision);
+    shared.metrics.decision(result, &rec.reason, &rec.front_door);
+    let r = if rec.decision == Decision::Allow || rec.decision == Decision::ShadowDeny {
+        shared.audit.submit(rec)
+    } else {
+        shared.audit.submit_durable(rec).await
+    };
+    r.map_err(|e| {
+        tracing::error!(error = %e, "audit record could not be written; failing closed");
+        AuditFailed(e.to_string())
+    })
+}
+
+/// The metric label of a decision.
+pub fn decision_label(d: Decision) -> &'static str {
+    match d {
+        Decision::Allow => "allow",
+        Decision::Deny => "deny",
+        Decision::Error => "error",
+        Decision::ShadowDeny => "shadow_deny",
+        Decision::Approval => "approval",
+    }
+}

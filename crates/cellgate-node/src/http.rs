@@ -1,0 +1,418 @@
+//! HTTP through the node: each request on a plaintext or intercepted TLS connection is decided on
+//! its own (method, host, path), audited, then forwarded with bodies streamed both ways.
+//!
+//! The node refuses before policy: `CONNECT` (a tunnel would bypass per-request decisions), a
+//! request with no host, a Host or `:authority` that disagrees with the TLS SNI (domain fronting)
+//! or with itself, and a port that is not the one the agent dialled.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cellgate_audit::Decision;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::Instrument as _;
+
+use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::{tunnel, upstream, Shared};
+
+/// Error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body: streamed from upstream or a small JSON document.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Request headers copied into the policy input (never credentials).
+const POLICY_HEADERS: &[&str] = &["content-type", "content-length", "user-agent", "accept", "upgrade", "x-request-id"];
+/// Header carrying the request id back to the agent.
+pub const REQUEST_ID_HEADER: &str = "x-cellgate-request-id";
+
+#[derive(Debug)]
+struct ConnCtx {
+    ident: Arc<ConnIdentity>,
+    /// SNI of the intercepted TLS connection; `None` for plaintext.
+    sni: Option<String>,
+}
+
+/// Serves plaintext HTTP (HTTP/1.1, or HTTP/2 with prior knowledge).
+pub async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, ident: Arc<ConnIdentity>) {
+    serve_http(shared, stream, ConnCtx { ident, sni: None }).await;
+}
+
+/// Terminates TLS with a leaf minted for `sni` and serves HTTP inside.
+pub async fn serve_intercepted(shared: Arc<Shared>, stream: TcpStream, ident: Arc<ConnIdentity>, hello: Vec<u8>, sni: String) {
+    let config = match shared.minter.server_config(&sni).await {
+        Ok(c) => c,
+        Err(e) => {
+            let facts = Facts { protocol: "tls", host: Some(sni.clone()), sni: Some(sni), port: ident.original_dst.port(), front_door: "intake", ..Facts::default() };
+            let out = Outcome::deny("tls_mint_failed", e.to_string(), None);
+            let rec = decide::audit_record(&shared, Some(&ident), ident.source, ident.original_dst, &facts, &out);
+            let _ = decide::record(&shared, rec).await;
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let io = cellgate_tls::client_hello::Rewind::new(hello, stream);
+    let tls = match tokio::time::timeout(shared.config.first_bytes_timeout, acceptor.accept(io)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            // Usually a client that does not trust the cell's CA; nothing was decided yet.
+            tracing::info!(sni = %sni, error = %e, "TLS handshake with the agent failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    serve_http(shared, tls, ConnCtx { ident, sni: Some(sni) }).await;
+}
+
+async fn serve_http<S>(shared: Arc<Shared>, io: S, ctx: ConnCtx)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(ctx);
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(shared, ctx, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.http_header_timeout)
+        .max_buf_size(shared.config.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.config.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = shared.draining.subscribe();
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = crate::until_draining(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets), lowercases and drops a trailing dot.
+fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        (h.to_string(), port)
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
+            None => (a.to_string(), None),
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@' || c == '/') {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// The facts of a request, or the reason the node refuses it before policy.
+fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<(&'static str, String, Option<String>)>) {
+    let tls = ctx.sni.is_some();
+    let dst_port = ctx.ident.original_dst.port();
+    let mut facts = Facts {
+        protocol: if tls { "https" } else { "http" },
+        port: dst_port,
+        sni: ctx.sni.clone(),
+        method: Some(req.method().as_str().to_string()),
+        path: Some(req.uri().path().to_string()),
+        query: req.uri().query().map(str::to_string),
+        front_door: "intake",
+        headers: BTreeMap::new(),
+        ..Facts::default()
+    };
+    for name in POLICY_HEADERS {
+        if let Some(v) = req.headers().get(*name).and_then(|v| v.to_str().ok()) {
+            facts.headers.insert((*name).to_string(), v.chars().take(256).collect());
+        }
+    }
+    let host_header = req.headers().get(header::HOST).map(|h| h.to_str().map(str::to_string));
+    let uri_auth = req.uri().authority().map(|a| a.as_str().to_string());
+    let authority = match (&uri_auth, &host_header) {
+        (_, Some(Err(_))) => return (facts, Some(("bad_host", "the Host header is not valid text".into(), None))),
+        (Some(u), Some(Ok(h))) if !u.eq_ignore_ascii_case(h) => {
+            return (facts, Some(("host_mismatch", format!("request target authority {u} disagrees with Host {h}"), None)))
+        }
+        (Some(u), _) => u.clone(),
+        (None, Some(Ok(h))) => h.clone(),
+        (None, None) => return (facts, Some(("missing_host", "the request names no host".into(), Some("send a Host header".into())))),
+    };
+    let Some((host, port)) = split_authority(&authority) else {
+        return (facts, Some(("bad_host", format!("{authority:?} is not a host"), None)));
+    };
+    facts.host = Some(host.clone());
+    if req.method() == Method::CONNECT {
+        return (
+            facts,
+            Some(("connect_not_allowed", format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"), Some("send the request directly to the destination; the cell's boundary decides each request".into()))),
+        );
+    }
+    if let Some(sni) = &ctx.sni {
+        if &host != sni {
+            return (
+                facts,
+                Some(("sni_host_mismatch", format!("TLS SNI {sni} but Host {host}: domain fronting is refused"), Some("use the same host name for the connection and the request".into()))),
+            );
+        }
+    }
+    let default_port = if tls { 443 } else { 80 };
+    if let Some(p) = port {
+        if p != dst_port {
+            return (facts, Some(("authority_port_mismatch", format!("Host names port {p} but the connection is to port {dst_port}"), None)));
+        }
+    } else if default_port != dst_port && uri_auth.is_none() && host_header.is_none() {
+        return (facts, Some(("missing_host", "the request names no host".into(), None)));
+    }
+    (facts, None)
+}
+
+async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
+    let ident = &ctx.ident;
+    let (facts, pre) = request_facts(&ctx, &req);
+    let out = match pre {
+        Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
+        None => decide::decide(&shared, ident, &facts),
+    };
+    let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
+    decided(shared, ctx, req, facts, out).instrument(span).await
+}
+
+async fn decided(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>, facts: Facts, out: Outcome) -> Response<Body> {
+    let ident = &ctx.ident;
+    let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, &facts, &out);
+    if let Err(e) = decide::record(&shared, rec).await {
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &out.request_id, serde_json::json!({
+            "error": "cellgate_unavailable", "reason": "audit_unavailable", "request_id": out.request_id,
+            "message": "the decision could not be recorded, so the request was not sent", "detail": e.to_string(),
+        }));
+    }
+    if !out.allowed() {
+        tracing::info!(reason = %out.reason, "denied");
+        return deny_response(ident, &out);
+    }
+    if let Some(cap) = out.capability.as_deref().and_then(|c| out.cell.as_ref()?.cell.capability(c).cloned()) {
+        if cap.credential.is_some() {
+            // No credential broker in this node: never forward a request without its credential.
+            let mut o = out.clone();
+            o.result = Decision::Error;
+            o.reason = "credential_unavailable".into();
+            o.reasons = vec!["no credential backend is configured on this node".into()];
+            let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, &facts, &o);
+            let _ = decide::record(&shared, rec).await;
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, &out.request_id, serde_json::json!({
+                "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": "no credential backend is configured on this node", "request_id": out.request_id,
+            }));
+        }
+    }
+    forward(shared, ctx.clone(), req, facts, out).await
+}
+
+/// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
+fn deny_response(ident: &ConnIdentity, out: &Outcome) -> Response<Body> {
+    let cell = out.cell.as_ref().map(|e| e.cell.key()).unwrap_or_else(|| format!("{}/{}", ident.claims.namespace, ident.claims.name));
+    let hint = out.hint.clone().unwrap_or_else(|| default_hint(&out.reason).to_string());
+    json_response(StatusCode::FORBIDDEN, &out.request_id, serde_json::json!({
+        "error": "cellgate_denied",
+        "reason": out.reason,
+        "message": out.reasons.first().cloned().unwrap_or_default(),
+        "cell": cell,
+        "capability": out.capability,
+        "request_id": out.request_id,
+        "hint": hint,
+    }))
+}
+
+fn default_hint(reason: &str) -> &'static str {
+    match reason {
+        "no_capability" => "this cell has no capability for that destination; ask its owners to add one to the AgentCell",
+        "cell_suspended" => "this cell is suspended; every request is refused until it is resumed",
+        "token_revoked" | "token_expired" => "this cell's identity is no longer valid; the task must be restarted with a new token",
+        "no_policy" => "the node has no valid policy and refuses everything; operators can see why on /readyz",
+        _ => "the request was refused by the cell's boundary; do not retry it unchanged",
+    }
+}
+
+fn json_response(status: StatusCode, request_id: &str, body: serde_json::Value) -> Response<Body> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    r
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any the Connection header names.
+/// On an upgrade, `connection: upgrade` and `upgrade` are kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for n in ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding"] {
+        headers.remove(n);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+async fn forward(shared: Arc<Shared>, ctx: Arc<ConnCtx>, mut req: Request<Incoming>, facts: Facts, out: Outcome) -> Response<Body> {
+    let upgrade = is_upgrade(&req);
+    let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let host = facts.host.clone().unwrap_or_default();
+    let scheme = if ctx.sni.is_some() { "https" } else { "http" };
+    let host_part = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let authority = if (scheme == "https" && facts.port == 443) || (scheme == "http" && facts.port == 80) {
+        host_part
+    } else {
+        format!("{host_part}:{}", facts.port)
+    };
+    let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    parts.uri = match Uri::builder().scheme(scheme).authority(authority.as_str()).path_and_query(pq).build() {
+        Ok(u) => u,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, &out.request_id, serde_json::json!({"error": "cellgate_bad_request", "reason": "bad_uri", "message": e.to_string(), "request_id": out.request_id})),
+    };
+    // The client picks HTTP/2 or HTTP/1.1 per upstream by ALPN.
+    parts.version = Version::HTTP_11;
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let client = if upgrade { &shared.upstream.http1 } else { &shared.upstream.client };
+    let resp = client.request(Request::from_parts(parts, body)).await;
+    let mut resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = upstream::classify(&e);
+            let detail = error_chain(&e);
+            tunnel::upstream_error(&shared, &ctx.ident, &facts, reason, detail.clone()).await;
+            return json_response(StatusCode::BAD_GATEWAY, &out.request_id, serde_json::json!({
+                "error": "cellgate_upstream_error", "reason": reason, "host": host, "request_id": out.request_id,
+                "message": format!("the request was allowed but the upstream failed: {reason}"),
+            }));
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(agent_up) = agent_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            let ident = ctx.ident.clone();
+            tokio::spawn(async move {
+                match (agent_up.await, up.await) {
+                    (Ok(a), Ok(b)) => tunnel::relay(shared, TokioIo::new(a), TokioIo::new(b), &ident, &facts).await,
+                    (a, b) => tracing::info!(agent = a.is_ok(), upstream = b.is_ok(), "upgrade failed"),
+                }
+            });
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    if let Ok(v) = HeaderValue::from_str(&out.request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_parsing() {
+        assert_eq!(split_authority("Example.COM."), Some(("example.com".into(), None)));
+        assert_eq!(split_authority("example.com:8443"), Some(("example.com".into(), Some(8443))));
+        assert_eq!(split_authority("[::1]:443"), Some(("::1".into(), Some(443))));
+        assert_eq!(split_authority("[::1]"), Some(("::1".into(), None)));
+        assert_eq!(split_authority("example.com:x"), None);
+        assert_eq!(split_authority("user@example.com"), None);
+        assert_eq!(split_authority(""), None);
+        assert_eq!(split_authority("[::1]x"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+        strip_hop_by_hop(&mut up, true);
+        assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(up.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(!up.contains_key("x-secret-hop"));
+    }
+}

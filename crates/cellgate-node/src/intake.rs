@@ -1,0 +1,169 @@
+//! The tagged intake: every connection starts with a PPv2 header carrying the cell's token.
+//!
+//! Order of checks on a new connection, each failure closing it with nothing forwarded and one
+//! audit record naming the reason: connection limit; PPv2 header (present, v2, well formed,
+//! carrying TLV 0xE0, within the time limit); token (signature, key id, audience, validity,
+//! revocation); the cell it names; the source address it is bound to. Then the first bytes tell
+//! TLS (a ClientHello: take SNI), plaintext HTTP, or other TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cellgate_audit::Decision;
+use tokio::io::AsyncReadExt;
+use tracing::Instrument as _;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::{http, tunnel, Shared};
+
+/// How many bytes are peeked to tell the protocol apart.
+const SNIFF_BYTES: usize = 8;
+
+/// Accept loop of the intake.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut draining = shared.draining.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::until_draining(&mut draining) => {
+                tracing::info!("intake stops accepting: draining");
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+            shared.metrics.connection("over_limit");
+            tracing::warn!(peer = %peer, limit = shared.config.max_connections, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.metrics.open_connections.inc();
+            handle(shared.clone(), stream, peer).await;
+            shared.metrics.open_connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// A refusal of a whole connection: audited, counted, closed.
+async fn refuse(shared: &Shared, ident: Option<&ConnIdentity>, peer: SocketAddr, src: SocketAddr, dst: SocketAddr, reason: &str, detail: String) {
+    tracing::info!(peer = %peer, src.addr = %src, dst.addr = %dst, reason, detail = %detail, "connection refused");
+    shared.metrics.connection(reason);
+    let facts = Facts { protocol: "tcp", port: dst.port(), front_door: "intake", ..Facts::default() };
+    let out = Outcome::deny(reason, detail, None);
+    let rec = decide::audit_record(shared, ident, src, dst, &facts, &out);
+    // A failure is logged inside; the connection is closed either way.
+    let _ = decide::record(shared, rec).await;
+}
+
+async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let header = match tokio::time::timeout(shared.config.header_timeout, cellgate_proxy_protocol::read_header(&mut stream)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return refuse(&shared, None, peer, peer, peer, e.reason(), e.to_string()).await,
+        Err(_) => {
+            return refuse(&shared, None, peer, peer, peer, "ppv2_timeout", format!("no complete PPv2 header within {:?}", shared.config.header_timeout)).await
+        }
+    };
+    let (src, dst) = (header.source, header.destination);
+    let claims = match shared.verifier.verify(&header.token, decide::now_secs()) {
+        Ok(c) => c,
+        Err(e) => return refuse(&shared, None, peer, src, dst, e.reason(), e.to_string()).await,
+    };
+    let ident = ConnIdentity { claims, source: src, original_dst: dst };
+    if shared.cells.get(&ident.claims.cell_uid).is_none() {
+        let detail = format!("cell {}/{} ({}) is not known to this node", ident.claims.namespace, ident.claims.name, ident.claims.cell_uid);
+        return refuse(&shared, Some(&ident), peer, src, dst, "cell_unknown", detail).await;
+    }
+    if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, src.ip()) {
+        return refuse(&shared, Some(&ident), peer, src, dst, e.reason(), e.to_string()).await;
+    }
+    shared.metrics.connection("accepted");
+    let span = tracing::info_span!("conn", src.addr = %src, dst.addr = %dst, cell.name = %ident.claims.name, token.jti = %ident.claims.jti);
+    dispatch(shared, stream, ident).instrument(span).await;
+}
+
+async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
+    // Sniff the first bytes without consuming them.
+    let mut first = [0u8; SNIFF_BYTES];
+    let n = match tokio::time::timeout(shared.config.first_bytes_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "peek failed");
+            return;
+        }
+        Err(_) => {
+            // A client that waits for the server to speak first (SMTP, SSH...) is other TCP.
+            0
+        }
+    };
+    let first = first.get(..n).unwrap_or_default();
+    if n > 0 && cellgate_tls::client_hello::looks_like_tls(first) {
+        tls(shared, stream, ident).await;
+    } else if n > 0 && cellgate_tls::client_hello::looks_like_http(first) {
+        http::serve_plain(shared, stream, Arc::new(ident)).await;
+    } else if n == 0 && stream.peek(&mut [0u8; 1]).await.map(|n| n == 0).unwrap_or(true) {
+        // Closed before sending anything.
+    } else {
+        tunnel::serve_tcp(shared, stream, ident, Vec::new()).await;
+    }
+}
+
+async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
+    let peek = match tokio::time::timeout(shared.config.first_bytes_timeout, cellgate_tls::client_hello::read_client_hello(&mut stream)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let (src, dst) = (ident.source, ident.original_dst);
+            return refuse(&shared, Some(&ident), src, src, dst, e.reason(), e.to_string()).await;
+        }
+        Err(_) => {
+            let (src, dst) = (ident.source, ident.original_dst);
+            return refuse(&shared, Some(&ident), src, src, dst, "tls_hello_timeout", "no complete ClientHello in time".into()).await;
+        }
+    };
+    let Some(sni) = peek.sni.clone().map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+        // No SNI: only an address capability with passthrough can allow it.
+        return tunnel::serve_tls_passthrough(shared, stream, ident, peek.bytes, None).await;
+    };
+    // Passthrough capabilities are decided on SNI and port, without decrypting.
+    if passthrough_applies(&shared, &ident, &sni) {
+        return tunnel::serve_tls_passthrough(shared, stream, ident, peek.bytes, Some(sni)).await;
+    }
+    http::serve_intercepted(shared, stream, Arc::new(ident), peek.bytes, sni).await;
+}
+
+/// Whether the cell has a passthrough capability naming this SNI and port: then the bytes are
+/// relayed undecrypted and the decision is made at L4.
+fn passthrough_applies(shared: &Shared, ident: &ConnIdentity, sni: &str) -> bool {
+    use cellgate_api::model::{DestinationTarget, TlsMode};
+    let Some(entry) = shared.cells.get(&ident.claims.cell_uid) else { return false };
+    let port = ident.original_dst.port();
+    entry.cell.capabilities.iter().filter(|c| c.tls == TlsMode::Passthrough).any(|c| {
+        c.destinations.iter().any(|d| match &d.target {
+            DestinationTarget::Host(h) => h.matches(sni) && d.ports.contains(&port),
+            DestinationTarget::Cidr(_) => false,
+        })
+    })
+}
+
+/// Reads until EOF or `max` bytes (used by tests of refusals).
+pub async fn drain_to_eof(stream: &mut TcpStream, max: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = (&mut *stream).take(max as u64).read_to_end(&mut buf).await;
+    buf
+}
+
+/// Whether a decision lets the request through.
+pub fn is_pass(d: Decision) -> bool {
+    matches!(d, Decision::Allow | Decision::ShadowDeny)
+}

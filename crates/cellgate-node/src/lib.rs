@@ -1,0 +1,235 @@
+//! `cellgate-node`: the per-node proxy every cell's traffic crosses.
+//!
+//! Start reading at [`run`]: it loads keys, cells, policy and the CA, opens the audit log, binds
+//! the intake and admin listeners and returns a [`NodeHandle`] with their addresses. The data
+//! path of one connection is in [`intake`] (PPv2, token, protocol detection), [`http`] (per-request
+//! decisions and forwarding) and [`tunnel`] (opaque byte relays); [`decide`] is the one place a
+//! decision and its audit record are made.
+//!
+//! | listener | default | runtime |
+//! |---|---|---|
+//! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
+//! | admin (`/healthz`, `/readyz`, `/metrics`) | `127.0.0.1:15021` | admin thread |
+
+pub mod admin;
+pub mod cells;
+pub mod config;
+pub mod decide;
+pub mod http;
+pub mod intake;
+pub mod metrics;
+pub mod policy_source;
+pub mod tunnel;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cellgate_audit::AuditLog;
+use cellgate_identity::{PublicKey, Verifier};
+use cellgate_policy::PolicyStore;
+use cellgate_tls::mint::LeafMinter;
+use tokio::sync::watch;
+
+pub use config::{NodeArgs, NodeConfig};
+
+/// State shared by every connection of the node.
+#[derive(Debug)]
+pub struct Shared {
+    /// Resolved configuration.
+    pub config: NodeConfig,
+    /// Cells by uid.
+    pub cells: cells::CellStore,
+    /// Token verifier.
+    pub verifier: Verifier,
+    /// Policy.
+    pub policy: Arc<PolicyStore>,
+    /// Where the policy comes from, and why the last change was refused.
+    pub policy_source: policy_source::PolicySource,
+    /// Leaf certificates.
+    pub minter: Arc<LeafMinter>,
+    /// Upstream HTTP client.
+    pub upstream: upstream::Upstream,
+    /// Audit log.
+    pub audit: AuditLog,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// Bumped on every change of cells, policy or revocations; open tunnels re-check on it.
+    pub generation: watch::Sender<u64>,
+    /// Connection limit.
+    pub conn_limit: Arc<tokio::sync::Semaphore>,
+    /// Set when a drain starts.
+    pub draining: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Signals that cells, policy or revocations changed.
+    pub fn bump_generation(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Bound intake address.
+    pub intake_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// Shared state (tests inspect it).
+    pub shared: Arc<Shared>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl NodeHandle {
+    /// Starts a drain: accept loops stop, open connections get the grace period, then close.
+    pub async fn shutdown(mut self) {
+        self.shared.draining.send_replace(true);
+        let grace = self.shared.config.drain;
+        let open = || self.shared.config.max_connections - self.shared.conn_limit.available_permits();
+        tracing::info!(open = open(), grace_s = grace.as_secs(), "draining");
+        let deadline = tokio::time::Instant::now() + grace;
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if open() > 0 {
+            tracing::warn!(open = open(), "grace period over; closing the remaining connections");
+        } else {
+            tracing::info!("drained: no open connections");
+        }
+        self.tasks.abort_all();
+        let _ = self.shared.audit.flush().await;
+    }
+}
+
+struct ScrapedValues {
+    minter: Arc<LeafMinter>,
+    audit: AuditLog,
+    cells: std::sync::Weak<Shared>,
+}
+
+impl std::fmt::Debug for ScrapedValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapedValues")
+    }
+}
+
+impl metrics::Gauges for ScrapedValues {
+    fn read(&self) -> Vec<(&'static str, &'static str, u64, bool)> {
+        let stats = self.audit.stats();
+        let mut v = vec![
+            ("cellgate_cert_cache_hits", "Leaf certificate cache hits", self.minter.hits(), true),
+            ("cellgate_cert_cache_misses", "Leaf certificate cache misses", self.minter.misses(), true),
+            ("cellgate_cert_mints", "Leaf certificates minted", self.minter.mints(), true),
+            ("cellgate_audit_records_written", "Audit records written", stats.written, true),
+            ("cellgate_audit_overflows", "Audit submissions refused because the queue was full", stats.overflows, true),
+        ];
+        if let Some(s) = self.cells.upgrade() {
+            v.push(("cellgate_cells", "Cells known to this node", s.cells.len() as u64, false));
+        }
+        v
+    }
+}
+
+fn load_trust(paths: &[PathBuf]) -> anyhow::Result<Vec<PublicKey>> {
+    let mut keys = Vec::new();
+    for p in paths {
+        keys.extend(PublicKey::load_all(p)?);
+    }
+    Ok(keys)
+}
+
+/// Starts the node: binds every listener and returns their addresses.
+///
+/// # Errors
+/// Anything that keeps the node from starting safely: unreadable keys or CA, an audit log that
+/// does not verify, a listener that cannot bind. A policy that does not load is *not* an error:
+/// the node starts, denies everything, and `/readyz` says why.
+pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+    let verifier = Verifier::new(&load_trust(&config.trust)?);
+    let ca = match &config.ca_dir {
+        Some(dir) => cellgate_tls::ca::Ca::load(dir).with_context(|| format!("loading the CA from {}", dir.display()))?,
+        None => cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA").context("generating an in-memory CA")?,
+    };
+    let minter = Arc::new(LeafMinter::new(Arc::new(ca), cellgate_tls::mint::MinterConfig::default()));
+    let (audit, _writer) = AuditLog::open(&config.audit, Default::default())
+        .await
+        .with_context(|| format!("opening the audit log {}", config.audit.display()))?;
+    let policy = Arc::new(PolicyStore::default());
+    let policy_source = policy_source::PolicySource::new(config.base_policy_dir.clone(), config.policies_dir.iter().cloned().collect());
+    policy_source.poll(&policy);
+    let upstream = upstream::Upstream::new(&config)?;
+    let (generation, _) = watch::channel(0);
+    let (draining, _) = watch::channel(false);
+    let shared = Arc::new_cyclic(|weak| Shared {
+        cells: cells::CellStore::default(),
+        verifier,
+        policy: policy.clone(),
+        policy_source,
+        minter: minter.clone(),
+        upstream,
+        metrics: metrics::Metrics::new(Arc::new(ScrapedValues { minter: minter.clone(), audit: audit.clone(), cells: weak.clone() })),
+        audit,
+        generation,
+        conn_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+        draining,
+        config,
+    });
+    if let Some(dir) = &shared.config.cells_dir {
+        shared.cells.rescan(dir);
+    }
+    let intake_listener = tokio::net::TcpListener::bind(shared.config.listen)
+        .await
+        .with_context(|| format!("binding the intake on {}", shared.config.listen))?;
+    let admin_listener = std::net::TcpListener::bind(shared.config.admin)
+        .with_context(|| format!("binding the admin endpoint on {}", shared.config.admin))?;
+    let intake_addr = intake_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    tracing::info!(
+        intake = %intake_addr, admin = %admin_addr, node = %shared.config.node_name,
+        cells = shared.cells.len(), policy = ?shared.policy.current().map(|p| p.version().to_string()),
+        audit = %shared.config.audit.display(), trusted_keys = ?shared.verifier.key_ids(),
+        "cellgate-node started"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(intake::serve(shared.clone(), intake_listener));
+    tasks.spawn(watch_sources(shared.clone()));
+    // Admin traffic does not share a runtime with the data path.
+    admin::spawn(shared.clone(), admin_listener)?;
+    Ok(NodeHandle { intake_addr, admin_addr, shared, tasks })
+}
+
+/// Polls the cells and policy directories; any change bumps the generation.
+async fn watch_sources(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut changed = false;
+        if let Some(dir) = &shared.config.cells_dir {
+            if shared.cells.rescan(dir) {
+                if !shared.cells.last_errors().is_empty() {
+                    shared.metrics.reload_failures.get_or_create(&metrics::ConnLabels { outcome: "cells".into() }).inc();
+                }
+                changed = true;
+            }
+        }
+        match shared.policy_source.poll(&shared.policy) {
+            policy_source::Polled::Unchanged => {}
+            policy_source::Polled::Installed(_) => changed = true,
+            policy_source::Polled::Refused(_) => {
+                shared.metrics.reload_failures.get_or_create(&metrics::ConnLabels { outcome: "policy".into() }).inc();
+            }
+        }
+        if changed {
+            shared.bump_generation();
+        }
+    }
+}
+
+/// Resolves when a drain starts (or the node is gone).
+pub async fn until_draining(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|d| *d).await;
+}

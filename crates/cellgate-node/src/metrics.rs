@@ -1,0 +1,115 @@
+//! Prometheus metrics of the node, served as text on the admin port's `/metrics`.
+//!
+//! Reason labels are the same short labels as in audit records, so a spike in a metric leads
+//! straight to the matching records.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `cellgate_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// allow, deny, shadow_deny, error
+    pub result: String,
+    /// Short reason label.
+    pub reason: String,
+    /// Front door: intake, dns, ext_authz.
+    pub front_door: String,
+}
+
+/// Labels of `cellgate_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// accepted, or the reason it was refused.
+    pub outcome: String,
+}
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Decisions by result and reason.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// Decision latency (policy evaluation and the checks around it).
+    pub decision_seconds: Histogram,
+    /// Open intake connections.
+    pub open_connections: Gauge,
+    /// Intake connections by outcome.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Policy and cell files refused on reload.
+    pub reload_failures: Family<ConnLabels, Counter>,
+}
+
+/// Values read at scrape time from other components' atomics.
+pub trait Gauges: Send + Sync + std::fmt::Debug + 'static {
+    /// (name, help, value, is_counter)
+    fn read(&self) -> Vec<(&'static str, &'static str, u64, bool)>;
+}
+
+#[derive(Debug)]
+struct Scraped(Arc<dyn Gauges>);
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value, is_counter) in self.0.read() {
+            if is_counter {
+                let c = ConstCounter::new(value);
+                let e = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+                c.encode(e)?;
+            } else {
+                let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                let e = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+                g.encode(e)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Registers everything; `scraped` supplies values owned elsewhere (cert cache, audit queue).
+    pub fn new(scraped: Arc<dyn Gauges>) -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register("cellgate_decisions", "Decisions by result, reason and front door", decisions.clone());
+        // 5 µs .. ~80 ms
+        let decision_seconds = Histogram::new(exponential_buckets(0.000_005, 2.0, 15));
+        registry.register("cellgate_decision_duration_seconds", "Time to decide one request", decision_seconds.clone());
+        let open_connections = Gauge::default();
+        registry.register("cellgate_open_connections", "Open intake connections", open_connections.clone());
+        let connections = Family::<ConnLabels, Counter>::default();
+        registry.register("cellgate_connections", "Intake connections by outcome", connections.clone());
+        let reload_failures = Family::<ConnLabels, Counter>::default();
+        registry.register("cellgate_reload_failures", "Refused policy or cell reloads by kind", reload_failures.clone());
+        registry.register_collector(Box::new(Scraped(scraped)));
+        Self { registry, decisions, decision_seconds, open_connections, connections, reload_failures }
+    }
+
+    /// Counts a decision.
+    pub fn decision(&self, result: &str, reason: &str, front_door: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabels { result: result.into(), reason: reason.into(), front_door: front_door.into() })
+            .inc();
+    }
+
+    /// Counts a connection outcome.
+    pub fn connection(&self, outcome: &str) {
+        self.connections.get_or_create(&ConnLabels { outcome: outcome.into() }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

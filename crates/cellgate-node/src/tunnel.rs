@@ -1,0 +1,146 @@
+//! Opaque relays decided at L4: TLS passthrough (on SNI and port), other TCP (on the dialled
+//! address and port), and upgraded HTTP connections (WebSocket).
+//!
+//! A relay stays authorized only as long as its decision holds: every change of cells, policy or
+//! revocations re-evaluates it, and a relay now denied is closed and audited with reason
+//! `revoked`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::decide::{self, ConnIdentity, Facts};
+use crate::Shared;
+
+/// Resolves `host:port` the node's way: `--resolve` first, then the system resolver. The address
+/// the agent dialled is never used for a host decision.
+///
+/// # Errors
+/// When the name does not resolve.
+pub async fn resolve(shared: &Shared, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    if let Some(ip) = shared.config.resolve_static(host, port) {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address")));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first address that answers, within the connect timeout.
+///
+/// # Errors
+/// The last connection error, or a timeout.
+pub async fn connect_any(shared: &Shared, addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {a} timed out")),
+        }
+    }
+    Err(last)
+}
+
+/// Relays bytes both ways until either side closes, the node drains, or a re-check denies.
+pub async fn relay<A, B>(shared: Arc<Shared>, mut a: A, mut b: B, ident: &ConnIdentity, facts: &Facts)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut generation = shared.generation.subscribe();
+    let mut draining = shared.draining.subscribe();
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "relay ended with an error");
+                }
+                return;
+            }
+            changed = generation.changed() => {
+                if changed.is_err() { return; }
+                let out = decide::decide(&shared, ident, facts);
+                if !out.allowed() {
+                    let mut out = out;
+                    out.reasons.insert(0, format!("open {} connection closed: {}", facts.protocol, out.reason));
+                    out.reason = "revoked".into();
+                    tracing::info!(reason = %out.reason, "closing a relay its authorization no longer allows");
+                    let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, facts, &out);
+                    let _ = decide::record(&shared, rec).await;
+                    return;
+                }
+            }
+            _ = crate::until_draining(&mut draining) => {
+                // Give the drain grace period to the relay, then the task is aborted.
+                let _ = (&mut copy).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Other TCP: decided on the dialled address and port; connects to exactly that address.
+pub async fn serve_tcp(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, prefix: Vec<u8>) {
+    let facts = Facts { protocol: "tcp", port: ident.original_dst.port(), front_door: "intake", ..Facts::default() };
+    let target = ident.original_dst;
+    serve_l4(shared, stream, ident, prefix, facts, move |_| async move { Ok(vec![target]) }).await;
+}
+
+/// TLS the node does not decrypt: decided on SNI and port (or address and port with no SNI).
+pub async fn serve_tls_passthrough(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, hello: Vec<u8>, sni: Option<String>) {
+    let port = ident.original_dst.port();
+    let facts = Facts { protocol: "tls", host: sni.clone(), sni: sni.clone(), port, front_door: "intake", ..Facts::default() };
+    let dialled = ident.original_dst;
+    serve_l4(shared, stream, ident, hello, facts, move |shared: Arc<Shared>| async move {
+        match sni {
+            Some(h) => resolve(&shared, &h, port).await,
+            // No name: only an address capability can have allowed it.
+            None => Ok(vec![dialled]),
+        }
+    })
+    .await;
+}
+
+async fn serve_l4<F, Fut>(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, prefix: Vec<u8>, facts: Facts, targets: F)
+where
+    F: FnOnce(Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
+    let out = decide::decide(&shared, &ident, &facts);
+    let rec = decide::audit_record(&shared, Some(&ident), ident.source, ident.original_dst, &facts, &out);
+    if decide::record(&shared, rec).await.is_err() || !out.allowed() {
+        // Nothing is forwarded; the agent sees the connection close.
+        return;
+    }
+    let addrs = match targets(shared.clone()).await {
+        Ok(a) => a,
+        Err(e) => return upstream_error(&shared, &ident, &facts, "upstream_resolve_failed", e.to_string()).await,
+    };
+    let mut up = match connect_any(&shared, &addrs).await {
+        Ok(s) => s,
+        Err(e) => return upstream_error(&shared, &ident, &facts, "upstream_connect_failed", e.to_string()).await,
+    };
+    if !prefix.is_empty() && up.write_all(&prefix).await.is_err() {
+        return;
+    }
+    relay(shared, stream, up, &ident, &facts).await;
+}
+
+/// Audits an upstream failure after an allow.
+pub async fn upstream_error(shared: &Shared, ident: &ConnIdentity, facts: &Facts, reason: &str, detail: String) {
+    tracing::info!(reason, detail = %detail, "upstream failed");
+    let mut out = decide::Outcome::deny(reason, detail, None);
+    out.result = cellgate_audit::Decision::Error;
+    let rec = decide::audit_record(shared, Some(ident), ident.source, ident.original_dst, facts, &out);
+    let _ = decide::record(shared, rec).await;
+}
