@@ -25,6 +25,9 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
     if let Some(e) = shared.audit.failure() {
         return Some(format!("audit log unavailable: {e}; every request is denied"));
     }
+    if let Some(Err(e)) = shared.dns.get().map(|d| d.health()) {
+        return Some(format!("DNS cannot answer: {e}"));
+    }
     if *shared.draining.borrow() {
         return Some("draining".into());
     }

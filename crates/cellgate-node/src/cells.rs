@@ -18,7 +18,7 @@ use cellgate_api::policy::{CapabilityDoc, CellDoc, DestinationDoc, HttpRuleDoc};
 #[derive(Debug)]
 pub struct CellEntry {
     /// The model.
-    pub cell: Cell,
+    pub cell: Arc<Cell>,
     /// `input.cell` for the policy.
     pub doc: CellDoc,
     /// The file it came from, if any.
@@ -112,7 +112,7 @@ impl CellStore {
             .into_iter()
             .map(|cell| {
                 let doc = cell_doc(&cell);
-                (cell.uid.clone(), Arc::new(CellEntry { cell, doc, source: None }))
+                (cell.uid.clone(), Arc::new(CellEntry { cell: Arc::new(cell), doc, source: None }))
             })
             .collect();
         if let Ok(mut s) = self.snapshot.write() {
@@ -184,7 +184,7 @@ impl CellStore {
                 }
                 map.insert(
                     cell.uid.clone(),
-                    Arc::new(CellEntry { doc: cell_doc(cell), cell: cell.clone(), source: Some(path.clone()) }),
+                    Arc::new(CellEntry { doc: cell_doc(cell), cell: Arc::new(cell.clone()), source: Some(path.clone()) }),
                 );
             }
         }

@@ -46,6 +46,12 @@ pub struct NodeArgs {
     /// HOST:PORT:ADDR, like curl's --resolve; repeatable [env: CELLGATE_RESOLVE]
     #[arg(long = "resolve")]
     pub resolve: Vec<String>,
+    /// DNS listener for cells (UDP and TCP) [env: CELLGATE_DNS]
+    #[arg(long)]
+    pub dns: Option<SocketAddr>,
+    /// A pod address and its cell, ADDR=NAMESPACE/NAME (DNS tells cells apart by address); repeatable [env: CELLGATE_POD]
+    #[arg(long = "pod")]
+    pub pod: Vec<String>,
     /// Node name written in audit records [env: CELLGATE_NODE_NAME] [default: host name]
     #[arg(long)]
     pub node_name: Option<String>,
@@ -94,6 +100,10 @@ pub struct NodeConfig {
     pub upstream_ca: Vec<PathBuf>,
     /// Static resolution.
     pub resolve: Vec<ResolveEntry>,
+    /// DNS listener.
+    pub dns: Option<SocketAddr>,
+    /// Static pod addresses: (address, namespace, name).
+    pub pods: Vec<(IpAddr, String, String)>,
     /// Node name.
     pub node_name: String,
     /// Connection limit.
@@ -169,6 +179,20 @@ pub fn parse_resolve(s: &str) -> Result<ResolveEntry, String> {
     })
 }
 
+/// Parses `ADDR=NAMESPACE/NAME`.
+///
+/// # Errors
+/// A message naming the entry.
+pub fn parse_pod(s: &str) -> Result<(IpAddr, String, String), String> {
+    let (addr, cell) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ADDR=NAMESPACE/NAME"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
+    let (ns, name) = cell.split_once('/').ok_or_else(|| format!("{s:?}: the cell is NAMESPACE/NAME"))?;
+    if ns.is_empty() || name.is_empty() {
+        return Err(format!("{s:?}: empty namespace or name"));
+    }
+    Ok((addr, ns.to_string(), name.to_string()))
+}
+
 impl NodeConfig {
     /// Resolves flags and the environment (`env` is a map so tests never touch the process).
     ///
@@ -221,7 +245,19 @@ impl NodeConfig {
             .or_else(|| get("HOSTNAME"))
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
             .unwrap_or_else(|| "node".into());
+        let dns = match (args.dns, get("CELLGATE_DNS")) {
+            (Some(a), _) => Some(a),
+            (None, Some(v)) => Some(v.parse().map_err(|_| invalid("CELLGATE_DNS", format!("{v:?} is not ADDR:PORT")))?),
+            (None, None) => None,
+        };
+        let pods_raw = if args.pod.is_empty() { list("CELLGATE_POD") } else { args.pod };
+        let pods = pods_raw
+            .iter()
+            .map(|p| parse_pod(p).map_err(|m| invalid("--pod", m)))
+            .collect::<Result<Vec<_>, _>>()?;
         let cfg = Self {
+            dns,
+            pods,
             listen,
             admin,
             cells_dir: path(args.cells, "CELLGATE_CELLS"),
@@ -258,6 +294,8 @@ impl NodeConfig {
             audit: PathBuf::from("cellgate-audit.jsonl"),
             upstream_ca: Vec::new(),
             resolve: Vec::new(),
+            dns: None,
+            pods: Vec::new(),
             node_name: "node".into(),
             max_connections: 10_000,
             drain: Duration::from_secs(10),

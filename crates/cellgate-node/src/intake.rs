@@ -88,6 +88,14 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, src.ip()) {
         return refuse(&shared, Some(&ident), peer, src, dst, e.reason(), e.to_string()).await;
     }
+    if let Some(bound) = ident.claims.pod_addr.as_deref().and_then(|a| a.parse::<std::net::IpAddr>().ok()) {
+        // A verified, bound token tells the DNS listener which cell this address is.
+        if let Ok(mut pods) = shared.pods.write() {
+            if pods.get(&bound) != Some(&ident.claims.cell_uid) {
+                pods.insert(bound, ident.claims.cell_uid.clone());
+            }
+        }
+    }
     shared.metrics.connection("accepted");
     let span = tracing::info_span!("conn", src.addr = %src, dst.addr = %dst, cell.name = %ident.claims.name, token.jti = %ident.claims.jti);
     dispatch(shared, stream, ident).instrument(span).await;

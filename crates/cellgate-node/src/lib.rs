@@ -15,6 +15,7 @@ pub mod admin;
 pub mod cells;
 pub mod config;
 pub mod decide;
+pub mod dns;
 pub mod http;
 pub mod intake;
 pub mod metrics;
@@ -62,6 +63,10 @@ pub struct Shared {
     pub conn_limit: Arc<tokio::sync::Semaphore>,
     /// Set when a drain starts.
     pub draining: watch::Sender<bool>,
+    /// Pod addresses to cell uids (for DNS, which has no token).
+    pub pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, String>>,
+    /// The DNS resolver's handler, when `--dns` is set.
+    pub dns: std::sync::OnceLock<Arc<cellgate_dns::DnsHandler>>,
 }
 
 impl Shared {
@@ -78,9 +83,12 @@ pub struct NodeHandle {
     pub intake_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Bound DNS address (UDP and TCP), when `--dns` is set.
+    pub dns_addr: Option<SocketAddr>,
     /// Shared state (tests inspect it).
     pub shared: Arc<Shared>,
     tasks: tokio::task::JoinSet<()>,
+    dns: Option<cellgate_dns::DnsServer>,
 }
 
 impl NodeHandle {
@@ -100,6 +108,9 @@ impl NodeHandle {
             tracing::info!("drained: no open connections");
         }
         self.tasks.abort_all();
+        if let Some(dns) = self.dns.take() {
+            dns.shutdown().await;
+        }
         let _ = self.shared.audit.flush().await;
     }
 }
@@ -128,6 +139,13 @@ impl metrics::Gauges for ScrapedValues {
         ];
         if let Some(s) = self.cells.upgrade() {
             v.push(("cellgate_cells", "Cells known to this node", s.cells.len() as u64, false));
+            if let Some(d) = s.dns.get() {
+                let c = d.stats().snapshot();
+                v.push(("cellgate_dns_queries", "DNS queries from cells", c.queries, true));
+                v.push(("cellgate_dns_nxdomain", "DNS queries answered NXDOMAIN", c.nxdomain, true));
+                v.push(("cellgate_dns_refused", "DNS queries refused", c.refused, true));
+                v.push(("cellgate_dns_servfail", "DNS queries answered SERVFAIL", c.servfail, true));
+            }
         }
         v
     }
@@ -175,6 +193,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         generation,
         conn_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         draining,
+        pods: std::sync::RwLock::new(config.pods.iter().map(|(ip, ns, name)| (*ip, cellgate_api::manifest::local_uid(ns, name))).collect()),
+        dns: std::sync::OnceLock::new(),
         config,
     });
     if let Some(dir) = &shared.config.cells_dir {
@@ -193,12 +213,21 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         audit = %shared.config.audit.display(), trusted_keys = ?shared.verifier.key_ids(),
         "cellgate-node started"
     );
+    let dns = match shared.config.dns {
+        Some(addr) => {
+            let server = dns::start(&shared, addr).await.with_context(|| format!("binding DNS on {addr}"))?;
+            let _ = shared.dns.set(server.handler().clone());
+            Some(server)
+        }
+        None => None,
+    };
+    let dns_addr = dns.as_ref().map(|d| d.local_addr());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
     // Admin traffic does not share a runtime with the data path.
     admin::spawn(shared.clone(), admin_listener)?;
-    Ok(NodeHandle { intake_addr, admin_addr, shared, tasks })
+    Ok(NodeHandle { intake_addr, admin_addr, dns_addr, shared, tasks, dns })
 }
 
 /// Polls the cells and policy directories; any change bumps the generation.

@@ -1,0 +1,73 @@
+//! The node's DNS listener for cells: `cellgate-dns` plugged into the node's cells, resolution
+//! (`--resolve`, then the system resolver) and audit log.
+//!
+//! Cells are told apart by source address: the pod addresses come from `--pod ADDR=NS/NAME`
+//! (local mode registers its cell this way), and from every intake connection whose verified token
+//! is bound to its source address.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+
+use cellgate_api::model::Cell;
+use cellgate_audit::{Decision, Record};
+
+use crate::Shared;
+
+struct NodeCells(Weak<Shared>);
+struct NodeResolve(Weak<Shared>);
+struct NodeAudit(Weak<Shared>);
+
+impl cellgate_dns::Cells for NodeCells {
+    fn cell_for(&self, source: IpAddr) -> Option<Arc<Cell>> {
+        let shared = self.0.upgrade()?;
+        let uid = shared.pods.read().ok()?.get(&source.to_canonical()).cloned()?;
+        shared.cells.get(&uid).map(|e| e.cell.clone())
+    }
+}
+
+impl cellgate_dns::Resolve for NodeResolve {
+    fn lookup(&self, name: &str) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + '_>> {
+        let name = name.to_string();
+        Box::pin(async move {
+            let shared = self.0.upgrade().ok_or_else(|| std::io::Error::other("node is shutting down"))?;
+            if let Some(e) = shared.config.resolve.iter().find(|e| e.host == name) {
+                return Ok(vec![e.addr]);
+            }
+            Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.map(|a| a.ip()).collect())
+        })
+    }
+}
+
+impl cellgate_dns::Audit for NodeAudit {
+    fn refused(&self, event: cellgate_dns::DnsEvent) {
+        let Some(shared) = self.0.upgrade() else { return };
+        let decision = if event.reason == "dns_allowed" { Decision::Allow } else { Decision::Deny };
+        shared.metrics.decision(crate::decide::decision_label(decision), event.reason, "dns");
+        let mut rec = Record::new(&shared.config.node_name, "dns", "dns", decision, event.reason);
+        rec.source = Some(event.source.to_string());
+        if let Some((ns, name)) = event.cell {
+            rec.namespace = Some(ns);
+            rec.cell = Some(name);
+        }
+        rec.host = Some(event.name);
+        rec.method = Some(event.qtype);
+        rec.reasons = vec![event.detail];
+        // Queued, not awaited: the resolver answers from a synchronous hook. A full queue makes
+        // the intake fail closed on its next decision.
+        if let Err(e) = shared.audit.submit(rec) {
+            tracing::error!(error = %e, "DNS refusal could not be recorded");
+        }
+    }
+}
+
+/// Starts the DNS listener on `addr`.
+///
+/// # Errors
+/// When it cannot bind.
+pub async fn start(shared: &Arc<Shared>, addr: SocketAddr) -> std::io::Result<cellgate_dns::DnsServer> {
+    let config = cellgate_dns::DnsConfig { listen: addr, ..Default::default() };
+    let weak = Arc::downgrade(shared);
+    cellgate_dns::serve(config, Arc::new(NodeCells(weak.clone())), Arc::new(NodeResolve(weak.clone())), Arc::new(NodeAudit(weak))).await
+}
