@@ -5,6 +5,7 @@
 //! - `cellgate token issue --key FILE --cell CELL.yaml --ttl 10m [--bind ADDR]`: a cell token.
 //! - `cellgate ca init --out DIR`: the CA the node mints leaf certificates with.
 //! - `cellgate audit verify FILE`: proves an audit log untouched, or names the first bad record.
+//! - `cellgate run -f CELL.yaml -- COMMAND`: local mode (see [`run`]).
 //!
 //! Exit codes: 0 success, 1 a check failed (e.g. a tampered log), 2 usage or input errors.
 
@@ -15,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+
+mod run;
 
 #[derive(Debug, Parser)]
 #[command(name = "cellgate", version, about = "Cellgate: the governance boundary for AI agents.")]
@@ -37,6 +40,8 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Runs a command inside a cell on this machine: the same boundary and manifest as in a cluster (needs root).
+    Run(run::RunArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +144,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ca(CaCmd::Init { out, name, force }) => {
             let files = cellgate_tls::ca::init(&out, &name, force)?;
             println!("wrote {} and {} (private, mode 0600)", files.cert.display(), files.key.display());
+        }
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            return rt.block_on(run::run(args));
         }
         Command::Audit(AuditCmd::Verify { file }) => {
             return Ok(match cellgate_audit::verify_path(&file) {

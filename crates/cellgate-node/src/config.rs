@@ -104,6 +104,11 @@ pub struct NodeConfig {
     pub dns: Option<SocketAddr>,
     /// Static pod addresses: (address, namespace, name).
     pub pods: Vec<(IpAddr, String, String)>,
+    /// Local mode: a loopback address the node resolves is answered to cells as this address (the
+    /// node's side of the cell's link), because inside the cell loopback is the cell itself. Any
+    /// address works for the agent: every connection goes through the tagger, and the node
+    /// connects to the address it resolves itself.
+    pub dns_loopback_as: Option<IpAddr>,
     /// Node name.
     pub node_name: String,
     /// Connection limit.
@@ -296,6 +301,7 @@ impl NodeConfig {
             resolve: Vec::new(),
             dns: None,
             pods: Vec::new(),
+            dns_loopback_as: None,
             node_name: "node".into(),
             max_connections: 10_000,
             drain: Duration::from_secs(10),

@@ -32,10 +32,14 @@ impl cellgate_dns::Resolve for NodeResolve {
         let name = name.to_string();
         Box::pin(async move {
             let shared = self.0.upgrade().ok_or_else(|| std::io::Error::other("node is shutting down"))?;
-            if let Some(e) = shared.config.resolve.iter().find(|e| e.host == name) {
-                return Ok(vec![e.addr]);
-            }
-            Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.map(|a| a.ip()).collect())
+            let addrs: Vec<IpAddr> = match shared.config.resolve.iter().find(|e| e.host == name) {
+                Some(e) => vec![e.addr],
+                None => tokio::net::lookup_host((name.as_str(), 0)).await?.map(|a| a.ip()).collect(),
+            };
+            Ok(match shared.config.dns_loopback_as {
+                Some(sub) => addrs.into_iter().map(|a| if a.is_loopback() { sub } else { a }).collect(),
+                None => addrs,
+            })
         })
     }
 }
