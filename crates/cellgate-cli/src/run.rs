@@ -333,7 +333,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let agent_gid_s = agent_gid.to_string();
     let mut cmd_args = in_ns(&["setpriv", "--reuid", &agent_uid_s, "--regid", &agent_gid_s, "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]);
     cmd_args.extend(args.command.iter().cloned());
-    eprintln!("cellgate: cell {} ({} capabilities) at {cell_ip}; running {:?} as uid {agent_uid}", cell.key(), cell.capabilities.len(), args.command.join(" "));
+    let shown: String = args.command.join(" ").split_whitespace().collect::<Vec<_>>().join(" ").chars().take(60).collect();
+    eprintln!("cellgate: cell {} ({} capabilities) at {cell_ip}; running `{shown}` as uid {agent_uid}", cell.key(), cell.capabilities.len());
     let mut child = tokio::process::Command::new("ip").args(&cmd_args).envs(&env).env("HOME", "/tmp").kill_on_drop(true).spawn().context("starting the command")?;
     let code = wait_with_signals(&mut child).await;
 
