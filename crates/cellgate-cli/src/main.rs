@@ -20,7 +20,11 @@ use clap::{Parser, Subcommand};
 mod run;
 
 #[derive(Debug, Parser)]
-#[command(name = "cellgate", version, about = "Cellgate: the governance boundary for AI agents.")]
+#[command(
+    name = "cellgate",
+    version,
+    about = "Cellgate: the governance boundary for AI agents."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -120,22 +124,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(KeysCmd::Init { out }) => {
             let key = cellgate_identity::SigningKey::generate()?;
             let (k, p) = key.write_pair(&out)?;
-            println!("wrote {} (private, mode 0600) and {} (key id {})", k.display(), p.display(), key.kid());
+            println!(
+                "wrote {} (private, mode 0600) and {} (key id {})",
+                k.display(),
+                p.display(),
+                key.kid()
+            );
         }
-        Command::Token(TokenCmd::Issue { key, cell, ttl, bind, issuer, verbose }) => {
+        Command::Token(TokenCmd::Issue {
+            key,
+            cell,
+            ttl,
+            bind,
+            issuer,
+            verbose,
+        }) => {
             let key = cellgate_identity::SigningKey::load(&key)?;
-            let text = std::fs::read_to_string(&cell).with_context(|| format!("reading {}", cell.display()))?;
-            let manifest = cellgate_api::manifest::parse_agent_cell(&text).map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
-            let model = manifest.to_model().map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
-            let ttl = humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?}: expected a duration like 10m"))?;
+            let text = std::fs::read_to_string(&cell)
+                .with_context(|| format!("reading {}", cell.display()))?;
+            let manifest = cellgate_api::manifest::parse_agent_cell(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
+            let model = manifest
+                .to_model()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
+            let ttl = humantime::parse_duration(&ttl)
+                .with_context(|| format!("--ttl {ttl:?}: expected a duration like 10m"))?;
             if ttl.as_secs() == 0 {
                 bail!("--ttl must be at least one second");
             }
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
             let claims = cellgate_identity::Claims::for_cell(
-                &issuer, &model.uid, &model.namespace, &model.name, model.role.as_deref(), now, ttl.as_secs() as i64, bind,
+                &issuer,
+                &model.uid,
+                &model.namespace,
+                &model.name,
+                model.role.as_deref(),
+                now,
+                ttl.as_secs() as i64,
+                bind,
             );
-            let token = cellgate_identity::token::issue(&key, &claims).map_err(anyhow::Error::msg)?;
+            let token =
+                cellgate_identity::token::issue(&key, &claims).map_err(anyhow::Error::msg)?;
             if verbose {
                 eprintln!("{}", serde_json_string(&claims));
             }
@@ -143,10 +172,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ca(CaCmd::Init { out, name, force }) => {
             let files = cellgate_tls::ca::init(&out, &name, force)?;
-            println!("wrote {} and {} (private, mode 0600)", files.cert.display(), files.key.display());
+            println!(
+                "wrote {} and {} (private, mode 0600)",
+                files.cert.display(),
+                files.key.display()
+            );
         }
         Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             return rt.block_on(run::run(args));
         }
         Command::Audit(AuditCmd::Verify { file }) => {

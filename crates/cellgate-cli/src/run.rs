@@ -58,7 +58,11 @@ pub struct RunArgs {
 fn effective_uid() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        })
         .unwrap_or(u32::MAX)
 }
 
@@ -85,7 +89,11 @@ async fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
         .await
         .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -96,9 +104,17 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Removes namespaces, links and state left by runs whose process is gone.
 async fn clean_stale() {
-    let Ok(list) = sh("ip", &["netns", "list"]).await else { return };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(NS_PREFIX)) {
-        let pid = std::fs::read_to_string(Path::new(STATE_ROOT).join(name).join("pid")).ok().and_then(|p| p.trim().parse::<u32>().ok());
+    let Ok(list) = sh("ip", &["netns", "list"]).await else {
+        return;
+    };
+    for name in list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(NS_PREFIX))
+    {
+        let pid = std::fs::read_to_string(Path::new(STATE_ROOT).join(name).join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
         if pid.is_some_and(pid_alive) {
             continue;
         }
@@ -129,9 +145,16 @@ fn cell_veth(name: &str) -> String {
 
 fn sibling(bin: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let p = exe.parent().map(|d| d.join(bin)).unwrap_or_else(|| PathBuf::from(bin));
+    let p = exe
+        .parent()
+        .map(|d| d.join(bin))
+        .unwrap_or_else(|| PathBuf::from(bin));
     if !p.exists() {
-        bail!("{} not found next to {}; build every binary (cargo build --bins)", p.display(), exe.display());
+        bail!(
+            "{} not found next to {}; build every binary (cargo build --bins)",
+            p.display(),
+            exe.display()
+        );
     }
     Ok(p)
 }
@@ -139,24 +162,56 @@ fn sibling(bin: &str) -> anyhow::Result<PathBuf> {
 /// Builds the trust bundle: the system roots plus the cell's CA, in every form common clients read.
 fn trust_env(dir: &Path, ca_pem: &str) -> anyhow::Result<BTreeMap<String, String>> {
     std::fs::create_dir_all(dir.join("certs"))?;
-    let system = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"].iter().find_map(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+    let system = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .unwrap_or_default();
     let bundle = dir.join("ca-bundle.pem");
     std::fs::write(&bundle, format!("{system}\n{ca_pem}"))?;
     let cell_ca = dir.join("cellgate-ca.pem");
     std::fs::write(&cell_ca, ca_pem)?;
     std::fs::write(dir.join("certs/cellgate-ca.pem"), ca_pem)?;
     // OpenSSL's SSL_CERT_DIR wants subject-hash links.
-    let _ = std::process::Command::new("openssl").args(["rehash"]).arg(dir.join("certs")).stderr(Stdio::null()).status();
+    let _ = std::process::Command::new("openssl")
+        .args(["rehash"])
+        .arg(dir.join("certs"))
+        .stderr(Stdio::null())
+        .status();
     let b = bundle.display().to_string();
     let mut env = BTreeMap::new();
-    for k in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "PIP_CERT", "AWS_CA_BUNDLE", "HTTPLIB2_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] {
+    for k in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+        "AWS_CA_BUNDLE",
+        "HTTPLIB2_CA_CERTS",
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    ] {
         env.insert(k.to_string(), b.clone());
     }
-    env.insert("SSL_CERT_DIR".into(), dir.join("certs").display().to_string());
+    env.insert(
+        "SSL_CERT_DIR".into(),
+        dir.join("certs").display().to_string(),
+    );
     env.insert("NODE_EXTRA_CA_CERTS".into(), cell_ca.display().to_string());
     let store = dir.join("truststore.p12");
     let keytool = std::process::Command::new("keytool")
-        .args(["-importcert", "-noprompt", "-alias", "cellgate", "-storetype", "PKCS12", "-storepass", "changeit", "-keystore"])
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "cellgate",
+            "-storetype",
+            "PKCS12",
+            "-storepass",
+            "changeit",
+            "-keystore",
+        ])
         .arg(&store)
         .arg("-file")
         .arg(&cell_ca)
@@ -192,7 +247,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).with_context(|| format!("chown {}", path.display()))
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .with_context(|| format!("chown {}", path.display()))
 }
 
 /// Runs COMMAND in a cell. Returns its exit code.
@@ -203,9 +259,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if effective_uid() != 0 {
         bail!("cellgate run needs root: it creates a network namespace, a veth pair and iptables rules for the cell (try: sudo cellgate run ...)");
     }
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let manifest = cellgate_api::manifest::parse_agent_cell(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let cell = manifest.to_model().map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let manifest = cellgate_api::manifest::parse_agent_cell(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let cell = manifest
+        .to_model()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let (agent_uid, agent_gid) = lookup_user(args.as_user.as_deref().unwrap_or("nobody"))?;
     if agent_uid == 0 || agent_uid == TAGGER_UID {
         bail!("--as-user: the command must run as an unprivileged user other than the tagger's ({TAGGER_UID})");
@@ -229,7 +289,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cell_ip = Ipv4Addr::new(base[0], base[1], base[2], base[3] + 2);
     let (hv, cv) = (host_veth(&name), cell_veth(&name));
     sh("ip", &["netns", "add", &name]).await?;
-    sh("ip", &["link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", &name]).await?;
+    sh(
+        "ip",
+        &[
+            "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", &name,
+        ],
+    )
+    .await?;
     sh("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &hv]).await?;
     sh("ip", &["link", "set", &hv, "up"]).await?;
     let in_ns = |a: &[&str]| {
@@ -247,21 +313,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         sh("ip", &a.iter().map(String::as_str).collect::<Vec<_>>()).await?;
     }
     std::fs::create_dir_all(Path::new("/etc/netns").join(&name))?;
-    std::fs::write(Path::new("/etc/netns").join(&name).join("resolv.conf"), format!("nameserver {host_ip}\n"))?;
+    std::fs::write(
+        Path::new("/etc/netns").join(&name).join("resolv.conf"),
+        format!("nameserver {host_ip}\n"),
+    )?;
 
     // Identity and the interception CA, fresh for this run.
     let keys = state.join("keys");
     let key = cellgate_identity::SigningKey::generate()?;
     key.write_pair(&keys)?;
-    cellgate_tls::ca::init(&state.join("ca"), &format!("Cellgate local CA ({})", cell.key()), false)?;
+    cellgate_tls::ca::init(
+        &state.join("ca"),
+        &format!("Cellgate local CA ({})", cell.key()),
+        false,
+    )?;
     let ca_pem = std::fs::read_to_string(state.join("ca/ca.crt"))?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-    let claims = cellgate_identity::Claims::for_cell(cellgate_identity::token::LOCAL_ISSUER, &cell.uid, &cell.namespace, &cell.name, cell.role.as_deref(), now, 24 * 3600, Some(IpAddr::V4(cell_ip)));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let claims = cellgate_identity::Claims::for_cell(
+        cellgate_identity::token::LOCAL_ISSUER,
+        &cell.uid,
+        &cell.namespace,
+        &cell.name,
+        cell.role.as_deref(),
+        now,
+        24 * 3600,
+        Some(IpAddr::V4(cell_ip)),
+    );
     let token = cellgate_identity::token::issue(&key, &claims).map_err(anyhow::Error::msg)?;
     let tagger_dir = state.join("tagger");
     std::fs::create_dir_all(&tagger_dir)?;
     std::fs::write(tagger_dir.join("token"), &token)?;
-    std::fs::set_permissions(tagger_dir.join("token"), std::fs::Permissions::from_mode(0o400))?;
+    std::fs::set_permissions(
+        tagger_dir.join("token"),
+        std::fs::Permissions::from_mode(0o400),
+    )?;
     chown(&tagger_dir.join("token"), TAGGER_UID, TAGGER_UID)?;
     std::fs::set_permissions(&tagger_dir, std::fs::Permissions::from_mode(0o700))?;
     chown(&tagger_dir, TAGGER_UID, TAGGER_UID)?;
@@ -270,20 +357,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // The node, on the host side of the link.
     let cells_dir = state.join("cells");
     std::fs::create_dir_all(&cells_dir)?;
-    std::os::unix::fs::symlink(std::fs::canonicalize(&args.file)?, cells_dir.join("cell.yaml"))?;
-    let audit = args.audit.clone().unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl"));
+    std::os::unix::fs::symlink(
+        std::fs::canonicalize(&args.file)?,
+        cells_dir.join("cell.yaml"),
+    )?;
+    let audit = args
+        .audit
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl"));
     let mut config = cellgate_node::NodeConfig::defaults();
     config.listen = SocketAddr::new(IpAddr::V4(host_ip), INTAKE_PORT);
     config.dns = Some(SocketAddr::new(IpAddr::V4(host_ip), 53));
     config.dns_loopback_as = Some(IpAddr::V4(host_ip));
-    config.pods = vec![(IpAddr::V4(cell_ip), cell.namespace.clone(), cell.name.clone())];
+    config.pods = vec![(
+        IpAddr::V4(cell_ip),
+        cell.namespace.clone(),
+        cell.name.clone(),
+    )];
     config.cells_dir = Some(cells_dir);
     config.policies_dir = args.policies.clone();
     config.ca_dir = Some(state.join("ca"));
     config.trust = vec![keys.join("signing.pub")];
     config.audit = audit.clone();
     config.upstream_ca = args.upstream_ca.clone();
-    config.resolve = args.resolve.iter().map(|r| cellgate_node::config::parse_resolve(r).map_err(anyhow::Error::msg)).collect::<Result<_, _>>()?;
+    config.resolve = args
+        .resolve
+        .iter()
+        .map(|r| cellgate_node::config::parse_resolve(r).map_err(anyhow::Error::msg))
+        .collect::<Result<_, _>>()?;
     config.node_name = format!("local-{}", hostname());
     config.drain = Duration::from_secs(1);
     config.validate()?;
@@ -299,7 +400,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         s.add(&r);
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("cellgate: the summary missed {n} records (the audit log has them)"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    eprintln!("cellgate: the summary missed {n} records (the audit log has them)")
+                }
                 Err(_) => return,
             }
         }
@@ -310,13 +413,45 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let node_addr = format!("{host_ip}:{INTAKE_PORT}");
     let tagger_uid = TAGGER_UID.to_string();
     let tagger_port = TAGGER_PORT.to_string();
-    let init_args = in_ns(&[init_bin.to_str().unwrap_or_default(), "--tagger-uid", &tagger_uid, "--tagger-port", &tagger_port, "--node", &node_addr, "--dns", &dns, "--ipv6", "drop"]);
-    sh("ip", &init_args.iter().map(String::as_str).collect::<Vec<_>>()).await.context("applying the cell's egress rules")?;
+    let init_args = in_ns(&[
+        init_bin.to_str().unwrap_or_default(),
+        "--tagger-uid",
+        &tagger_uid,
+        "--tagger-port",
+        &tagger_port,
+        "--node",
+        &node_addr,
+        "--dns",
+        &dns,
+        "--ipv6",
+        "drop",
+    ]);
+    sh(
+        "ip",
+        &init_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await
+    .context("applying the cell's egress rules")?;
     let listen = format!("127.0.0.1:{TAGGER_PORT}");
     let token_file = tagger_dir.join("token").display().to_string();
     let tagger_args = in_ns(&[
-        "setpriv", "--reuid", &tagger_uid, "--regid", &tagger_uid, "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
-        tagger_bin.to_str().unwrap_or_default(), "--listen", &listen, "--node", &node_addr, "--token-file", &token_file,
+        "setpriv",
+        "--reuid",
+        &tagger_uid,
+        "--regid",
+        &tagger_uid,
+        "--clear-groups",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+        tagger_bin.to_str().unwrap_or_default(),
+        "--listen",
+        &listen,
+        "--node",
+        &node_addr,
+        "--token-file",
+        &token_file,
     ]);
     let mut tagger = tokio::process::Command::new("ip")
         .args(&tagger_args)
@@ -326,16 +461,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .kill_on_drop(true)
         .spawn()
         .context("starting the tagger")?;
-    wait_for_line(&mut tagger, "listening on").await.context("the tagger did not start")?;
+    wait_for_line(&mut tagger, "listening on")
+        .await
+        .context("the tagger did not start")?;
 
     // The command, as the agent.
     let agent_uid_s = agent_uid.to_string();
     let agent_gid_s = agent_gid.to_string();
-    let mut cmd_args = in_ns(&["setpriv", "--reuid", &agent_uid_s, "--regid", &agent_gid_s, "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]);
+    let mut cmd_args = in_ns(&[
+        "setpriv",
+        "--reuid",
+        &agent_uid_s,
+        "--regid",
+        &agent_gid_s,
+        "--clear-groups",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ]);
     cmd_args.extend(args.command.iter().cloned());
-    let shown: String = args.command.join(" ").split_whitespace().collect::<Vec<_>>().join(" ").chars().take(60).collect();
-    eprintln!("cellgate: cell {} ({} capabilities) at {cell_ip}; running `{shown}` as uid {agent_uid}", cell.key(), cell.capabilities.len());
-    let mut child = tokio::process::Command::new("ip").args(&cmd_args).envs(&env).env("HOME", "/tmp").kill_on_drop(true).spawn().context("starting the command")?;
+    let shown: String = args
+        .command
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(60)
+        .collect();
+    eprintln!(
+        "cellgate: cell {} ({} capabilities) at {cell_ip}; running `{shown}` as uid {agent_uid}",
+        cell.key(),
+        cell.capabilities.len()
+    );
+    let mut child = tokio::process::Command::new("ip")
+        .args(&cmd_args)
+        .envs(&env)
+        .env("HOME", "/tmp")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the command")?;
     let code = wait_with_signals(&mut child).await;
 
     let _ = tagger.start_kill();
@@ -352,7 +518,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
 }
 
 async fn wait_for_line(child: &mut tokio::process::Child, needle: &str) -> anyhow::Result<()> {
@@ -382,7 +550,10 @@ async fn wait_for_line(child: &mut tokio::process::Child, needle: &str) -> anyho
 /// Waits for the command; Ctrl-C and SIGTERM are passed on, then it is killed after a grace period.
 async fn wait_with_signals(child: &mut tokio::process::Child) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return exit_code(child.wait().await.ok());
     };
     let sig = tokio::select! {
@@ -392,7 +563,10 @@ async fn wait_with_signals(child: &mut tokio::process::Child) -> ExitCode {
     };
     eprintln!("cellgate: SIG{sig}: stopping the command and tearing the cell down");
     if let Some(pid) = child.id() {
-        let _ = tokio::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().await;
+        let _ = tokio::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .await;
     }
     match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(s) => exit_code(s.ok()),
@@ -423,8 +597,13 @@ struct Teardown {
 impl Drop for Teardown {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = std::process::Command::new("ip").args(["link", "del", &host_veth(&name)]).stderr(Stdio::null()).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &host_veth(&name)])
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));
         let _ = std::fs::remove_dir_all(Path::new(STATE_ROOT).join(&name));
     }
@@ -462,13 +641,20 @@ impl Summary {
     }
 
     fn print(&self, cell: &str, audit: &Path) {
-        eprintln!("cellgate: cell {cell}: {} allowed, {} denied, {} shadow-denied", self.allowed, self.denied, self.shadow);
+        eprintln!(
+            "cellgate: cell {cell}: {} allowed, {} denied, {} shadow-denied",
+            self.allowed, self.denied, self.shadow
+        );
         for (cap, (a, d, s)) in &self.by_capability {
             eprintln!("  {cap:<24} allowed {a:<5} denied {d:<5} shadow-denied {s}");
         }
         for (reason, n) in &self.deny_reasons {
             eprintln!("  denied {n} × {reason}");
         }
-        eprintln!("cellgate: audit log {} (check it: cellgate audit verify {})", audit.display(), audit.display());
+        eprintln!(
+            "cellgate: audit log {} (check it: cellgate audit verify {})",
+            audit.display(),
+            audit.display()
+        );
     }
 }

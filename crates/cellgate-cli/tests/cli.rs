@@ -7,11 +7,18 @@ use std::process::{Command, Output};
 use cellgate_audit::{AuditLog, Decision, Record};
 
 fn cellgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cellgate")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cellgate"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 const CELL: &str = "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: demo, namespace: agents}\nspec:\n  role: researcher\n  capabilities:\n    - name: web\n      destinations: [{host: example.com}]\n";
@@ -23,7 +30,11 @@ fn keys_then_token_then_verify() {
     let out = d.join("keys");
     let o = cellgate(&["keys", "init", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    let mode = std::fs::metadata(out.join("signing.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(out.join("signing.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let pubs = cellgate_identity::PublicKey::load_all(&out.join("signing.pub")).unwrap();
     assert!(text(&o).contains(&pubs[0].kid));
@@ -33,11 +44,25 @@ fn keys_then_token_then_verify() {
     assert!(text(&again).contains("already exists"));
 
     std::fs::write(d.join("cell.yaml"), CELL).unwrap();
-    let o = cellgate(&["token", "issue", "--key", out.join("signing.key").to_str().unwrap(), "--cell", d.join("cell.yaml").to_str().unwrap(), "--ttl", "10m", "--bind", "10.1.2.3"]);
+    let o = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        out.join("signing.key").to_str().unwrap(),
+        "--cell",
+        d.join("cell.yaml").to_str().unwrap(),
+        "--ttl",
+        "10m",
+        "--bind",
+        "10.1.2.3",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let token = String::from_utf8(o.stdout).unwrap().trim().to_string();
     let v = cellgate_identity::Verifier::new(&pubs);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let c = v.verify(&token, now).unwrap();
     assert_eq!(c.cell_uid, "local:agents:demo");
     assert_eq!(c.sub, "agents/demo");
@@ -45,13 +70,27 @@ fn keys_then_token_then_verify() {
     assert_eq!(c.pod_addr.as_deref(), Some("10.1.2.3"));
     assert_eq!(c.aud, "cellgate-node");
     assert!((c.exp - c.iat - 600).abs() <= 1);
-    assert!(matches!(v.verify(&token, now + 3600), Err(cellgate_identity::TokenError::Expired { .. })));
+    assert!(matches!(
+        v.verify(&token, now + 3600),
+        Err(cellgate_identity::TokenError::Expired { .. })
+    ));
 
     // An invalid manifest is refused with its field path.
     std::fs::write(d.join("bad.yaml"), CELL.replace("example.com", "\"\"")).unwrap();
-    let o = cellgate(&["token", "issue", "--key", out.join("signing.key").to_str().unwrap(), "--cell", d.join("bad.yaml").to_str().unwrap()]);
+    let o = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        out.join("signing.key").to_str().unwrap(),
+        "--cell",
+        d.join("bad.yaml").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("spec.capabilities[0].destinations[0].host: empty host"), "{}", text(&o));
+    assert!(
+        text(&o).contains("spec.capabilities[0].destinations[0].host: empty host"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -60,17 +99,39 @@ fn ca_init_writes_a_private_key() {
     let out = dir.path().join("ca");
     let o = cellgate(&["ca", "init", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(std::fs::metadata(out.join("ca.key")).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(std::fs::read_to_string(out.join("ca.crt")).unwrap().contains("BEGIN CERTIFICATE"));
+    assert_eq!(
+        std::fs::metadata(out.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(std::fs::read_to_string(out.join("ca.crt"))
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
     cellgate_tls::ca::Ca::load(&out).unwrap();
 }
 
 fn write_log(path: &Path, n: usize) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (log, writer) = AuditLog::open(path, Default::default()).await.unwrap();
         for i in 0..n {
-            let mut r = Record::new("node-a", "intake", "https", if i % 3 == 0 { Decision::Deny } else { Decision::Allow }, "test");
+            let mut r = Record::new(
+                "node-a",
+                "intake",
+                "https",
+                if i % 3 == 0 {
+                    Decision::Deny
+                } else {
+                    Decision::Allow
+                },
+                "test",
+            );
             r.cell = Some("demo".into());
             r.path = Some(format!("/v1/item/{i}"));
             log.submit_durable(r).await.unwrap();
@@ -81,7 +142,11 @@ fn write_log(path: &Path, n: usize) {
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn verify(path: &Path) -> (Option<i32>, String) {
@@ -107,7 +172,10 @@ fn audit_verify_names_the_first_bad_record_for_each_kind_of_tampering() {
     write(&ls);
     let (code, out) = verify(&log);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("record 4") && out.contains("modified"), "{out}");
+    assert!(
+        out.contains("record 4") && out.contains("modified"),
+        "{out}"
+    );
 
     // Deleted: record 6 removed.
     let mut ls = original.clone();
@@ -131,7 +199,10 @@ fn audit_verify_names_the_first_bad_record_for_each_kind_of_tampering() {
     std::fs::write(&log, &text_all).unwrap();
     let (code, out) = verify(&log);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("truncated") && out.contains("record 10"), "{out}");
+    assert!(
+        out.contains("truncated") && out.contains("record 10"),
+        "{out}"
+    );
 
     // Truncated by whole records: the head anchor still names record 10.
     write(&original[..8]);

@@ -51,7 +51,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,7 +70,8 @@ impl SigningKey {
     /// When the system random generator fails.
     pub fn generate() -> Result<Self, KeyError> {
         let rng = ring::rand::SystemRandom::new();
-        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let doc =
+            Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| KeyError::Generate(e.to_string()))?;
         Self::from_pkcs8(doc.as_ref().to_vec()).map_err(KeyError::Generate)
     }
 
@@ -80,7 +83,11 @@ impl SigningKey {
             .as_ref()
             .try_into()
             .map_err(|_| "unexpected public key length".to_string())?;
-        Ok(Self { kid: key_id(&public), pkcs8, public })
+        Ok(Self {
+            kid: key_id(&public),
+            pkcs8,
+            public,
+        })
     }
 
     /// Reads a PEM `PRIVATE KEY` file.
@@ -88,8 +95,14 @@ impl SigningKey {
     /// # Errors
     /// When the file cannot be read or holds no Ed25519 key.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
-        let invalid = |reason: String| KeyError::Invalid { path: path.into(), reason };
+        let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |reason: String| KeyError::Invalid {
+            path: path.into(),
+            reason,
+        };
         let body: String = text
             .lines()
             .skip_while(|l| !l.starts_with("-----BEGIN PRIVATE KEY-----"))
@@ -99,7 +112,9 @@ impl SigningKey {
         if body.is_empty() {
             return Err(invalid("no PEM PRIVATE KEY block".into()));
         }
-        let der = STANDARD.decode(body.trim()).map_err(|e| invalid(format!("bad base64: {e}")))?;
+        let der = STANDARD
+            .decode(body.trim())
+            .map_err(|e| invalid(format!("bad base64: {e}")))?;
         Self::from_pkcs8(der).map_err(invalid)
     }
 
@@ -110,7 +125,10 @@ impl SigningKey {
 
     /// The public half.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey { kid: self.kid.clone(), raw: self.public }
+        PublicKey {
+            kid: self.kid.clone(),
+            raw: self.public,
+        }
     }
 
     pub(crate) fn pkcs8(&self) -> &[u8] {
@@ -134,7 +152,10 @@ impl SigningKey {
     /// # Errors
     /// When a file exists or cannot be written.
     pub fn write_pair(&self, dir: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
-        fs::create_dir_all(dir).map_err(|source| KeyError::Io { path: dir.into(), source })?;
+        fs::create_dir_all(dir).map_err(|source| KeyError::Io {
+            path: dir.into(),
+            source,
+        })?;
         let key_path = dir.join("signing.key");
         let pub_path = dir.join("signing.pub");
         for p in [&key_path, &pub_path] {
@@ -144,7 +165,10 @@ impl SigningKey {
         }
         write_private(&key_path, self.to_pem().as_bytes())?;
         let jwk = self.public_key().to_jwk_json();
-        fs::write(&pub_path, jwk + "\n").map_err(|source| KeyError::Io { path: pub_path.clone(), source })?;
+        fs::write(&pub_path, jwk + "\n").map_err(|source| KeyError::Io {
+            path: pub_path.clone(),
+            source,
+        })?;
         Ok((key_path, pub_path))
     }
 }
@@ -161,8 +185,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| KeyError::Io { path: path.into(), source })?;
-    f.write_all(bytes).map_err(|source| KeyError::Io { path: path.into(), source })
+        .map_err(|source| KeyError::Io {
+            path: path.into(),
+            source,
+        })?;
+    f.write_all(bytes).map_err(|source| KeyError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 /// An Ed25519 public key with its key id.
@@ -215,7 +245,10 @@ impl PublicKey {
         jwks.into_iter()
             .map(|j| {
                 if j.kty != "OKP" || j.crv != "Ed25519" {
-                    return Err(format!("unsupported key type {}/{}: expected OKP/Ed25519", j.kty, j.crv));
+                    return Err(format!(
+                        "unsupported key type {}/{}: expected OKP/Ed25519",
+                        j.kty, j.crv
+                    ));
                 }
                 let raw: [u8; 32] = URL_SAFE_NO_PAD
                     .decode(j.x.trim_end_matches('='))
@@ -238,8 +271,14 @@ impl PublicKey {
     /// # Errors
     /// When unreadable or invalid; the message names the file.
     pub fn load_all(path: &Path) -> Result<Vec<Self>, KeyError> {
-        let text = fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
-        Self::parse_all(&text).map_err(|reason| KeyError::Invalid { path: path.into(), reason })
+        let text = fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse_all(&text).map_err(|reason| KeyError::Invalid {
+            path: path.into(),
+            reason,
+        })
     }
 }
 
@@ -253,20 +292,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate().unwrap();
         let (k, p) = key.write_pair(dir.path()).unwrap();
-        assert_eq!(fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let back = SigningKey::load(&k).unwrap();
         assert_eq!(back.kid(), key.kid());
         let pubs = PublicKey::load_all(&p).unwrap();
         assert_eq!(pubs, vec![key.public_key()]);
-        assert!(matches!(key.write_pair(dir.path()), Err(KeyError::Exists(_))));
+        assert!(matches!(
+            key.write_pair(dir.path()),
+            Err(KeyError::Exists(_))
+        ));
         assert!(!format!("{key:?}").contains(&key.to_pem()[30..50]));
     }
 
     #[test]
     fn rejects_mismatched_kid_and_wrong_type() {
         let key = SigningKey::generate().unwrap();
-        let jwk = key.public_key().to_jwk_json().replace(key.kid(), "0000000000000000");
-        assert!(PublicKey::parse_all(&jwk).unwrap_err().contains("does not match"));
+        let jwk = key
+            .public_key()
+            .to_jwk_json()
+            .replace(key.kid(), "0000000000000000");
+        assert!(PublicKey::parse_all(&jwk)
+            .unwrap_err()
+            .contains("does not match"));
         assert!(PublicKey::parse_all(r#"{"kty":"RSA","crv":"x","x":"AA"}"#).is_err());
         let set = format!("{{\"keys\":[{}]}}", key.public_key().to_jwk_json());
         assert_eq!(PublicKey::parse_all(&set).unwrap().len(), 1);

@@ -9,7 +9,7 @@
 //! - [`keys`]: generating and reading signing keys and their public halves.
 //! - [`token`]: claims, issuing, and verification with one [`TokenError`] variant per reason.
 
-#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod keys;
 pub mod token;

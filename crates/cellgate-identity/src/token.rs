@@ -179,18 +179,19 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier trusting `keys`.
     pub fn new(keys: &[PublicKey]) -> Self {
-        let keys = keys
-            .iter()
-            .map(|k| {
-                (
-                    k.kid.clone(),
-                    DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(k.raw)).unwrap_or_else(|_| {
-                        // from_ed_components only fails on bad base64, which we just produced.
-                        DecodingKey::from_ed_der(&k.raw)
-                    }),
-                )
-            })
-            .collect();
+        let keys =
+            keys.iter()
+                .map(|k| {
+                    (
+                        k.kid.clone(),
+                        DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(k.raw))
+                            .unwrap_or_else(|_| {
+                                // from_ed_components only fails on bad base64, which we just produced.
+                                DecodingKey::from_ed_der(&k.raw)
+                            }),
+                    )
+                })
+                .collect();
         let mut validation = Validation::new(Algorithm::EdDSA);
         // Time and audience are checked below against an explicit `now`, so each failure gets its
         // own reason and tests (and replay) are deterministic.
@@ -198,7 +199,11 @@ impl Verifier {
         validation.validate_nbf = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        Self { keys, revoked: RwLock::new(HashSet::new()), validation }
+        Self {
+            keys,
+            revoked: RwLock::new(HashSet::new()),
+            validation,
+        }
     }
 
     /// The trusted key ids.
@@ -229,12 +234,21 @@ impl Verifier {
                 token.len()
             )));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         if header.alg != Algorithm::EdDSA {
-            return Err(TokenError::Malformed(format!("algorithm {:?}, expected EdDSA", header.alg)));
+            return Err(TokenError::Malformed(format!(
+                "algorithm {:?}, expected EdDSA",
+                header.alg
+            )));
         }
-        let kid = header.kid.ok_or_else(|| TokenError::UnknownKey(String::new()))?;
-        let key = self.keys.get(&kid).ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::UnknownKey(String::new()))?;
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
@@ -265,14 +279,19 @@ impl Verifier {
 /// # Errors
 /// [`TokenError::SourceNotBound`].
 pub fn check_binding(claims: &Claims, source: IpAddr) -> Result<(), TokenError> {
-    let Some(bound) = &claims.pod_addr else { return Ok(()) };
+    let Some(bound) = &claims.pod_addr else {
+        return Ok(());
+    };
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(source),
         v4 => v4,
     };
     match bound.parse::<IpAddr>() {
         Ok(b) if b == source => Ok(()),
-        _ => Err(TokenError::SourceNotBound { source_addr: source.to_string(), bound: bound.clone() }),
+        _ => Err(TokenError::SourceNotBound {
+            source_addr: source.to_string(),
+            bound: bound.clone(),
+        }),
     }
 }
 
@@ -285,7 +304,16 @@ mod tests {
     fn setup() -> (SigningKey, Verifier, Claims) {
         let key = SigningKey::generate().unwrap();
         let verifier = Verifier::new(&[key.public_key()]);
-        let claims = Claims::for_cell(LOCAL_ISSUER, "uid-1", "ns", "demo", Some("r"), NOW, 600, Some("10.0.0.2".parse().unwrap()));
+        let claims = Claims::for_cell(
+            LOCAL_ISSUER,
+            "uid-1",
+            "ns",
+            "demo",
+            Some("r"),
+            NOW,
+            600,
+            Some("10.0.0.2".parse().unwrap()),
+        );
         (key, verifier, claims)
     }
 
@@ -307,29 +335,63 @@ mod tests {
         let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
         sig[0] ^= 1;
         let forged = format!("{head}.{}", URL_SAFE_NO_PAD.encode(sig));
-        assert_eq!(v.verify(&forged, NOW).unwrap_err().reason(), "token_bad_signature");
+        assert_eq!(
+            v.verify(&forged, NOW).unwrap_err().reason(),
+            "token_bad_signature"
+        );
         // a token signed by another key with the same kid claims
         let other = SigningKey::generate().unwrap();
         let t2 = issue(&other, &c).unwrap();
-        assert_eq!(v.verify(&t2, NOW).unwrap_err().reason(), "token_unknown_key");
+        assert_eq!(
+            v.verify(&t2, NOW).unwrap_err().reason(),
+            "token_unknown_key"
+        );
         // forged kid pointing at the trusted key, signed by another key
         let mut h = Header::new(Algorithm::EdDSA);
         h.kid = Some(key.kid().into());
         let t3 = jsonwebtoken::encode(&h, &c, &EncodingKey::from_ed_der(other.pkcs8())).unwrap();
-        assert_eq!(v.verify(&t3, NOW).unwrap_err().reason(), "token_bad_signature");
+        assert_eq!(
+            v.verify(&t3, NOW).unwrap_err().reason(),
+            "token_bad_signature"
+        );
         let mut wrong_aud = c.clone();
         wrong_aud.aud = "someone-else".into();
-        assert_eq!(v.verify(&issue(&key, &wrong_aud).unwrap(), NOW).unwrap_err().reason(), "token_wrong_audience");
-        assert_eq!(v.verify(&t, NOW + 600 + LEEWAY_SECS).unwrap_err().reason(), "token_expired");
-        assert_eq!(v.verify(&t, NOW - 100).unwrap_err().reason(), "token_not_yet_valid");
+        assert_eq!(
+            v.verify(&issue(&key, &wrong_aud).unwrap(), NOW)
+                .unwrap_err()
+                .reason(),
+            "token_wrong_audience"
+        );
+        assert_eq!(
+            v.verify(&t, NOW + 600 + LEEWAY_SECS).unwrap_err().reason(),
+            "token_expired"
+        );
+        assert_eq!(
+            v.verify(&t, NOW - 100).unwrap_err().reason(),
+            "token_not_yet_valid"
+        );
         v.revoke(&c.jti);
         assert_eq!(v.verify(&t, NOW).unwrap_err().reason(), "token_revoked");
-        assert_eq!(check_binding(&c, "10.0.0.3".parse().unwrap()).unwrap_err().reason(), "source_not_bound");
+        assert_eq!(
+            check_binding(&c, "10.0.0.3".parse().unwrap())
+                .unwrap_err()
+                .reason(),
+            "source_not_bound"
+        );
         for junk in ["", "a.b.c", "not a token", &"x".repeat(MAX_TOKEN_LEN + 1)] {
-            assert_eq!(v.verify(junk, NOW).unwrap_err().reason(), "token_malformed", "{junk:.20}");
+            assert_eq!(
+                v.verify(junk, NOW).unwrap_err().reason(),
+                "token_malformed",
+                "{junk:.20}"
+            );
         }
         // alg none / HS256 refused
-        let hs = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(b"k")).unwrap();
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &c,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
         assert_eq!(v.verify(&hs, NOW).unwrap_err().reason(), "token_malformed");
     }
 }

@@ -19,11 +19,16 @@ use crate::Shared;
 /// Why the node is not ready, or `None` when it is.
 pub fn not_ready(shared: &Shared) -> Option<String> {
     if shared.policy.current().is_none() {
-        let why = shared.policy_source.last_error().unwrap_or_else(|| "no policy loaded".into());
+        let why = shared
+            .policy_source
+            .last_error()
+            .unwrap_or_else(|| "no policy loaded".into());
         return Some(format!("no valid policy: {why}; every request is denied"));
     }
     if let Some(e) = shared.audit.failure() {
-        return Some(format!("audit log unavailable: {e}; every request is denied"));
+        return Some(format!(
+            "audit log unavailable: {e}; every request is denied"
+        ));
     }
     if let Some(Err(e)) = shared.dns.get().map(|d| d.health()) {
         return Some(format!("DNS cannot answer: {e}"));
@@ -39,17 +44,40 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => match not_ready(shared) {
             None => {
-                let version = shared.policy.current().map(|p| p.version().to_string()).unwrap_or_default();
-                (StatusCode::OK, "text/plain", format!("ready: policy {version}, {} cells\n", shared.cells.len()))
+                let version = shared
+                    .policy
+                    .current()
+                    .map(|p| p.version().to_string())
+                    .unwrap_or_default();
+                (
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ready: policy {version}, {} cells\n", shared.cells.len()),
+                )
             }
-            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
         },
-        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz or /metrics\n".into()),
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
     r
 }
 
@@ -59,22 +87,32 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// When the thread or its runtime cannot start.
 pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("cellgate-admin".into()).spawn(move || {
-        rt.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let r = respond(&shared, &req);
-                        async move { Ok::<_, Infallible>(r) }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("cellgate-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let r = respond(&shared, &req);
+                            async move { Ok::<_, Infallible>(r) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-    })?;
+                }
+            });
+        })?;
     Ok(())
 }

@@ -103,7 +103,10 @@ impl CellStore {
 
     /// Problems found in the last scan (file: message).
     pub fn last_errors(&self) -> Vec<String> {
-        self.last_errors.read().map(|e| e.clone()).unwrap_or_default()
+        self.last_errors
+            .read()
+            .map(|e| e.clone())
+            .unwrap_or_default()
     }
 
     /// Replaces every cell (the Kubernetes path and tests use this).
@@ -112,7 +115,14 @@ impl CellStore {
             .into_iter()
             .map(|cell| {
                 let doc = cell_doc(&cell);
-                (cell.uid.clone(), Arc::new(CellEntry { cell: Arc::new(cell), doc, source: None }))
+                (
+                    cell.uid.clone(),
+                    Arc::new(CellEntry {
+                        cell: Arc::new(cell),
+                        doc,
+                        source: None,
+                    }),
+                )
             })
             .collect();
         if let Ok(mut s) = self.snapshot.write() {
@@ -139,18 +149,25 @@ impl CellStore {
         };
         files.sort();
         {
-            let Ok(mut fp) = self.fingerprint.write() else { return false };
+            let Ok(mut fp) = self.fingerprint.write() else {
+                return false;
+            };
             if *fp == files {
                 return false;
             }
             *fp = files.clone();
         }
         let mut errors = Vec::new();
-        let Ok(mut by_file) = self.by_file.write() else { return false };
+        let Ok(mut by_file) = self.by_file.write() else {
+            return false;
+        };
         by_file.retain(|p, _| files.iter().any(|(f, _, _)| f == p));
         for (path, _, len) in &files {
             if *len as usize > MAX_MANIFEST_BYTES {
-                errors.push(format!("{}: over the {MAX_MANIFEST_BYTES} byte limit", path.display()));
+                errors.push(format!(
+                    "{}: over the {MAX_MANIFEST_BYTES} byte limit",
+                    path.display()
+                ));
                 continue;
             }
             let text = match std::fs::read_to_string(path) {
@@ -162,7 +179,11 @@ impl CellStore {
             };
             let parsed = parse_agent_cells(&text)
                 .map_err(|e| e.to_string())
-                .and_then(|docs| docs.iter().map(|d| d.to_model().map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>());
+                .and_then(|docs| {
+                    docs.iter()
+                        .map(|d| d.to_model().map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()
+                });
             match parsed {
                 Ok(cells) => {
                     by_file.insert(path.clone(), cells);
@@ -178,13 +199,20 @@ impl CellStore {
                         "{}: cell {} is also defined in {}; keeping the first",
                         path.display(),
                         cell.key(),
-                        prev.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                        prev.source
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
                     ));
                     continue;
                 }
                 map.insert(
                     cell.uid.clone(),
-                    Arc::new(CellEntry { doc: cell_doc(cell), cell: Arc::new(cell.clone()), source: Some(path.clone()) }),
+                    Arc::new(CellEntry {
+                        doc: cell_doc(cell),
+                        cell: Arc::new(cell.clone()),
+                        source: Some(path.clone()),
+                    }),
                 );
             }
         }
@@ -219,11 +247,19 @@ mod tests {
         assert!(!store.rescan(dir.path()), "no change, no reload");
         // Break a.yaml: its cell stays, the error is reported with file and field path.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::write(dir.path().join("a.yaml"), CELL.replace("NAME", "a").replace("example.com", "\"\"")).unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            CELL.replace("NAME", "a").replace("example.com", "\"\""),
+        )
+        .unwrap();
         assert!(store.rescan(dir.path()));
         assert!(store.get("local:default:a").is_some());
         let errs = store.last_errors();
-        assert!(errs[0].contains("a.yaml") && errs[0].contains("spec.capabilities[0].destinations[0].host: empty host"), "{errs:?}");
+        assert!(
+            errs[0].contains("a.yaml")
+                && errs[0].contains("spec.capabilities[0].destinations[0].host: empty host"),
+            "{errs:?}"
+        );
         // Removing a file removes its cells.
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
         assert!(store.rescan(dir.path()));

@@ -14,7 +14,11 @@ use clap::Parser;
 
 /// Command line of `cellgate-node`.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "cellgate-node", version, about = "Cellgate's per-node proxy: every request a cell sends out is identified, decided by policy and audited.")]
+#[command(
+    name = "cellgate-node",
+    version,
+    about = "Cellgate's per-node proxy: every request a cell sends out is identified, decided by policy and audited."
+)]
 pub struct NodeArgs {
     /// Tagged intake (PPv2 required) [env: CELLGATE_LISTEN] [default: 0.0.0.0:15001]
     #[arg(long)]
@@ -189,9 +193,15 @@ pub fn parse_resolve(s: &str) -> Result<ResolveEntry, String> {
 /// # Errors
 /// A message naming the entry.
 pub fn parse_pod(s: &str) -> Result<(IpAddr, String, String), String> {
-    let (addr, cell) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ADDR=NAMESPACE/NAME"))?;
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
-    let (ns, name) = cell.split_once('/').ok_or_else(|| format!("{s:?}: the cell is NAMESPACE/NAME"))?;
+    let (addr, cell) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ADDR=NAMESPACE/NAME"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: bad address {addr:?}"))?;
+    let (ns, name) = cell
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: the cell is NAMESPACE/NAME"))?;
     if ns.is_empty() || name.is_empty() {
         return Err(format!("{s:?}: empty namespace or name"));
     }
@@ -203,23 +213,37 @@ impl NodeConfig {
     ///
     /// # Errors
     /// The first invalid value, named.
-    pub fn from_args_env(args: NodeArgs, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+    pub fn from_args_env(
+        args: NodeArgs,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
         let list = |k: &str| -> Vec<String> {
             get(k)
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
-        let parse_addr = |name: &'static str, flag: Option<SocketAddr>, default: &str| -> Result<SocketAddr, ConfigError> {
+        let parse_addr = |name: &'static str,
+                          flag: Option<SocketAddr>,
+                          default: &str|
+         -> Result<SocketAddr, ConfigError> {
             match (flag, get(name)) {
                 (Some(a), _) => Ok(a),
-                (None, Some(v)) => v.parse().map_err(|_| invalid(name, format!("{v:?} is not ADDR:PORT"))),
+                (None, Some(v)) => v
+                    .parse()
+                    .map_err(|_| invalid(name, format!("{v:?} is not ADDR:PORT"))),
                 (None, None) => default.parse().map_err(|_| invalid(name, "bad default")),
             }
         };
         let listen = parse_addr("CELLGATE_LISTEN", args.listen, "0.0.0.0:15001")?;
         let admin = parse_addr("CELLGATE_ADMIN", args.admin, "127.0.0.1:15021")?;
-        let path = |flag: Option<PathBuf>, name: &str| flag.or_else(|| get(name).map(PathBuf::from));
+        let path =
+            |flag: Option<PathBuf>, name: &str| flag.or_else(|| get(name).map(PathBuf::from));
         let paths = |flag: Vec<PathBuf>, name: &str| {
             if flag.is_empty() {
                 list(name).into_iter().map(PathBuf::from).collect()
@@ -227,35 +251,61 @@ impl NodeConfig {
                 flag
             }
         };
-        let resolve_raw = if args.resolve.is_empty() { list("CELLGATE_RESOLVE") } else { args.resolve };
+        let resolve_raw = if args.resolve.is_empty() {
+            list("CELLGATE_RESOLVE")
+        } else {
+            args.resolve
+        };
         let resolve = resolve_raw
             .iter()
             .map(|s| parse_resolve(s).map_err(|m| invalid("--resolve", m)))
             .collect::<Result<Vec<_>, _>>()?;
         let max_connections = match (args.max_connections, get("CELLGATE_MAX_CONNECTIONS")) {
             (Some(n), _) => n,
-            (None, Some(v)) => v
-                .parse()
-                .map_err(|_| invalid("CELLGATE_MAX_CONNECTIONS", format!("{v:?} is not a number")))?,
+            (None, Some(v)) => v.parse().map_err(|_| {
+                invalid("CELLGATE_MAX_CONNECTIONS", format!("{v:?} is not a number"))
+            })?,
             (None, None) => 10_000,
         };
-        let drain_raw = args.drain.or_else(|| get("CELLGATE_DRAIN")).unwrap_or_else(|| "10s".into());
+        let drain_raw = args
+            .drain
+            .or_else(|| get("CELLGATE_DRAIN"))
+            .unwrap_or_else(|| "10s".into());
         let drain = cellgate_api::manifest::parse_duration(&drain_raw)
             .map(Duration::from_secs)
-            .ok_or_else(|| invalid("--drain", format!("{drain_raw:?} is not a duration like 10s")))?;
-        let log_format = args.log_format.or_else(|| get("CELLGATE_LOG_FORMAT")).unwrap_or_else(|| "text".into());
+            .ok_or_else(|| {
+                invalid(
+                    "--drain",
+                    format!("{drain_raw:?} is not a duration like 10s"),
+                )
+            })?;
+        let log_format = args
+            .log_format
+            .or_else(|| get("CELLGATE_LOG_FORMAT"))
+            .unwrap_or_else(|| "text".into());
         let node_name = args
             .node_name
             .or_else(|| get("CELLGATE_NODE_NAME"))
             .or_else(|| get("HOSTNAME"))
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
             .unwrap_or_else(|| "node".into());
         let dns = match (args.dns, get("CELLGATE_DNS")) {
             (Some(a), _) => Some(a),
-            (None, Some(v)) => Some(v.parse().map_err(|_| invalid("CELLGATE_DNS", format!("{v:?} is not ADDR:PORT")))?),
+            (None, Some(v)) => Some(
+                v.parse()
+                    .map_err(|_| invalid("CELLGATE_DNS", format!("{v:?} is not ADDR:PORT")))?,
+            ),
             (None, None) => None,
         };
-        let pods_raw = if args.pod.is_empty() { list("CELLGATE_POD") } else { args.pod };
+        let pods_raw = if args.pod.is_empty() {
+            list("CELLGATE_POD")
+        } else {
+            args.pod
+        };
         let pods = pods_raw
             .iter()
             .map(|p| parse_pod(p).map_err(|m| invalid("--pod", m)))
@@ -270,7 +320,8 @@ impl NodeConfig {
             base_policy_dir: path(args.base_policy, "CELLGATE_BASE_POLICY"),
             ca_dir: path(args.ca, "CELLGATE_CA"),
             trust: paths(args.trust, "CELLGATE_TRUST"),
-            audit: path(args.audit, "CELLGATE_AUDIT").unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
+            audit: path(args.audit, "CELLGATE_AUDIT")
+                .unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
             upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
             resolve,
             node_name,
@@ -280,7 +331,10 @@ impl NodeConfig {
             ..Self::defaults()
         };
         if log_format != "json" && log_format != "text" {
-            return Err(invalid("--log-format", format!("{log_format:?}: expected text or json")));
+            return Err(invalid(
+                "--log-format",
+                format!("{log_format:?}: expected text or json"),
+            ));
         }
         cfg.validate()?;
         Ok(cfg)
@@ -331,7 +385,10 @@ impl NodeConfig {
             return Err(invalid("--max-connections", "must be at least 1"));
         }
         if self.listen == self.admin && self.listen.port() != 0 {
-            return Err(invalid("--admin", "the admin and intake addresses must differ"));
+            return Err(invalid(
+                "--admin",
+                "the admin and intake addresses must differ",
+            ));
         }
         Ok(())
     }
@@ -350,33 +407,67 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn flags_win_over_env() {
-        let args = NodeArgs::parse_from(["cellgate-node", "--listen", "127.0.0.1:7000", "--trust", "a.pub"]);
+        let args = NodeArgs::parse_from([
+            "cellgate-node",
+            "--listen",
+            "127.0.0.1:7000",
+            "--trust",
+            "a.pub",
+        ]);
         let cfg = NodeConfig::from_args_env(
             args,
-            &env(&[("CELLGATE_LISTEN", "127.0.0.1:8000"), ("CELLGATE_ADMIN", "127.0.0.1:9000"), ("CELLGATE_RESOLVE", "x.test:443:10.0.0.1, y.test:*:[::1]")]),
+            &env(&[
+                ("CELLGATE_LISTEN", "127.0.0.1:8000"),
+                ("CELLGATE_ADMIN", "127.0.0.1:9000"),
+                ("CELLGATE_RESOLVE", "x.test:443:10.0.0.1, y.test:*:[::1]"),
+            ]),
         )
         .unwrap();
         assert_eq!(cfg.listen.port(), 7000);
         assert_eq!(cfg.admin.port(), 9000);
         assert_eq!(cfg.resolve.len(), 2);
-        assert_eq!(cfg.resolve_static("x.test", 443), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            cfg.resolve_static("x.test", 443),
+            Some("10.0.0.1".parse().unwrap())
+        );
         assert_eq!(cfg.resolve_static("x.test", 80), None);
-        assert_eq!(cfg.resolve_static("y.test", 80), Some("::1".parse().unwrap()));
+        assert_eq!(
+            cfg.resolve_static("y.test", 80),
+            Some("::1".parse().unwrap())
+        );
     }
 
     #[test]
     fn errors_name_the_value() {
         let args = NodeArgs::parse_from(["cellgate-node"]);
-        let e = NodeConfig::from_args_env(args.clone(), &env(&[])).unwrap_err().to_string();
+        let e = NodeConfig::from_args_env(args.clone(), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--trust"), "{e}");
-        let e = NodeConfig::from_args_env(args.clone(), &env(&[("CELLGATE_TRUST", "k.pub"), ("CELLGATE_LISTEN", "nope")])).unwrap_err().to_string();
+        let e = NodeConfig::from_args_env(
+            args.clone(),
+            &env(&[("CELLGATE_TRUST", "k.pub"), ("CELLGATE_LISTEN", "nope")]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("\"nope\""), "{e}");
-        let e = NodeConfig::from_args_env(args, &env(&[("CELLGATE_TRUST", "k.pub"), ("CELLGATE_RESOLVE", "x.test:443")])).unwrap_err().to_string();
+        let e = NodeConfig::from_args_env(
+            args,
+            &env(&[
+                ("CELLGATE_TRUST", "k.pub"),
+                ("CELLGATE_RESOLVE", "x.test:443"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("HOST:PORT:ADDR"), "{e}");
     }
 }

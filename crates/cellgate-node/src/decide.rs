@@ -104,11 +104,17 @@ pub fn new_request_id() -> String {
 
 /// Unix time now, in seconds.
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Decides a request of `ident` with `facts`. Never does I/O.
@@ -116,7 +122,10 @@ pub fn decide(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome {
     let start = Instant::now();
     let mut out = decide_inner(shared, ident, facts);
     out.latency_us = start.elapsed().as_micros() as u64;
-    shared.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .decision_seconds
+        .observe(start.elapsed().as_secs_f64());
     out
 }
 
@@ -125,16 +134,39 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
     // The token was verified when the connection opened; it can since have expired or been
     // revoked, and the cell removed: re-check on every request.
     if shared.verifier.is_revoked(&claims.jti) {
-        return Outcome::deny("token_revoked", format!("token {} was revoked", claims.jti), None);
+        return Outcome::deny(
+            "token_revoked",
+            format!("token {} was revoked", claims.jti),
+            None,
+        );
     }
-    if now_secs() >= claims.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS) {
-        return Outcome::deny("token_expired", format!("token expired at {}", claims.exp), Some("the cell's token expired; a new one is issued by the control plane".into()));
+    if now_secs()
+        >= claims
+            .exp
+            .saturating_add(cellgate_identity::token::LEEWAY_SECS)
+    {
+        return Outcome::deny(
+            "token_expired",
+            format!("token expired at {}", claims.exp),
+            Some("the cell's token expired; a new one is issued by the control plane".into()),
+        );
     }
     let Some(entry) = shared.cells.get(&claims.cell_uid) else {
-        return Outcome::deny("cell_unknown", format!("cell {}/{} ({}) is not known to this node", claims.namespace, claims.name, claims.cell_uid), None);
+        return Outcome::deny(
+            "cell_unknown",
+            format!(
+                "cell {}/{} ({}) is not known to this node",
+                claims.namespace, claims.name, claims.cell_uid
+            ),
+            None,
+        );
     };
     let Some(policy) = shared.policy.current() else {
-        let mut o = Outcome::deny("no_policy", "this node has no valid policy and denies everything", None);
+        let mut o = Outcome::deny(
+            "no_policy",
+            "this node has no valid policy and denies everything",
+            None,
+        );
         o.cell = Some(entry);
         return o;
     };
@@ -142,7 +174,10 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         version: INPUT_VERSION.into(),
         time_ns: now_ns(),
         front_door: facts.front_door.into(),
-        source: AddrDoc { address: ident.source.ip().to_canonical().to_string(), port: ident.source.port() },
+        source: AddrDoc {
+            address: ident.source.ip().to_canonical().to_string(),
+            port: ident.source.port(),
+        },
         identity: IdentityDoc {
             jti: claims.jti.clone(),
             cell_uid: claims.cell_uid.clone(),
@@ -160,7 +195,10 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             path: facts.path.clone(),
             query: facts.query.clone(),
             headers: facts.headers.clone(),
-            destination: AddrDoc { address: ident.original_dst.ip().to_canonical().to_string(), port: ident.original_dst.port() },
+            destination: AddrDoc {
+                address: ident.original_dst.ip().to_canonical().to_string(),
+                port: ident.original_dst.port(),
+            },
             dns_type: facts.dns_type.clone(),
         },
     };
@@ -183,7 +221,11 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
-            let mut o = Outcome::deny("policy_error", format!("policy evaluation failed: {e}"), None);
+            let mut o = Outcome::deny(
+                "policy_error",
+                format!("policy evaluation failed: {e}"),
+                None,
+            );
             o.policy_version = Some(version);
             o.cell = Some(entry);
             o
@@ -192,15 +234,31 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
 }
 
 /// Builds the audit record of a decision.
-pub fn audit_record(shared: &Shared, ident: Option<&ConnIdentity>, source: SocketAddr, dst: SocketAddr, facts: &Facts, out: &Outcome) -> Record {
+pub fn audit_record(
+    shared: &Shared,
+    ident: Option<&ConnIdentity>,
+    source: SocketAddr,
+    dst: SocketAddr,
+    facts: &Facts,
+    out: &Outcome,
+) -> Record {
     let (cell, namespace) = match (&out.cell, ident) {
         (Some(e), _) => (Some(e.cell.name.clone()), Some(e.cell.namespace.clone())),
-        (None, Some(i)) => (Some(i.claims.name.clone()), Some(i.claims.namespace.clone())),
+        (None, Some(i)) => (
+            Some(i.claims.name.clone()),
+            Some(i.claims.namespace.clone()),
+        ),
         _ => (None, None),
     };
     let mut reasons = out.reasons.clone();
     reasons.truncate(16);
-    let mut rec = Record::new(&shared.config.node_name, facts.front_door, facts.protocol, out.result, &out.reason);
+    let mut rec = Record::new(
+        &shared.config.node_name,
+        facts.front_door,
+        facts.protocol,
+        out.result,
+        &out.reason,
+    );
     rec.cell = cell;
     rec.namespace = namespace;
     rec.token_id = ident.map(|i| i.claims.jti.clone());
@@ -229,7 +287,9 @@ pub struct AuditFailed(pub String);
 /// When the record could not be written or queued: the request must then be refused.
 pub async fn record(shared: &Shared, rec: Record) -> Result<(), AuditFailed> {
     let result = decision_label(rec.decision);
-    shared.metrics.decision(result, &rec.reason, &rec.front_door);
+    shared
+        .metrics
+        .decision(result, &rec.reason, &rec.front_door);
     let r = if rec.decision == Decision::Allow || rec.decision == Decision::ShadowDeny {
         shared.audit.submit(rec)
     } else {

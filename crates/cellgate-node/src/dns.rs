@@ -22,22 +22,39 @@ struct NodeAudit(Weak<Shared>);
 impl cellgate_dns::Cells for NodeCells {
     fn cell_for(&self, source: IpAddr) -> Option<Arc<Cell>> {
         let shared = self.0.upgrade()?;
-        let uid = shared.pods.read().ok()?.get(&source.to_canonical()).cloned()?;
+        let uid = shared
+            .pods
+            .read()
+            .ok()?
+            .get(&source.to_canonical())
+            .cloned()?;
         shared.cells.get(&uid).map(|e| e.cell.clone())
     }
 }
 
 impl cellgate_dns::Resolve for NodeResolve {
-    fn lookup(&self, name: &str) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + '_>> {
+    fn lookup(
+        &self,
+        name: &str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + '_>> {
         let name = name.to_string();
         Box::pin(async move {
-            let shared = self.0.upgrade().ok_or_else(|| std::io::Error::other("node is shutting down"))?;
+            let shared = self
+                .0
+                .upgrade()
+                .ok_or_else(|| std::io::Error::other("node is shutting down"))?;
             let addrs: Vec<IpAddr> = match shared.config.resolve.iter().find(|e| e.host == name) {
                 Some(e) => vec![e.addr],
-                None => tokio::net::lookup_host((name.as_str(), 0)).await?.map(|a| a.ip()).collect(),
+                None => tokio::net::lookup_host((name.as_str(), 0))
+                    .await?
+                    .map(|a| a.ip())
+                    .collect(),
             };
             Ok(match shared.config.dns_loopback_as {
-                Some(sub) => addrs.into_iter().map(|a| if a.is_loopback() { sub } else { a }).collect(),
+                Some(sub) => addrs
+                    .into_iter()
+                    .map(|a| if a.is_loopback() { sub } else { a })
+                    .collect(),
                 None => addrs,
             })
         })
@@ -46,10 +63,24 @@ impl cellgate_dns::Resolve for NodeResolve {
 
 impl cellgate_dns::Audit for NodeAudit {
     fn refused(&self, event: cellgate_dns::DnsEvent) {
-        let Some(shared) = self.0.upgrade() else { return };
-        let decision = if event.reason == "dns_allowed" { Decision::Allow } else { Decision::Deny };
-        shared.metrics.decision(crate::decide::decision_label(decision), event.reason, "dns");
-        let mut rec = Record::new(&shared.config.node_name, "dns", "dns", decision, event.reason);
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let decision = if event.reason == "dns_allowed" {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
+        shared
+            .metrics
+            .decision(crate::decide::decision_label(decision), event.reason, "dns");
+        let mut rec = Record::new(
+            &shared.config.node_name,
+            "dns",
+            "dns",
+            decision,
+            event.reason,
+        );
         rec.source = Some(event.source.to_string());
         if let Some((ns, name)) = event.cell {
             rec.namespace = Some(ns);
@@ -70,8 +101,20 @@ impl cellgate_dns::Audit for NodeAudit {
 ///
 /// # Errors
 /// When it cannot bind.
-pub async fn start(shared: &Arc<Shared>, addr: SocketAddr) -> std::io::Result<cellgate_dns::DnsServer> {
-    let config = cellgate_dns::DnsConfig { listen: addr, ..Default::default() };
+pub async fn start(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> std::io::Result<cellgate_dns::DnsServer> {
+    let config = cellgate_dns::DnsConfig {
+        listen: addr,
+        ..Default::default()
+    };
     let weak = Arc::downgrade(shared);
-    cellgate_dns::serve(config, Arc::new(NodeCells(weak.clone())), Arc::new(NodeResolve(weak.clone())), Arc::new(NodeAudit(weak))).await
+    cellgate_dns::serve(
+        config,
+        Arc::new(NodeCells(weak.clone())),
+        Arc::new(NodeResolve(weak.clone())),
+        Arc::new(NodeAudit(weak)),
+    )
+    .await
 }

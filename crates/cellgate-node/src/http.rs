@@ -32,7 +32,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Request headers copied into the policy input (never credentials).
-const POLICY_HEADERS: &[&str] = &["content-type", "content-length", "user-agent", "accept", "upgrade", "x-request-id"];
+const POLICY_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "user-agent",
+    "accept",
+    "upgrade",
+    "x-request-id",
+];
 /// Header carrying the request id back to the agent.
 pub const REQUEST_ID_HEADER: &str = "x-cellgate-request-id";
 
@@ -49,29 +56,58 @@ pub async fn serve_plain(shared: Arc<Shared>, stream: TcpStream, ident: Arc<Conn
 }
 
 /// Terminates TLS with a leaf minted for `sni` and serves HTTP inside.
-pub async fn serve_intercepted(shared: Arc<Shared>, stream: TcpStream, ident: Arc<ConnIdentity>, hello: Vec<u8>, sni: String) {
+pub async fn serve_intercepted(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ident: Arc<ConnIdentity>,
+    hello: Vec<u8>,
+    sni: String,
+) {
     let config = match shared.minter.server_config(&sni).await {
         Ok(c) => c,
         Err(e) => {
-            let facts = Facts { protocol: "tls", host: Some(sni.clone()), sni: Some(sni), port: ident.original_dst.port(), front_door: "intake", ..Facts::default() };
+            let facts = Facts {
+                protocol: "tls",
+                host: Some(sni.clone()),
+                sni: Some(sni),
+                port: ident.original_dst.port(),
+                front_door: "intake",
+                ..Facts::default()
+            };
             let out = Outcome::deny("tls_mint_failed", e.to_string(), None);
-            let rec = decide::audit_record(&shared, Some(&ident), ident.source, ident.original_dst, &facts, &out);
+            let rec = decide::audit_record(
+                &shared,
+                Some(&ident),
+                ident.source,
+                ident.original_dst,
+                &facts,
+                &out,
+            );
             let _ = decide::record(&shared, rec).await;
             return;
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let io = cellgate_tls::client_hello::Rewind::new(hello, stream);
-    let tls = match tokio::time::timeout(shared.config.first_bytes_timeout, acceptor.accept(io)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            // Usually a client that does not trust the cell's CA; nothing was decided yet.
-            tracing::info!(sni = %sni, error = %e, "TLS handshake with the agent failed");
-            return;
-        }
-        Err(_) => return,
-    };
-    serve_http(shared, tls, ConnCtx { ident, sni: Some(sni) }).await;
+    let tls =
+        match tokio::time::timeout(shared.config.first_bytes_timeout, acceptor.accept(io)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                // Usually a client that does not trust the cell's CA; nothing was decided yet.
+                tracing::info!(sni = %sni, error = %e, "TLS handshake with the agent failed");
+                return;
+            }
+            Err(_) => return,
+        };
+    serve_http(
+        shared,
+        tls,
+        ConnCtx {
+            ident,
+            sni: Some(sni),
+        },
+    )
+    .await;
 }
 
 async fn serve_http<S>(shared: Arc<Shared>, io: S, ctx: ConnCtx)
@@ -135,8 +171,11 @@ fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
     Some((host, port))
 }
 
+/// A refusal decided before policy: reason label, detail, hint for the agent.
+type PreDeny = (&'static str, String, Option<String>);
+
 /// The facts of a request, or the reason the node refuses it before policy.
-fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<(&'static str, String, Option<String>)>) {
+fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDeny>) {
     let tls = ctx.sni.is_some();
     let dst_port = ctx.ident.original_dst.port();
     let mut facts = Facts {
@@ -152,22 +191,51 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<(&'st
     };
     for name in POLICY_HEADERS {
         if let Some(v) = req.headers().get(*name).and_then(|v| v.to_str().ok()) {
-            facts.headers.insert((*name).to_string(), v.chars().take(256).collect());
+            facts
+                .headers
+                .insert((*name).to_string(), v.chars().take(256).collect());
         }
     }
-    let host_header = req.headers().get(header::HOST).map(|h| h.to_str().map(str::to_string));
+    let host_header = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().map(str::to_string));
     let uri_auth = req.uri().authority().map(|a| a.as_str().to_string());
     let authority = match (&uri_auth, &host_header) {
-        (_, Some(Err(_))) => return (facts, Some(("bad_host", "the Host header is not valid text".into(), None))),
+        (_, Some(Err(_))) => {
+            return (
+                facts,
+                Some(("bad_host", "the Host header is not valid text".into(), None)),
+            )
+        }
         (Some(u), Some(Ok(h))) if !u.eq_ignore_ascii_case(h) => {
-            return (facts, Some(("host_mismatch", format!("request target authority {u} disagrees with Host {h}"), None)))
+            return (
+                facts,
+                Some((
+                    "host_mismatch",
+                    format!("request target authority {u} disagrees with Host {h}"),
+                    None,
+                )),
+            )
         }
         (Some(u), _) => u.clone(),
         (None, Some(Ok(h))) => h.clone(),
-        (None, None) => return (facts, Some(("missing_host", "the request names no host".into(), Some("send a Host header".into())))),
+        (None, None) => {
+            return (
+                facts,
+                Some((
+                    "missing_host",
+                    "the request names no host".into(),
+                    Some("send a Host header".into()),
+                )),
+            )
+        }
     };
     let Some((host, port)) = split_authority(&authority) else {
-        return (facts, Some(("bad_host", format!("{authority:?} is not a host"), None)));
+        return (
+            facts,
+            Some(("bad_host", format!("{authority:?} is not a host"), None)),
+        );
     };
     facts.host = Some(host.clone());
     if req.method() == Method::CONNECT {
@@ -180,17 +248,31 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<(&'st
         if &host != sni {
             return (
                 facts,
-                Some(("sni_host_mismatch", format!("TLS SNI {sni} but Host {host}: domain fronting is refused"), Some("use the same host name for the connection and the request".into()))),
+                Some((
+                    "sni_host_mismatch",
+                    format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
+                    Some("use the same host name for the connection and the request".into()),
+                )),
             );
         }
     }
     let default_port = if tls { 443 } else { 80 };
     if let Some(p) = port {
         if p != dst_port {
-            return (facts, Some(("authority_port_mismatch", format!("Host names port {p} but the connection is to port {dst_port}"), None)));
+            return (
+                facts,
+                Some((
+                    "authority_port_mismatch",
+                    format!("Host names port {p} but the connection is to port {dst_port}"),
+                    None,
+                )),
+            );
         }
     } else if default_port != dst_port && uri_auth.is_none() && host_header.is_none() {
-        return (facts, Some(("missing_host", "the request names no host".into(), None)));
+        return (
+            facts,
+            Some(("missing_host", "the request names no host".into(), None)),
+        );
     }
     (facts, None)
 }
@@ -206,31 +288,63 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     decided(shared, ctx, req, facts, out).instrument(span).await
 }
 
-async fn decided(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>, facts: Facts, out: Outcome) -> Response<Body> {
+async fn decided(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+    facts: Facts,
+    out: Outcome,
+) -> Response<Body> {
     let ident = &ctx.ident;
-    let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, &facts, &out);
+    let rec = decide::audit_record(
+        &shared,
+        Some(ident),
+        ident.source,
+        ident.original_dst,
+        &facts,
+        &out,
+    );
     if let Err(e) = decide::record(&shared, rec).await {
-        return json_response(StatusCode::SERVICE_UNAVAILABLE, &out.request_id, serde_json::json!({
-            "error": "cellgate_unavailable", "reason": "audit_unavailable", "request_id": out.request_id,
-            "message": "the decision could not be recorded, so the request was not sent", "detail": e.to_string(),
-        }));
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &out.request_id,
+            serde_json::json!({
+                "error": "cellgate_unavailable", "reason": "audit_unavailable", "request_id": out.request_id,
+                "message": "the decision could not be recorded, so the request was not sent", "detail": e.to_string(),
+            }),
+        );
     }
     if !out.allowed() {
         tracing::info!(reason = %out.reason, "denied");
         return deny_response(ident, &out);
     }
-    if let Some(cap) = out.capability.as_deref().and_then(|c| out.cell.as_ref()?.cell.capability(c).cloned()) {
+    if let Some(cap) = out
+        .capability
+        .as_deref()
+        .and_then(|c| out.cell.as_ref()?.cell.capability(c).cloned())
+    {
         if cap.credential.is_some() {
             // No credential broker in this node: never forward a request without its credential.
             let mut o = out.clone();
             o.result = Decision::Error;
             o.reason = "credential_unavailable".into();
             o.reasons = vec!["no credential backend is configured on this node".into()];
-            let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, &facts, &o);
+            let rec = decide::audit_record(
+                &shared,
+                Some(ident),
+                ident.source,
+                ident.original_dst,
+                &facts,
+                &o,
+            );
             let _ = decide::record(&shared, rec).await;
-            return json_response(StatusCode::SERVICE_UNAVAILABLE, &out.request_id, serde_json::json!({
-                "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": "no credential backend is configured on this node", "request_id": out.request_id,
-            }));
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &out.request_id,
+                serde_json::json!({
+                    "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": "no credential backend is configured on this node", "request_id": out.request_id,
+                }),
+            );
         }
     }
     forward(shared, ctx.clone(), req, facts, out).await
@@ -238,17 +352,28 @@ async fn decided(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>,
 
 /// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
 fn deny_response(ident: &ConnIdentity, out: &Outcome) -> Response<Body> {
-    let cell = out.cell.as_ref().map(|e| e.cell.key()).unwrap_or_else(|| format!("{}/{}", ident.claims.namespace, ident.claims.name));
-    let hint = out.hint.clone().unwrap_or_else(|| default_hint(&out.reason).to_string());
-    json_response(StatusCode::FORBIDDEN, &out.request_id, serde_json::json!({
-        "error": "cellgate_denied",
-        "reason": out.reason,
-        "message": out.reasons.first().cloned().unwrap_or_default(),
-        "cell": cell,
-        "capability": out.capability,
-        "request_id": out.request_id,
-        "hint": hint,
-    }))
+    let cell = out
+        .cell
+        .as_ref()
+        .map(|e| e.cell.key())
+        .unwrap_or_else(|| format!("{}/{}", ident.claims.namespace, ident.claims.name));
+    let hint = out
+        .hint
+        .clone()
+        .unwrap_or_else(|| default_hint(&out.reason).to_string());
+    json_response(
+        StatusCode::FORBIDDEN,
+        &out.request_id,
+        serde_json::json!({
+            "error": "cellgate_denied",
+            "reason": out.reason,
+            "message": out.reasons.first().cloned().unwrap_or_default(),
+            "cell": cell,
+            "capability": out.capability,
+            "request_id": out.request_id,
+            "hint": hint,
+        }),
+    )
 }
 
 fn default_hint(reason: &str) -> &'static str {
@@ -264,10 +389,18 @@ fn default_hint(reason: &str) -> &'static str {
 fn json_response(status: StatusCode, request_id: &str, body: serde_json::Value) -> Response<Body> {
     let mut text = body.to_string();
     text.push('\n');
-    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         r.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
@@ -289,7 +422,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(n);
         }
     }
-    for n in ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "transfer-encoding"] {
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
         headers.remove(n);
     }
     if upgrade {
@@ -308,26 +449,55 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
-async fn forward(shared: Arc<Shared>, ctx: Arc<ConnCtx>, mut req: Request<Incoming>, facts: Facts, out: Outcome) -> Response<Body> {
+async fn forward(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    facts: Facts,
+    out: Outcome,
+) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let host = facts.host.clone().unwrap_or_default();
     let scheme = if ctx.sni.is_some() { "https" } else { "http" };
-    let host_part = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-    let authority = if (scheme == "https" && facts.port == 443) || (scheme == "http" && facts.port == 80) {
-        host_part
+    let host_part = if host.contains(':') {
+        format!("[{host}]")
     } else {
-        format!("{host_part}:{}", facts.port)
+        host.clone()
     };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-    parts.uri = match Uri::builder().scheme(scheme).authority(authority.as_str()).path_and_query(pq).build() {
+    let authority =
+        if (scheme == "https" && facts.port == 443) || (scheme == "http" && facts.port == 80) {
+            host_part
+        } else {
+            format!("{host_part}:{}", facts.port)
+        };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = match Uri::builder()
+        .scheme(scheme)
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
         Ok(u) => u,
-        Err(e) => return json_response(StatusCode::BAD_REQUEST, &out.request_id, serde_json::json!({"error": "cellgate_bad_request", "reason": "bad_uri", "message": e.to_string(), "request_id": out.request_id})),
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &out.request_id,
+                serde_json::json!({"error": "cellgate_bad_request", "reason": "bad_uri", "message": e.to_string(), "request_id": out.request_id}),
+            )
+        }
     };
     // The client picks HTTP/2 or HTTP/1.1 per upstream by ALPN.
     parts.version = Version::HTTP_11;
@@ -336,7 +506,11 @@ async fn forward(shared: Arc<Shared>, ctx: Arc<ConnCtx>, mut req: Request<Incomi
             parts.headers.insert(header::HOST, v);
         }
     }
-    let client = if upgrade { &shared.upstream.http1 } else { &shared.upstream.client };
+    let client = if upgrade {
+        &shared.upstream.http1
+    } else {
+        &shared.upstream.client
+    };
     let resp = client.request(Request::from_parts(parts, body)).await;
     let mut resp = match resp {
         Ok(r) => r,
@@ -344,10 +518,14 @@ async fn forward(shared: Arc<Shared>, ctx: Arc<ConnCtx>, mut req: Request<Incomi
             let reason = upstream::classify(&e);
             let detail = error_chain(&e);
             tunnel::upstream_error(&shared, &ctx.ident, &facts, reason, detail.clone()).await;
-            return json_response(StatusCode::BAD_GATEWAY, &out.request_id, serde_json::json!({
-                "error": "cellgate_upstream_error", "reason": reason, "host": host, "request_id": out.request_id,
-                "message": format!("the request was allowed but the upstream failed: {reason}"),
-            }));
+            return json_response(
+                StatusCode::BAD_GATEWAY,
+                &out.request_id,
+                serde_json::json!({
+                    "error": "cellgate_upstream_error", "reason": reason, "host": host, "request_id": out.request_id,
+                    "message": format!("the request was allowed but the upstream failed: {reason}"),
+                }),
+            );
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -356,8 +534,13 @@ async fn forward(shared: Arc<Shared>, ctx: Arc<ConnCtx>, mut req: Request<Incomi
             let ident = ctx.ident.clone();
             tokio::spawn(async move {
                 match (agent_up.await, up.await) {
-                    (Ok(a), Ok(b)) => tunnel::relay(shared, TokioIo::new(a), TokioIo::new(b), &ident, &facts).await,
-                    (a, b) => tracing::info!(agent = a.is_ok(), upstream = b.is_ok(), "upgrade failed"),
+                    (Ok(a), Ok(b)) => {
+                        tunnel::relay(shared, TokioIo::new(a), TokioIo::new(b), &ident, &facts)
+                            .await
+                    }
+                    (a, b) => {
+                        tracing::info!(agent = a.is_ok(), upstream = b.is_ok(), "upgrade failed")
+                    }
                 }
             });
         }
@@ -387,9 +570,18 @@ mod tests {
 
     #[test]
     fn authority_parsing() {
-        assert_eq!(split_authority("Example.COM."), Some(("example.com".into(), None)));
-        assert_eq!(split_authority("example.com:8443"), Some(("example.com".into(), Some(8443))));
-        assert_eq!(split_authority("[::1]:443"), Some(("::1".into(), Some(443))));
+        assert_eq!(
+            split_authority("Example.COM."),
+            Some(("example.com".into(), None))
+        );
+        assert_eq!(
+            split_authority("example.com:8443"),
+            Some(("example.com".into(), Some(8443)))
+        );
+        assert_eq!(
+            split_authority("[::1]:443"),
+            Some(("::1".into(), Some(443)))
+        );
         assert_eq!(split_authority("[::1]"), Some(("::1".into(), None)));
         assert_eq!(split_authority("example.com:x"), None);
         assert_eq!(split_authority("user@example.com"), None);
@@ -400,10 +592,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         let mut up = h.clone();

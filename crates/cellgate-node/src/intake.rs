@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use cellgate_audit::Decision;
 use tokio::io::AsyncReadExt;
-use tracing::Instrument as _;
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
 
 use crate::decide::{self, ConnIdentity, Facts, Outcome};
 use crate::{http, tunnel, Shared};
@@ -56,10 +56,23 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// A refusal of a whole connection: audited, counted, closed.
-async fn refuse(shared: &Shared, ident: Option<&ConnIdentity>, peer: SocketAddr, src: SocketAddr, dst: SocketAddr, reason: &str, detail: String) {
+async fn refuse(
+    shared: &Shared,
+    ident: Option<&ConnIdentity>,
+    peer: SocketAddr,
+    src: SocketAddr,
+    dst: SocketAddr,
+    reason: &str,
+    detail: String,
+) {
     tracing::info!(peer = %peer, src.addr = %src, dst.addr = %dst, reason, detail = %detail, "connection refused");
     shared.metrics.connection(reason);
-    let facts = Facts { protocol: "tcp", port: dst.port(), front_door: "intake", ..Facts::default() };
+    let facts = Facts {
+        protocol: "tcp",
+        port: dst.port(),
+        front_door: "intake",
+        ..Facts::default()
+    };
     let out = Outcome::deny(reason, detail, None);
     let rec = decide::audit_record(shared, ident, src, dst, &facts, &out);
     // A failure is logged inside; the connection is closed either way.
@@ -68,11 +81,30 @@ async fn refuse(shared: &Shared, ident: Option<&ConnIdentity>, peer: SocketAddr,
 
 async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let header = match tokio::time::timeout(shared.config.header_timeout, cellgate_proxy_protocol::read_header(&mut stream)).await {
+    let header = match tokio::time::timeout(
+        shared.config.header_timeout,
+        cellgate_proxy_protocol::read_header(&mut stream),
+    )
+    .await
+    {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return refuse(&shared, None, peer, peer, peer, e.reason(), e.to_string()).await,
+        Ok(Err(e)) => {
+            return refuse(&shared, None, peer, peer, peer, e.reason(), e.to_string()).await
+        }
         Err(_) => {
-            return refuse(&shared, None, peer, peer, peer, "ppv2_timeout", format!("no complete PPv2 header within {:?}", shared.config.header_timeout)).await
+            return refuse(
+                &shared,
+                None,
+                peer,
+                peer,
+                peer,
+                "ppv2_timeout",
+                format!(
+                    "no complete PPv2 header within {:?}",
+                    shared.config.header_timeout
+                ),
+            )
+            .await
         }
     };
     let (src, dst) = (header.source, header.destination);
@@ -80,15 +112,45 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         Ok(c) => c,
         Err(e) => return refuse(&shared, None, peer, src, dst, e.reason(), e.to_string()).await,
     };
-    let ident = ConnIdentity { claims, source: src, original_dst: dst };
+    let ident = ConnIdentity {
+        claims,
+        source: src,
+        original_dst: dst,
+    };
     if shared.cells.get(&ident.claims.cell_uid).is_none() {
-        let detail = format!("cell {}/{} ({}) is not known to this node", ident.claims.namespace, ident.claims.name, ident.claims.cell_uid);
-        return refuse(&shared, Some(&ident), peer, src, dst, "cell_unknown", detail).await;
+        let detail = format!(
+            "cell {}/{} ({}) is not known to this node",
+            ident.claims.namespace, ident.claims.name, ident.claims.cell_uid
+        );
+        return refuse(
+            &shared,
+            Some(&ident),
+            peer,
+            src,
+            dst,
+            "cell_unknown",
+            detail,
+        )
+        .await;
     }
     if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, src.ip()) {
-        return refuse(&shared, Some(&ident), peer, src, dst, e.reason(), e.to_string()).await;
+        return refuse(
+            &shared,
+            Some(&ident),
+            peer,
+            src,
+            dst,
+            e.reason(),
+            e.to_string(),
+        )
+        .await;
     }
-    if let Some(bound) = ident.claims.pod_addr.as_deref().and_then(|a| a.parse::<std::net::IpAddr>().ok()) {
+    if let Some(bound) = ident
+        .claims
+        .pod_addr
+        .as_deref()
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+    {
         // A verified, bound token tells the DNS listener which cell this address is.
         if let Ok(mut pods) = shared.pods.write() {
             if pods.get(&bound) != Some(&ident.claims.cell_uid) {
@@ -104,7 +166,9 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
 async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
     // Sniff the first bytes without consuming them.
     let mut first = [0u8; SNIFF_BYTES];
-    let n = match tokio::time::timeout(shared.config.first_bytes_timeout, stream.peek(&mut first)).await {
+    let n = match tokio::time::timeout(shared.config.first_bytes_timeout, stream.peek(&mut first))
+        .await
+    {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "peek failed");
@@ -120,7 +184,13 @@ async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
         tls(shared, stream, ident).await;
     } else if n > 0 && cellgate_tls::client_hello::looks_like_http(first) {
         http::serve_plain(shared, stream, Arc::new(ident)).await;
-    } else if n == 0 && stream.peek(&mut [0u8; 1]).await.map(|n| n == 0).unwrap_or(true) {
+    } else if n == 0
+        && stream
+            .peek(&mut [0u8; 1])
+            .await
+            .map(|n| n == 0)
+            .unwrap_or(true)
+    {
         // Closed before sending anything.
     } else {
         tunnel::serve_tcp(shared, stream, ident, Vec::new()).await;
@@ -128,18 +198,45 @@ async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
 }
 
 async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
-    let peek = match tokio::time::timeout(shared.config.first_bytes_timeout, cellgate_tls::client_hello::read_client_hello(&mut stream)).await {
+    let peek = match tokio::time::timeout(
+        shared.config.first_bytes_timeout,
+        cellgate_tls::client_hello::read_client_hello(&mut stream),
+    )
+    .await
+    {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             let (src, dst) = (ident.source, ident.original_dst);
-            return refuse(&shared, Some(&ident), src, src, dst, e.reason(), e.to_string()).await;
+            return refuse(
+                &shared,
+                Some(&ident),
+                src,
+                src,
+                dst,
+                e.reason(),
+                e.to_string(),
+            )
+            .await;
         }
         Err(_) => {
             let (src, dst) = (ident.source, ident.original_dst);
-            return refuse(&shared, Some(&ident), src, src, dst, "tls_hello_timeout", "no complete ClientHello in time".into()).await;
+            return refuse(
+                &shared,
+                Some(&ident),
+                src,
+                src,
+                dst,
+                "tls_hello_timeout",
+                "no complete ClientHello in time".into(),
+            )
+            .await;
         }
     };
-    let Some(sni) = peek.sni.clone().map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+    let Some(sni) = peek
+        .sni
+        .clone()
+        .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
+    else {
         // No SNI: only an address capability with passthrough can allow it.
         return tunnel::serve_tls_passthrough(shared, stream, ident, peek.bytes, None).await;
     };
@@ -154,14 +251,21 @@ async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
 /// relayed undecrypted and the decision is made at L4.
 fn passthrough_applies(shared: &Shared, ident: &ConnIdentity, sni: &str) -> bool {
     use cellgate_api::model::{DestinationTarget, TlsMode};
-    let Some(entry) = shared.cells.get(&ident.claims.cell_uid) else { return false };
+    let Some(entry) = shared.cells.get(&ident.claims.cell_uid) else {
+        return false;
+    };
     let port = ident.original_dst.port();
-    entry.cell.capabilities.iter().filter(|c| c.tls == TlsMode::Passthrough).any(|c| {
-        c.destinations.iter().any(|d| match &d.target {
-            DestinationTarget::Host(h) => h.matches(sni) && d.ports.contains(&port),
-            DestinationTarget::Cidr(_) => false,
+    entry
+        .cell
+        .capabilities
+        .iter()
+        .filter(|c| c.tls == TlsMode::Passthrough)
+        .any(|c| {
+            c.destinations.iter().any(|d| match &d.target {
+                DestinationTarget::Host(h) => h.matches(sni) && d.ports.contains(&port),
+                DestinationTarget::Cidr(_) => false,
+            })
         })
-    })
 }
 
 /// Reads until EOF or `max` bytes (used by tests of refusals).

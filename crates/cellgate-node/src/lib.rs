@@ -96,14 +96,18 @@ impl NodeHandle {
     pub async fn shutdown(mut self) {
         self.shared.draining.send_replace(true);
         let grace = self.shared.config.drain;
-        let open = || self.shared.config.max_connections - self.shared.conn_limit.available_permits();
+        let open =
+            || self.shared.config.max_connections - self.shared.conn_limit.available_permits();
         tracing::info!(open = open(), grace_s = grace.as_secs(), "draining");
         let deadline = tokio::time::Instant::now() + grace;
         while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         if open() > 0 {
-            tracing::warn!(open = open(), "grace period over; closing the remaining connections");
+            tracing::warn!(
+                open = open(),
+                "grace period over; closing the remaining connections"
+            );
         } else {
             tracing::info!("drained: no open connections");
         }
@@ -131,20 +135,70 @@ impl metrics::Gauges for ScrapedValues {
     fn read(&self) -> Vec<(&'static str, &'static str, u64, bool)> {
         let stats = self.audit.stats();
         let mut v = vec![
-            ("cellgate_cert_cache_hits", "Leaf certificate cache hits", self.minter.hits(), true),
-            ("cellgate_cert_cache_misses", "Leaf certificate cache misses", self.minter.misses(), true),
-            ("cellgate_cert_mints", "Leaf certificates minted", self.minter.mints(), true),
-            ("cellgate_audit_records_written", "Audit records written", stats.written, true),
-            ("cellgate_audit_overflows", "Audit submissions refused because the queue was full", stats.overflows, true),
+            (
+                "cellgate_cert_cache_hits",
+                "Leaf certificate cache hits",
+                self.minter.hits(),
+                true,
+            ),
+            (
+                "cellgate_cert_cache_misses",
+                "Leaf certificate cache misses",
+                self.minter.misses(),
+                true,
+            ),
+            (
+                "cellgate_cert_mints",
+                "Leaf certificates minted",
+                self.minter.mints(),
+                true,
+            ),
+            (
+                "cellgate_audit_records_written",
+                "Audit records written",
+                stats.written,
+                true,
+            ),
+            (
+                "cellgate_audit_overflows",
+                "Audit submissions refused because the queue was full",
+                stats.overflows,
+                true,
+            ),
         ];
         if let Some(s) = self.cells.upgrade() {
-            v.push(("cellgate_cells", "Cells known to this node", s.cells.len() as u64, false));
+            v.push((
+                "cellgate_cells",
+                "Cells known to this node",
+                s.cells.len() as u64,
+                false,
+            ));
             if let Some(d) = s.dns.get() {
                 let c = d.stats().snapshot();
-                v.push(("cellgate_dns_queries", "DNS queries from cells", c.queries, true));
-                v.push(("cellgate_dns_nxdomain", "DNS queries answered NXDOMAIN", c.nxdomain, true));
-                v.push(("cellgate_dns_refused", "DNS queries refused", c.refused, true));
-                v.push(("cellgate_dns_servfail", "DNS queries answered SERVFAIL", c.servfail, true));
+                v.push((
+                    "cellgate_dns_queries",
+                    "DNS queries from cells",
+                    c.queries,
+                    true,
+                ));
+                v.push((
+                    "cellgate_dns_nxdomain",
+                    "DNS queries answered NXDOMAIN",
+                    c.nxdomain,
+                    true,
+                ));
+                v.push((
+                    "cellgate_dns_refused",
+                    "DNS queries refused",
+                    c.refused,
+                    true,
+                ));
+                v.push((
+                    "cellgate_dns_servfail",
+                    "DNS queries answered SERVFAIL",
+                    c.servfail,
+                    true,
+                ));
             }
         }
         v
@@ -168,15 +222,23 @@ fn load_trust(paths: &[PathBuf]) -> anyhow::Result<Vec<PublicKey>> {
 pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let verifier = Verifier::new(&load_trust(&config.trust)?);
     let ca = match &config.ca_dir {
-        Some(dir) => cellgate_tls::ca::Ca::load(dir).with_context(|| format!("loading the CA from {}", dir.display()))?,
-        None => cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA").context("generating an in-memory CA")?,
+        Some(dir) => cellgate_tls::ca::Ca::load(dir)
+            .with_context(|| format!("loading the CA from {}", dir.display()))?,
+        None => cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA")
+            .context("generating an in-memory CA")?,
     };
-    let minter = Arc::new(LeafMinter::new(Arc::new(ca), cellgate_tls::mint::MinterConfig::default()));
+    let minter = Arc::new(LeafMinter::new(
+        Arc::new(ca),
+        cellgate_tls::mint::MinterConfig::default(),
+    ));
     let (audit, _writer) = AuditLog::open(&config.audit, Default::default())
         .await
         .with_context(|| format!("opening the audit log {}", config.audit.display()))?;
     let policy = Arc::new(PolicyStore::default());
-    let policy_source = policy_source::PolicySource::new(config.base_policy_dir.clone(), config.policies_dir.iter().cloned().collect());
+    let policy_source = policy_source::PolicySource::new(
+        config.base_policy_dir.clone(),
+        config.policies_dir.iter().cloned().collect(),
+    );
     policy_source.poll(&policy);
     let upstream = upstream::Upstream::new(&config)?;
     let (generation, _) = watch::channel(0);
@@ -188,12 +250,22 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         policy_source,
         minter: minter.clone(),
         upstream,
-        metrics: metrics::Metrics::new(Arc::new(ScrapedValues { minter: minter.clone(), audit: audit.clone(), cells: weak.clone() })),
+        metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
+            minter: minter.clone(),
+            audit: audit.clone(),
+            cells: weak.clone(),
+        })),
         audit,
         generation,
         conn_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         draining,
-        pods: std::sync::RwLock::new(config.pods.iter().map(|(ip, ns, name)| (*ip, cellgate_api::manifest::local_uid(ns, name))).collect()),
+        pods: std::sync::RwLock::new(
+            config
+                .pods
+                .iter()
+                .map(|(ip, ns, name)| (*ip, cellgate_api::manifest::local_uid(ns, name)))
+                .collect(),
+        ),
         dns: std::sync::OnceLock::new(),
         config,
     });
@@ -215,7 +287,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     );
     let dns = match shared.config.dns {
         Some(addr) => {
-            let server = dns::start(&shared, addr).await.with_context(|| format!("binding DNS on {addr}"))?;
+            let server = dns::start(&shared, addr)
+                .await
+                .with_context(|| format!("binding DNS on {addr}"))?;
             let _ = shared.dns.set(server.handler().clone());
             Some(server)
         }
@@ -227,7 +301,14 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     tasks.spawn(watch_sources(shared.clone()));
     // Admin traffic does not share a runtime with the data path.
     admin::spawn(shared.clone(), admin_listener)?;
-    Ok(NodeHandle { intake_addr, admin_addr, dns_addr, shared, tasks, dns })
+    Ok(NodeHandle {
+        intake_addr,
+        admin_addr,
+        dns_addr,
+        shared,
+        tasks,
+        dns,
+    })
 }
 
 /// Polls the cells and policy directories; any change bumps the generation.
@@ -240,7 +321,13 @@ async fn watch_sources(shared: Arc<Shared>) {
         if let Some(dir) = &shared.config.cells_dir {
             if shared.cells.rescan(dir) {
                 if !shared.cells.last_errors().is_empty() {
-                    shared.metrics.reload_failures.get_or_create(&metrics::ConnLabels { outcome: "cells".into() }).inc();
+                    shared
+                        .metrics
+                        .reload_failures
+                        .get_or_create(&metrics::ConnLabels {
+                            outcome: "cells".into(),
+                        })
+                        .inc();
                 }
                 changed = true;
             }
@@ -249,7 +336,13 @@ async fn watch_sources(shared: Arc<Shared>) {
             policy_source::Polled::Unchanged => {}
             policy_source::Polled::Installed(_) => changed = true,
             policy_source::Polled::Refused(_) => {
-                shared.metrics.reload_failures.get_or_create(&metrics::ConnLabels { outcome: "policy".into() }).inc();
+                shared
+                    .metrics
+                    .reload_failures
+                    .get_or_create(&metrics::ConnLabels {
+                        outcome: "policy".into(),
+                    })
+                    .inc();
             }
         }
         if changed {

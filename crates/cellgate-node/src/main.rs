@@ -3,12 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use cellgate_node::{NodeArgs, NodeConfig};
+use clap::Parser;
 
 fn main() -> ExitCode {
     let args = NodeArgs::parse();
-    let env: std::collections::HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CELLGATE_") || k == "HOSTNAME").collect();
+    let env: std::collections::HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("CELLGATE_") || k == "HOSTNAME")
+        .collect();
     let config = match NodeConfig::from_args_env(args, &env) {
         Ok(c) => c,
         Err(e) => {
@@ -17,7 +19,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_json);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cellgate-data").build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cellgate-data")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cellgate-node: cannot start the runtime: {e}");
@@ -53,9 +59,13 @@ async fn wait_for_signal() {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CELLGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CELLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -78,30 +78,65 @@ impl Metrics {
     pub fn new(scraped: Arc<dyn Gauges>) -> Self {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
-        registry.register("cellgate_decisions", "Decisions by result, reason and front door", decisions.clone());
+        registry.register(
+            "cellgate_decisions",
+            "Decisions by result, reason and front door",
+            decisions.clone(),
+        );
         // 5 µs .. ~80 ms
         let decision_seconds = Histogram::new(exponential_buckets(0.000_005, 2.0, 15));
-        registry.register("cellgate_decision_duration_seconds", "Time to decide one request", decision_seconds.clone());
+        registry.register(
+            "cellgate_decision_duration_seconds",
+            "Time to decide one request",
+            decision_seconds.clone(),
+        );
         let open_connections = Gauge::default();
-        registry.register("cellgate_open_connections", "Open intake connections", open_connections.clone());
+        registry.register(
+            "cellgate_open_connections",
+            "Open intake connections",
+            open_connections.clone(),
+        );
         let connections = Family::<ConnLabels, Counter>::default();
-        registry.register("cellgate_connections", "Intake connections by outcome", connections.clone());
+        registry.register(
+            "cellgate_connections",
+            "Intake connections by outcome",
+            connections.clone(),
+        );
         let reload_failures = Family::<ConnLabels, Counter>::default();
-        registry.register("cellgate_reload_failures", "Refused policy or cell reloads by kind", reload_failures.clone());
+        registry.register(
+            "cellgate_reload_failures",
+            "Refused policy or cell reloads by kind",
+            reload_failures.clone(),
+        );
         registry.register_collector(Box::new(Scraped(scraped)));
-        Self { registry, decisions, decision_seconds, open_connections, connections, reload_failures }
+        Self {
+            registry,
+            decisions,
+            decision_seconds,
+            open_connections,
+            connections,
+            reload_failures,
+        }
     }
 
     /// Counts a decision.
     pub fn decision(&self, result: &str, reason: &str, front_door: &str) {
         self.decisions
-            .get_or_create(&DecisionLabels { result: result.into(), reason: reason.into(), front_door: front_door.into() })
+            .get_or_create(&DecisionLabels {
+                result: result.into(),
+                reason: reason.into(),
+                front_door: front_door.into(),
+            })
             .inc();
     }
 
     /// Counts a connection outcome.
     pub fn connection(&self, outcome: &str) {
-        self.connections.get_or_create(&ConnLabels { outcome: outcome.into() }).inc();
+        self.connections
+            .get_or_create(&ConnLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Prometheus text exposition.

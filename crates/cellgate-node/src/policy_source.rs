@@ -13,8 +13,14 @@ use sha2::{Digest, Sha256};
 
 /// The base policy built into the binary.
 pub const BUILTIN_BASE_POLICY: &[(&str, &str)] = &[
-    ("cellgate.rego", include_str!("../../../policies/base/cellgate.rego")),
-    ("cellgate_test.rego", include_str!("../../../policies/base/cellgate_test.rego")),
+    (
+        "cellgate.rego",
+        include_str!("../../../policies/base/cellgate.rego"),
+    ),
+    (
+        "cellgate_test.rego",
+        include_str!("../../../policies/base/cellgate_test.rego"),
+    ),
 ];
 
 /// What a poll did.
@@ -40,7 +46,12 @@ pub struct PolicySource {
 impl PolicySource {
     /// Sources: `base` (or the built-in base) and the pack directories.
     pub fn new(base: Option<PathBuf>, extras: Vec<PathBuf>) -> Self {
-        Self { base, extras, last: Mutex::new(None), error: Mutex::new(None) }
+        Self {
+            base,
+            extras,
+            last: Mutex::new(None),
+            error: Mutex::new(None),
+        }
     }
 
     /// Why the last change was refused, while it stays refused.
@@ -94,14 +105,19 @@ impl PolicySource {
         }
         let print: [u8; 32] = h.finalize().into();
         {
-            let Ok(mut last) = self.last.lock() else { return Polled::Unchanged };
+            let Ok(mut last) = self.last.lock() else {
+                return Polled::Unchanged;
+            };
             if *last == Some(print) {
                 return Polled::Unchanged;
             }
             *last = Some(print);
         }
         let result = files.and_then(PolicySet::from_files);
-        let mut error = self.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut error = self
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
             Ok(set) => {
                 *error = None;

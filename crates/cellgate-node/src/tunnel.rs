@@ -25,7 +25,10 @@ pub async fn resolve(shared: &Shared, host: &str, port: u16) -> std::io::Result<
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
     if addrs.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        ));
     }
     Ok(addrs)
 }
@@ -43,15 +46,25 @@ pub async fn connect_any(shared: &Shared, addrs: &[SocketAddr]) -> std::io::Resu
                 return Ok(s);
             }
             Ok(Err(e)) => last = e,
-            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {a} timed out")),
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {a} timed out"),
+                )
+            }
         }
     }
     Err(last)
 }
 
 /// Relays bytes both ways until either side closes, the node drains, or a re-check denies.
-pub async fn relay<A, B>(shared: Arc<Shared>, mut a: A, mut b: B, ident: &ConnIdentity, facts: &Facts)
-where
+pub async fn relay<A, B>(
+    shared: Arc<Shared>,
+    mut a: A,
+    mut b: B,
+    ident: &ConnIdentity,
+    facts: &Facts,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
@@ -90,45 +103,109 @@ where
 }
 
 /// Other TCP: decided on the dialled address and port; connects to exactly that address.
-pub async fn serve_tcp(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, prefix: Vec<u8>) {
-    let facts = Facts { protocol: "tcp", port: ident.original_dst.port(), front_door: "intake", ..Facts::default() };
+pub async fn serve_tcp(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ident: ConnIdentity,
+    prefix: Vec<u8>,
+) {
+    let facts = Facts {
+        protocol: "tcp",
+        port: ident.original_dst.port(),
+        front_door: "intake",
+        ..Facts::default()
+    };
     let target = ident.original_dst;
-    serve_l4(shared, stream, ident, prefix, facts, move |_| async move { Ok(vec![target]) }).await;
-}
-
-/// TLS the node does not decrypt: decided on SNI and port (or address and port with no SNI).
-pub async fn serve_tls_passthrough(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, hello: Vec<u8>, sni: Option<String>) {
-    let port = ident.original_dst.port();
-    let facts = Facts { protocol: "tls", host: sni.clone(), sni: sni.clone(), port, front_door: "intake", ..Facts::default() };
-    let dialled = ident.original_dst;
-    serve_l4(shared, stream, ident, hello, facts, move |shared: Arc<Shared>| async move {
-        match sni {
-            Some(h) => resolve(&shared, &h, port).await,
-            // No name: only an address capability can have allowed it.
-            None => Ok(vec![dialled]),
-        }
+    serve_l4(shared, stream, ident, prefix, facts, move |_| async move {
+        Ok(vec![target])
     })
     .await;
 }
 
-async fn serve_l4<F, Fut>(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity, prefix: Vec<u8>, facts: Facts, targets: F)
-where
+/// TLS the node does not decrypt: decided on SNI and port (or address and port with no SNI).
+pub async fn serve_tls_passthrough(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ident: ConnIdentity,
+    hello: Vec<u8>,
+    sni: Option<String>,
+) {
+    let port = ident.original_dst.port();
+    let facts = Facts {
+        protocol: "tls",
+        host: sni.clone(),
+        sni: sni.clone(),
+        port,
+        front_door: "intake",
+        ..Facts::default()
+    };
+    let dialled = ident.original_dst;
+    serve_l4(
+        shared,
+        stream,
+        ident,
+        hello,
+        facts,
+        move |shared: Arc<Shared>| async move {
+            match sni {
+                Some(h) => resolve(&shared, &h, port).await,
+                // No name: only an address capability can have allowed it.
+                None => Ok(vec![dialled]),
+            }
+        },
+    )
+    .await;
+}
+
+async fn serve_l4<F, Fut>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ident: ConnIdentity,
+    prefix: Vec<u8>,
+    facts: Facts,
+    targets: F,
+) where
     F: FnOnce(Arc<Shared>) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
 {
     let out = decide::decide(&shared, &ident, &facts);
-    let rec = decide::audit_record(&shared, Some(&ident), ident.source, ident.original_dst, &facts, &out);
+    let rec = decide::audit_record(
+        &shared,
+        Some(&ident),
+        ident.source,
+        ident.original_dst,
+        &facts,
+        &out,
+    );
     if decide::record(&shared, rec).await.is_err() || !out.allowed() {
         // Nothing is forwarded; the agent sees the connection close.
         return;
     }
     let addrs = match targets(shared.clone()).await {
         Ok(a) => a,
-        Err(e) => return upstream_error(&shared, &ident, &facts, "upstream_resolve_failed", e.to_string()).await,
+        Err(e) => {
+            return upstream_error(
+                &shared,
+                &ident,
+                &facts,
+                "upstream_resolve_failed",
+                e.to_string(),
+            )
+            .await
+        }
     };
     let mut up = match connect_any(&shared, &addrs).await {
         Ok(s) => s,
-        Err(e) => return upstream_error(&shared, &ident, &facts, "upstream_connect_failed", e.to_string()).await,
+        Err(e) => {
+            return upstream_error(
+                &shared,
+                &ident,
+                &facts,
+                "upstream_connect_failed",
+                e.to_string(),
+            )
+            .await
+        }
     };
     if !prefix.is_empty() && up.write_all(&prefix).await.is_err() {
         return;
@@ -137,10 +214,23 @@ where
 }
 
 /// Audits an upstream failure after an allow.
-pub async fn upstream_error(shared: &Shared, ident: &ConnIdentity, facts: &Facts, reason: &str, detail: String) {
+pub async fn upstream_error(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    facts: &Facts,
+    reason: &str,
+    detail: String,
+) {
     tracing::info!(reason, detail = %detail, "upstream failed");
     let mut out = decide::Outcome::deny(reason, detail, None);
     out.result = cellgate_audit::Decision::Error;
-    let rec = decide::audit_record(shared, Some(ident), ident.source, ident.original_dst, facts, &out);
+    let rec = decide::audit_record(
+        shared,
+        Some(ident),
+        ident.source,
+        ident.original_dst,
+        facts,
+        &out,
+    );
     let _ = decide::record(shared, rec).await;
 }

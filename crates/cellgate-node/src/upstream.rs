@@ -29,16 +29,36 @@ impl ResolvingConnector {
     async fn connect(self, uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
         let host = uri
             .host()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host in the upstream URI"))?
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no host in the upstream URI",
+                )
+            })?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-        let addrs: Vec<SocketAddr> = match self.resolve.iter().find(|e| e.host == host && e.port.is_none_or(|p| p == port)) {
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        let addrs: Vec<SocketAddr> = match self
+            .resolve
+            .iter()
+            .find(|e| e.host == host && e.port.is_none_or(|p| p == port))
+        {
             Some(e) => vec![SocketAddr::new(e.addr, port)],
-            None => tokio::net::lookup_host((host.as_str(), port)).await?.collect(),
+            None => tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect(),
         };
-        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address"));
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        );
         for a in addrs {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(a)).await {
                 Ok(Ok(s)) => {
@@ -46,7 +66,12 @@ impl ResolvingConnector {
                     return Ok(TokioIo::new(s));
                 }
                 Ok(Err(e)) => last = e,
-                Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {a} timed out")),
+                Err(_) => {
+                    last = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {a} timed out"),
+                    )
+                }
             }
         }
         Err(last)
@@ -92,7 +117,10 @@ impl Upstream {
         // The connector sets ALPN itself (h2, http/1.1) from the enabled versions.
         let mut tls = (*tls).clone();
         tls.alpn_protocols.clear();
-        let connector = ResolvingConnector { resolve: Arc::new(config.resolve.clone()), connect_timeout: config.connect_timeout };
+        let connector = ResolvingConnector {
+            resolve: Arc::new(config.resolve.clone()),
+            connect_timeout: config.connect_timeout,
+        };
         let both = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()
@@ -111,7 +139,10 @@ impl Upstream {
                 .pool_max_idle_per_host(64)
                 .build(c)
         };
-        Ok(Self { client: build(both), http1: build(http1_only) })
+        Ok(Self {
+            client: build(both),
+            http1: build(http1_only),
+        })
     }
 }
 

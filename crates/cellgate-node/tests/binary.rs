@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn refuses_to_start_without_a_trusted_key() {
-    let out = Command::new(env!("CARGO_BIN_EXE_cellgate-node")).env_clear().output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cellgate-node"))
+        .env_clear()
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--trust"), "{err}");
@@ -20,7 +23,14 @@ fn starts_serves_admin_and_drains_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate-node"))
         .env_clear()
         .env("CELLGATE_LOG", "info")
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--drain", "2s"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--drain",
+            "2s",
+        ])
         .arg("--trust")
         .arg(dir.path().join("signing.pub"))
         .arg("--audit")
@@ -41,20 +51,36 @@ fn starts_serves_admin_and_drains_on_sigterm() {
     while admin.is_none() && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
             if line.contains("cellgate-node started") {
-                admin = line.split_whitespace().find_map(|w| w.strip_prefix("admin=")).map(str::to_string);
+                admin = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("admin="))
+                    .map(str::to_string);
             }
         }
     }
     let admin = admin.expect("start-up line with the admin address");
-    let out = Command::new("curl").args(["-s", &format!("http://{admin}/readyz")]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ready: policy "), "{:?}", out);
-    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{admin}/readyz")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("ready: policy "),
+        "{:?}",
+        out
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "did not exit after SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");

@@ -14,13 +14,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_https_request_reaches_upstream_and_is_audited() {
     let f = Fixture::start().await;
-    let r = f.https_get("api.test", "api.test", "/v1/models?limit=2", "GET").await;
+    let r = f
+        .https_get("api.test", "api.test", "/v1/models?limit=2", "GET")
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let seen = f.https.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].uri, "/v1/models?limit=2");
-    assert_eq!(seen[0].header("host"), Some(format!("api.test:{}", f.https.addr.port()).as_str()));
-    let rid = r.headers.get("x-cellgate-request-id").unwrap().to_str().unwrap().to_string();
+    assert_eq!(
+        seen[0].header("host"),
+        Some(format!("api.test:{}", f.https.addr.port()).as_str())
+    );
+    let rid = r
+        .headers
+        .get("x-cellgate-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let rec = f.wait_audit(|r| r["request_id"] == rid.as_str()).await;
     assert_eq!(rec["decision"], "allow");
     assert_eq!(rec["capability"], "api");
@@ -35,7 +46,9 @@ async fn allowed_https_request_reaches_upstream_and_is_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_https_request_gets_json_403_and_never_reaches_upstream() {
     let f = Fixture::start().await;
-    let r = f.https_get("api.test", "api.test", "/admin/users", "DELETE").await;
+    let r = f
+        .https_get("api.test", "api.test", "/admin/users", "DELETE")
+        .await;
     assert_eq!(r.status, 403);
     let j = r.json();
     assert_eq!(j["error"], "cellgate_denied");
@@ -46,7 +59,10 @@ async fn denied_https_request_gets_json_403_and_never_reaches_upstream() {
     assert!(f.https.requests().is_empty(), "upstream must see nothing");
     // The denial is durable before the 403 is sent: it is on disk now, without a flush.
     let on_disk = std::fs::read_to_string(&f.audit).unwrap();
-    assert!(on_disk.contains(j["request_id"].as_str().unwrap()), "deny record not durable before the 403");
+    assert!(
+        on_disk.contains(j["request_id"].as_str().unwrap()),
+        "deny record not durable before the 403"
+    );
     // Unknown host: no capability.
     let r = f.https_get("evil.test", "evil.test", "/", "GET").await;
     assert_eq!(r.status, 403);
@@ -71,11 +87,19 @@ async fn http2_end_to_end() {
     let f = Fixture::start().await;
     let tls = f.tls("api.test", &f.token("demo"), &[b"h2"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     for i in 0..3 {
         let req = http::Request::builder()
-            .uri(format!("https://api.test:{}/v1/h2/{i}", f.https.addr.port()))
+            .uri(format!(
+                "https://api.test:{}/v1/h2/{i}",
+                f.https.addr.port()
+            ))
             .body(Empty::<Bytes>::new())
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
@@ -85,7 +109,12 @@ async fn http2_end_to_end() {
         assert_eq!(j["version"], "HTTP/2.0", "upstream negotiated h2 too");
     }
     let denied = sender
-        .send_request(http::Request::builder().uri(format!("https://api.test:{}/nope", f.https.addr.port())).body(Empty::<Bytes>::new()).unwrap())
+        .send_request(
+            http::Request::builder()
+                .uri(format!("https://api.test:{}/nope", f.https.addr.port()))
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(denied.status(), 403);
@@ -96,7 +125,9 @@ async fn http2_end_to_end() {
 async fn server_sent_events_arrive_incrementally() {
     let f = Fixture::start().await;
     let tls = f.tls("api.test", &f.token("demo"), &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = http::Request::builder()
         .uri("/sse")
@@ -119,7 +150,10 @@ async fn server_sent_events_arrive_incrementally() {
     let first = arrivals.first().unwrap().0;
     let last = arrivals.last().unwrap().0;
     assert!(arrivals.len() >= 3, "events were coalesced: {arrivals:?}");
-    assert!(last - first >= Duration::from_millis(450), "events were buffered: {arrivals:?}");
+    assert!(
+        last - first >= Duration::from_millis(450),
+        "events were buffered: {arrivals:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +192,8 @@ async fn sni_that_disagrees_with_host_is_denied() {
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["reason"], "sni_host_mismatch");
     assert!(f.https.requests().is_empty());
-    f.wait_audit(|r| r["reason"] == "sni_host_mismatch" && r["decision"] == "deny").await;
+    f.wait_audit(|r| r["reason"] == "sni_host_mismatch" && r["decision"] == "deny")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,9 +215,17 @@ async fn connect_through_an_allowed_host_is_denied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_records_but_does_not_deny() {
     let f = Fixture::start().await;
-    let r = f.https_get("shadow.test", "shadow.test", "/not-ok", "GET").await;
+    let r = f
+        .https_get("shadow.test", "shadow.test", "/not-ok", "GET")
+        .await;
     assert_eq!(r.status, 200, "shadow mode must not deny: {}", r.body);
-    let rid = r.headers.get("x-cellgate-request-id").unwrap().to_str().unwrap().to_string();
+    let rid = r
+        .headers
+        .get("x-cellgate-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let rec = f.wait_audit(|r| r["request_id"] == rid.as_str()).await;
     assert_eq!(rec["decision"], "shadow_deny");
     assert_eq!(rec["capability"], "shadowcap");
@@ -192,19 +235,45 @@ async fn shadow_mode_records_but_does_not_deny() {
 async fn invalid_upstream_certificate_is_a_502_never_a_downgrade() {
     let f = Fixture::start().await;
     // A second upstream on another port whose certificate nobody trusts.
-    let bad = cellgate_testing::Upstream::start(Some(cellgate_testing::TestPki::untrusted_server_config(&["api.test"]))).await;
+    let bad = cellgate_testing::Upstream::start(Some(
+        cellgate_testing::TestPki::untrusted_server_config(&["api.test"]),
+    ))
+    .await;
     let cell = demo_cell("badcert", bad.addr.port(), 1);
     std::fs::write(f.cells_dir.join("badcert.yaml"), cell).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let tcp = common::tagged_connect_port(&f, bad.addr.port(), "badcert").await;
     let cfg = cellgate_testing::client_config(&f.node_ca_pem, &[b"http/1.1"]);
-    let tls = tokio_rustls::TlsConnector::from(cfg).connect(rustls_pki_types::ServerName::try_from("api.test").unwrap(), tcp).await.unwrap();
-    let req = http::Request::builder().uri("/v1/x").header("host", format!("api.test:{}", bad.addr.port())).body(Empty::<Bytes>::new()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .uri("/v1/x")
+        .header("host", format!("api.test:{}", bad.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let r = send_h1(tls, req).await;
     assert_eq!(r.status, 502, "{}", r.body);
     let j = r.json();
     assert_eq!(j["error"], "cellgate_upstream_error");
-    assert!(j["reason"].as_str().unwrap().starts_with("upstream_cert"), "{j}");
-    assert!(bad.requests().is_empty(), "nothing may be sent over an unverified connection");
-    f.wait_audit(|r| r["decision"] == "error" && r["reason"].as_str().unwrap_or("").starts_with("upstream_cert")).await;
+    assert!(
+        j["reason"].as_str().unwrap().starts_with("upstream_cert"),
+        "{j}"
+    );
+    assert!(
+        bad.requests().is_empty(),
+        "nothing may be sent over an unverified connection"
+    );
+    f.wait_audit(|r| {
+        r["decision"] == "error"
+            && r["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("upstream_cert")
+    })
+    .await;
 }

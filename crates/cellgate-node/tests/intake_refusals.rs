@@ -16,10 +16,26 @@ use tokio::net::TcpStream;
 /// no response, the upstream got no connection, and an audit record has `reason`.
 async fn assert_refused(f: &Fixture, mut s: TcpStream, reason: &str) {
     let before = f.http.connections.load(Ordering::SeqCst);
-    let _ = s.write_all(format!("GET /public/x HTTP/1.1\r\nHost: plain.test:{}\r\n\r\n", f.http.addr.port()).as_bytes()).await;
+    let _ = s
+        .write_all(
+            format!(
+                "GET /public/x HTTP/1.1\r\nHost: plain.test:{}\r\n\r\n",
+                f.http.addr.port()
+            )
+            .as_bytes(),
+        )
+        .await;
     let got = read_to_end_timeout(&mut s, Duration::from_secs(7)).await;
-    assert!(got.is_empty(), "{reason}: the agent received {:?}", String::from_utf8_lossy(&got));
-    assert_eq!(f.http.connections.load(Ordering::SeqCst), before, "{reason}: something reached the upstream");
+    assert!(
+        got.is_empty(),
+        "{reason}: the agent received {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        f.http.connections.load(Ordering::SeqCst),
+        before,
+        "{reason}: something reached the upstream"
+    );
     let rec = f.wait_audit(|r| r["reason"] == reason).await;
     assert_eq!(rec["decision"], "deny", "{rec}");
 }
@@ -33,8 +49,17 @@ async fn each_bad_token_is_refused_with_its_reason() {
     // Bad signature: flip a signature character.
     let good = f.token("demo");
     let (head, sig) = good.rsplit_once('.').unwrap();
-    let flipped = if sig.starts_with('A') { sig.replacen('A', "B", 1) } else { format!("A{}", &sig[1..]) };
-    assert_refused(&f, f.connect(port, &format!("{head}.{flipped}")).await, "token_bad_signature").await;
+    let flipped = if sig.starts_with('A') {
+        sig.replacen('A', "B", 1)
+    } else {
+        format!("A{}", &sig[1..])
+    };
+    assert_refused(
+        &f,
+        f.connect(port, &format!("{head}.{flipped}")).await,
+        "token_bad_signature",
+    )
+    .await;
 
     // Unknown key id: signed by a key the node does not trust.
     let stranger = cellgate_identity::SigningKey::generate().unwrap();
@@ -43,7 +68,12 @@ async fn each_bad_token_is_refused_with_its_reason() {
 
     let mut c = f.claims("demo");
     c.aud = "someone-else".into();
-    assert_refused(&f, f.connect(port, &f.sign(&c)).await, "token_wrong_audience").await;
+    assert_refused(
+        &f,
+        f.connect(port, &f.sign(&c)).await,
+        "token_wrong_audience",
+    )
+    .await;
 
     let mut c = f.claims("demo");
     c.iat = now - 3600;
@@ -53,7 +83,12 @@ async fn each_bad_token_is_refused_with_its_reason() {
 
     let mut c = f.claims("demo");
     c.nbf = now + 3600;
-    assert_refused(&f, f.connect(port, &f.sign(&c)).await, "token_not_yet_valid").await;
+    assert_refused(
+        &f,
+        f.connect(port, &f.sign(&c)).await,
+        "token_not_yet_valid",
+    )
+    .await;
 
     let mut c = f.claims("demo");
     c.cell_uid = "local:agents:ghost".into();
@@ -81,7 +116,9 @@ async fn malformed_proxy_protocol_is_refused() {
     assert_refused(&f, s, "ppv2_missing").await;
     // A v1 text header.
     let mut s = TcpStream::connect(intake).await.unwrap();
-    s.write_all(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 80\r\n").await.unwrap();
+    s.write_all(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 80\r\n")
+        .await
+        .unwrap();
     assert_refused(&f, s, "ppv2_v1_unsupported").await;
     // A v2 header without the token TLV.
     let mut s = TcpStream::connect(intake).await.unwrap();
@@ -95,7 +132,8 @@ async fn malformed_proxy_protocol_is_refused() {
     assert_refused(&f, s, "ppv2_no_token").await;
     // A truncated header: the connection ends mid-header.
     let mut s = TcpStream::connect(intake).await.unwrap();
-    let h = cellgate_proxy_protocol::encode(AGENT.parse().unwrap(), f.http.addr, &f.token("demo")).unwrap();
+    let h = cellgate_proxy_protocol::encode(AGENT.parse().unwrap(), f.http.addr, &f.token("demo"))
+        .unwrap();
     s.write_all(&h[..20]).await.unwrap();
     s.shutdown().await.unwrap();
     let got = read_to_end_timeout(&mut s, Duration::from_secs(5)).await;
@@ -103,7 +141,9 @@ async fn malformed_proxy_protocol_is_refused() {
     f.wait_audit(|r| r["reason"] == "ppv2_truncated").await;
     // A malformed one: bad version nibble.
     let mut s = TcpStream::connect(intake).await.unwrap();
-    let mut h = cellgate_proxy_protocol::encode(AGENT.parse().unwrap(), f.http.addr, &f.token("demo")).unwrap();
+    let mut h =
+        cellgate_proxy_protocol::encode(AGENT.parse().unwrap(), f.http.addr, &f.token("demo"))
+            .unwrap();
     h[12] = 0x31;
     s.write_all(&h).await.unwrap();
     assert_refused(&f, s, "ppv2_malformed").await;
@@ -115,5 +155,10 @@ async fn a_valid_token_of_another_cell_cannot_use_this_cells_address() {
     // The other cell's token is bound to the other pod's address.
     let mut c = f.claims("other");
     c.pod_addr = Some("127.0.0.77".into());
-    assert_refused(&f, f.connect(f.http.addr.port(), &f.sign(&c)).await, "source_not_bound").await;
+    assert_refused(
+        &f,
+        f.connect(f.http.addr.port(), &f.sign(&c)).await,
+        "source_not_bound",
+    )
+    .await;
 }

@@ -14,7 +14,9 @@ async fn echo_server() -> std::net::SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -44,15 +46,23 @@ async fn until(mut f: impl FnMut() -> bool) {
 async fn tcp_to_an_allowed_address_is_relayed_and_closed_when_revoked() {
     let f = Fixture::start().await;
     let echo = echo_server().await;
-    std::fs::write(f.cells_dir.join("l4.yaml"), l4_cell(echo.port(), f.https.addr.port())).unwrap();
+    std::fs::write(
+        f.cells_dir.join("l4.yaml"),
+        l4_cell(echo.port(), f.https.addr.port()),
+    )
+    .unwrap();
     until(|| f.node().shared.cells.get("local:agents:l4").is_some()).await;
     let mut s = f.connect(echo.port(), &f.token("l4")).await;
     // A protocol where the client speaks first with non-HTTP bytes.
     s.write_all(b"\x00\x01binary-hello").await.unwrap();
     let mut back = [0u8; 14];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&back, b"\x00\x01binary-hello");
-    f.wait_audit(|r| r["protocol"] == "tcp" && r["decision"] == "allow" && r["capability"] == "db").await;
+    f.wait_audit(|r| r["protocol"] == "tcp" && r["decision"] == "allow" && r["capability"] == "db")
+        .await;
 
     // Revoke the capability: the open relay is closed within a second, audited as revoked.
     std::fs::write(f.cells_dir.join("l4.yaml"), l4_cell(1, f.https.addr.port())).unwrap();
@@ -67,14 +77,16 @@ async fn tcp_to_an_allowed_address_is_relayed_and_closed_when_revoked() {
     })
     .await;
     assert!(closed.is_ok(), "the relay was not closed after revocation");
-    f.wait_audit(|r| r["reason"] == "revoked" && r["protocol"] == "tcp").await;
+    f.wait_audit(|r| r["reason"] == "revoked" && r["protocol"] == "tcp")
+        .await;
 
     // A TCP port no capability names: closed with nothing relayed.
     let mut s = f.connect(echo.port(), &f.token("l4")).await;
     s.write_all(b"\x00\x01again").await.unwrap();
     let got = cellgate_testing::read_to_end_timeout(&mut s, Duration::from_secs(3)).await;
     assert!(got.is_empty());
-    f.wait_audit(|r| r["protocol"] == "tcp" && r["decision"] == "deny").await;
+    f.wait_audit(|r| r["protocol"] == "tcp" && r["decision"] == "deny")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,14 +98,28 @@ async fn tls_passthrough_is_decided_on_sni_and_never_decrypted() {
     let tcp = f.connect(f.https.addr.port(), &f.token("l4")).await;
     let cfg = cellgate_testing::client_config(&f.pki.ca_pem(), &[b"http/1.1"]);
     let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(rustls_pki_types::ServerName::try_from("api.test").unwrap(), tcp)
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.test").unwrap(),
+            tcp,
+        )
         .await
         .expect("end-to-end TLS with the upstream's own certificate");
-    let req = http::Request::builder().uri("/anything").header("host", "api.test").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+    let req = http::Request::builder()
+        .uri("/anything")
+        .header("host", "api.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
     let r = send_h1(tls, req).await;
     assert_eq!(r.status, 200);
-    assert_eq!(f.node().shared.minter.mints(), 0, "passthrough must not mint a leaf");
-    f.wait_audit(|r| r["protocol"] == "tls" && r["decision"] == "allow" && r["capability"] == "tls-pass").await;
+    assert_eq!(
+        f.node().shared.minter.mints(),
+        0,
+        "passthrough must not mint a leaf"
+    );
+    f.wait_audit(|r| {
+        r["protocol"] == "tls" && r["decision"] == "allow" && r["capability"] == "tls-pass"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,11 +127,17 @@ async fn oversized_request_heads_are_refused() {
     let f = Fixture::start().await;
     let mut s = f.connect(f.http.addr.port(), &f.token("demo")).await;
     let big = "x".repeat(128 * 1024);
-    let req = format!("GET /public/a HTTP/1.1\r\nHost: plain.test:{}\r\nX-Big: {big}\r\n\r\n", f.http.addr.port());
+    let req = format!(
+        "GET /public/a HTTP/1.1\r\nHost: plain.test:{}\r\nX-Big: {big}\r\n\r\n",
+        f.http.addr.port()
+    );
     let _ = s.write_all(req.as_bytes()).await;
     let got = cellgate_testing::read_to_end_timeout(&mut s, Duration::from_secs(5)).await;
     let text = String::from_utf8_lossy(&got);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
     assert!(f.http.requests().is_empty());
 }
 
@@ -120,7 +152,11 @@ async fn request_smuggling_shapes_are_refused() {
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let _ = cellgate_testing::read_to_end_timeout(&mut s, Duration::from_secs(3)).await;
-    assert!(f.http.requests().iter().all(|r| r.uri != "/private/x"), "a smuggled request reached the upstream: {:?}", f.http.requests());
+    assert!(
+        f.http.requests().iter().all(|r| r.uri != "/private/x"),
+        "a smuggled request reached the upstream: {:?}",
+        f.http.requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,9 +166,17 @@ async fn connection_limit_is_enforced() {
     let _b = f.connect(f.http.addr.port(), &f.token("demo")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = f.connect(f.http.addr.port(), &f.token("demo")).await;
-    let _ = c.write_all(b"GET /public/a HTTP/1.1\r\nHost: plain.test\r\n\r\n").await;
+    let _ = c
+        .write_all(b"GET /public/a HTTP/1.1\r\nHost: plain.test\r\n\r\n")
+        .await;
     let got = cellgate_testing::read_to_end_timeout(&mut c, Duration::from_secs(3)).await;
-    assert!(got.is_empty(), "over the limit, the connection must be closed");
+    assert!(
+        got.is_empty(),
+        "over the limit, the connection must be closed"
+    );
     let m = f.admin_get("/metrics").await.body;
-    assert!(m.contains("cellgate_connections_total{outcome=\"over_limit\"} 1"), "{m}");
+    assert!(
+        m.contains("cellgate_connections_total{outcome=\"over_limit\"} 1"),
+        "{m}"
+    );
 }

@@ -49,7 +49,9 @@ impl TestPki {
     pub fn new() -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "Cellgate test upstream CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Cellgate test upstream CA");
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         Self { issuer }
     }
@@ -68,7 +70,9 @@ impl TestPki {
 
     /// A certificate and key for `names`, signed by this CA.
     pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (
@@ -93,12 +97,18 @@ impl TestPki {
     /// A self-signed server config that no one trusts (for invalid-certificate tests).
     pub fn untrusted_server_config(names: &[&str]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap().self_signed(&key).unwrap();
+        let cert = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
             .unwrap();
         Arc::new(cfg)
     }
@@ -122,7 +132,10 @@ pub struct Seen {
 impl Seen {
     /// The first value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -165,26 +178,41 @@ impl Upstream {
         let (s, c) = (seen.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = s.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(seen.clone(), req));
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match tls {
                         Some(cfg) => {
-                            let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await else { return };
-                            let _ = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await;
+                            let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                            else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                                .await;
                         }
                         None => {
-                            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
                         }
                     }
                 });
             }
         });
-        Self { addr, seen, connections, task }
+        Self {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 
     /// Requests received so far.
@@ -193,16 +221,34 @@ impl Upstream {
     }
 }
 
-async fn handle(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = if upgrade { Vec::new() } else { body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default() };
+    let body = if upgrade {
+        Vec::new()
+    } else {
+        body.collect()
+            .await
+            .map(|b| b.to_bytes().to_vec())
+            .unwrap_or_default()
+    };
     let record = Seen {
         method: parts.method.to_string(),
-        uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         version: format!("{:?}", parts.version),
-        headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect(),
         body,
     };
     seen.lock().unwrap().push(record.clone());
@@ -227,8 +273,10 @@ async fn handle(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Resu
             });
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut().insert(http::header::UPGRADE, "websocket".parse().unwrap());
-            r.headers_mut().insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+            r.headers_mut()
+                .insert(http::header::UPGRADE, "websocket".parse().unwrap());
+            r.headers_mut()
+                .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
             return Ok(r);
         }
     }
@@ -240,13 +288,22 @@ async fn handle(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Resu
             if i > 0 {
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))), i + 1))
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event {i}\n\n")))),
+                i + 1,
+            ))
         });
         let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-        r.headers_mut().insert(http::header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            "text/event-stream".parse().unwrap(),
+        );
         return Ok(r);
     }
-    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         let mut r = Response::new(Full::new(Bytes::from_static(b"status\n")).boxed());
         *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
         return Ok(r);
@@ -256,12 +313,20 @@ async fn handle(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Resu
         "host": record.header("host"), "body_len": record.body.len(),
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
-    r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
     Ok(r)
 }
 
 /// Opens a connection to a node's intake and writes a PPv2 header with `token`.
-pub async fn tagged_connect(node: SocketAddr, source: SocketAddr, destination: SocketAddr, token: &str) -> TcpStream {
+pub async fn tagged_connect(
+    node: SocketAddr,
+    source: SocketAddr,
+    destination: SocketAddr,
+    token: &str,
+) -> TcpStream {
     let mut s = TcpStream::connect(node).await.unwrap();
     let header = cellgate_proxy_protocol::encode(source, destination, token).unwrap();
     s.write_all(&header).await.unwrap();

@@ -86,8 +86,16 @@ impl Fixture {
         let policies_dir = dir.path().join("policies");
         std::fs::create_dir_all(&cells_dir).unwrap();
         std::fs::create_dir_all(&policies_dir).unwrap();
-        std::fs::write(cells_dir.join("demo.yaml"), demo_cell("demo", https.addr.port(), http.addr.port())).unwrap();
-        std::fs::write(cells_dir.join("other.yaml"), demo_cell("other", https.addr.port(), http.addr.port())).unwrap();
+        std::fs::write(
+            cells_dir.join("demo.yaml"),
+            demo_cell("demo", https.addr.port(), http.addr.port()),
+        )
+        .unwrap();
+        std::fs::write(
+            cells_dir.join("other.yaml"),
+            demo_cell("other", https.addr.port(), http.addr.port()),
+        )
+        .unwrap();
         let audit = dir.path().join("audit.jsonl");
         let mut config = NodeConfig::defaults();
         config.cells_dir = Some(cells_dir.clone());
@@ -98,12 +106,31 @@ impl Fixture {
         config.upstream_ca = vec![pki.write_ca(dir.path())];
         config.node_name = "test-node".into();
         config.drain = Duration::from_secs(1);
-        for host in ["api.test", "plain.test", "shadow.test", "other.test", "evil.test"] {
-            config.resolve.push(cellgate_node::config::parse_resolve(&format!("{host}:*:127.0.0.1")).unwrap());
+        for host in [
+            "api.test",
+            "plain.test",
+            "shadow.test",
+            "other.test",
+            "evil.test",
+        ] {
+            config.resolve.push(
+                cellgate_node::config::parse_resolve(&format!("{host}:*:127.0.0.1")).unwrap(),
+            );
         }
         tweak(&mut config);
         let node = cellgate_node::run(config).await.unwrap();
-        Self { dir, key, node: Some(node), pki, https, http, cells_dir, policies_dir, audit, node_ca_pem }
+        Self {
+            dir,
+            key,
+            node: Some(node),
+            pki,
+            https,
+            http,
+            cells_dir,
+            policies_dir,
+            audit,
+            node_ca_pem,
+        }
     }
 
     pub fn node(&self) -> &NodeHandle {
@@ -112,7 +139,16 @@ impl Fixture {
 
     pub fn claims(&self, cell: &str) -> Claims {
         let now = cellgate_node::decide::now_secs();
-        Claims::for_cell("test", &format!("local:agents:{cell}"), "agents", cell, Some("researcher"), now, 600, Some("127.0.0.1".parse().unwrap()))
+        Claims::for_cell(
+            "test",
+            &format!("local:agents:{cell}"),
+            "agents",
+            cell,
+            Some("researcher"),
+            now,
+            600,
+            Some("127.0.0.1".parse().unwrap()),
+        )
     }
 
     pub fn token(&self, cell: &str) -> String {
@@ -124,15 +160,29 @@ impl Fixture {
     }
 
     pub async fn connect(&self, dst_port: u16, token: &str) -> TcpStream {
-        tagged_connect(self.node().intake_addr, AGENT.parse().unwrap(), SocketAddr::new(IpAddr::from([127, 0, 0, 1]), dst_port), token).await
+        tagged_connect(
+            self.node().intake_addr,
+            AGENT.parse().unwrap(),
+            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), dst_port),
+            token,
+        )
+        .await
     }
 
     /// TLS to the node as `sni`, trusting the node's CA.
-    pub async fn tls(&self, sni: &str, token: &str, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+    pub async fn tls(
+        &self,
+        sni: &str,
+        token: &str,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let tcp = self.connect(self.https.addr.port(), token).await;
         let cfg = cellgate_testing::client_config(&self.node_ca_pem, alpn);
         let name = rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap();
-        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap()
+        tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap()
     }
 
     /// One HTTPS request over HTTP/1.1 through the node; returns status, headers and body.
@@ -149,7 +199,9 @@ impl Fixture {
 
     /// One plaintext request through the node.
     pub async fn http_get(&self, host: &str, path: &str) -> Resp {
-        let tcp = self.connect(self.http.addr.port(), &self.token("demo")).await;
+        let tcp = self
+            .connect(self.http.addr.port(), &self.token("demo"))
+            .await;
         let req = http::Request::builder()
             .uri(path)
             .header("host", format!("{host}:{}", self.http.addr.port()))
@@ -175,12 +227,19 @@ impl Fixture {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("no matching audit record; have: {:#?}", self.audit_records());
+        panic!(
+            "no matching audit record; have: {:#?}",
+            self.audit_records()
+        );
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
         let tcp = TcpStream::connect(self.node().admin_addr).await.unwrap();
-        let req = http::Request::builder().uri(path).header("host", "admin").body(Empty::<Bytes>::new()).unwrap();
+        let req = http::Request::builder()
+            .uri(path)
+            .header("host", "admin")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
         send_h1(tcp, req).await
     }
 }
@@ -202,17 +261,26 @@ pub async fn send_h1<S>(io: S, req: http::Request<Empty<Bytes>>) -> Resp
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter("cellgate=debug,warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("cellgate=debug,warn")
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn _unused(_: Arc<()>) {}

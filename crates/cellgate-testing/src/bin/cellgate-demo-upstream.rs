@@ -17,9 +17,21 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--names" => names = args.next().unwrap_or_default().split(',').map(str::to_string).collect(),
+            "--names" => {
+                names = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
+            }
             "--ca-out" => ca_out = args.next().map(PathBuf::from).unwrap_or_default(),
-            "--listen" => listen = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| die("--listen takes ADDR:PORT")),
+            "--listen" => {
+                listen = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| die("--listen takes ADDR:PORT"))
+            }
             "--plain" => plain = true,
             "--help" | "-h" => {
                 println!("usage: cellgate-demo-upstream [--names a,b] [--ca-out DIR] [--listen ADDR] [--plain]");
@@ -32,7 +44,8 @@ async fn main() {
         None
     } else {
         let pki = cellgate_testing::TestPki::new();
-        std::fs::create_dir_all(&ca_out).unwrap_or_else(|e| die(&format!("{}: {e}", ca_out.display())));
+        std::fs::create_dir_all(&ca_out)
+            .unwrap_or_else(|e| die(&format!("{}: {e}", ca_out.display())));
         pki.write_ca(&ca_out);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         Some(pki.server_config(&refs, &[b"h2", b"http/1.1"]))
