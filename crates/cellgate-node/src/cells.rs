@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use cellgate_api::manifest::{parse_agent_cells, MAX_MANIFEST_BYTES};
-use cellgate_api::model::{Cell, DestinationTarget};
-use cellgate_api::policy::{CapabilityDoc, CellDoc, DestinationDoc, HttpRuleDoc};
+use cellgate_api::model::Cell;
+use cellgate_api::policy::CellDoc;
 
 /// A cell as the node holds it: the model plus its policy document, built once per change.
 #[derive(Debug)]
@@ -25,47 +25,9 @@ pub struct CellEntry {
     pub source: Option<PathBuf>,
 }
 
-/// The policy document of a cell.
+/// The policy document of a cell (`input.cell`).
 pub fn cell_doc(cell: &Cell) -> CellDoc {
-    CellDoc {
-        uid: cell.uid.clone(),
-        namespace: cell.namespace.clone(),
-        name: cell.name.clone(),
-        role: cell.role.clone(),
-        suspended: cell.suspended,
-        labels: cell.labels.clone(),
-        capabilities: cell
-            .capabilities
-            .iter()
-            .map(|c| CapabilityDoc {
-                name: c.name.clone(),
-                mode: c.mode.as_str().into(),
-                tls: c.tls.as_str().into(),
-                destinations: c
-                    .destinations
-                    .iter()
-                    .map(|d| match &d.target {
-                        DestinationTarget::Host(h) => DestinationDoc {
-                            host: Some(h.as_manifest()),
-                            cidr: None,
-                            ports: d.ports.clone(),
-                        },
-                        DestinationTarget::Cidr(c) => DestinationDoc {
-                            host: None,
-                            cidr: Some(c.to_string()),
-                            ports: d.ports.clone(),
-                        },
-                    })
-                    .collect(),
-                http: c.http.as_ref().map(|h| HttpRuleDoc {
-                    methods: h.methods.clone(),
-                    paths: h.paths.clone(),
-                }),
-                approval: c.approval,
-                credential: c.credential.is_some(),
-            })
-            .collect(),
-    }
+    CellDoc::from_model(cell)
 }
 
 type Snapshot = Arc<HashMap<String, Arc<CellEntry>>>;
