@@ -376,6 +376,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )];
     config.cells_dir = Some(cells_dir);
     config.policies_dir = args.policies.clone();
+    config.secrets_dir = args.secrets.clone();
     config.ca_dir = Some(state.join("ca"));
     config.trust = vec![keys.join("signing.pub")];
     config.audit = audit.clone();

@@ -35,6 +35,9 @@ pub struct NodeArgs {
     /// Base policy directory; the base policy built into the binary when absent [env: CELLGATE_BASE_POLICY]
     #[arg(long)]
     pub base_policy: Option<PathBuf>,
+    /// Directory of secrets for `credential.file` capabilities [env: CELLGATE_SECRETS]
+    #[arg(long)]
+    pub secrets: Option<PathBuf>,
     /// CA directory (ca.crt, ca.key) from `cellgate ca init` [env: CELLGATE_CA]
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -94,6 +97,8 @@ pub struct NodeConfig {
     pub policies_dir: Option<PathBuf>,
     /// Base policy directory, or the built-in one.
     pub base_policy_dir: Option<PathBuf>,
+    /// Secrets directory for file credentials.
+    pub secrets_dir: Option<PathBuf>,
     /// CA directory; `None` generates an in-memory CA (tests and dry runs).
     pub ca_dir: Option<PathBuf>,
     /// Trusted public keys.
@@ -319,6 +324,7 @@ impl NodeConfig {
             policies_dir: path(args.policies, "CELLGATE_POLICIES"),
             base_policy_dir: path(args.base_policy, "CELLGATE_BASE_POLICY"),
             ca_dir: path(args.ca, "CELLGATE_CA"),
+            secrets_dir: path(args.secrets, "CELLGATE_SECRETS"),
             trust: paths(args.trust, "CELLGATE_TRUST"),
             audit: path(args.audit, "CELLGATE_AUDIT")
                 .unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
@@ -349,6 +355,7 @@ impl NodeConfig {
             policies_dir: None,
             base_policy_dir: None,
             ca_dir: None,
+            secrets_dir: None,
             trust: Vec::new(),
             audit: PathBuf::from("cellgate-audit.jsonl"),
             upstream_ca: Vec::new(),

@@ -318,36 +318,38 @@ async fn decided(
         tracing::info!(reason = %out.reason, "denied");
         return deny_response(ident, &out);
     }
-    if let Some(cap) = out
-        .capability
-        .as_deref()
-        .and_then(|c| out.cell.as_ref()?.cell.capability(c).cloned())
-    {
-        if cap.credential.is_some() {
-            // No credential broker in this node: never forward a request without its credential.
-            let mut o = out.clone();
-            o.result = Decision::Error;
-            o.reason = "credential_unavailable".into();
-            o.reasons = vec!["no credential backend is configured on this node".into()];
-            let rec = decide::audit_record(
-                &shared,
-                Some(ident),
-                ident.source,
-                ident.original_dst,
-                &facts,
-                &o,
-            );
-            let _ = decide::record(&shared, rec).await;
-            return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &out.request_id,
-                serde_json::json!({
-                    "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": "no credential backend is configured on this node", "request_id": out.request_id,
-                }),
-            );
+    let mut injected = None;
+    if let (Some(entry), Some(cap_name)) = (&out.cell, out.capability.as_deref()) {
+        if let Some(cap) = entry.cell.capability(cap_name) {
+            match shared.credentials.injection(&entry.cell, cap).await {
+                Ok(i) => injected = i,
+                Err(e) => {
+                    // Never forwarded without its credential.
+                    let mut o = out.clone();
+                    o.result = Decision::Error;
+                    o.reason = "credential_unavailable".into();
+                    o.reasons = vec![e.to_string()];
+                    let rec = decide::audit_record(
+                        &shared,
+                        Some(ident),
+                        ident.source,
+                        ident.original_dst,
+                        &facts,
+                        &o,
+                    );
+                    let _ = decide::record(&shared, rec).await;
+                    return json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &out.request_id,
+                        serde_json::json!({
+                            "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": e.to_string(), "request_id": out.request_id,
+                        }),
+                    );
+                }
+            }
         }
     }
-    forward(shared, ctx.clone(), req, facts, out).await
+    forward(shared, ctx.clone(), req, facts, out, injected).await
 }
 
 /// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
@@ -461,11 +463,17 @@ async fn forward(
     mut req: Request<Incoming>,
     facts: Facts,
     out: Outcome,
+    injected: Option<crate::credentials::Injected>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Some(i) = injected {
+        // Whatever the agent put in this header is replaced, every value of it.
+        parts.headers.remove(&i.name);
+        parts.headers.insert(i.name, i.value);
+    }
     let host = facts.host.clone().unwrap_or_default();
     let scheme = if ctx.sni.is_some() { "https" } else { "http" };
     let host_part = if host.contains(':') {

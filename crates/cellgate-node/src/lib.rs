@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod cells;
 pub mod config;
+pub mod credentials;
 pub mod decide;
 pub mod dns;
 pub mod http;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub minter: Arc<LeafMinter>,
     /// Upstream HTTP client.
     pub upstream: upstream::Upstream,
+    /// Credentials injected at the boundary.
+    pub credentials: credentials::Broker,
     /// Audit log.
     pub audit: AuditLog,
     /// Metrics.
@@ -250,6 +253,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         policy_source,
         minter: minter.clone(),
         upstream,
+        credentials: credentials::Broker::new(config.secrets_dir.clone()),
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
             minter: minter.clone(),
             audit: audit.clone(),

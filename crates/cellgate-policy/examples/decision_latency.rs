@@ -1,7 +1,8 @@
 //! Decision latency percentiles over a fleet of 10,000 cells: N evaluations timed one by one
 //! with `Instant` (criterion reports means and medians; the target is on p99).
 //!
-//! `cargo run --release -p cellgate-policy --example decision_latency [N]` (default 100000).
+//! `cargo run --release -p cellgate-policy --example decision_latency [N] [POLICY_DIR]`
+//! (default 100000 evaluations of the shipped `policies/`; give a directory to measure a draft).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,7 +22,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let dir = std::env::args().nth(2).map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies"),
+        PathBuf::from,
+    );
     let set = PolicySet::load(&dir, &[]).expect("the shipped policies load");
     let fleet = fleet::fleet();
     let uids = fleet::uids(&fleet);
