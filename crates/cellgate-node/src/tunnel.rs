@@ -70,10 +70,27 @@ pub async fn relay<A, B>(
 {
     let mut generation = shared.generation.subscribe();
     let mut draining = shared.draining.subscribe();
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let mut a = Tracked {
+        inner: &mut a,
+        activity: activity.clone(),
+        start,
+    };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
+    let idle_limit = shared.config.tunnel_idle_timeout;
+    let mut idle_check = tokio::time::interval(idle_limit / 4);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = idle_check.tick() => {
+                let last = std::time::Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
+                if start.elapsed().saturating_sub(last) >= idle_limit {
+                    tracing::info!(idle_s = idle_limit.as_secs(), "closing an idle relay");
+                    return;
+                }
+            }
             r = &mut copy => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "relay ended with an error");
@@ -233,4 +250,62 @@ pub async fn upstream_error(
         &out,
     );
     let _ = decide::record(shared, rec).await;
+}
+
+/// Records the time of the last byte moved in either direction (relative to `start`, in ms).
+struct Tracked<'a, S> {
+    inner: &'a mut S,
+    activity: Arc<std::sync::atomic::AtomicU64>,
+    start: tokio::time::Instant,
+}
+
+impl<S> Tracked<'_, S> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }

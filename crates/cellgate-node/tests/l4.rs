@@ -180,3 +180,26 @@ async fn connection_limit_is_enforced() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_relays_are_closed() {
+    let f = Fixture::start_with(|c| c.tunnel_idle_timeout = Duration::from_millis(400)).await;
+    let echo = echo_server().await;
+    std::fs::write(f.cells_dir.join("l4.yaml"), l4_cell(echo.port(), f.https.addr.port())).unwrap();
+    until(|| f.node().shared.cells.get("local:agents:l4").is_some()).await;
+    let mut s = f.connect(echo.port(), &f.token("l4")).await;
+    s.write_all(b"\x00ping").await.unwrap();
+    let mut back = [0u8; 5];
+    s.read_exact(&mut back).await.unwrap();
+    // Busy relays stay open past the limit...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(b"\x00ping").await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+    }
+    // ...an idle one is closed.
+    let start = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut back)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(start.elapsed() >= Duration::from_millis(300), "closed too early: {:?}", start.elapsed());
+}
