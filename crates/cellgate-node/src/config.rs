@@ -56,6 +56,12 @@ pub struct NodeArgs {
     /// DNS listener for cells (UDP and TCP) [env: CELLGATE_DNS]
     #[arg(long)]
     pub dns: Option<SocketAddr>,
+    /// Envoy ext_authz gRPC listener: ADDR:PORT, or a Unix socket path (unix:PATH, or a path with a /) [env: CELLGATE_EXT_AUTHZ]
+    #[arg(long)]
+    pub ext_authz: Option<String>,
+    /// ext_authz: also take the cell token from this request header when Envoy passes no PPv2 metadata [env: CELLGATE_EXT_AUTHZ_TOKEN_HEADER]
+    #[arg(long)]
+    pub ext_authz_token_header: Option<String>,
     /// A pod address and its cell, ADDR=NAMESPACE/NAME (DNS tells cells apart by address); repeatable [env: CELLGATE_POD]
     #[arg(long = "pod")]
     pub pod: Vec<String>,
@@ -71,6 +77,112 @@ pub struct NodeArgs {
     /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Vault address for `credential.vault` capabilities, http(s)://HOST:PORT [env: CELLGATE_VAULT_ADDR]
+    #[arg(long)]
+    pub vault_addr: Option<String>,
+    /// Vault authentication: kubernetes or token [env: CELLGATE_VAULT_AUTH] [default: kubernetes]
+    #[arg(long)]
+    pub vault_auth: Option<String>,
+    /// Vault role for Kubernetes auth [env: CELLGATE_VAULT_ROLE] [default: cellgate-node]
+    #[arg(long)]
+    pub vault_role: Option<String>,
+    /// Vault Kubernetes auth mount [env: CELLGATE_VAULT_K8S_MOUNT] [default: kubernetes]
+    #[arg(long)]
+    pub vault_k8s_mount: Option<String>,
+    /// Service-account token for Vault Kubernetes auth [env: CELLGATE_VAULT_K8S_JWT_FILE] [default: /var/run/secrets/kubernetes.io/serviceaccount/token]
+    #[arg(long)]
+    pub vault_k8s_jwt_file: Option<PathBuf>,
+    /// File holding a Vault token, for --vault-auth token [env: CELLGATE_VAULT_TOKEN_FILE]
+    #[arg(long)]
+    pub vault_token_file: Option<PathBuf>,
+    /// Read `credential.secret` capabilities from the Kubernetes API [env: CELLGATE_K8S_SECRETS]
+    #[arg(long)]
+    pub k8s_secrets: bool,
+    /// Bound on one credential backend call; past it the request is answered 503 [env: CELLGATE_CREDENTIAL_TIMEOUT] [default: 2s]
+    #[arg(long)]
+    pub credential_timeout: Option<String>,
+}
+
+/// The credential backends the flags and environment name.
+fn credential_backends(
+    args: &NodeArgs,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::credentials::BackendConfig, ConfigError> {
+    use crate::credentials::{BackendConfig, VaultAuth, VaultConfig};
+    let mut c = BackendConfig {
+        k8s_secrets: args.k8s_secrets
+            || get("CELLGATE_K8S_SECRETS").is_some_and(|v| v == "1" || v == "true"),
+        ..BackendConfig::default()
+    };
+    if let Some(t) = args
+        .credential_timeout
+        .clone()
+        .or_else(|| get("CELLGATE_CREDENTIAL_TIMEOUT"))
+    {
+        c.timeout = cellgate_api::manifest::parse_duration(&t)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--credential-timeout",
+                    format!("{t:?} is not a duration like 2s"),
+                )
+            })?;
+    }
+    let Some(addr) = args
+        .vault_addr
+        .clone()
+        .or_else(|| get("CELLGATE_VAULT_ADDR"))
+    else {
+        return Ok(c);
+    };
+    let auth = match args
+        .vault_auth
+        .clone()
+        .or_else(|| get("CELLGATE_VAULT_AUTH"))
+        .as_deref()
+        .unwrap_or("kubernetes")
+    {
+        "kubernetes" => VaultAuth::Kubernetes {
+            role: args
+                .vault_role
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_ROLE"))
+                .unwrap_or_else(|| "cellgate-node".into()),
+            jwt_file: args
+                .vault_k8s_jwt_file
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_K8S_JWT_FILE").map(PathBuf::from))
+                .unwrap_or_else(|| {
+                    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+                }),
+            mount: args
+                .vault_k8s_mount
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_K8S_MOUNT"))
+                .unwrap_or_else(|| "kubernetes".into()),
+        },
+        "token" => VaultAuth::Token {
+            file: args
+                .vault_token_file
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_TOKEN_FILE").map(PathBuf::from))
+                .ok_or_else(|| {
+                    invalid(
+                        "--vault-token-file",
+                        "--vault-auth token needs a token file",
+                    )
+                })?,
+        },
+        other => {
+            return Err(invalid(
+                "--vault-auth",
+                format!("{other:?}: expected kubernetes or token"),
+            ))
+        }
+    };
+    c.vault = Some(VaultConfig { addr, auth });
+    Ok(c)
 }
 
 /// One `--resolve` entry.
@@ -82,6 +194,46 @@ pub struct ResolveEntry {
     pub port: Option<u16>,
     /// Address to connect to.
     pub addr: IpAddr,
+}
+
+/// Where a stream listener binds: a TCP address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// Unix domain socket.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Parses `ADDR:PORT`, `unix:PATH`, or a path containing a `/`.
+    ///
+    /// # Errors
+    /// A message naming the value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("{s:?}: empty socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(Self::Tcp(a));
+        }
+        if s.contains('/') {
+            return Ok(Self::Unix(PathBuf::from(s)));
+        }
+        Err(format!("{s:?} is not ADDR:PORT or a Unix socket path"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// The resolved configuration.
@@ -111,6 +263,10 @@ pub struct NodeConfig {
     pub resolve: Vec<ResolveEntry>,
     /// DNS listener.
     pub dns: Option<SocketAddr>,
+    /// Envoy ext_authz gRPC listener.
+    pub ext_authz: Option<ListenAddr>,
+    /// ext_authz: lowercase request header that may carry the token when no PPv2 metadata does.
+    pub ext_authz_token_header: Option<String>,
     /// Static pod addresses: (address, namespace, name).
     pub pods: Vec<(IpAddr, String, String)>,
     /// Local mode: a loopback address the node resolves is answered to cells as this address (the
@@ -140,6 +296,8 @@ pub struct NodeConfig {
     pub watch_interval: Duration,
     /// Largest request head accepted, bytes.
     pub max_header_bytes: usize,
+    /// Credential backends besides the secrets directory (Vault, Kubernetes Secrets).
+    pub credentials: crate::credentials::BackendConfig,
 }
 
 /// Why the configuration is not usable.
@@ -223,6 +381,7 @@ impl NodeConfig {
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
         let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let credentials = credential_backends(&args, &get)?;
         let list = |k: &str| -> Vec<String> {
             get(k)
                 .map(|v| {
@@ -306,6 +465,15 @@ impl NodeConfig {
             ),
             (None, None) => None,
         };
+        let ext_authz = args
+            .ext_authz
+            .or_else(|| get("CELLGATE_EXT_AUTHZ"))
+            .map(|v| ListenAddr::parse(&v).map_err(|m| invalid("--ext-authz", m)))
+            .transpose()?;
+        let ext_authz_token_header = args
+            .ext_authz_token_header
+            .or_else(|| get("CELLGATE_EXT_AUTHZ_TOKEN_HEADER"))
+            .map(|h| h.to_ascii_lowercase());
         let pods_raw = if args.pod.is_empty() {
             list("CELLGATE_POD")
         } else {
@@ -316,7 +484,10 @@ impl NodeConfig {
             .map(|p| parse_pod(p).map_err(|m| invalid("--pod", m)))
             .collect::<Result<Vec<_>, _>>()?;
         let cfg = Self {
+            credentials,
             dns,
+            ext_authz,
+            ext_authz_token_header,
             pods,
             listen,
             admin,
@@ -361,6 +532,8 @@ impl NodeConfig {
             upstream_ca: Vec::new(),
             resolve: Vec::new(),
             dns: None,
+            ext_authz: None,
+            ext_authz_token_header: None,
             pods: Vec::new(),
             dns_loopback_as: None,
             node_name: "node".into(),
@@ -374,6 +547,7 @@ impl NodeConfig {
             tunnel_idle_timeout: Duration::from_secs(600),
             watch_interval: Duration::from_millis(250),
             max_header_bytes: 64 * 1024,
+            credentials: crate::credentials::BackendConfig::default(),
         }
     }
 
@@ -387,6 +561,14 @@ impl NodeConfig {
                 "--trust",
                 "at least one trusted signing key (signing.pub) is needed; without one every token is refused",
             ));
+        }
+        if let Some(h) = &self.ext_authz_token_header {
+            if h.starts_with(':') || http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(invalid(
+                    "--ext-authz-token-header",
+                    format!("{h:?} is not a header name"),
+                ));
+            }
         }
         if self.max_connections == 0 {
             return Err(invalid("--max-connections", "must be at least 1"));
@@ -450,6 +632,32 @@ mod tests {
             cfg.resolve_static("y.test", 80),
             Some("::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn ext_authz_takes_tcp_or_unix() {
+        let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]);
+        let cfg = NodeConfig::from_args_env(
+            args.clone(),
+            &env(&[("CELLGATE_EXT_AUTHZ", "unix:/run/cellgate/x.sock")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.ext_authz,
+            Some(ListenAddr::Unix("/run/cellgate/x.sock".into()))
+        );
+        assert_eq!(
+            ListenAddr::parse("127.0.0.1:15002"),
+            Ok(ListenAddr::Tcp("127.0.0.1:15002".parse().unwrap()))
+        );
+        assert!(ListenAddr::parse("nope").is_err());
+        let e = NodeConfig::from_args_env(
+            args,
+            &env(&[("CELLGATE_EXT_AUTHZ_TOKEN_HEADER", "bad header")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--ext-authz-token-header"), "{e}");
     }
 
     #[test]

@@ -1,13 +1,25 @@
 //! Credential brokering: the secret a capability names is fetched just in time and injected into
 //! the request at the boundary; the agent never holds it.
 //!
-//! Backends: files in a secrets directory (local mode, `--secrets DIR`). A capability's secret is
-//! cached briefly with single-flight refresh, so a burst of requests makes one backend read. Any
+//! Backends: files in a secrets directory (local mode, `--secrets DIR`), HashiCorp Vault
+//! ([`vault`]: KV v2 and dynamic secrets with leases) and Kubernetes Secrets ([`k8s`]). One cache
+//! per (cell, capability) with single-flight refresh, so a burst of requests makes one backend
+//! call, and a burst that arrives while that call fails gets its error instead of calling again.
+//! Every backend call is bounded by a timeout ([`BackendConfig::timeout`], 2 s by default). Any
 //! failure is closed: the request is answered 503 `cellgate_credential_unavailable` and never
-//! forwarded without its credential.
+//! forwarded without its credential; the next request tries again, so recovery is automatic.
+//!
+//! Leases of dynamic secrets are renewed when a request finds them past half their life, replaced
+//! shortly before they end, and revoked when the cell or the capability goes away
+//! ([`Broker::watch_cells`]) or the capability's credential changes.
 //!
 //! Secrets are held in [`Secret`], whose `Debug` prints nothing; they never reach audit records,
 //! logs, metrics or error bodies.
+
+pub mod k8s;
+pub mod vault;
+#[cfg(any(test, feature = "testing"))]
+pub mod vault_contract;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,11 +27,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use cellgate_api::manifest::CredentialSpec;
 use cellgate_api::model::{Capability, Cell, Injection};
 use http::{HeaderName, HeaderValue};
 
+pub use k8s::KubeSecrets;
+pub use vault::{VaultAuth, VaultBackend, VaultConfig};
+
 /// How long a fetched secret is reused before the backend is asked again.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
+/// Default bound on one backend call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest secret accepted from a backend: credentials are tokens and passwords, not documents.
 pub const MAX_SECRET_BYTES: usize = 16 * 1024;
 
@@ -73,13 +91,75 @@ pub struct Injected {
     pub value: HeaderValue,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<(Secret, Instant)>>>;
+/// Which backends a node uses (besides the secrets directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Vault, when `--vault-addr` is set.
+    pub vault: Option<VaultConfig>,
+    /// Read `credential.secret` from the Kubernetes API (`--k8s-secrets`).
+    pub k8s_secrets: bool,
+    /// Bound on one backend call.
+    pub timeout: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            vault: None,
+            k8s_secrets: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+struct Cached {
+    secret: Secret,
+    /// Until then the secret is served without asking the backend.
+    fresh_until: Instant,
+    lease: Option<vault::Lease>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    source: Option<CredentialSpec>,
+    cached: Option<Cached>,
+    /// The last fetch's failure and when it ended: requests that waited for it share it.
+    failed: Option<(CredentialError, Instant)>,
+    /// The capability is gone; its lease was revoked.
+    closed: bool,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// Fetches and caches secrets per (cell, capability).
-#[derive(Debug, Default)]
 pub struct Broker {
     secrets_dir: Option<PathBuf>,
+    vault: Option<Arc<VaultBackend>>,
+    kube: Option<KubeSecrets>,
+    timeout: Duration,
     slots: Mutex<HashMap<(String, String), Slot>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("secrets_dir", &self.secrets_dir)
+            .field("vault", &self.vault)
+            .field("kube", &self.kube.is_some())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+/// How long before a lease ends the broker stops using it.
+fn lease_margin(d: Duration) -> Duration {
+    (d / 5).min(Duration::from_secs(30))
 }
 
 impl Broker {
@@ -87,8 +167,53 @@ impl Broker {
     pub fn new(secrets_dir: Option<PathBuf>) -> Self {
         Self {
             secrets_dir,
+            vault: None,
+            kube: None,
+            timeout: DEFAULT_TIMEOUT,
             slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The broker a node's configuration asks for.
+    ///
+    /// # Errors
+    /// A bad Vault address, or `--k8s-secrets` without a usable Kubernetes configuration.
+    pub async fn from_config(
+        secrets_dir: Option<PathBuf>,
+        config: &BackendConfig,
+    ) -> anyhow::Result<Self> {
+        let mut b = Self::new(secrets_dir).with_timeout(config.timeout);
+        if let Some(v) = &config.vault {
+            b = b.with_vault(v.clone())?;
+        }
+        if config.k8s_secrets {
+            b =
+                b.with_kube(KubeSecrets::infer().await.map_err(|e| {
+                    anyhow::anyhow!("--k8s-secrets: no Kubernetes configuration: {e}")
+                })?);
+        }
+        Ok(b)
+    }
+
+    /// Bounds every backend call by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Adds the Vault backend.
+    ///
+    /// # Errors
+    /// The address is not an `http(s)://` URL.
+    pub fn with_vault(mut self, config: VaultConfig) -> Result<Self, CredentialError> {
+        self.vault = Some(Arc::new(VaultBackend::new(config, self.timeout)?));
+        Ok(self)
+    }
+
+    /// Adds the Kubernetes Secrets backend.
+    pub fn with_kube(mut self, kube: KubeSecrets) -> Self {
+        self.kube = Some(kube);
+        self
     }
 
     /// The header to inject for `cap` of `cell`, or `None` when the capability has no credential.
@@ -103,27 +228,7 @@ impl Broker {
         let Some(cred) = &cap.credential else {
             return Ok(None);
         };
-        let slot = {
-            let mut slots = self
-                .slots
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            slots
-                .entry((cell.uid.clone(), cap.name.clone()))
-                .or_default()
-                .clone()
-        };
-        // Single flight: one fetch per slot at a time; waiters reuse its result.
-        let mut guard = slot.lock().await;
-        let secret = match guard.as_ref() {
-            Some((s, at)) if at.elapsed() < CACHE_TTL => s.clone(),
-            _ => {
-                let s = self.fetch(&cred.source).await?;
-                *guard = Some((s.clone(), Instant::now()));
-                s
-            }
-        };
-        drop(guard);
+        let secret = self.secret(cell, &cap.name, &cred.source).await?;
         let (name, value) = match &cred.injection {
             Injection::Header { name, template } => (
                 name.clone(),
@@ -147,42 +252,253 @@ impl Broker {
         Ok(Some(Injected { name, value }))
     }
 
+    fn slot(&self, uid: &str, cap: &str) -> Slot {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots
+            .entry((uid.to_string(), cap.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    async fn secret(
+        &self,
+        cell: &Cell,
+        cap: &str,
+        source: &CredentialSpec,
+    ) -> Result<Secret, CredentialError> {
+        let arrived = Instant::now();
+        let slot = self.slot(&cell.uid, cap);
+        // Single flight: one backend call per slot at a time; waiters reuse its result.
+        let mut st = slot.lock().await;
+        if st.closed {
+            return Err(CredentialError::Unavailable {
+                backend: "broker",
+                reason: "the capability was removed while the request waited".into(),
+            });
+        }
+        if st.source.as_ref() != Some(source) {
+            // New slot, or the capability's credential changed: drop what the old one held.
+            if let Some(old) = st.cached.take() {
+                self.revoke_later(old.lease);
+            }
+            st.failed = None;
+            st.source = Some(source.clone());
+        }
+        let now = Instant::now();
+        if let Some(c) = st.cached.as_mut() {
+            if now < c.fresh_until {
+                return Ok(c.secret.clone());
+            }
+            if let (Some(l), Some(v)) = (c.lease.as_mut(), self.vault.as_ref()) {
+                let margin = lease_margin(l.duration);
+                if l.renewable && now + margin < l.expires {
+                    match v.renew(l).await {
+                        Ok(d) if d > Duration::ZERO => {
+                            let now = Instant::now();
+                            l.expires = now + d;
+                            l.duration = d;
+                            c.fresh_until = if d / 2 > lease_margin(d) {
+                                now + d / 2
+                            } else {
+                                now + d - lease_margin(d)
+                            };
+                            tracing::debug!(path = %l.path, granted = ?d, "vault lease renewed");
+                            return Ok(c.secret.clone());
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(path = %l.path, error = %e, "vault lease renewal failed");
+                        }
+                    }
+                }
+                if Instant::now() + margin < l.expires {
+                    // Still valid: keep serving it, try renewing again in a few seconds.
+                    c.fresh_until =
+                        (Instant::now() + Duration::from_secs(5)).min(l.expires - margin);
+                    return Ok(c.secret.clone());
+                }
+            }
+        }
+        if let Some((e, at)) = &st.failed {
+            if *at >= arrived {
+                return Err(e.clone());
+            }
+        }
+        match tokio::time::timeout(self.timeout, self.fetch(cell, source)).await {
+            Ok(Ok(f)) => {
+                let now = Instant::now();
+                let fresh_until = match &f.lease {
+                    None => now + CACHE_TTL,
+                    Some(l) if l.renewable => now + l.duration / 2,
+                    Some(l) => now + l.duration - lease_margin(l.duration),
+                };
+                let secret = f.secret.clone();
+                let old = st.cached.replace(Cached {
+                    secret: f.secret,
+                    fresh_until,
+                    lease: f.lease,
+                });
+                st.failed = None;
+                if let Some(old) = old {
+                    self.revoke_later(old.lease);
+                }
+                Ok(secret)
+            }
+            Ok(Err(e)) => {
+                st.failed = Some((e.clone(), Instant::now()));
+                Err(e)
+            }
+            Err(_) => {
+                let e = CredentialError::Unavailable {
+                    backend: backend_name(source),
+                    reason: format!("no answer within {:?}", self.timeout),
+                };
+                st.failed = Some((e.clone(), Instant::now()));
+                Err(e)
+            }
+        }
+    }
+
+    fn revoke_later(&self, lease: Option<vault::Lease>) {
+        let (Some(lease), Some(v)) = (lease, self.vault.clone()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            match v.revoke(&lease).await {
+                Ok(()) => tracing::debug!(path = %lease.path, "vault lease revoked"),
+                Err(e) => {
+                    tracing::warn!(path = %lease.path, error = %e, "vault lease revocation failed")
+                }
+            }
+        });
+    }
+
+    /// Forgets every (cell, capability) for which `live(uid, capability, source)` is false and
+    /// revokes the Vault leases they held. Returns how many were dropped.
+    pub async fn retain(&self, live: impl Fn(&str, &str, &CredentialSpec) -> bool) -> usize {
+        let slots: Vec<((String, String), Slot)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut dropped = 0;
+        for ((uid, cap), slot) in slots {
+            let mut st = slot.lock().await;
+            let keep = st.source.as_ref().is_some_and(|s| live(&uid, &cap, s));
+            if keep {
+                continue;
+            }
+            st.closed = true;
+            if let Some(c) = st.cached.take() {
+                self.revoke_later(c.lease);
+            }
+            drop(st);
+            self.slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&(uid, cap));
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Keeps the broker in step with the node's cells: whenever cells change, what a removed
+    /// cell or capability held is dropped and its leases revoked.
+    pub fn watch_cells(shared: &Arc<crate::Shared>) {
+        let mut rx = shared.generation.subscribe();
+        let weak = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(shared) = weak.upgrade() else { break };
+                let snap = shared.cells.snapshot();
+                shared
+                    .credentials
+                    .retain(|uid, cap, src| {
+                        snap.get(uid)
+                            .and_then(|e| e.cell.capability(cap))
+                            .and_then(|c| c.credential.as_ref())
+                            .is_some_and(|c| &c.source == src)
+                    })
+                    .await;
+            }
+        });
+    }
+
     async fn fetch(
         &self,
-        source: &cellgate_api::manifest::CredentialSpec,
-    ) -> Result<Secret, CredentialError> {
+        cell: &Cell,
+        source: &CredentialSpec,
+    ) -> Result<vault::Fetched, CredentialError> {
         if let Some(f) = &source.file {
-            let dir = self
-                .secrets_dir
+            return Ok(vault::Fetched {
+                secret: self.read_file(&f.name).await?,
+                lease: None,
+            });
+        }
+        if let Some(v) = &source.vault {
+            let backend = self
+                .vault
                 .as_ref()
-                .ok_or(CredentialError::NoBackend("file"))?;
-            let path = dir.join(&f.name);
-            let unavailable = |reason: String| CredentialError::Unavailable {
-                backend: "file",
-                reason,
-            };
-            let meta = tokio::fs::metadata(&path)
-                .await
-                .map_err(|e| unavailable(format!("{}: {}", path.display(), e.kind())))?;
-            if meta.len() as usize > MAX_SECRET_BYTES {
-                return Err(unavailable(format!(
-                    "{} is larger than {MAX_SECRET_BYTES} bytes",
-                    path.display()
-                )));
-            }
-            let text = tokio::fs::read_to_string(&path)
-                .await
-                .map_err(|e| unavailable(format!("{}: {}", path.display(), e.kind())))?;
-            let v = text.trim_end_matches(['\r', '\n']);
-            if v.is_empty() {
-                return Err(unavailable(format!("{} is empty", path.display())));
-            }
-            return Ok(Secret::new(v));
+                .ok_or(CredentialError::NoBackend("vault"))?;
+            return backend.read(&v.path, &v.field).await;
         }
-        if source.vault.is_some() {
-            return Err(CredentialError::NoBackend("vault"));
+        if let Some(s) = &source.secret {
+            let backend = self
+                .kube
+                .as_ref()
+                .ok_or(CredentialError::NoBackend("kubernetes secret"))?;
+            return Ok(vault::Fetched {
+                secret: backend.read(&cell.namespace, &s.name, &s.key).await?,
+                lease: None,
+            });
         }
-        Err(CredentialError::NoBackend("kubernetes secret"))
+        Err(CredentialError::Invalid(
+            "the credential names no source".into(),
+        ))
+    }
+
+    async fn read_file(&self, name: &str) -> Result<Secret, CredentialError> {
+        let dir = self
+            .secrets_dir
+            .as_ref()
+            .ok_or(CredentialError::NoBackend("file"))?;
+        let path = dir.join(name);
+        let unavailable = |reason: String| CredentialError::Unavailable {
+            backend: "file",
+            reason,
+        };
+        let meta = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| unavailable(format!("{}: {}", path.display(), e.kind())))?;
+        if meta.len() as usize > MAX_SECRET_BYTES {
+            return Err(unavailable(format!(
+                "{} is larger than {MAX_SECRET_BYTES} bytes",
+                path.display()
+            )));
+        }
+        let text = tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|e| unavailable(format!("{}: {}", path.display(), e.kind())))?;
+        let v = text.trim_end_matches(['\r', '\n']);
+        if v.is_empty() {
+            return Err(unavailable(format!("{} is empty", path.display())));
+        }
+        Ok(Secret::new(v))
+    }
+}
+
+fn backend_name(source: &CredentialSpec) -> &'static str {
+    if source.file.is_some() {
+        "file"
+    } else if source.vault.is_some() {
+        "vault"
+    } else {
+        "kubernetes secret"
     }
 }
 

@@ -354,28 +354,34 @@ async fn decided(
 
 /// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
 fn deny_response(ident: &ConnIdentity, out: &Outcome) -> Response<Body> {
+    json_response(
+        StatusCode::FORBIDDEN,
+        &out.request_id,
+        deny_body(Some(ident), out),
+    )
+}
+
+/// The JSON body of a denial (also sent by the ext_authz front door); `cell` is null when no
+/// verified identity is known.
+pub(crate) fn deny_body(ident: Option<&ConnIdentity>, out: &Outcome) -> serde_json::Value {
     let cell = out
         .cell
         .as_ref()
         .map(|e| e.cell.key())
-        .unwrap_or_else(|| format!("{}/{}", ident.claims.namespace, ident.claims.name));
+        .or_else(|| ident.map(|i| format!("{}/{}", i.claims.namespace, i.claims.name)));
     let hint = out
         .hint
         .clone()
         .unwrap_or_else(|| default_hint(&out.reason).to_string());
-    json_response(
-        StatusCode::FORBIDDEN,
-        &out.request_id,
-        serde_json::json!({
-            "error": "cellgate_denied",
-            "reason": out.reason,
-            "message": out.reasons.first().cloned().unwrap_or_default(),
-            "cell": cell,
-            "capability": out.capability,
-            "request_id": out.request_id,
-            "hint": hint,
-        }),
-    )
+    serde_json::json!({
+        "error": "cellgate_denied",
+        "reason": out.reason,
+        "message": out.reasons.first().cloned().unwrap_or_default(),
+        "cell": cell,
+        "capability": out.capability,
+        "request_id": out.request_id,
+        "hint": hint,
+    })
 }
 
 fn default_hint(reason: &str) -> &'static str {

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
 //! | admin (`/healthz`, `/readyz`, `/metrics`) | `127.0.0.1:15021` | admin thread |
+//! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
 pub mod cells;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod credentials;
 pub mod decide;
 pub mod dns;
+pub mod ext_authz;
 pub mod http;
 pub mod intake;
 pub mod metrics;
@@ -88,6 +90,8 @@ pub struct NodeHandle {
     pub admin_addr: SocketAddr,
     /// Bound DNS address (UDP and TCP), when `--dns` is set.
     pub dns_addr: Option<SocketAddr>,
+    /// Bound Envoy ext_authz address, when `--ext-authz` is set.
+    pub ext_authz_addr: Option<config::ListenAddr>,
     /// Shared state (tests inspect it).
     pub shared: Arc<Shared>,
     tasks: tokio::task::JoinSet<()>,
@@ -246,6 +250,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     let upstream = upstream::Upstream::new(&config)?;
     let (generation, _) = watch::channel(0);
     let (draining, _) = watch::channel(false);
+    let credentials =
+        credentials::Broker::from_config(config.secrets_dir.clone(), &config.credentials)
+            .await
+            .context("configuring the credential backends")?;
     let shared = Arc::new_cyclic(|weak| Shared {
         cells: cells::CellStore::default(),
         verifier,
@@ -253,7 +261,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         policy_source,
         minter: minter.clone(),
         upstream,
-        credentials: credentials::Broker::new(config.secrets_dir.clone()),
+        credentials,
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
             minter: minter.clone(),
             audit: audit.clone(),
@@ -276,6 +284,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     if let Some(dir) = &shared.config.cells_dir {
         shared.cells.rescan(dir);
     }
+    credentials::Broker::watch_cells(&shared);
     let intake_listener = tokio::net::TcpListener::bind(shared.config.listen)
         .await
         .with_context(|| format!("binding the intake on {}", shared.config.listen))?;
@@ -301,6 +310,18 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
     };
     let dns_addr = dns.as_ref().map(|d| d.local_addr());
     let mut tasks = tokio::task::JoinSet::new();
+    let ext_authz_addr = match &shared.config.ext_authz {
+        Some(addr) => {
+            let server = ext_authz::bind(&shared, addr)
+                .await
+                .with_context(|| format!("binding ext_authz on {addr}"))?;
+            tracing::info!(ext_authz = %server.local_addr, "Envoy ext_authz listening");
+            let local = server.local_addr.clone();
+            tasks.spawn(server.serve);
+            Some(local)
+        }
+        None => None,
+    };
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
     // Admin traffic does not share a runtime with the data path.
@@ -309,6 +330,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         intake_addr,
         admin_addr,
         dns_addr,
+        ext_authz_addr,
         shared,
         tasks,
         dns,

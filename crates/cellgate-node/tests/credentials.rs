@@ -23,8 +23,16 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
     std::fs::write(secrets.path().join("openai"), format!("{SECRET}\n")).unwrap();
     let dir = secrets.path().to_path_buf();
     let f = Fixture::start_with(move |c| c.secrets_dir = Some(dir)).await;
-    std::fs::write(f.cells_dir.join("creds.yaml"), cred_cell(f.https.addr.port(), "openai")).unwrap();
-    std::fs::write(f.cells_dir.join("nocreds.yaml"), cred_cell(f.https.addr.port(), "missing").replace("name: creds", "name: nocreds")).unwrap();
+    std::fs::write(
+        f.cells_dir.join("creds.yaml"),
+        cred_cell(f.https.addr.port(), "openai"),
+    )
+    .unwrap();
+    std::fs::write(
+        f.cells_dir.join("nocreds.yaml"),
+        cred_cell(f.https.addr.port(), "missing").replace("name: creds", "name: nocreds"),
+    )
+    .unwrap();
     for _ in 0..50 {
         if f.node().shared.cells.get("local:agents:nocreds").is_some() {
             break;
@@ -44,9 +52,21 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
     assert_eq!(r.status, 200, "{}", r.body);
     let seen = f.https.requests();
     assert_eq!(seen.len(), 1);
-    let auths: Vec<&str> = seen[0].headers.iter().filter(|(k, _)| k == "authorization").map(|(_, v)| v.as_str()).collect();
-    assert_eq!(auths, vec![format!("Bearer {SECRET}").as_str()], "exactly the injected credential");
-    assert!(!r.body.contains(SECRET), "the agent must not see the secret in the response");
+    let auths: Vec<&str> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        auths,
+        vec![format!("Bearer {SECRET}").as_str()],
+        "exactly the injected credential"
+    );
+    assert!(
+        !r.body.contains(SECRET),
+        "the agent must not see the secret in the response"
+    );
 
     // The secret file is missing for another cell: 503, never forwarded without the credential.
     let tls = f.tls("api.test", &f.token("nocreds"), &[b"http/1.1"]).await;
@@ -61,8 +81,13 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
     assert_eq!(j["error"], "cellgate_credential_unavailable");
     assert_eq!(j["capability"], "llm");
     assert!(j["reason"].as_str().unwrap().len() > 5);
-    assert_eq!(f.https.requests().len(), 1, "nothing forwarded without its credential");
-    f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "nocreds").await;
+    assert_eq!(
+        f.https.requests().len(),
+        1,
+        "nothing forwarded without its credential"
+    );
+    f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "nocreds")
+        .await;
 
     // The secret appears in no audit record and no metric.
     let _ = f.node().shared.audit.flush().await;

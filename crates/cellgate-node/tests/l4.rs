@@ -185,7 +185,11 @@ async fn connection_limit_is_enforced() {
 async fn idle_relays_are_closed() {
     let f = Fixture::start_with(|c| c.tunnel_idle_timeout = Duration::from_millis(400)).await;
     let echo = echo_server().await;
-    std::fs::write(f.cells_dir.join("l4.yaml"), l4_cell(echo.port(), f.https.addr.port())).unwrap();
+    std::fs::write(
+        f.cells_dir.join("l4.yaml"),
+        l4_cell(echo.port(), f.https.addr.port()),
+    )
+    .unwrap();
     until(|| f.node().shared.cells.get("local:agents:l4").is_some()).await;
     let mut s = f.connect(echo.port(), &f.token("l4")).await;
     s.write_all(b"\x00ping").await.unwrap();
@@ -199,7 +203,14 @@ async fn idle_relays_are_closed() {
     }
     // ...an idle one is closed.
     let start = std::time::Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut back)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut back))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(start.elapsed() >= Duration::from_millis(300), "closed too early: {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "closed too early: {:?}",
+        start.elapsed()
+    );
 }

@@ -1,0 +1,930 @@
+//! Envoy's external authorization API (`envoy.service.auth.v3.Authorization/Check`, gRPC) served
+//! from the same engine, cells, credentials and audit as the tagged intake.
+//!
+//! In Envoy mode a per-node Envoy terminates the tagged connections (its `proxy_protocol`
+//! listener filter reads the PPv2 header) and asks this service about every HTTP request before
+//! forwarding it (see `deploy/envoy/` and `docs/envoy.md`).
+//!
+//! ## Identity
+//! The token is the value of TLV 0xE0, which Envoy's `proxy_protocol` listener filter stores as
+//! connection dynamic metadata under the rule key [`TOKEN_METADATA_KEY`] in its namespace
+//! [`TOKEN_METADATA_NAMESPACE`]; the HTTP ext_authz filter forwards connection metadata of the
+//! namespaces listed in `metadata_context_namespaces` (as a `Struct` string) and
+//! `typed_metadata_context_namespaces` (as an `Any` of `envoy.data.core.v3.TlvsMetadata`), so it
+//! arrives in `attributes.metadata_context`. Both forms are read. When the node is started with
+//! `--ext-authz-token-header NAME`, a request header is the fallback (and is always removed before
+//! Envoy forwards the request). The source address is `attributes.source` (with the
+//! `proxy_protocol` filter: the PPv2 source, the pod) and the destination `attributes.destination`
+//! (the PPv2 destination, what the agent dialled). The token goes through every check of the
+//! intake: signature, key, audience, validity, revocation, known cell, bound source address.
+//!
+//! ## Answers
+//! | case | gRPC | `CheckResponse` |
+//! |---|---|---|
+//! | allow, shadow_deny | OK | `status` 0, `OkHttpResponse`: the credential in `headers` (`OVERWRITE_IF_EXISTS_OR_ADD`, replacing every value the agent sent), the token header (when configured) in `headers_to_remove`, the request id in `response_headers_to_add`; `dynamic_metadata` naming cell and capability |
+//! | deny (policy, token, pre-policy checks) | OK | `status` 7, `DeniedHttpResponse` 403 with the intake's JSON body |
+//! | body over [`MAX_BODY_BYTES`] | OK | `status` 7, `DeniedHttpResponse` 413 |
+//! | credential unavailable | OK | `status` 14, `DeniedHttpResponse` 503 |
+//! | audit unavailable, draining | `UNAVAILABLE` | none: Envoy with `failure_mode_allow: false` fails closed |
+//!
+//! The credential's header is deliberately *not* listed in `headers_to_remove`: Envoy applies
+//! removals after sets, so listing it would strip the credential just injected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use cellgate_audit::Decision;
+use cellgate_identity::{Claims, TokenError};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, header_value_option::HeaderAppendAction, socket_address::PortSpecifier, HeaderValue,
+    HeaderValueOption, Metadata,
+};
+use envoy_types::pb::envoy::data::core::v3::TlvsMetadata;
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
+use envoy_types::pb::envoy::service::auth::v3::{
+    check_response::HttpResponse, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::google::rpc;
+use prost::Message as _;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
+
+use crate::config::ListenAddr;
+use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::Shared;
+
+/// The gRPC service name (also the name reported by gRPC health checking).
+pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
+/// Namespace the `proxy_protocol` listener filter writes TLVs into by default.
+pub const TOKEN_METADATA_NAMESPACE: &str = "envoy.filters.listener.proxy_protocol";
+/// The rule key configured for TLV 0xE0 in `deploy/envoy/envoy.yaml`.
+pub const TOKEN_METADATA_KEY: &str = "cellgate_token";
+/// Largest request body accepted in a `CheckRequest` (Envoy's `with_request_body`); bigger
+/// bodies are denied 413 without evaluating anything else.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest `CheckRequest` decoded at all: the body bound plus room for headers and metadata.
+pub const MAX_MESSAGE_BYTES: usize = MAX_BODY_BYTES + 256 * 1024;
+/// Verified tokens remembered (signature checks are the expensive part of a check).
+const TOKEN_CACHE_ENTRIES: usize = 4096;
+const FRONT_DOOR: &str = "ext_authz";
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// Request headers copied into the policy input: the intake's list.
+const POLICY_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "user-agent",
+    "accept",
+    "upgrade",
+    "x-request-id",
+];
+
+// google.rpc.Code values.
+const CODE_OK: i32 = 0;
+const CODE_PERMISSION_DENIED: i32 = 7;
+const CODE_UNAVAILABLE: i32 = 14;
+
+/// Tokens whose signature verified, by their exact text. Expiry and revocation are re-checked on
+/// every use (here and again in [`decide::decide`]).
+#[derive(Debug, Default)]
+struct TokenCache {
+    map: RwLock<HashMap<String, Claims>>,
+}
+
+impl TokenCache {
+    fn verify(&self, shared: &Shared, token: &str, now: i64) -> Result<Claims, TokenError> {
+        let cached = self.map.read().ok().and_then(|m| m.get(token).cloned());
+        if let Some(c) = cached {
+            if shared.verifier.is_revoked(&c.jti) {
+                return Err(TokenError::Revoked(c.jti));
+            }
+            if now >= c.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS) {
+                if let Ok(mut m) = self.map.write() {
+                    m.remove(token);
+                }
+                return Err(TokenError::Expired { exp: c.exp, now });
+            }
+            return Ok(c);
+        }
+        let c = shared.verifier.verify(token, now)?;
+        if let Ok(mut m) = self.map.write() {
+            if m.len() >= TOKEN_CACHE_ENTRIES {
+                m.retain(|_, v| now < v.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS));
+                if m.len() >= TOKEN_CACHE_ENTRIES {
+                    m.clear();
+                }
+            }
+            m.insert(token.to_string(), c.clone());
+        }
+        Ok(c)
+    }
+}
+
+/// The `Authorization` service.
+#[derive(Debug, Clone)]
+pub struct CheckService {
+    shared: Arc<Shared>,
+    tokens: Arc<TokenCache>,
+}
+
+impl CheckService {
+    /// A service deciding with `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            tokens: Arc::new(TokenCache::default()),
+        }
+    }
+
+    /// Decides one `CheckRequest`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the decision cannot be recorded or the node is draining: Envoy must
+    /// fail closed.
+    pub async fn check(&self, req: CheckRequest) -> Result<CheckResponse, Status> {
+        let shared = &*self.shared;
+        if *shared.draining.borrow() {
+            return Err(Status::unavailable("cellgate-node is draining"));
+        }
+        let attrs = req.attributes.unwrap_or_default();
+        let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+        let source = attrs.source.as_ref().and_then(peer_addr);
+        let dst = attrs
+            .destination
+            .as_ref()
+            .and_then(peer_addr)
+            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+        let sni = attrs
+            .tls_session
+            .as_ref()
+            .map(|t| t.sni.trim_end_matches('.').to_ascii_lowercase())
+            .filter(|s| !s.is_empty());
+        let (mut facts, pre) = request_facts(&http, sni, dst.port());
+
+        let token = attrs
+            .metadata_context
+            .as_ref()
+            .and_then(token_from_metadata)
+            .or_else(|| {
+                let h = shared.config.ext_authz_token_header.as_deref()?;
+                http.headers
+                    .get(h)
+                    .cloned()
+                    .or_else(|| raw_header(&http, h))
+                    .filter(|t| !t.is_empty())
+            });
+
+        let Some(source) = source else {
+            let out = Outcome::deny(
+                "source_unknown",
+                "the CheckRequest names no source address",
+                None,
+            );
+            return self
+                .deny(
+                    None,
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+                    dst,
+                    &facts,
+                    out,
+                    403,
+                )
+                .await;
+        };
+        let Some(token) = token else {
+            let out = Outcome::deny(
+                "token_missing",
+                "no cell token: Envoy passed no proxy_protocol TLV 0xE0 metadata",
+                None,
+            );
+            return self.deny(None, source, dst, &facts, out, 403).await;
+        };
+        let claims = match self.tokens.verify(shared, &token, decide::now_secs()) {
+            Ok(c) => c,
+            Err(e) => {
+                let out = Outcome::deny(e.reason(), e.to_string(), None);
+                return self.deny(None, source, dst, &facts, out, 403).await;
+            }
+        };
+        let ident = ConnIdentity {
+            claims,
+            source,
+            original_dst: dst,
+        };
+        if shared.cells.get(&ident.claims.cell_uid).is_none() {
+            let detail = format!(
+                "cell {}/{} ({}) is not known to this node",
+                ident.claims.namespace, ident.claims.name, ident.claims.cell_uid
+            );
+            let out = Outcome::deny("cell_unknown", detail, None);
+            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+        }
+        if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, source.ip()) {
+            let out = Outcome::deny(e.reason(), e.to_string(), None);
+            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+        }
+        remember_pod(shared, &ident.claims);
+        if let Some((reason, detail, hint)) = pre {
+            let out = Outcome::deny(reason, detail, hint);
+            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+        }
+        let body_len = http.raw_body.len().max(http.body.len());
+        if body_len > MAX_BODY_BYTES {
+            let out = Outcome::deny(
+                "body_too_large",
+                format!("request body of {body_len} bytes is over the {MAX_BODY_BYTES} byte limit of ext_authz checks"),
+                Some("lower with_request_body.max_request_bytes in Envoy, or send a smaller body".into()),
+            );
+            return self.deny(Some(&ident), source, dst, &facts, out, 413).await;
+        }
+        if facts.port == 0 {
+            facts.port = if facts.protocol == "https" { 443 } else { 80 };
+        }
+
+        let out = decide::decide(shared, &ident, &facts);
+        if !out.allowed() {
+            tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");
+            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+        }
+        let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &out);
+        decide::record(shared, rec)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+
+        let mut headers = Vec::new();
+        if let (Some(entry), Some(cap_name)) = (&out.cell, out.capability.as_deref()) {
+            if let Some(cap) = entry.cell.capability(cap_name) {
+                match shared.credentials.injection(&entry.cell, cap).await {
+                    Ok(Some(i)) => headers.push(HeaderValueOption {
+                        header: Some(HeaderValue {
+                            key: i.name.as_str().to_string(),
+                            value: String::from_utf8_lossy(i.value.as_bytes()).into_owned(),
+                            raw_value: Vec::new(),
+                        }),
+                        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                        ..Default::default()
+                    }),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let mut o = out.clone();
+                        o.result = Decision::Error;
+                        o.reason = "credential_unavailable".into();
+                        o.reasons = vec![e.to_string()];
+                        let rec =
+                            decide::audit_record(shared, Some(&ident), source, dst, &facts, &o);
+                        let _ = decide::record(shared, rec).await;
+                        let body = serde_json::json!({
+                            "error": "cellgate_credential_unavailable", "capability": cap.name,
+                            "reason": e.to_string(), "request_id": out.request_id,
+                        });
+                        return Ok(denied(CODE_UNAVAILABLE, 503, Some(&ident), &o, body));
+                    }
+                }
+            }
+        }
+        let headers_to_remove = shared
+            .config
+            .ext_authz_token_header
+            .iter()
+            .cloned()
+            .collect();
+        Ok(CheckResponse {
+            status: Some(rpc::Status {
+                code: CODE_OK,
+                ..Default::default()
+            }),
+            dynamic_metadata: Some(dynamic_metadata(Some(&ident), &out)),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove,
+                response_headers_to_add: vec![header(
+                    crate::http::REQUEST_ID_HEADER,
+                    &out.request_id,
+                )],
+                ..Default::default()
+            })),
+        })
+    }
+
+    /// Records a denial (durably, before answering) and builds its 403 (or `status`) answer.
+    async fn deny(
+        &self,
+        ident: Option<&ConnIdentity>,
+        source: SocketAddr,
+        dst: SocketAddr,
+        facts: &Facts,
+        out: Outcome,
+        status: i32,
+    ) -> Result<CheckResponse, Status> {
+        let shared = &*self.shared;
+        let rec = decide::audit_record(shared, ident, source, dst, facts, &out);
+        decide::record(shared, rec)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let body = crate::http::deny_body(ident, &out);
+        Ok(denied(CODE_PERMISSION_DENIED, status, ident, &out, body))
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            raw_value: Vec::new(),
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn denied(
+    code: i32,
+    http_status: i32,
+    ident: Option<&ConnIdentity>,
+    out: &Outcome,
+    body: serde_json::Value,
+) -> CheckResponse {
+    let mut text = body.to_string();
+    text.push('\n');
+    CheckResponse {
+        status: Some(rpc::Status {
+            code,
+            message: out.reason.clone(),
+            details: Vec::new(),
+        }),
+        dynamic_metadata: Some(dynamic_metadata(ident, out)),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: http_status }),
+            headers: vec![
+                header("content-type", "application/json"),
+                header("cache-control", "no-store"),
+                header(crate::http::REQUEST_ID_HEADER, &out.request_id),
+            ],
+            body: text,
+        })),
+    }
+}
+
+/// What Envoy stores under `envoy.filters.http.ext_authz` for its access log.
+fn dynamic_metadata(ident: Option<&ConnIdentity>, out: &Outcome) -> Struct {
+    let mut fields = HashMap::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            fields.insert(
+                k.to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(v)),
+                },
+            );
+        }
+    };
+    put(
+        "cell",
+        out.cell
+            .as_ref()
+            .map(|e| e.cell.key())
+            .or_else(|| ident.map(|i| format!("{}/{}", i.claims.namespace, i.claims.name))),
+    );
+    put("capability", out.capability.clone());
+    put(
+        "decision",
+        Some(decide::decision_label(out.result).to_string()),
+    );
+    put("reason", Some(out.reason.clone()));
+    put("request_id", Some(out.request_id.clone()));
+    put("policy_version", out.policy_version.clone());
+    Struct { fields }
+}
+
+/// The token from the `proxy_protocol` filter's metadata, untyped (`Struct`) or typed
+/// (`TlvsMetadata`).
+fn token_from_metadata(md: &Metadata) -> Option<String> {
+    if let Some(Value {
+        kind: Some(Kind::StringValue(v)),
+    }) = md
+        .filter_metadata
+        .get(TOKEN_METADATA_NAMESPACE)
+        .and_then(|s| s.fields.get(TOKEN_METADATA_KEY))
+    {
+        if !v.is_empty() {
+            return Some(v.clone());
+        }
+    }
+    let any = md.typed_filter_metadata.get(TOKEN_METADATA_NAMESPACE)?;
+    if !any.type_url.ends_with("/envoy.data.core.v3.TlvsMetadata") {
+        return None;
+    }
+    let tlvs = TlvsMetadata::decode(any.value.as_slice()).ok()?;
+    let v = tlvs.typed_metadata.get(TOKEN_METADATA_KEY)?;
+    (!v.is_empty()).then(|| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A header from `header_map` (Envoy's `encode_raw_headers: true`).
+fn raw_header(http: &HttpRequest, name: &str) -> Option<String> {
+    http.header_map.as_ref()?.headers.iter().find_map(|h| {
+        h.key.eq_ignore_ascii_case(name).then(|| {
+            if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            }
+        })
+    })
+}
+
+fn peer_addr(p: &Peer) -> Option<SocketAddr> {
+    let address::Address::SocketAddress(sa) = p.address.as_ref()?.address.as_ref()? else {
+        return None;
+    };
+    let ip: IpAddr = sa.address.parse().ok()?;
+    let port = match sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(p).ok()?,
+        _ => 0,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn remember_pod(shared: &Shared, claims: &Claims) {
+    if let Some(bound) = claims
+        .pod_addr
+        .as_deref()
+        .and_then(|a| a.parse::<IpAddr>().ok())
+    {
+        let known = shared
+            .pods
+            .read()
+            .map(|p| p.get(&bound) == Some(&claims.cell_uid))
+            .unwrap_or(true);
+        if !known {
+            if let Ok(mut pods) = shared.pods.write() {
+                pods.insert(bound, claims.cell_uid.clone());
+            }
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets), lowercases and drops a trailing dot.
+fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        (h.to_string(), port)
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
+            None => (a.to_string(), None),
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@' || c == '/') {
+        return None;
+    }
+    Some((host, port))
+}
+
+type PreDeny = (&'static str, String, Option<String>);
+
+/// The facts of the request Envoy describes, and the reason to refuse it before policy (the
+/// intake's checks: no host, CONNECT, SNI/Host disagreement, a port other than the dialled one).
+fn request_facts(
+    http: &HttpRequest,
+    sni: Option<String>,
+    dst_port: u16,
+) -> (Facts, Option<PreDeny>) {
+    let hdr = |name: &str| -> Option<String> {
+        http.headers
+            .get(name)
+            .cloned()
+            .or_else(|| raw_header(http, name))
+    };
+    let scheme = if http.scheme.is_empty() {
+        hdr(":scheme").unwrap_or_default()
+    } else {
+        http.scheme.clone()
+    };
+    let tls = scheme.eq_ignore_ascii_case("https") || sni.is_some();
+    let method = if http.method.is_empty() {
+        hdr(":method").unwrap_or_default()
+    } else {
+        http.method.clone()
+    };
+    let target = if http.path.is_empty() {
+        hdr(":path").unwrap_or_default()
+    } else {
+        http.path.clone()
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target, None),
+    };
+    let mut facts = Facts {
+        protocol: if tls { "https" } else { "http" },
+        port: dst_port,
+        sni: sni.clone(),
+        method: (!method.is_empty()).then(|| method.clone()),
+        path: Some(if path.is_empty() { "/".into() } else { path }),
+        query,
+        front_door: FRONT_DOOR,
+        headers: BTreeMap::new(),
+        ..Facts::default()
+    };
+    for name in POLICY_HEADERS {
+        if let Some(v) = hdr(name) {
+            facts
+                .headers
+                .insert((*name).to_string(), v.chars().take(256).collect());
+        }
+    }
+    let authority = if http.host.is_empty() {
+        hdr(":authority").or_else(|| hdr("host"))
+    } else {
+        Some(http.host.clone())
+    };
+    let Some(authority) = authority.filter(|a| !a.is_empty()) else {
+        return (
+            facts,
+            Some((
+                "missing_host",
+                "the request names no host".into(),
+                Some("send a Host header".into()),
+            )),
+        );
+    };
+    let Some((host, port)) = split_authority(&authority) else {
+        return (
+            facts,
+            Some(("bad_host", format!("{authority:?} is not a host"), None)),
+        );
+    };
+    facts.host = Some(host.clone());
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return (
+            facts,
+            Some(("connect_not_allowed", format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"), Some("send the request directly to the destination; the cell's boundary decides each request".into()))),
+        );
+    }
+    if let Some(sni) = &sni {
+        if &host != sni {
+            return (
+                facts,
+                Some((
+                    "sni_host_mismatch",
+                    format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
+                    Some("use the same host name for the connection and the request".into()),
+                )),
+            );
+        }
+    }
+    match (port, dst_port) {
+        (Some(p), 0) => facts.port = p,
+        (Some(p), d) if p != d => {
+            return (
+                facts,
+                Some((
+                    "authority_port_mismatch",
+                    format!("Host names port {p} but the connection is to port {d}"),
+                    None,
+                )),
+            )
+        }
+        _ => {}
+    }
+    (facts, None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC plumbing: the generated server decodes with prost, which refuses a `body` string that is
+// not UTF-8 (Envoy sends the bytes as they came unless `pack_as_bytes` is set). This codec
+// decodes such a request by reading that field as `raw_body`.
+
+/// Field numbers on the way to `HttpRequest.body`.
+const PATH_TO_HTTP: [u32; 3] = [1, 4, 2]; // CheckRequest.attributes, .request, .http
+const HTTP_BODY: u32 = 11;
+const HTTP_RAW_BODY: u32 = 12;
+
+fn read_varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Calls `f(tag_start, tag_len, value_start, value_end)` for each length-delimited field
+/// `field` of the message in `b[start..end]`.
+fn for_each_len_field(
+    b: &[u8],
+    start: usize,
+    end: usize,
+    field: u32,
+    f: &mut dyn FnMut(usize, usize, usize, usize),
+) -> Option<()> {
+    let mut i = start;
+    while i < end {
+        let tag_start = i;
+        let key = read_varint(b, &mut i)?;
+        let tag_len = i - tag_start;
+        let (num, wt) = ((key >> 3) as u32, key & 7);
+        match wt {
+            0 => {
+                read_varint(b, &mut i)?;
+            }
+            1 => i += 8,
+            5 => i += 4,
+            2 => {
+                let len = usize::try_from(read_varint(b, &mut i)?).ok()?;
+                let vs = i;
+                i = i.checked_add(len)?;
+                if i > end {
+                    return None;
+                }
+                if num == field {
+                    f(tag_start, tag_len, vs, i);
+                }
+            }
+            _ => return None,
+        }
+    }
+    (i == end).then_some(())
+}
+
+/// Rewrites every `HttpRequest.body` that is not UTF-8 into `raw_body` (same wire type, a
+/// one-byte tag either way, so no length changes). Returns whether anything changed.
+fn body_to_raw(b: &mut [u8]) -> bool {
+    let mut spans = vec![(0, b.len())];
+    for field in PATH_TO_HTTP {
+        let mut next = Vec::new();
+        for (s, e) in spans {
+            let _ = for_each_len_field(b, s, e, field, &mut |_, _, vs, ve| next.push((vs, ve)));
+        }
+        spans = next;
+    }
+    let mut tags = Vec::new();
+    for (s, e) in spans {
+        let _ = for_each_len_field(b, s, e, HTTP_BODY, &mut |ts, tl, vs, ve| {
+            if tl == 1 && std::str::from_utf8(&b[vs..ve]).is_err() {
+                tags.push(ts);
+            }
+        });
+    }
+    for t in &tags {
+        b[*t] = ((HTTP_RAW_BODY << 3) | 2) as u8;
+    }
+    !tags.is_empty()
+}
+
+/// Decodes a `CheckRequest`, tolerating a non-UTF-8 `body`.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` when the bytes are not a `CheckRequest` even so.
+pub fn decode_check_request(bytes: Bytes) -> Result<CheckRequest, Status> {
+    match CheckRequest::decode(bytes.clone()) {
+        Ok(r) => Ok(r),
+        Err(first) => {
+            let mut v = bytes.to_vec();
+            if body_to_raw(&mut v) {
+                if let Ok(r) = CheckRequest::decode(v.as_slice()) {
+                    return Ok(r);
+                }
+            }
+            Err(Status::invalid_argument(format!(
+                "not a CheckRequest: {first}"
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CheckCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CheckEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CheckDecoder;
+
+impl Codec for CheckCodec {
+    type Encode = CheckResponse;
+    type Decode = CheckRequest;
+    type Encoder = CheckEncoder;
+    type Decoder = CheckDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        CheckEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        CheckDecoder
+    }
+}
+
+impl Encoder for CheckEncoder {
+    type Item = CheckResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: CheckResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding the CheckResponse: {e}")))
+    }
+}
+
+impl Decoder for CheckDecoder {
+    type Item = CheckRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckRequest>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        decode_check_request(bytes).map(Some)
+    }
+}
+
+struct Unary(CheckService);
+
+impl tonic::server::UnaryService<CheckRequest> for Unary {
+    type Response = CheckResponse;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<CheckResponse>, Status>;
+
+    fn call(&mut self, request: tonic::Request<CheckRequest>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            svc.check(request.into_inner())
+                .await
+                .map(tonic::Response::new)
+        })
+    }
+}
+
+impl tonic::server::NamedService for CheckService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<B> tower_service::Service<http::Request<B>> for CheckService
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != CHECK_PATH {
+            let path = req.uri().path().to_string();
+            return Box::pin(async move {
+                Ok(Status::unimplemented(format!("no method {path}")).into_http())
+            });
+        }
+        let svc = self.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(CheckCodec)
+                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
+            Ok(grpc.unary(Unary(svc), req).await)
+        })
+    }
+}
+
+/// A bound ext_authz listener.
+pub struct Server {
+    /// Where it listens (the real port when 0 was asked for).
+    pub local_addr: ListenAddr,
+    /// Serves until the node drains.
+    pub serve: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+/// Binds the ext_authz listener (TCP or Unix socket) with the Check and gRPC health services.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(shared: &Arc<Shared>, addr: &ListenAddr) -> anyhow::Result<Server> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
+        .await;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(health)
+        .add_service(CheckService::new(shared.clone()));
+    let mut draining = shared.draining.subscribe();
+    let signal = async move {
+        crate::until_draining(&mut draining).await;
+        reporter
+            .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let listener = tokio::net::TcpListener::bind(a).await?;
+            let local = listener.local_addr()?;
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            Ok(Server {
+                local_addr: ListenAddr::Tcp(local),
+                serve: Box::pin(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                        tracing::error!(error = %e, "ext_authz server stopped");
+                    }
+                }),
+            })
+        }
+        ListenAddr::Unix(p) => {
+            use std::os::unix::fs::FileTypeExt as _;
+            if let Ok(m) = std::fs::symlink_metadata(p) {
+                if m.file_type().is_socket() {
+                    std::fs::remove_file(p)?;
+                }
+            }
+            let listener = tokio::net::UnixListener::bind(p)?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let path = p.clone();
+            Ok(Server {
+                local_addr: ListenAddr::Unix(p.clone()),
+                serve: Box::pin(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                        tracing::error!(error = %e, "ext_authz server stopped");
+                    }
+                    let _ = std::fs::remove_file(path);
+                }),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::auth::v3::{attribute_context, AttributeContext};
+
+    #[test]
+    fn authority_parsing() {
+        assert_eq!(
+            split_authority("Api.Test.:8443"),
+            Some(("api.test".into(), Some(8443)))
+        );
+        assert_eq!(split_authority("[::1]"), Some(("::1".into(), None)));
+        assert_eq!(split_authority("a@b"), None);
+    }
+
+    #[test]
+    fn a_non_utf8_body_is_read_as_raw_bytes() {
+        let req = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(HttpRequest {
+                        method: "POST".into(),
+                        raw_body: vec![b'o', b'k', 0xff, 0xfe],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let mut wire = req.encode_to_vec();
+        // Turn raw_body (12) into body (11), as Envoy sends it without pack_as_bytes.
+        let pos = wire
+            .windows(2)
+            .position(|w| w == [0x62, 4])
+            .expect("raw_body tag");
+        wire[pos] = 0x5a;
+        assert!(CheckRequest::decode(wire.as_slice()).is_err());
+        let got = decode_check_request(Bytes::from(wire)).unwrap();
+        let http = got.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(http.raw_body, vec![b'o', b'k', 0xff, 0xfe]);
+        assert_eq!(http.method, "POST");
+        assert!(decode_check_request(Bytes::from_static(&[0x0a, 0x05, 1])).is_err());
+    }
+}

@@ -1,0 +1,748 @@
+//! Envoy mode: a tonic client sends `CheckRequest`s shaped as Envoy's HTTP ext_authz filter fills
+//! them (attributes from the proxy_protocol listener filter, `metadata_context` carrying TLV 0xE0,
+//! request headers with pseudo-headers, optional body) and reads the answers Envoy would act on.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use cellgate_node::config::ListenAddr;
+use cellgate_node::ext_authz::{
+    CheckService, MAX_BODY_BYTES, SERVICE_NAME, TOKEN_METADATA_KEY, TOKEN_METADATA_NAMESPACE,
+};
+use common::*;
+use envoy_types::pb::envoy::config::core::v3::{
+    address, header_value_option::HeaderAppendAction, socket_address::PortSpecifier, Address,
+    Metadata, SocketAddress,
+};
+use envoy_types::pb::envoy::data::core::v3::TlvsMetadata;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Peer, Request, TlsSession,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    check_response::HttpResponse, AttributeContext, CheckRequest, CheckResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, Value};
+use prost::Message as _;
+use tonic::transport::Channel;
+
+const SECRET: &str = "sk-live-envoy-0123456789";
+const TOKEN_HEADER: &str = "x-cellgate-token";
+
+fn cred_cell(name: &str, port: u16, file: &str) -> String {
+    format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: {name}, namespace: agents}}\nspec:\n  capabilities:\n    - name: llm\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{methods: [POST, GET], paths: [\"/v1/**\"]}}\n      credential:\n        file: {{name: {file}}}\n        inject: {{header: Authorization, value: \"Bearer {{{{secret}}}}\"}}\n"
+    )
+}
+
+struct Env {
+    f: Fixture,
+    _secrets: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+async fn start() -> Env {
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("openai"), format!("{SECRET}\n")).unwrap();
+    let dir = secrets.path().to_path_buf();
+    let f = Fixture::start_with(move |c| {
+        c.ext_authz = Some(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()));
+        c.ext_authz_token_header = Some(TOKEN_HEADER.into());
+        c.secrets_dir = Some(dir);
+    })
+    .await;
+    let port = f.https.addr.port();
+    std::fs::write(
+        f.cells_dir.join("creds.yaml"),
+        cred_cell("creds", port, "openai"),
+    )
+    .unwrap();
+    std::fs::write(
+        f.cells_dir.join("nocreds.yaml"),
+        cred_cell("nocreds", port, "missing"),
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if f.node().shared.cells.get("local:agents:creds").is_some()
+            && f.node().shared.cells.get("local:agents:nocreds").is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let Some(ListenAddr::Tcp(addr)) = f.node().ext_authz_addr.clone() else {
+        panic!("no ext_authz address");
+    };
+    Env {
+        f,
+        _secrets: secrets,
+        addr,
+    }
+}
+
+async fn client(addr: SocketAddr) -> AuthorizationClient<Channel> {
+    AuthorizationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn peer(addr: &str, port: u32) -> Peer {
+    Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: addr.into(),
+                port_specifier: Some(PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A request as Envoy's HTTP ext_authz filter builds it for an intercepted HTTPS request.
+#[derive(Clone)]
+struct Req {
+    token: Option<String>,
+    typed: bool,
+    source: &'static str,
+    dst_port: u16,
+    method: &'static str,
+    host: String,
+    path: &'static str,
+    sni: Option<&'static str>,
+    headers: Vec<(&'static str, String)>,
+    raw_body: Option<Vec<u8>>,
+}
+
+impl Req {
+    fn new(env: &Env, cell: &str, method: &'static str, host: &str, path: &'static str) -> Self {
+        let port = env.f.https.addr.port();
+        Self {
+            token: Some(env.f.token(cell)),
+            typed: false,
+            source: "127.0.0.1",
+            dst_port: port,
+            method,
+            host: format!("{host}:{port}"),
+            path,
+            sni: Some(if host == "shadow.test" {
+                "shadow.test"
+            } else {
+                "api.test"
+            }),
+            headers: Vec::new(),
+            raw_body: None,
+        }
+    }
+
+    fn build(&self) -> CheckRequest {
+        let mut headers: HashMap<String, String> = [
+            (":authority", self.host.clone()),
+            (":method", self.method.into()),
+            (":path", self.path.into()),
+            (":scheme", "https".into()),
+            ("user-agent", "curl/8.5.0".into()),
+            ("accept", "*/*".into()),
+            ("x-request-id", "0b8e7c6a-envoy".into()),
+            ("x-forwarded-proto", "https".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in &self.headers {
+            headers.insert(k.to_string(), v.clone());
+        }
+        let mut md = Metadata::default();
+        if let Some(t) = &self.token {
+            if self.typed {
+                md.typed_filter_metadata.insert(
+                    TOKEN_METADATA_NAMESPACE.into(),
+                    Any {
+                        type_url: "type.googleapis.com/envoy.data.core.v3.TlvsMetadata".into(),
+                        value: TlvsMetadata {
+                            typed_metadata: [(
+                                TOKEN_METADATA_KEY.to_string(),
+                                t.as_bytes().to_vec(),
+                            )]
+                            .into(),
+                        }
+                        .encode_to_vec(),
+                    },
+                );
+            } else {
+                md.filter_metadata.insert(
+                    TOKEN_METADATA_NAMESPACE.into(),
+                    Struct {
+                        fields: [(
+                            TOKEN_METADATA_KEY.to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue(t.clone())),
+                            },
+                        )]
+                        .into(),
+                    },
+                );
+            }
+        }
+        let size = self.raw_body.as_ref().map(|b| b.len() as i64).unwrap_or(0);
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(peer(self.source, 40000)),
+                destination: Some(peer("127.0.0.1", u32::from(self.dst_port))),
+                request: Some(Request {
+                    time: None,
+                    http: Some(HttpRequest {
+                        id: "1234567890".into(),
+                        method: self.method.into(),
+                        headers,
+                        path: self.path.into(),
+                        host: self.host.clone(),
+                        scheme: "https".into(),
+                        size,
+                        protocol: "HTTP/1.1".into(),
+                        raw_body: self.raw_body.clone().unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                }),
+                metadata_context: Some(md),
+                tls_session: self.sni.map(|s| TlsSession { sni: s.into() }),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+async fn check(c: &mut AuthorizationClient<Channel>, r: &Req) -> CheckResponse {
+    c.check(r.build()).await.unwrap().into_inner()
+}
+
+fn code(r: &CheckResponse) -> i32 {
+    r.status.as_ref().map(|s| s.code).unwrap_or(-1)
+}
+
+fn denied(r: &CheckResponse) -> (i32, serde_json::Value) {
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => (
+            d.status.as_ref().unwrap().code,
+            serde_json::from_str(&d.body).unwrap(),
+        ),
+        other => panic!("not denied: {other:?}"),
+    }
+}
+
+fn meta(r: &CheckResponse, k: &str) -> Option<String> {
+    match r.dynamic_metadata.as_ref()?.fields.get(k)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_injects_the_credential_for_envoy_to_set() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let mut req = Req::new(&env, "creds", "POST", "api.test", "/v1/chat/completions");
+    req.headers
+        .push(("authorization", "Bearer agent-made-this-up".into()));
+    let r = check(&mut c, &req).await;
+    assert_eq!(code(&r), 0, "{r:?}");
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+        panic!("{r:?}")
+    };
+    let set: Vec<_> = ok
+        .headers
+        .iter()
+        .map(|h| {
+            let hv = h.header.as_ref().unwrap();
+            (hv.key.as_str(), hv.value.as_str(), h.append_action)
+        })
+        .collect();
+    assert_eq!(
+        set,
+        vec![(
+            "authorization",
+            format!("Bearer {SECRET}").as_str(),
+            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+        )],
+        "the credential replaces whatever the agent sent"
+    );
+    // Envoy removes after it sets: the credential's own name must not be in the removals.
+    assert_eq!(ok.headers_to_remove, vec![TOKEN_HEADER.to_string()]);
+    assert_eq!(meta(&r, "cell").as_deref(), Some("agents/creds"));
+    assert_eq!(meta(&r, "capability").as_deref(), Some("llm"));
+    assert_eq!(meta(&r, "decision").as_deref(), Some("allow"));
+    let rid = meta(&r, "request_id").unwrap();
+    assert!(ok
+        .response_headers_to_add
+        .iter()
+        .any(|h| h.header.as_ref().unwrap().value == rid));
+    let rec = env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    assert_eq!(rec["front_door"], "ext_authz");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["cell"], "creds");
+    assert_eq!(rec["capability"], "llm");
+    assert_eq!(rec["method"], "POST");
+    assert_eq!(rec["host"], "api.test");
+    assert_eq!(rec["path"], "/v1/chat/completions");
+    assert_eq!(rec["source"], "127.0.0.1:40000");
+    assert!(
+        env.f.https.requests().is_empty(),
+        "Envoy forwards, not the node"
+    );
+
+    // A capability without a credential: allowed, nothing to set; the typed TLV metadata form.
+    let mut req = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
+    req.typed = true;
+    let r = check(&mut c, &req).await;
+    assert_eq!(code(&r), 0, "{r:?}");
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+        panic!("{r:?}")
+    };
+    assert!(ok.headers.is_empty());
+    assert_eq!(meta(&r, "capability").as_deref(), Some("api"));
+
+    // The secret is in no audit record and no metric; decisions are counted by front door.
+    let _ = env.f.node().shared.audit.flush().await;
+    assert!(!std::fs::read_to_string(&env.f.audit)
+        .unwrap()
+        .contains(SECRET));
+    let metrics = env.f.admin_get("/metrics").await.body;
+    assert!(!metrics.contains(SECRET));
+    assert!(
+        metrics.contains("front_door=\"ext_authz\""),
+        "decisions counted: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_is_a_403_with_the_intakes_body_recorded_before_the_answer() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let r = check(
+        &mut c,
+        &Req::new(&env, "demo", "DELETE", "api.test", "/admin/users"),
+    )
+    .await;
+    assert_eq!(code(&r), 7);
+    let (status, j) = denied(&r);
+    assert_eq!(status, 403);
+    assert_eq!(j["error"], "cellgate_denied");
+    assert_eq!(j["cell"], "agents/demo");
+    let rid = j["request_id"].as_str().unwrap().to_string();
+    let on_disk = std::fs::read_to_string(&env.f.audit).unwrap();
+    assert!(
+        on_disk.contains(&rid),
+        "deny record not durable before the answer"
+    );
+    let rec = env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    assert_eq!(rec["front_door"], "ext_authz");
+    assert_eq!(rec["decision"], "deny");
+    // The same request through the intake: the same body, field for field but the request id.
+    let intake = env
+        .f
+        .https_get("api.test", "api.test", "/admin/users", "DELETE")
+        .await;
+    assert_eq!(intake.status, 403);
+    let mut a = intake.json();
+    let mut b = j.clone();
+    a["request_id"] = serde_json::Value::Null;
+    b["request_id"] = serde_json::Value::Null;
+    assert_eq!(a, b);
+    let rec = env
+        .f
+        .wait_audit(|x| x["front_door"] == "intake" && x["decision"] == "deny")
+        .await;
+    assert_eq!(rec["reason"], j["reason"]);
+
+    // Refused before policy, as by the intake: SNI and Host disagree (domain fronting).
+    let mut fronted = Req::new(&env, "demo", "GET", "evil.test", "/v1/x");
+    fronted.sni = Some("api.test");
+    let (status, j) = denied(&check(&mut c, &fronted).await);
+    assert_eq!(
+        (status, j["reason"].as_str()),
+        (403, Some("sni_host_mismatch"))
+    );
+    // A Host port other than the dialled one.
+    let mut port = Req::new(&env, "demo", "GET", "api.test", "/v1/x");
+    port.host = "api.test:1".into();
+    let (_, j) = denied(&check(&mut c, &port).await);
+    assert_eq!(j["reason"], "authority_port_mismatch");
+    // Unknown host.
+    let mut evil = Req::new(&env, "demo", "GET", "evil.test", "/");
+    evil.sni = Some("evil.test");
+    let (_, j) = denied(&check(&mut c, &evil).await);
+    assert_eq!(j["reason"], "no_capability");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_allows_and_records_shadow_deny() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let r = check(
+        &mut c,
+        &Req::new(&env, "demo", "GET", "shadow.test", "/not-ok"),
+    )
+    .await;
+    assert_eq!(code(&r), 0, "shadow mode must not deny: {r:?}");
+    assert!(matches!(r.http_response, Some(HttpResponse::OkResponse(_))));
+    assert_eq!(meta(&r, "decision").as_deref(), Some("shadow_deny"));
+    let rid = meta(&r, "request_id").unwrap();
+    let rec = env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    assert_eq!(rec["decision"], "shadow_deny");
+    assert_eq!(rec["capability"], "shadowcap");
+    assert_eq!(rec["front_door"], "ext_authz");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_rule_applies() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let base = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
+    let now = cellgate_node::decide::now_secs();
+    let expect = |r: CheckResponse, reason: &str| {
+        assert_eq!(code(&r), 7, "{reason}: {r:?}");
+        let (status, j) = denied(&r);
+        assert_eq!(status, 403, "{reason}");
+        assert_eq!(j["reason"], reason, "{j}");
+        assert_eq!(j["error"], "cellgate_denied");
+        j["request_id"].as_str().unwrap().to_string()
+    };
+
+    let mut r = base.clone();
+    r.token = None;
+    let rid = expect(check(&mut c, &r).await, "token_missing");
+    let rec = env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    assert_eq!(rec["front_door"], "ext_authz");
+    assert_eq!(rec["reason"], "token_missing");
+
+    let mut r = base.clone();
+    r.token = Some("not-a-jwt".into());
+    expect(check(&mut c, &r).await, "token_malformed");
+
+    // A flipped signature.
+    let good = env.f.token("demo");
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    let mut sig = sig.as_bytes().to_vec();
+    sig[3] = if sig[3] == b'A' { b'B' } else { b'A' };
+    let mut r = base.clone();
+    r.token = Some(format!("{head}.{}", String::from_utf8(sig).unwrap()));
+    expect(check(&mut c, &r).await, "token_bad_signature");
+
+    let mut claims = env.f.claims("demo");
+    claims.iat = now - 7200;
+    claims.nbf = now - 7200;
+    claims.exp = now - 3600;
+    let mut r = base.clone();
+    r.token = Some(env.f.sign(&claims));
+    let rid = expect(check(&mut c, &r).await, "token_expired");
+    env.f
+        .wait_audit(|x| x["request_id"] == rid.as_str() && x["reason"] == "token_expired")
+        .await;
+
+    let mut claims = env.f.claims("demo");
+    claims.aud = "someone-else".into();
+    let mut r = base.clone();
+    r.token = Some(env.f.sign(&claims));
+    expect(check(&mut c, &r).await, "token_wrong_audience");
+
+    // Revoked after first use: the verified-token cache must not keep it alive.
+    let claims = env.f.claims("demo");
+    let tok = env.f.sign(&claims);
+    let mut r = base.clone();
+    r.token = Some(tok);
+    assert_eq!(code(&check(&mut c, &r).await), 0);
+    env.f.node().shared.verifier.revoke(&claims.jti);
+    expect(check(&mut c, &r).await, "token_revoked");
+
+    // Bound to 127.0.0.1, presented from another source.
+    let mut r = base.clone();
+    r.source = "10.9.9.9";
+    let rid = expect(check(&mut c, &r).await, "source_not_bound");
+    let rec = env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    assert_eq!(rec["source"], "10.9.9.9:40000");
+    assert_eq!(rec["cell"], "demo");
+
+    let mut r = base.clone();
+    r.token = Some(env.f.token("ghost"));
+    expect(check(&mut c, &r).await, "cell_unknown");
+
+    // The configured header is the fallback when Envoy passes no TLV metadata, and is removed.
+    let mut r = base.clone();
+    r.token = None;
+    r.headers.push((TOKEN_HEADER, env.f.token("demo")));
+    let resp = check(&mut c, &r).await;
+    assert_eq!(code(&resp), 0, "{resp:?}");
+    let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+        panic!()
+    };
+    assert!(ok.headers_to_remove.contains(&TOKEN_HEADER.to_string()));
+    // Metadata wins over the header: a garbage header does not matter.
+    let mut r = base.clone();
+    r.headers.push((TOKEN_HEADER, "garbage".into()));
+    assert_eq!(code(&check(&mut c, &r).await), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_outage_is_a_503_and_never_an_allow() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let r = check(
+        &mut c,
+        &Req::new(&env, "nocreds", "GET", "api.test", "/v1/models"),
+    )
+    .await;
+    assert_eq!(code(&r), 14);
+    let (status, j) = denied(&r);
+    assert_eq!(status, 503);
+    assert_eq!(j["error"], "cellgate_credential_unavailable");
+    assert_eq!(j["capability"], "llm");
+    let rid = j["request_id"].as_str().unwrap().to_string();
+    let rec = env
+        .f
+        .wait_audit(|x| x["request_id"] == rid.as_str() && x["reason"] == "credential_unavailable")
+        .await;
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["front_door"], "ext_authz");
+}
+
+/// A client that sends pre-encoded bytes, for requests prost cannot build (a `body` string that
+/// is not UTF-8, as Envoy sends one without `pack_as_bytes`).
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+#[derive(Debug, Clone, Default)]
+struct RawEnc;
+#[derive(Debug, Clone, Default)]
+struct RespDec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = CheckResponse;
+    type Encoder = RawEnc;
+    type Decoder = RespDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RespDec {
+        RespDec
+    }
+}
+
+impl tonic::codec::Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RespDec {
+    type Item = CheckResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<CheckResponse>, tonic::Status> {
+        let b = src.copy_to_bytes(src.remaining());
+        CheckResponse::decode(b)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+async fn check_raw(addr: SocketAddr, wire: Vec<u8>) -> Result<CheckResponse, tonic::Status> {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut g = tonic::client::Grpc::new(ch).max_encoding_message_size(usize::MAX);
+    g.ready().await.unwrap();
+    g.unary(
+        tonic::Request::new(wire),
+        http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check"),
+        RawCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_bounded_and_need_not_be_utf8() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    // Non-UTF-8 bytes in `body` (field 11), as Envoy sends them: decoded, decided, allowed.
+    let mut req = Req::new(&env, "demo", "POST", "api.test", "/v1/upload");
+    let payload = vec![0xffu8, 0xfe, b'{', 0x80, b'}', 0xc3];
+    req.raw_body = Some(payload.clone());
+    req.headers
+        .push(("content-type", "application/octet-stream".into()));
+    let mut wire = req.build().encode_to_vec();
+    let tag = [0x62u8, payload.len() as u8];
+    let pos = wire
+        .windows(2)
+        .position(|w| w == tag)
+        .expect("raw_body on the wire");
+    wire[pos] = 0x5a; // raw_body (12) -> body (11)
+    assert!(
+        CheckRequest::decode(wire.as_slice()).is_err(),
+        "prost alone refuses it"
+    );
+    let r = check_raw(env.addr, wire).await.unwrap();
+    assert_eq!(code(&r), 0, "{r:?}");
+    // The same bytes as raw_body (pack_as_bytes: true).
+    assert_eq!(code(&check(&mut c, &req).await), 0);
+
+    // Over the bound: 413, recorded, nothing else evaluated.
+    let mut big = Req::new(&env, "demo", "POST", "api.test", "/v1/upload");
+    big.raw_body = Some(vec![b'x'; MAX_BODY_BYTES + 1]);
+    let r = check(&mut c, &big).await;
+    let (status, j) = denied(&r);
+    assert_eq!(status, 413);
+    assert_eq!(j["reason"], "body_too_large");
+    let rid = j["request_id"].as_str().unwrap().to_string();
+    env.f.wait_audit(|x| x["request_id"] == rid.as_str()).await;
+    // Far over it: refused at the gRPC layer, an error for Envoy (fails closed), not an allow.
+    let mut huge = Req::new(&env, "demo", "POST", "api.test", "/v1/upload");
+    huge.raw_body = Some(vec![b'x'; 3 * MAX_BODY_BYTES]);
+    let mut big_client = client(env.addr).await.max_encoding_message_size(usize::MAX);
+    let e = big_client.check(huge.build()).await.unwrap_err();
+    assert_ne!(e.code(), tonic::Code::Ok);
+    // Bytes that are not a CheckRequest at all: an error, never an allow.
+    let e = check_raw(env.addr, vec![0x0a, 0x05, 0x01])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_are_all_decided_and_recorded() {
+    let env = start().await;
+    let c = client(env.addr).await;
+    let allow = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
+    let deny = Req::new(&env, "demo", "DELETE", "api.test", "/admin");
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mut c = c.clone();
+        let (allow, deny) = (allow.build(), deny.build());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut no) = (0, 0);
+            for i in 0..100 {
+                let req = if (i + t) % 10 == 0 {
+                    deny.clone()
+                } else {
+                    allow.clone()
+                };
+                let r = c.check(req).await.unwrap().into_inner();
+                match r.status.unwrap().code {
+                    0 => ok += 1,
+                    7 => no += 1,
+                    other => panic!("unexpected code {other}"),
+                }
+            }
+            (ok, no)
+        }));
+    }
+    let (mut ok, mut no) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        ok += a;
+        no += b;
+    }
+    assert_eq!((ok, no), (1440, 160));
+    let _ = env.f.node().shared.audit.flush().await;
+    let recs = env.f.audit_records();
+    let count = |d: &str| {
+        recs.iter()
+            .filter(|r| r["front_door"] == "ext_authz" && r["decision"] == d)
+            .count()
+    };
+    assert_eq!((count("allow"), count("deny")), (1440, 160));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_unix_socket_and_fail_closed_when_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = start().await;
+    let ch = Channel::from_shared(format!("http://{}", env.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(ch);
+    for service in [SERVICE_NAME, ""] {
+        let s = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    // A Unix socket listener serves the same API.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ext_authz.sock");
+    let sock2 = sock.clone();
+    let f = Fixture::start_with(move |c| c.ext_authz = Some(ListenAddr::Unix(sock2))).await;
+    assert_eq!(
+        f.node().ext_authz_addr,
+        Some(ListenAddr::Unix(sock.clone()))
+    );
+    let ch = tonic::transport::Endpoint::from_static("http://unix")
+        .connect_with_connector(UnixConnector(sock))
+        .await
+        .unwrap();
+    let mut c = AuthorizationClient::new(ch);
+    let port = f.https.addr.port();
+    let mut req = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
+    req.token = Some(f.token("demo"));
+    req.dst_port = port;
+    req.host = format!("api.test:{port}");
+    let r = c.check(req.build()).await.unwrap().into_inner();
+    assert_eq!(code(&r), 0, "{r:?}");
+
+    // Draining (or any internal failure): UNAVAILABLE, so Envoy with failure_mode_allow: false
+    // refuses the request.
+    let svc = CheckService::new(f.node().shared.clone());
+    f.node().shared.draining.send_replace(true);
+    let e = svc.check(req.build()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+}
+
+#[derive(Clone)]
+struct UnixConnector(std::path::PathBuf);
+
+impl tower_service::Service<http::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let p = self.0.clone();
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(p).await?,
+            ))
+        })
+    }
+}

@@ -1,0 +1,577 @@
+//! The Vault backend through a real node: KV v2 with token and Kubernetes auth, dynamic secrets
+//! with leases (cached, renewed, revoked), failures answered 503 and recovered from, and
+//! single-flight refresh. Each scenario runs against the in-process Vault contract server
+//! (`credentials::vault_contract`); the `real_vault_*` tests run the token-auth scenarios against
+//! a real Vault when `VAULT_ADDR` and `VAULT_TOKEN` are set (see docs/credentials.md).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellgate_node::credentials::vault_contract::{Fault, VaultContract};
+use cellgate_node::credentials::{VaultAuth, VaultConfig};
+use common::*;
+use http::Method;
+use http_body_util::Empty;
+
+const SECRET: &str = "ghp_vault0123456789secretvalue";
+
+/// A cell `name` whose capability `gh` injects `vault {path, field}` as a bearer token.
+fn vault_cell(name: &str, port: u16, path: &str, field: &str) -> String {
+    format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: {name}, namespace: agents}}\nspec:\n  capabilities:\n    - name: gh\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{methods: [GET, POST], paths: [\"/v1/**\"]}}\n      credential:\n        vault: {{path: {path}, field: {field}}}\n        inject: {{header: Authorization, value: \"Bearer {{{{secret}}}}\"}}\n"
+    )
+}
+
+/// Where the scenarios run.
+enum Target {
+    Contract(VaultContract),
+    Real { addr: String, token: String },
+}
+
+impl Target {
+    async fn contract() -> Self {
+        Target::Contract(VaultContract::start().await)
+    }
+
+    fn real() -> Option<Self> {
+        match (std::env::var("VAULT_ADDR"), std::env::var("VAULT_TOKEN")) {
+            (Ok(addr), Ok(token)) if !addr.is_empty() && !token.is_empty() => {
+                Some(Target::Real { addr, token })
+            }
+            _ => {
+                eprintln!("VAULT_ADDR and VAULT_TOKEN not set: skipping the real-Vault scenario");
+                None
+            }
+        }
+    }
+
+    fn addr(&self) -> String {
+        match self {
+            Target::Contract(c) => c.url(),
+            Target::Real { addr, .. } => addr.clone(),
+        }
+    }
+
+    fn root_token(&self) -> String {
+        match self {
+            Target::Contract(c) => c.root_token.clone(),
+            Target::Real { token, .. } => token.clone(),
+        }
+    }
+
+    /// Seeds KV v2 `secret/<path>` through Vault's HTTP API (both targets).
+    async fn put_kv(&self, path: &str, data: serde_json::Value) {
+        let settings = vaultrs::client::VaultClientSettingsBuilder::default()
+            .address(self.addr())
+            .token(self.root_token())
+            .build()
+            .unwrap();
+        let client = vaultrs::client::VaultClient::new(settings).unwrap();
+        vaultrs::kv2::set(&client, "secret", path, &data)
+            .await
+            .unwrap();
+    }
+}
+
+fn token_auth(dir: &std::path::Path, addr: String, token: &str) -> VaultConfig {
+    let file = dir.join(format!("vault-token-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    VaultConfig {
+        addr,
+        auth: VaultAuth::Token { file },
+    }
+}
+
+async fn node_with(vault: VaultConfig, timeout: Duration) -> Fixture {
+    Fixture::start_with(move |c| {
+        c.credentials.vault = Some(vault);
+        c.credentials.timeout = timeout;
+    })
+    .await
+}
+
+async fn add_cell(f: &Fixture, name: &str, yaml: String) {
+    std::fs::write(f.cells_dir.join(format!("{name}.yaml")), yaml).unwrap();
+    for _ in 0..100 {
+        if f.node()
+            .shared
+            .cells
+            .get(&format!("local:agents:{name}"))
+            .is_some()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("cell {name} never loaded");
+}
+
+/// One request as `cell`, with the agent's own (made-up) Authorization header.
+async fn call(f: &Fixture, cell: &str) -> Resp {
+    let tls = f.tls("api.test", &f.token(cell), &[b"http/1.1"]).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/repos")
+        .header("host", format!("api.test:{}", f.https.addr.port()))
+        .header("authorization", "Bearer agent-made-this-up")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    send_h1(tls, req).await
+}
+
+fn last_auth(f: &Fixture) -> Vec<String> {
+    let seen = f.https.requests();
+    seen.last()
+        .unwrap()
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+// ---- KV v2, token auth ----
+
+async fn kv_v2_token_auth(target: Target) {
+    let key_dir = tempfile::tempdir().unwrap();
+    let path = format!("cellgate-test/{}", uuid::Uuid::new_v4().simple());
+    target
+        .put_kv(&path, serde_json::json!({"token": SECRET}))
+        .await;
+    let vault = token_auth(key_dir.path(), target.addr(), &target.root_token());
+    let f = node_with(vault, Duration::from_secs(2)).await;
+    let port = f.https.addr.port();
+    add_cell(
+        &f,
+        "kv",
+        vault_cell("kv", port, &format!("secret/data/{path}"), "token"),
+    )
+    .await;
+    let r = call(&f, "kv").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        last_auth(&f),
+        vec![format!("Bearer {SECRET}")],
+        "the injected credential replaces the agent's"
+    );
+    assert!(!r.body.contains(SECRET));
+    if let Target::Contract(c) = &target {
+        let reads: Vec<_> = c
+            .calls()
+            .into_iter()
+            .filter(|c| c.path == format!("/v1/secret/data/{path}") && c.method == Method::GET)
+            .collect();
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].token.as_deref(), Some(c.root_token.as_str()));
+    }
+
+    // A field the secret lacks: 503 naming it, never forwarded.
+    add_cell(
+        &f,
+        "nofield",
+        vault_cell("nofield", port, &format!("secret/data/{path}"), "nope"),
+    )
+    .await;
+    let before = f.https.requests().len();
+    let r = call(&f, "nofield").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["error"], "cellgate_credential_unavailable");
+    assert_eq!(j["capability"], "gh");
+    assert!(j["reason"].as_str().unwrap().contains("nope"), "{j}");
+    assert_eq!(f.https.requests().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_v2_token_auth_contract() {
+    kv_v2_token_auth(Target::contract().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vault_kv_v2_token_auth() {
+    if let Some(t) = Target::real() {
+        kv_v2_token_auth(t).await;
+    }
+}
+
+// ---- refusal ----
+
+async fn refused_token_is_a_503(target: Target) {
+    let key_dir = tempfile::tempdir().unwrap();
+    let path = format!("cellgate-test/{}", uuid::Uuid::new_v4().simple());
+    target
+        .put_kv(&path, serde_json::json!({"token": SECRET}))
+        .await;
+    let vault = token_auth(key_dir.path(), target.addr(), "hvs.not-a-token");
+    let f = node_with(vault, Duration::from_secs(2)).await;
+    let port = f.https.addr.port();
+    add_cell(
+        &f,
+        "kv",
+        vault_cell("kv", port, &format!("secret/data/{path}"), "token"),
+    )
+    .await;
+    let r = call(&f, "kv").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["error"], "cellgate_credential_unavailable");
+    assert!(j["reason"].as_str().unwrap().contains("403"), "{j}");
+    assert!(f.https.requests().is_empty(), "never forwarded");
+    f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "kv")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_token_is_a_503_contract() {
+    refused_token_is_a_503(Target::contract().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vault_refused_token_is_a_503() {
+    if let Some(t) = Target::real() {
+        refused_token_is_a_503(t).await;
+    }
+}
+
+// ---- Kubernetes auth ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_auth_logs_in_and_logs_in_again_when_refused() {
+    let vault = VaultContract::start().await;
+    vault.put_kv("secret", "github", serde_json::json!({"token": SECRET}));
+    let jwt = "eyJhbGciOiJSUzI1NiJ9.service-account.sig";
+    vault.allow_login("cellgate-node", jwt);
+    let dir = tempfile::tempdir().unwrap();
+    let jwt_file: PathBuf = dir.path().join("token");
+    std::fs::write(&jwt_file, jwt).unwrap();
+    let f = node_with(
+        VaultConfig {
+            addr: vault.url(),
+            auth: VaultAuth::Kubernetes {
+                role: "cellgate-node".into(),
+                jwt_file,
+                mount: "kubernetes".into(),
+            },
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f,
+        "k",
+        vault_cell("k", f.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let r = call(&f, "k").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec![format!("Bearer {SECRET}")]);
+    let calls = vault.calls();
+    assert_eq!(calls[0].method, Method::POST);
+    assert_eq!(calls[0].path, "/v1/auth/kubernetes/login");
+    assert_eq!(
+        calls[0].body,
+        serde_json::json!({"role": "cellgate-node", "jwt": jwt})
+    );
+    assert_eq!(calls[0].token, None);
+    assert_eq!(calls[1].path, "/v1/secret/data/github");
+    let issued = calls[1].token.clone().unwrap();
+    assert!(
+        issued.starts_with("hvs.k8s"),
+        "the login's client_token is used"
+    );
+
+    // Vault forgets the token: the read is refused, the node logs in again and succeeds.
+    vault.revoke_tokens();
+    vault.put_kv(
+        "secret",
+        "github",
+        serde_json::json!({"token": "rotated-value"}),
+    );
+    add_cell(
+        &f,
+        "k2",
+        vault_cell("k2", f.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let r = call(&f, "k2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec!["Bearer rotated-value".to_string()]);
+    assert_eq!(vault.count(&Method::POST, "/v1/auth/kubernetes/login"), 2);
+
+    // A role Vault does not know: 503 with Vault's reason.
+    let f2 = node_with(
+        VaultConfig {
+            addr: vault.url(),
+            auth: VaultAuth::Kubernetes {
+                role: "nobody".into(),
+                jwt_file: dir.path().join("token"),
+                mount: "kubernetes".into(),
+            },
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f2,
+        "k",
+        vault_cell("k", f2.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let r = call(&f2, "k").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("invalid role name"), "{}", r.body);
+}
+
+// ---- dynamic secrets and leases ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
+    let vault = VaultContract::start().await;
+    vault.add_dynamic("database/creds/app", "password", "dbpw", 3, true);
+    let dir = tempfile::tempdir().unwrap();
+    let f = node_with(
+        token_auth(dir.path(), vault.url(), &vault.root_token),
+        Duration::from_secs(2),
+    )
+    .await;
+    let port = f.https.addr.port();
+    add_cell(
+        &f,
+        "db",
+        vault_cell("db", port, "database/creds/app", "password"),
+    )
+    .await;
+    let r = call(&f, "db").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let first = last_auth(&f);
+    assert!(first[0].starts_with("Bearer dbpw-"), "{first:?}");
+    // Cached while fresh.
+    let r = call(&f, "db").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(last_auth(&f), first);
+    assert_eq!(vault.count(&Method::GET, "/v1/database/creds/app"), 1);
+    // Past half its life the lease is renewed, and the same secret is still used.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let r = call(&f, "db").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(last_auth(&f), first);
+    let renews: Vec<_> = vault
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/sys/leases/renew")
+        .collect();
+    assert_eq!(renews.len(), 1);
+    assert_eq!(renews[0].method, Method::PUT);
+    let lease_id = renews[0].body["lease_id"].as_str().unwrap().to_string();
+    assert!(lease_id.starts_with("database/creds/app/"));
+    assert_eq!(renews[0].body["increment"], 3);
+    assert_eq!(vault.count(&Method::GET, "/v1/database/creds/app"), 1);
+
+    // The capability is removed: its lease is revoked.
+    std::fs::write(
+        f.cells_dir.join("db.yaml"),
+        vault_cell("db", port, "database/creds/app", "password")
+            .replace("name: gh", "name: other")
+            .replace("credential:\n        vault: {path: database/creds/app, field: password}\n        inject: {header: Authorization, value: \"Bearer {{secret}}\"}\n", ""),
+    )
+    .unwrap();
+    for _ in 0..100 {
+        if vault.leases().get(&lease_id).is_some_and(|l| l.revoked) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let revokes: Vec<_> = vault
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/sys/leases/revoke")
+        .collect();
+    assert_eq!(revokes.len(), 1, "the lease is revoked once");
+    assert_eq!(revokes[0].method, Method::PUT);
+    assert_eq!(revokes[0].body, serde_json::json!({"lease_id": lease_id}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_renewable_lease_is_replaced_before_it_ends_and_the_old_one_revoked() {
+    let vault = VaultContract::start().await;
+    vault.add_dynamic("aws/creds/deploy", "secret_key", "aws", 2, false);
+    let dir = tempfile::tempdir().unwrap();
+    let f = node_with(
+        token_auth(dir.path(), vault.url(), &vault.root_token),
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f,
+        "aws",
+        vault_cell("aws", f.https.addr.port(), "aws/creds/deploy", "secret_key"),
+    )
+    .await;
+    assert_eq!(call(&f, "aws").await.status, 200);
+    let first = last_auth(&f);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(call(&f, "aws").await.status, 200);
+    assert_ne!(
+        last_auth(&f),
+        first,
+        "a new secret before the old lease ends"
+    );
+    assert_eq!(vault.count(&Method::GET, "/v1/aws/creds/deploy"), 2);
+    assert_eq!(vault.count(&Method::PUT, "/v1/sys/leases/renew"), 0);
+    for _ in 0..100 {
+        if vault.count(&Method::PUT, "/v1/sys/leases/revoke") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(vault.count(&Method::PUT, "/v1/sys/leases/revoke"), 1);
+}
+
+// ---- failures: closed, clear, isolated, recovered ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_slow_and_refusing_vault_are_503s_and_recovery_is_automatic() {
+    let vault = VaultContract::start().await;
+    vault.put_kv("secret", "github", serde_json::json!({"token": SECRET}));
+    let dir = tempfile::tempdir().unwrap();
+    let f = node_with(
+        token_auth(dir.path(), vault.url(), &vault.root_token),
+        Duration::from_millis(500),
+    )
+    .await;
+    let port = f.https.addr.port();
+
+    let expect_503 = |r: Resp, needle: &str| {
+        assert_eq!(r.status, 503, "{}", r.body);
+        let j = r.json();
+        assert_eq!(j["error"], "cellgate_credential_unavailable");
+        assert_eq!(j["capability"], "gh");
+        let reason = j["reason"].as_str().unwrap().to_string();
+        assert!(reason.contains(needle), "{reason:?} should say {needle:?}");
+        assert!(!r.body.contains(SECRET));
+    };
+
+    // Slow past the timeout.
+    vault.set_fault(Fault::Slow(Duration::from_secs(3)));
+    add_cell(
+        &f,
+        "s",
+        vault_cell("s", port, "secret/data/github", "token"),
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    expect_503(call(&f, "s").await, "within");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // Other capabilities keep working meanwhile.
+    let r = f
+        .https_get("api.test", "api.test", "/v1/models", "GET")
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "a capability without a credential is unaffected"
+    );
+
+    // Sealed (503 from Vault), refusing (403).
+    vault.set_fault(Fault::Sealed);
+    expect_503(call(&f, "s").await, "sealed");
+    vault.set_fault(Fault::Refusing);
+    expect_503(call(&f, "s").await, "403");
+    f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "s")
+        .await;
+
+    // Recovery: the next request after Vault is back succeeds.
+    vault.set_fault(Fault::None);
+    let r = call(&f, "s").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec![format!("Bearer {SECRET}")]);
+
+    // Unreachable: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let f2 = node_with(
+        token_auth(dir.path(), format!("http://{closed}"), "t"),
+        Duration::from_millis(500),
+    )
+    .await;
+    add_cell(
+        &f2,
+        "u",
+        vault_cell("u", f2.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let tls = f2.tls("api.test", &f2.token("u"), &[b"http/1.1"]).await;
+    let req = http::Request::builder()
+        .uri("/v1/x")
+        .header("host", format!("api.test:{}", f2.https.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = send_h1(tls, req).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("cannot reach vault"), "{}", r.body);
+    assert!(f2.https.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_twenty_requests_makes_one_vault_call() {
+    let vault = VaultContract::start().await;
+    vault.put_kv("secret", "github", serde_json::json!({"token": SECRET}));
+    // Slow enough that all twenty are waiting while the one read is in flight.
+    vault.set_fault(Fault::Slow(Duration::from_millis(300)));
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::sync::Arc::new(
+        node_with(
+            token_auth(dir.path(), vault.url(), &vault.root_token),
+            Duration::from_secs(2),
+        )
+        .await,
+    );
+    add_cell(
+        &f,
+        "burst",
+        vault_cell("burst", f.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move { call(&f, "burst").await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(vault.count(&Method::GET, "/v1/secret/data/github"), 1);
+    assert_eq!(f.https.requests().len(), 20);
+
+    // A burst during an outage makes one call too, and every request gets its 503.
+    let f2 = std::sync::Arc::new(
+        node_with(
+            token_auth(dir.path(), vault.url(), &vault.root_token),
+            Duration::from_millis(200),
+        )
+        .await,
+    );
+    vault.set_fault(Fault::Slow(Duration::from_secs(2)));
+    add_cell(
+        &f2,
+        "burst",
+        vault_cell("burst", f2.https.addr.port(), "secret/data/github", "token"),
+    )
+    .await;
+    let before = vault.count(&Method::GET, "/v1/secret/data/github");
+    let t0 = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let f = f2.clone();
+        tasks.push(tokio::spawn(async move { call(&f, "burst").await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 503);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(vault.count(&Method::GET, "/v1/secret/data/github") - before <= 2);
+}
