@@ -108,6 +108,13 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         }
     };
     let (src, dst) = (header.source, header.destination);
+    // The tagger runs in the pod's network namespace, so its connection comes from the address it
+    // writes as the source. A header claiming another source is someone replaying a token (or a
+    // header) from elsewhere: the token's address binding must hold for the real peer too.
+    if peer.ip().to_canonical() != src.ip().to_canonical() {
+        let detail = format!("the PPv2 source {src} is not the connection's peer {peer}");
+        return refuse(&shared, None, peer, src, dst, "source_mismatch", detail).await;
+    }
     let claims = match shared.verifier.verify(&header.token, decide::now_secs()) {
         Ok(c) => c,
         Err(e) => return refuse(&shared, None, peer, src, dst, e.reason(), e.to_string()).await,

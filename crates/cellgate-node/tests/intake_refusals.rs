@@ -162,3 +162,17 @@ async fn a_valid_token_of_another_cell_cannot_use_this_cells_address() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_claiming_another_source_than_the_peer_is_refused() {
+    let f = Fixture::start().await;
+    // The real token of the cell, bound to 127.0.0.1, replayed with a header that claims the
+    // bound address while the connection comes from 127.0.0.2.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(f.node().intake_addr).await.unwrap();
+    let h = cellgate_proxy_protocol::encode(AGENT.parse().unwrap(), f.http.addr, &f.token("demo"))
+        .unwrap();
+    s.write_all(&h).await.unwrap();
+    assert_refused(&f, s, "source_mismatch").await;
+}
