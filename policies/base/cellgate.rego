@@ -26,6 +26,18 @@ caps := input.cell.capabilities
 
 decision := _deny("cell_suspended", ["the cell is suspended"], null) if {
 	input.cell.suspended == true
+} else := {
+	# The common case first, with no function call: an enforce grant and no layer entry at all.
+	"allow": true,
+	"outcome": "allow",
+	"capability": input.cell.capabilities[_first_grant[1]].name,
+	"mode": "enforce",
+	"reason": "allowed",
+	"reasons": [],
+	"hint": null,
+} if {
+	_first_grant[0] == 0
+	not _layers_speak
 } else := _deny(_layer_reason, _layer_messages, null) if {
 	count(malformed_layers) > 0
 } else := _deny(_layer_reason, _layer_messages, null) if {
@@ -68,76 +80,146 @@ _result(allow, outcome, i, reason, reasons, hint) := {
 # Capabilities
 # ---------------------------------------------------------------------------------------------
 
-# The matching below is written for the evaluator: a handful of set and array comprehensions
-# computed once per request, instead of helper functions called per capability and destination.
-# Every stage narrows the previous one, so the reason for a miss falls out of set membership.
+# The matching below is written for the evaluator (regorus's RVM), where every rule reference,
+# function call, builtin call and loop iteration has a fixed cost: the request is matched against
+# an index of the cell (`_ix`) with lookups and one comprehension, and the finer stages that
+# explain a refusal are computed only on the paths that need them.
 
-# Host patterns that match the request's host: the host itself and one `*.` wildcard per parent
-# domain. `a.b.github.com` yields {a.b.github.com, *.b.github.com, *.github.com, *.com}; the bare
-# `github.com` is never matched by `*.github.com`.
-_host_keys := keys if {
-	is_string(req.host)
-	labels := split(req.host, ".")
-	n := count(labels)
-	keys := {req.host} | {k | some j, _ in labels; j > 0; k := concat(".", array.concat(["*"], array.slice(labels, j, n)))}
-} else := set()
+# The index of the cell. Cellgate supplies it, computed once per cell, as `input.cell.derived`
+# (docs/policy.md, "derived fields"); for any other input (policy tests, `opa eval`) it is
+# computed here, with the same result.
+_ix := input.cell.derived if {
+	is_object(input.cell.derived)
+} else := _derive
 
-# [capability index, destination] for every destination naming the request's target.
-# Host destinations match the name the request carries (Host, :authority, SNI, DNS question);
-# CIDR destinations match the address the agent dialled, never a name, and never answer DNS.
-_hits := array.concat(
-	[[i, d] | some i, cap in caps; some d in cap.destinations; d.host in _host_keys],
-	_cidr_hits,
-)
-
-_cidr_hits := [[i, d] |
-	some i, cap in caps
-	some d in cap.destinations
-	is_string(d.cidr)
-	net.cidr_contains(d.cidr, req.destination.address)
-] if {
-	req.protocol != "dns"
-	req.destination.address != ""
-} else := []
-
-# Stage 1: capabilities naming the target.
-target_caps := {i | some h in _hits; i := h[0]}
-
-# Stage 2: ... on a listed port (a DNS query has no port to check).
-_port_caps := target_caps if {
-	req.protocol == "dns"
-} else := {i | some h in _hits; req.port in h[1].ports; i := h[0]}
-
-# Stage 3: an undecrypted TLS connection only through a passthrough capability.
-_tls_caps := {i | some i in _port_caps; caps[i].tls == "passthrough"} if {
-	req.protocol == "tls"
-} else := _port_caps
-
-# Stage 4: the HTTP rule, for decrypted HTTP only.
-_http_protocols := {"http", "https"}
-
-granted_caps := {i | some i in _tls_caps; _http_ok(caps[i].http)} if {
-	req.protocol in _http_protocols
-} else := _tls_caps
-
-_http_ok(rule) if rule == null
-
-_http_ok(rule) if {
-	is_object(rule)
-	_method_ok(rule.methods)
-	_path_ok(rule.paths)
+# One entry per (capability, destination) of an `enforce` or `shadow` capability (a capability
+# of any other mode never grants nor refuses anything), keyed by what names the target:
+#   hosts:     exact host -> [entry, ...] (a `*.example.com` host is also a key, matching itself)
+#   wildcards: [entry + {"suffix": ".example.com"}, ...] for every `*.example.com`
+#   cidrs:     [entry + {"cidr": ...}, ...]
+# entry: {"cap": index, "rank": 0 enforce | 1 shadow, "ports": [...],
+#         "passthrough": tls == "passthrough", "http": the HTTP rule split by kind of glob}
+_derive := {
+	"hosts": {h: _host_entries(h) | some e in _entries; is_string(e.dest.host); h := e.dest.host},
+	"wildcards": [object.union(e.entry, {"suffix": trim_prefix(e.dest.host, "*")}) |
+		some e in _entries
+		is_string(e.dest.host)
+		startswith(e.dest.host, "*.")
+	],
+	"cidrs": [object.union(e.entry, {"cidr": e.dest.cidr}) | some e in _entries; is_string(e.dest.cidr)],
 }
 
-_method_ok(methods) if count(methods) == 0
+_ranks := {"enforce": 0, "shadow": 1}
 
-_method_ok(methods) if req.method in methods
+_entries := [{"dest": d, "entry": {
+	"cap": i,
+	"rank": _ranks[cap.mode],
+	"ports": d.ports,
+	"passthrough": cap.tls == "passthrough",
+	"http": _derive_http(cap.http),
+}} |
+	some i, cap in caps
+	some d in cap.destinations
+]
 
-_path_ok(paths) if count(paths) == 0
+_host_entries(h) := [e.entry | some e in _entries; e.dest.host == h]
 
-_path_ok(paths) if {
-	is_string(req.path)
-	some g in paths
-	path_match(g, req.path)
+# An HTTP rule: null (any request) is the rule with no method and no path; a rule that is not
+# an object never matches.
+_derive_http(rule) := {"methods": {}, "any_method": true, "any_path": true, "exact": {}, "prefixes": [], "globs": []} if {
+	rule == null
+} else := {
+	"methods": {m: true | some m in rule.methods},
+	"any_method": count(rule.methods) == 0,
+	"any_path": count(rule.paths) == 0,
+	# literal paths, and the bare prefix P of every literal `P/**`
+	"exact": {p: true | some g in rule.paths; some p in _glob_literals(g)},
+	# `P/` of every literal `P/**`
+	"prefixes": [concat("", [trim_suffix(g, "/**"), "/"]) | some g in rule.paths; _literal_prefix_glob(g)],
+	# every other glob, matched with `path_match`
+	"globs": [g | some g in rule.paths; not _literal_glob(g); not _literal_prefix_glob(g)],
+} if {
+	is_object(rule)
+} else := {"methods": {}, "any_method": false, "any_path": false, "exact": {}, "prefixes": [], "globs": []}
+
+# A glob without any glob syntax matches itself only.
+_literal_glob(g) if not regex.match(`[*?\[\]{}\\,]`, g)
+
+# `P/**` with a literal, non-empty P matches P and everything under `P/`.
+_literal_prefix_glob(g) if {
+	endswith(g, "/**")
+	p := trim_suffix(g, "/**")
+	p != ""
+	_literal_glob(p)
+}
+
+_glob_literals(g) := [g] if _literal_glob(g)
+
+_glob_literals(g) := [trim_suffix(g, "/**")] if _literal_prefix_glob(g)
+
+# Index entries of every destination naming the request's target.
+# Host destinations match the name the request carries (Host, :authority, SNI, DNS question):
+# `api.github.com` itself, `*.github.com` any name ending in `.github.com` (never `github.com`).
+# CIDR destinations match the address the agent dialled, never a name, and never answer DNS.
+_hits := array.concat(array.concat(object.get(_ix.hosts, input.request.host, []), _wildcard_hits), _cidr_hits)
+
+_wildcard_hits := [w |
+	some w in _ix.wildcards
+	endswith(input.request.host, w.suffix)
+] if {
+	is_string(input.request.host)
+} else := []
+
+_cidr_hits := [c |
+	some c in _ix.cidrs
+	net.cidr_contains(c.cidr, input.request.destination.address)
+] if {
+	input.request.protocol != "dns"
+	input.request.destination.address != ""
+} else := []
+
+# [rank, capability index] of every capability granting the request: one naming the target on a
+# listed port (a DNS query has no port), through passthrough for an undecrypted TLS connection,
+# and whose HTTP rule matches for decrypted HTTP.
+_grants := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; _http_ok(h.http)} if {
+	input.request.protocol in {"https", "http"}
+} else := {[h.rank, h.cap] | some h in _hits} if {
+	input.request.protocol == "dns"
+} else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; h.passthrough} if {
+	input.request.protocol == "tls"
+} else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports}
+
+# The first enforce grant in manifest order, else the first shadow grant (undefined if none).
+_first_grant := min(_grants)
+
+_http_protocols := {"http", "https"}
+
+# The method is listed (or the list is empty), and the path matches one glob (or the list is
+# empty).
+_http_ok(rule) if {
+	object.get(rule.methods, input.request.method, rule.any_method)
+	_path_ok(rule)
+}
+
+_path_ok(rule) if rule.any_path
+
+_path_ok(rule) if rule.exact[_path]
+
+_path_ok(rule) if {
+	some p in rule.prefixes
+	startswith(_path, p)
+}
+
+_path_ok(rule) if {
+	some g in rule.globs
+	path_match(g, _path)
+}
+
+# The request's path, when it can match a glob: `glob.match` refuses a string holding NUL, so
+# such a path matches nothing (but an empty path list).
+_path := input.request.path if {
+	is_string(input.request.path)
+	not contains(input.request.path, "\u0000")
 }
 
 # Path globs: `*` matches one segment, `**` any number of segments. A trailing `/**` also
@@ -149,10 +231,28 @@ path_match(g, path) if {
 	glob.match(trim_suffix(g, "/**"), ["/"], path)
 }
 
-# Sets of numbers iterate in ascending order, so [0] is the first in manifest order.
-enforce_grants := [i | some i in granted_caps; caps[i].mode == "enforce"]
+# The stages below explain a refusal; only denials and shadow modes evaluate them.
 
-shadow_grants := [i | some i in granted_caps; caps[i].mode == "shadow"]
+# Stage 1: capabilities naming the target.
+target_caps := {h.cap | some h in _hits}
+
+# Stage 2: ... on a listed port (a DNS query has no port to check).
+_port_caps := target_caps if {
+	req.protocol == "dns"
+} else := {h.cap | some h in _hits; req.port in h.ports}
+
+# Stage 3: an undecrypted TLS connection only through a passthrough capability.
+_tls_caps := {i | some i in _port_caps; caps[i].tls == "passthrough"} if {
+	req.protocol == "tls"
+} else := _port_caps
+
+# Stage 4: the HTTP rule, for decrypted HTTP only.
+granted_caps := {g[1] | some g in _grants}
+
+# Sets iterate in ascending order, so [0] is the first in manifest order.
+enforce_grants := [g[1] | some g in _grants; g[0] == 0]
+
+shadow_grants := [g[1] | some g in _grants; g[0] == 1]
 
 _enforce_misses := [i | some i in target_caps; not i in granted_caps; caps[i].mode == "enforce"]
 
@@ -184,6 +284,13 @@ _shadow_miss := _best_miss(_shadow_misses)
 # ---------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------
+
+# Whether any layer has anything to say: a non-empty `deny` set, or a `deny` that is not a set.
+# When none has, which is the common case, the rules below are never evaluated.
+_layers_speak if {
+	some layer in data.cellgate.layers
+	layer.deny != set()
+}
 
 # Every entry of every layer's deny set. A layer package without a `deny` rule contributes
 # nothing.

@@ -130,3 +130,29 @@ test_no_capability_hint_lists_reach if {
 	contains(d.hint, "api.github.com:443 via capability github (GET /repos/**)")
 	contains(d.hint, "10.0.0.0/8:5432 via capability db (any request)")
 }
+
+# The index sends literal globs and literal `P/**` globs to string comparisons instead of
+# `glob.match`: both must agree on every glob.
+_index_globs := ["/repos/**", "/user", "/**", "**", "/a/*/b", "/x/**/y", "/v1/{a,b}", "", "/e/**", "/a,b", "/q?", "/r/[ab]"]
+
+_index_paths := [
+	"/repos", "/repos/", "/repos/a/b", "/reposx", "/user", "/user/", "/", "", "/a/x/b", "/x/y",
+	"/x/1/2/y", "/v1/a", "/e", "/e/f", "/a,b", "/q1", "user", "/r/a", "/repos/a\u0000",
+]
+
+_indexed(g, p) := true if {
+	authz._path_ok(authz._derive_http({"methods": [], "paths": [g]})) with input.request.path as p
+} else := false
+
+_globbed(g, p) := true if {
+	not contains(p, "\u0000")
+	authz.path_match(g, p)
+} else := false
+
+test_indexed_paths_agree_with_glob_match if {
+	every g in _index_globs {
+		every p in _index_paths {
+			_indexed(g, p) == _globbed(g, p)
+		}
+	}
+}

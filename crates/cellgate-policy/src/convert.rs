@@ -64,6 +64,19 @@ struct Keys {
     reason: Value,
     reasons: Value,
     hint: Value,
+    derived: Value,
+    hosts: Value,
+    wildcards: Value,
+    cidrs: Value,
+    suffix: Value,
+    cap: Value,
+    rank: Value,
+    passthrough: Value,
+    any_method: Value,
+    any_path: Value,
+    exact: Value,
+    prefixes: Value,
+    globs: Value,
 }
 
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
@@ -110,6 +123,19 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     reason: "reason".into(),
     reasons: "reasons".into(),
     hint: "hint".into(),
+    derived: "derived".into(),
+    hosts: "hosts".into(),
+    wildcards: "wildcards".into(),
+    cidrs: "cidrs".into(),
+    suffix: "suffix".into(),
+    cap: "cap".into(),
+    rank: "rank".into(),
+    passthrough: "passthrough".into(),
+    any_method: "any_method".into(),
+    any_path: "any_path".into(),
+    exact: "exact".into(),
+    prefixes: "prefixes".into(),
+    globs: "globs".into(),
 });
 
 /// Number of keys in a decision document.
@@ -163,20 +189,20 @@ fn identity(i: &IdentityDoc) -> Value {
     ])
 }
 
-fn destination(d: &DestinationDoc) -> Value {
+fn ports(p: &[u16]) -> Value {
+    Value::from(
+        p.iter()
+            .map(|p| Value::from(u64::from(*p)))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn destination(d: &DestinationDoc, ports: Value) -> Value {
     let k = &*KEYS;
     object([
         (&k.host, opt(d.host.as_ref())),
         (&k.cidr, opt(d.cidr.as_ref())),
-        (
-            &k.ports,
-            Value::from(
-                d.ports
-                    .iter()
-                    .map(|p| Value::from(u64::from(*p)))
-                    .collect::<Vec<_>>(),
-            ),
-        ),
+        (&k.ports, ports),
     ])
 }
 
@@ -190,7 +216,9 @@ fn http_rule(h: Option<&HttpRuleDoc>) -> Value {
     })
 }
 
-fn capability(c: &CapabilityDoc) -> Value {
+/// A capability; `ports` holds the port list of each destination (shared with the derived
+/// fields).
+fn capability(c: &CapabilityDoc, ports: &[Value]) -> Value {
     let k = &*KEYS;
     object([
         (&k.name, s(&c.name)),
@@ -198,7 +226,13 @@ fn capability(c: &CapabilityDoc) -> Value {
         (&k.tls, s(&c.tls)),
         (
             &k.destinations,
-            Value::from(c.destinations.iter().map(destination).collect::<Vec<_>>()),
+            Value::from(
+                c.destinations
+                    .iter()
+                    .zip(ports)
+                    .map(|(d, p)| destination(d, p.clone()))
+                    .collect::<Vec<_>>(),
+            ),
         ),
         (&k.http, http_rule(c.http.as_ref())),
         (&k.approval, Value::from(c.approval)),
@@ -226,33 +260,182 @@ fn request(r: &RequestDoc) -> Value {
 ///
 /// Cloning is a reference-count increment. The node keeps one per cell beside the cell's model
 /// and rebuilds it when the cell changes; [`crate::PolicySet::evaluate_with_cell`] takes it.
+///
+/// Besides the cell document it holds the cell's **derived fields** (`input.cell.derived`,
+/// documented in `docs/policy.md`): an index of the destinations by kind and of the HTTP rules
+/// by kind of path glob, which the base policy would otherwise recompute on every request. The
+/// policy still decides; the index only saves it work, and it computes the same index itself
+/// (`_derive`) for an input without one.
 #[derive(Debug, Clone)]
-pub struct CellValue(Value);
+pub struct CellValue {
+    /// The cell document exactly as its JSON form.
+    plain: Value,
+    /// The same with the `derived` key, as evaluated.
+    with_derived: Value,
+}
 
 impl CellValue {
     /// Converts a cell document.
     pub fn new(c: &CellDoc) -> Self {
         let k = &*KEYS;
-        Self(object([
+        let port_lists: Vec<Vec<Value>> = c
+            .capabilities
+            .iter()
+            .map(|cap| cap.destinations.iter().map(|d| ports(&d.ports)).collect())
+            .collect();
+        let capabilities: Vec<Value> = c
+            .capabilities
+            .iter()
+            .zip(&port_lists)
+            .map(|(cap, p)| capability(cap, p))
+            .collect();
+        let fields = [
             (&k.uid, s(&c.uid)),
             (&k.namespace, s(&c.namespace)),
             (&k.name, s(&c.name)),
             (&k.role, opt(c.role.as_ref())),
             (&k.suspended, Value::from(c.suspended)),
             (&k.labels, string_map(&c.labels)),
-            (
-                &k.capabilities,
-                Value::from(c.capabilities.iter().map(capability).collect::<Vec<_>>()),
-            ),
-        ]))
+            (&k.capabilities, Value::from(capabilities.clone())),
+        ];
+        let plain = object(fields.clone());
+        let mut with_derived: BTreeMap<Value, Value> =
+            fields.into_iter().map(|(k, v)| (k.clone(), v)).collect();
+        with_derived.insert(k.derived.clone(), derived(c, &port_lists));
+        Self {
+            plain,
+            with_derived: Value::from(with_derived),
+        }
     }
 }
 
-/// Builds the `input` document; `cell` replaces `input.cell` when given (it must describe the
-/// same cell).
-pub(crate) fn input_value(input: &InputDoc, cell: Option<&CellValue>) -> Value {
+/// Characters that make a path glob more than a literal string (`glob.match` syntax and the
+/// separators of its alternatives). Kept in step with `_literal_glob` in the base policy.
+const GLOB_SYNTAX: [char; 8] = ['*', '?', '[', ']', '{', '}', '\\', ','];
+
+fn is_literal_glob(g: &str) -> bool {
+    !g.contains(GLOB_SYNTAX)
+}
+
+/// `P` of a `P/**` glob whose `P` is a non-empty literal.
+fn literal_prefix_glob(g: &str) -> Option<&str> {
+    g.strip_suffix("/**")
+        .filter(|p| !p.is_empty() && is_literal_glob(p))
+}
+
+fn true_set<'a>(items: impl Iterator<Item = &'a str>) -> Value {
+    Value::from(
+        items
+            .map(|x| (s(x), Value::Bool(true)))
+            .collect::<BTreeMap<Value, Value>>(),
+    )
+}
+
+/// An HTTP rule as indexed (`_derive_http` in the base policy): `None` (any request) is the rule
+/// with no method and no path.
+fn derived_http(h: Option<&HttpRuleDoc>) -> Value {
     let k = &*KEYS;
-    let cell = cell.map_or_else(|| CellValue::new(&input.cell).0, |c| c.0.clone());
+    let (methods, paths) = h.map_or((&[][..], &[][..]), |h| (&h.methods[..], &h.paths[..]));
+    let mut exact = Vec::new();
+    let mut prefixes = Vec::new();
+    let mut globs = Vec::new();
+    for g in paths {
+        if is_literal_glob(g) {
+            exact.push(g.as_str());
+        } else if let Some(p) = literal_prefix_glob(g) {
+            exact.push(p);
+            prefixes.push(s(&format!("{p}/")));
+        } else {
+            globs.push(s(g));
+        }
+    }
+    object([
+        (&k.methods, true_set(methods.iter().map(String::as_str))),
+        (&k.any_method, Value::from(methods.is_empty())),
+        (&k.any_path, Value::from(paths.is_empty())),
+        (&k.exact, true_set(exact.into_iter())),
+        (&k.prefixes, Value::from(prefixes)),
+        (&k.globs, Value::from(globs)),
+    ])
+}
+
+/// `input.cell.derived`: what `_derive` computes in the base policy. `port_lists` holds the
+/// converted port list of every destination, shared with the capabilities.
+fn derived(c: &CellDoc, port_lists: &[Vec<Value>]) -> Value {
+    let k = &*KEYS;
+    let mut hosts: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+    let mut wildcards = Vec::new();
+    let mut cidrs = Vec::new();
+    for (i, (cap, cap_ports)) in c.capabilities.iter().zip(port_lists).enumerate() {
+        let rank = match cap.mode.as_str() {
+            "enforce" => 0_u64,
+            "shadow" => 1,
+            _ => continue, // never grants nor refuses
+        };
+        let index = Value::from(u64::try_from(i).unwrap_or(u64::MAX));
+        let http = derived_http(cap.http.as_ref());
+        let passthrough = Value::from(cap.tls == "passthrough");
+        for (d, ports) in cap.destinations.iter().zip(cap_ports) {
+            let entry = |extra: Option<(&Value, Value)>| {
+                let mut m: BTreeMap<Value, Value> = [
+                    (k.cap.clone(), index.clone()),
+                    (k.rank.clone(), Value::from(rank)),
+                    (k.ports.clone(), ports.clone()),
+                    (k.passthrough.clone(), passthrough.clone()),
+                    (k.http.clone(), http.clone()),
+                ]
+                .into_iter()
+                .collect();
+                if let Some((key, v)) = extra {
+                    m.insert(key.clone(), v);
+                }
+                Value::from(m)
+            };
+            if let Some(host) = &d.host {
+                hosts.entry(s(host)).or_default().push(entry(None));
+                if let Some(suffix) = host.strip_prefix('*').filter(|x| x.starts_with('.')) {
+                    wildcards.push(entry(Some((&k.suffix, s(suffix)))));
+                }
+            }
+            if let Some(cidr) = &d.cidr {
+                cidrs.push(entry(Some((&k.cidr, s(cidr)))));
+            }
+        }
+    }
+    object([
+        (
+            &k.hosts,
+            Value::from(
+                hosts
+                    .into_iter()
+                    .map(|(h, v)| (h, Value::from(v)))
+                    .collect::<BTreeMap<Value, Value>>(),
+            ),
+        ),
+        (&k.wildcards, Value::from(wildcards)),
+        (&k.cidrs, Value::from(cidrs)),
+    ])
+}
+
+/// Builds the `input` document exactly as its JSON form; `cell` replaces `input.cell` when
+/// given (it must describe the same cell).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn input_value(input: &InputDoc, cell: Option<&CellValue>) -> Value {
+    let cell = cell.map_or_else(|| CellValue::new(&input.cell).plain, |c| c.plain.clone());
+    build_input(input, cell)
+}
+
+/// Builds the `input` document as evaluated: with the cell's derived fields.
+pub(crate) fn eval_input_value(input: &InputDoc, cell: Option<&CellValue>) -> Value {
+    let cell = cell.map_or_else(
+        || CellValue::new(&input.cell).with_derived,
+        |c| c.with_derived.clone(),
+    );
+    build_input(input, cell)
+}
+
+fn build_input(input: &InputDoc, cell: Value) -> Value {
+    let k = &*KEYS;
     object([
         (&k.version, s(&input.version)),
         (&k.time_ns, Value::from(input.time_ns)),
@@ -411,5 +594,93 @@ mod tests {
             decision_from_value(&Value::from_json_str(&bad).unwrap()),
             Err(EvalError::Invalid(_))
         ));
+    }
+    /// The index built here is the one `_derive` in the base policy computes for an input
+    /// without it: same entries, same order.
+    #[test]
+    fn derived_fields_match_the_policy_derivation() {
+        let base = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../policies/base/cellgate.rego"
+        );
+        let mut engine = regorus::Engine::new();
+        engine.set_rego_v0(false);
+        engine.add_policy_from_file(base).unwrap();
+        let cap =
+            |name: &str, mode: &str, tls: &str, dests: Vec<DestinationDoc>, http| CapabilityDoc {
+                name: name.into(),
+                mode: mode.into(),
+                tls: tls.into(),
+                destinations: dests,
+                http,
+                approval: false,
+                credential: false,
+            };
+        let dest = |host: Option<&str>, cidr: Option<&str>, ports: Vec<u16>| DestinationDoc {
+            host: host.map(Into::into),
+            cidr: cidr.map(Into::into),
+            ports,
+        };
+        let rule = |methods: &[&str], paths: &[&str]| {
+            Some(HttpRuleDoc {
+                methods: methods.iter().map(|m| (*m).into()).collect(),
+                paths: paths.iter().map(|p| (*p).into()).collect(),
+            })
+        };
+        let mut input = InputDoc::default();
+        input.cell.capabilities = vec![
+            cap(
+                "a",
+                "enforce",
+                "intercept",
+                vec![
+                    dest(Some("api.example.com"), None, vec![443]),
+                    dest(Some("*.example.com"), None, vec![443, 80]),
+                ],
+                rule(
+                    &["GET", "HEAD"],
+                    &["/repos/**", "/user", "/x/*/y", "/**", "", "/a,b/**"],
+                ),
+            ),
+            cap(
+                "b",
+                "shadow",
+                "passthrough",
+                vec![
+                    dest(None, Some("10.0.0.0/8"), vec![5432]),
+                    dest(Some("api.example.com"), Some("192.0.2.0/24"), vec![]),
+                ],
+                None,
+            ),
+            cap(
+                "c",
+                "audit",
+                "intercept",
+                vec![dest(Some("c.test"), None, vec![1])],
+                None,
+            ),
+            cap(
+                "d",
+                "enforce",
+                "intercept",
+                vec![dest(Some("*"), None, vec![1])],
+                rule(&[], &[]),
+            ),
+        ];
+        let json = serde_json::to_string(&input).unwrap();
+        engine.set_input(Value::from_json_str(&json).unwrap());
+        let from_policy = engine
+            .eval_rule("data.cellgate.authz._derive".into())
+            .unwrap();
+        let cell = CellValue::new(&input.cell);
+        let from_rust = &cell.with_derived[&KEYS.derived];
+        assert_eq!(from_rust, &from_policy);
+        assert_eq!(
+            from_policy[&KEYS.hosts]["api.example.com"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

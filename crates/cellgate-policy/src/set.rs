@@ -22,7 +22,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 use sha2::{Digest, Sha256};
 
-use crate::convert::{decision_from_value, input_value, CellValue};
+use crate::convert::{decision_from_value, eval_input_value, CellValue};
 use crate::error::{EvalError, PolicyError};
 
 /// The rule every policy set must define.
@@ -40,7 +40,7 @@ pub const MAX_INSTRUCTIONS: usize = 1_000_000;
 /// [`MAX_INSTRUCTIONS`] (which is deterministic): wall-clock time includes preemption, so it is
 /// set far above a decision's tens of microseconds to never deny a request because the node was
 /// busy.
-pub const EVAL_TIME_LIMIT: Duration = Duration::from_millis(250);
+pub const EVAL_TIME_LIMIT: Duration = Duration::from_secs(2);
 /// VM instructions between two clock reads.
 const TIMER_CHECK_INTERVAL: u32 = 256;
 /// Length of [`PolicySet::version`] in hex digits.
@@ -162,7 +162,7 @@ impl PolicySet {
     /// The time limit is cooperative (checked every few hundred VM instructions); a single
     /// builtin call (a huge regex) is not interrupted.
     pub fn evaluate(&self, input: &InputDoc) -> Result<DecisionDoc, EvalError> {
-        self.run(input_value(input, None))
+        self.run(eval_input_value(input, None))
     }
 
     /// Like [`PolicySet::evaluate`], with the cell part of the input prebuilt by the caller
@@ -176,7 +176,7 @@ impl PolicySet {
         input: &InputDoc,
         cell: &CellValue,
     ) -> Result<DecisionDoc, EvalError> {
-        self.run(input_value(input, Some(cell)))
+        self.run(eval_input_value(input, Some(cell)))
     }
 
     fn run(&self, input: Value) -> Result<DecisionDoc, EvalError> {
