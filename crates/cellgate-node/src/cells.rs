@@ -21,6 +21,8 @@ pub struct CellEntry {
     pub cell: Arc<Cell>,
     /// `input.cell` for the policy.
     pub doc: CellDoc,
+    /// The same, converted once for the policy engine (with its derived index).
+    pub value: cellgate_policy::CellValue,
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -80,6 +82,7 @@ impl CellStore {
                 (
                     cell.uid.clone(),
                     Arc::new(CellEntry {
+                        value: cellgate_policy::CellValue::new(&doc),
                         cell: Arc::new(cell),
                         doc,
                         source: None,
@@ -171,6 +174,7 @@ impl CellStore {
                 map.insert(
                     cell.uid.clone(),
                     Arc::new(CellEntry {
+                        value: cellgate_policy::CellValue::new(&cell_doc(cell)),
                         doc: cell_doc(cell),
                         cell: Arc::new(cell.clone()),
                         source: Some(path.clone()),

@@ -185,7 +185,8 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             name: claims.name.clone(),
             role: claims.role.clone(),
         },
-        cell: entry.doc.clone(),
+        // The engine takes the cell from its prebuilt value (`evaluate_with_cell`).
+        cell: cellgate_api::policy::CellDoc::default(),
         request: RequestDoc {
             protocol: facts.protocol.into(),
             host: facts.host.clone(),
@@ -203,7 +204,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         },
     };
     let version = policy.version().to_string();
-    match policy.evaluate(&input) {
+    match policy.evaluate_with_cell(&input, &entry.value) {
         Ok(d) => Outcome {
             result: match d.outcome.as_str() {
                 "allow" if d.allow => Decision::Allow,
