@@ -173,7 +173,9 @@ impl VaultBackend {
         let settings = VaultClientSettingsBuilder::default()
             .address(&self.config.addr)
             .token(token)
-            .timeout(Some(self.timeout))
+            // The bound that decides is `bounded`'s; the client's own timeout is a backstop set
+            // later so the two never race to name the failure.
+            .timeout(Some(self.timeout.saturating_mul(2)))
             .build()
             .map_err(|e| unavailable(format!("vault client settings: {e}")))?;
         VaultClient::new(settings).map_err(|e| unavailable(format!("vault client: {e}")))
