@@ -259,6 +259,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if effective_uid() != 0 {
         bail!("cellgate run needs root: it creates a network namespace, a veth pair and iptables rules for the cell (try: sudo cellgate run ...)");
     }
+    // From here on, SIGTERM and Ctrl-C never kill the run half-way: they are held until the
+    // command runs (or set-up ends), then stop it, and the cell is torn down.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sig_int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sig_term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let manifest = cellgate_api::manifest::parse_agent_cell(&text)
@@ -503,7 +508,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .kill_on_drop(true)
         .spawn()
         .context("starting the command")?;
-    let code = wait_with_signals(&mut child).await;
+    let code = wait_with_signals(&mut child, &mut sig_int, &mut sig_term).await;
 
     let _ = tagger.start_kill();
     let _ = node.shared.audit.flush().await;
@@ -549,14 +554,11 @@ async fn wait_for_line(child: &mut tokio::process::Child, needle: &str) -> anyho
 }
 
 /// Waits for the command; Ctrl-C and SIGTERM are passed on, then it is killed after a grace period.
-async fn wait_with_signals(child: &mut tokio::process::Child) -> ExitCode {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return exit_code(child.wait().await.ok());
-    };
+async fn wait_with_signals(
+    child: &mut tokio::process::Child,
+    int: &mut tokio::signal::unix::Signal,
+    term: &mut tokio::signal::unix::Signal,
+) -> ExitCode {
     let sig = tokio::select! {
         s = child.wait() => return exit_code(s.ok()),
         _ = int.recv() => "INT",

@@ -14,6 +14,7 @@ async fn main() {
     let mut ca_out = PathBuf::from(".");
     let mut listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
     let mut plain = false;
+    let mut log_header: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -33,8 +34,9 @@ async fn main() {
                     .unwrap_or_else(|| die("--listen takes ADDR:PORT"))
             }
             "--plain" => plain = true,
+            "--log-header" => log_header = args.next().map(|h| h.to_ascii_lowercase()),
             "--help" | "-h" => {
-                println!("usage: cellgate-demo-upstream [--names a,b] [--ca-out DIR] [--listen ADDR] [--plain]");
+                println!("usage: cellgate-demo-upstream [--names a,b] [--ca-out DIR] [--listen ADDR] [--plain] [--log-header NAME]");
                 return;
             }
             other => die(&format!("unknown argument {other:?}")),
@@ -52,6 +54,30 @@ async fn main() {
     };
     let up = cellgate_testing::Upstream::start_on(listen, tls).await;
     println!("listening on {}", up.addr);
+    if let Some(name) = log_header {
+        // One line per request received, with the value of one header (for tests that check what
+        // the boundary injected).
+        let seen = up.seen.clone();
+        tokio::spawn(async move {
+            let mut printed = 0;
+            loop {
+                let batch: Vec<_> = seen
+                    .lock()
+                    .map(|s| s.iter().skip(printed).cloned().collect())
+                    .unwrap_or_default();
+                for r in batch {
+                    printed += 1;
+                    println!(
+                        "seen {} {} {name}={}",
+                        r.method,
+                        r.uri,
+                        r.header(&name).unwrap_or("-")
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+    }
     let _ = tokio::signal::ctrl_c().await;
 }
 

@@ -1,0 +1,292 @@
+//! `cellgate run` as a user meets it: exit codes, teardown on SIGTERM and Ctrl-C, a clear refusal
+//! without root, and a credential injected at the boundary that the agent never sees.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn require_root() {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
+        })
+        .unwrap_or(u32::MAX);
+    assert_eq!(
+        euid, 0,
+        "this test needs root (network namespaces, iptables)"
+    );
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first: cargo build --bins",
+        p.display()
+    );
+    p
+}
+
+const CELL: &str = "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: lifecycle}\nspec:\n  capabilities:\n    - name: web\n      destinations: [{host: api.life, ports: [PORT]}]\n      http: {methods: [GET], paths: [\"/v1/**\"]}\n";
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn netns_exists(name: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(name))
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn run_cmd(dir: &Path, cell: &str, extra: &[&str], command: &[&str]) -> Command {
+    let cell_file = dir.join("cell.yaml");
+    std::fs::write(&cell_file, cell).unwrap();
+    let mut c = Command::new(bin("cellgate"));
+    c.arg("run")
+        .arg("-f")
+        .arg(&cell_file)
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"));
+    c.args(extra).arg("--").args(command).current_dir(dir);
+    c
+}
+
+#[test]
+fn the_commands_exit_code_is_returned() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_cmd(
+        dir.path(),
+        &CELL.replace("PORT", "443"),
+        &[],
+        &["sh", "-c", "exit 7"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("0 allowed, 0 denied"),
+        "the summary: {stderr}"
+    );
+}
+
+#[test]
+fn sigterm_and_ctrl_c_tear_the_cell_down() {
+    require_root();
+    for sig in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let child = run_cmd(
+            dir.path(),
+            &CELL.replace("PORT", "443"),
+            &[],
+            &["sleep", "60"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let mut child = Kill(child);
+        let name = format!("cgrun-{}", child.0.id());
+        assert!(
+            wait_until(Duration::from_secs(20), || netns_exists(&name)),
+            "the cell {name} never appeared"
+        );
+        // Let the command start.
+        std::thread::sleep(Duration::from_millis(500));
+        Command::new("kill")
+            .args([&format!("-{sig}"), &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "SIG{sig}: cellgate run did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            !status.success(),
+            "SIG{sig}: the command was stopped, so the run is not a success"
+        );
+        assert!(
+            !netns_exists(&name),
+            "SIG{sig}: namespace {name} left behind"
+        );
+        assert!(
+            !Path::new("/run/cellgate").join(&name).exists(),
+            "SIG{sig}: state left behind"
+        );
+        assert!(
+            !Path::new("/etc/netns").join(&name).exists(),
+            "SIG{sig}: resolv.conf left behind"
+        );
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err);
+        assert!(err.contains(&format!("SIG{sig}")), "{err}");
+    }
+}
+
+#[test]
+fn without_root_it_says_what_it_needs() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cell.yaml"), CELL.replace("PORT", "443")).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(bin("cellgate"))
+        .args(["run", "-f"])
+        .arg(dir.path().join("cell.yaml"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs root") && err.contains("network namespace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_credential_is_injected_at_the_boundary_and_never_seen_by_the_agent() {
+    require_root();
+    const SECRET: &str = "sk-cell-test-5f1e0c2a9b";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut up = Command::new(bin("cellgate-demo-upstream"))
+        .args([
+            "--names",
+            "api.life",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-header",
+            "authorization",
+            "--ca-out",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    let _up = Kill(up);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("api-key"), SECRET).unwrap();
+    std::fs::set_permissions(
+        &secrets,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let cell = CELL.replace("PORT", &port).replace(
+        "      http:",
+        "      credential:\n        file: {name: api-key}\n        inject: {header: Authorization, value: \"Bearer {{secret}}\"}\n      http:",
+    );
+    let script = format!(
+        "curl -sS -H 'Authorization: Bearer agent-made-this-up' https://api.life:{port}/v1/chat; echo; env; cat {}/api-key; ls /run/cellgate/*/ 2>&1; true",
+        secrets.display()
+    );
+    let out = run_cmd(
+        dir.path(),
+        &cell,
+        &[
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--upstream-ca",
+            dir.path().join("upstream-ca.pem").to_str().unwrap(),
+            "--resolve",
+            &format!("api.life:{port}:127.0.0.1"),
+        ],
+        &["sh", "-c", &script],
+    )
+    .output()
+    .unwrap();
+    let agent = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{agent}");
+    assert!(
+        agent.contains("\"uri\":\"/v1/chat\""),
+        "the request did not reach the upstream: {agent}"
+    );
+    assert!(
+        !agent.contains(SECRET),
+        "the agent saw the secret:\n{agent}"
+    );
+    let seen: Vec<String> = rx
+        .recv_timeout(Duration::from_secs(5))
+        .into_iter()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![format!("seen GET /v1/chat authorization=Bearer {SECRET}")],
+        "what the upstream received"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"capability\":\"web\"") && !audit.contains(SECRET));
+}
