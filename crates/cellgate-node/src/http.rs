@@ -515,11 +515,9 @@ async fn forward(
     };
     // The client picks HTTP/2 or HTTP/1.1 per upstream by ALPN.
     parts.version = Version::HTTP_11;
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
+    // The client writes the authority itself: `Host` on HTTP/1.1, `:authority` on HTTP/2 (where
+    // a second, explicit `host` header is refused by some servers, nginx among them).
+    parts.headers.remove(header::HOST);
     let client = if upgrade {
         &shared.upstream.http1
     } else {

@@ -22,7 +22,7 @@ async fn allowed_https_request_reaches_upstream_and_is_audited() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].uri, "/v1/models?limit=2");
     assert_eq!(
-        seen[0].header("host"),
+        seen[0].host(),
         Some(format!("api.test:{}", f.https.addr.port()).as_str())
     );
     let rid = r

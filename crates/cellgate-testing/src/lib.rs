@@ -127,9 +127,16 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     /// Body bytes received.
     pub body: Vec<u8>,
+    /// The request target's authority (HTTP/2 `:authority`), when there was one.
+    pub authority: Option<String>,
 }
 
 impl Seen {
+    /// The host the request named: its `Host` header, or its `:authority` on HTTP/2.
+    pub fn host(&self) -> Option<&str> {
+        self.header("host").or(self.authority.as_deref())
+    }
+
     /// The first value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -250,6 +257,7 @@ async fn handle(
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
             .collect(),
         body,
+        authority: parts.uri.authority().map(|a| a.to_string()),
     };
     seen.lock().unwrap().push(record.clone());
     let path = parts.uri.path();
@@ -310,7 +318,7 @@ async fn handle(
     }
     let body = serde_json::json!({
         "method": record.method, "uri": record.uri, "version": record.version,
-        "host": record.header("host"), "body_len": record.body.len(),
+        "host": record.host(), "body_len": record.body.len(),
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     r.headers_mut().insert(
