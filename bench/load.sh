@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Load benchmark: HTTPS requests straight to a local nginx vs the same requests through
+# cellgate-tagger + cellgate-node (PPv2 intake, token check, Rego decision, TLS interception,
+# upstream TLS, audit), with h2load, for HTTP/1.1 and h2. Loopback only, no root needed to run
+# (root or sudo only to apt-get install missing tools), stops by itself (every load run is bounded
+# by -D and by `timeout`), and kills what it started on exit. See docs/benchmarks.md.
+#
+#   bench/load.sh                       # defaults below
+#   DURATION=15 WARMUP=3 CONC=32 bench/load.sh
+#
+# Knobs (environment):
+#   DURATION  seconds measured per run (default 10)        WARMUP  warm-up seconds per run (2)
+#   CONC      clients for the throughput runs (16)         LAT_DURATION  seconds for -c1 runs (8)
+#   SKIP_BUILD=1  use target/release as it is (e.g. while the tree does not compile)
+#   KEEP=1    keep the temp dir (logs, h2load per-request logs, audit log)
+# 8 runs of WARMUP+DURATION (4 throughput + 4 latency): ~1m50s with the defaults, plus setup.
+set -euo pipefail
+
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+LAT_DURATION="${LAT_DURATION:-8}"
+CONC="${CONC:-16}"
+BODY_BYTES=1024
+HOST=api.bench
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cd "$root"
+
+# --- tools ---------------------------------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  sudo_=""
+  [ "$(id -u)" -ne 0 ] && sudo_="sudo"
+  $sudo_ apt-get install -y "${missing[@]}" || {
+    $sudo_ apt-get update && $sudo_ apt-get install -y "${missing[@]}"
+  }
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+bin="$root/target/release"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "==> SKIP_BUILD=1: using the binaries already in $bin"
+else
+  echo "==> building release binaries"
+  cargo build --release --quiet -p cellgate-node -p cellgate-tagger -p cellgate-cli || {
+    echo "release build failed; SKIP_BUILD=1 reuses the binaries already in $bin" >&2; exit 1; }
+fi
+for b in cellgate cellgate-node cellgate-tagger; do
+  [ -x "$bin/$b" ] || { echo "missing $bin/$b" >&2; exit 1; }
+done
+
+work="$(mktemp -d -t cellgate-bench.XXXXXX)"
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${KEEP:-0}" = 1 ]; then echo "(kept $work)"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free loopback port (the kernel picks it; a tiny race with other programs is acceptable here).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+UP_PORT="$(free_port)"     # nginx, TLS with ALPN h2 + http/1.1 (direct runs; node upstream if it works)
+UP1_PORT="$(free_port)"    # nginx, TLS with http/1.1 only (node upstream fallback, see below)
+NODE_PORT="$(free_port)"
+ADMIN_PORT="$(free_port)"
+TAGGER_PORT="$(free_port)"
+TAGGER1_PORT="$(free_port)"
+
+# --- test CA and upstream certificate for api.bench ----------------------------------------------
+echo "==> test CA and a certificate for $HOST (in $work)"
+(
+  cd "$work"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -keyout upstream-ca.key -out upstream-ca.pem -subj "/CN=cellgate bench upstream CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout upstream.key -out upstream.csr -subj "/CN=$HOST" 2>/dev/null
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth" "subjectAltName=DNS:$HOST" > upstream.ext
+  openssl x509 -req -in upstream.csr -CA upstream-ca.pem -CAkey upstream-ca.key -CAcreateserial \
+    -days 2 -extfile upstream.ext -out upstream.crt 2>/dev/null
+)
+
+# --- nginx: the HTTPS upstream -------------------------------------------------------------------
+# worker_processes 1: the machine this was written for has 2 cores; one nginx worker leaves the
+# other core for the load generator and the proxy (node + tagger) instead of 4 processes fighting
+# over 2 cores for the direct runs as well as the proxied ones.
+body="$(head -c "$BODY_BYTES" /dev/zero | tr '\0' 'x')"
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log info;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_timeout 65s;
+  keepalive_requests 10000000;
+  server {
+    listen 127.0.0.1:$UP_PORT ssl http2;
+    listen 127.0.0.1:$UP1_PORT ssl;
+    server_name $HOST;
+    ssl_certificate $work/upstream.crt;
+    ssl_certificate_key $work/upstream.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location = /v1/ping {
+      default_type application/octet-stream;
+      return 200 "$body";
+    }
+    location / { return 404; }
+  }
+}
+EOF
+echo "==> nginx on 127.0.0.1:$UP_PORT (h2 + HTTP/1.1) and 127.0.0.1:$UP1_PORT (HTTP/1.1 only); 1 worker, keepalive"
+"$NGINX" -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+pids+=($!)
+
+# --- cellgate: keys, CA, cell, token; node and tagger --------------------------------------------
+echo "==> keys, CA, cell and token"
+"$bin/cellgate" keys init --out "$work/keys" >/dev/null
+"$bin/cellgate" ca init --out "$work/ca" >/dev/null
+mkdir -p "$work/cells"
+cat > "$work/cells/bench.yaml" <<EOF
+apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata:
+  name: bench-agent
+  namespace: default
+spec:
+  role: researcher
+  capabilities:
+    - name: bench-api
+      destinations:
+        - host: $HOST
+          ports: [$UP_PORT, $UP1_PORT]
+      http:
+        methods: [GET]
+        paths: ["/v1/**"]
+EOF
+"$bin/cellgate" token issue --key "$work/keys/signing.key" --cell "$work/cells/bench.yaml" \
+  --ttl 15m --bind 127.0.0.1 > "$work/token"
+
+echo "==> cellgate-node on 127.0.0.1:$NODE_PORT, cellgate-tagger on 127.0.0.1:$TAGGER_PORT (CELLGATE_LOG=warn)"
+CELLGATE_LOG=warn "$bin/cellgate-node" --listen "127.0.0.1:$NODE_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+  --cells "$work/cells" --ca "$work/ca" --trust "$work/keys/signing.pub" --audit "$work/audit.jsonl" \
+  --upstream-ca "$work/upstream-ca.pem" --resolve "$HOST:*:127.0.0.1" 2> "$work/node.log" &
+pids+=($!)
+node_pid=$!
+# Two taggers (no iptables here, so --destination says where the agent was going): one for each
+# nginx listener. Only the one chosen below carries load.
+CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
+  --token-file "$work/token" --destination "127.0.0.1:$UP_PORT" 2> "$work/tagger.log" &
+pids+=($!)
+tagger_pid=$!
+CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER1_PORT" --node "127.0.0.1:$NODE_PORT" \
+  --token-file "$work/token" --destination "127.0.0.1:$UP1_PORT" 2> "$work/tagger1.log" &
+pids+=($!)
+tagger1_pid=$!
+
+ready=0
+for _ in $(seq 100); do
+  if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 &&
+     curl -sf --cacert "$work/upstream-ca.pem" --resolve "$HOST:$UP_PORT:127.0.0.1" \
+       "https://$HOST:$UP_PORT/v1/ping" >/dev/null 2>&1; then
+    ready=1; break
+  fi
+  sleep 0.1
+done
+if [ "$ready" != 1 ]; then
+  echo "node or nginx not ready; logs:" >&2
+  tail -n 20 "$work/node.log" "$work/nginx/error.log" >&2 || true
+  exit 1
+fi
+# Sanity: the proxied path answers 200 with the body (curl verifies the cell CA). First with the
+# node's upstream connection negotiating h2 with nginx; if nginx refuses that (nginx 1.22 answers
+# 400 "client sent duplicate host header" when an h2 request carries both :authority and host),
+# say so and fall back to the HTTP/1.1-only listener for the node's upstream side.
+proxied() {
+  curl -sS --cacert "$work/ca/ca.crt" --connect-to "$HOST:$1:127.0.0.1:$2" \
+    -o /dev/null -w '%{http_code} %{size_download}' "https://$HOST:$1/v1/ping"
+}
+UPSTREAM_PROTO=h2
+got="$(proxied "$UP_PORT" "$TAGGER_PORT")"
+if [ "$got" != "200 $BODY_BYTES" ]; then
+  echo "!! proxied request with an h2 upstream answered '$got'; nginx says:" >&2
+  grep -v '\[notice\]' "$work/nginx/error.log" | tail -n 2 | cut -c1-220 >&2 || true
+  got="$(proxied "$UP1_PORT" "$TAGGER1_PORT")"
+  if [ "$got" != "200 $BODY_BYTES" ]; then
+    echo "proxied sanity request failed with an HTTP/1.1 upstream too: $got" >&2
+    tail -n 20 "$work/node.log" "$work/tagger1.log" "$work/nginx/error.log" >&2 || true
+    exit 1
+  fi
+  echo "!! falling back: the node talks HTTP/1.1 to nginx (127.0.0.1:$UP1_PORT) in the proxied runs" >&2
+  UPSTREAM_PROTO=http/1.1
+  PROXY_UP_PORT="$UP1_PORT"; PROXY_TAGGER_PORT="$TAGGER1_PORT"; tagger_pid="$tagger1_pid"
+else
+  PROXY_UP_PORT="$UP_PORT"; PROXY_TAGGER_PORT="$TAGGER_PORT"
+fi
+
+# --- load ----------------------------------------------------------------------------------------
+# h2load rather than wrk: it has --connect-to (wrk would need api.bench in /etc/hosts, a global
+# side effect, and the node refuses a TLS connection whose SNI is an IP or missing). h2load sends
+# SNI and :authority/Host from the URL and does not verify certificates (fine for a benchmark: the
+# sanity request above verified both chains with curl).
+declare -A RPS P50 P99 MEAN FAIL
+# run NAME PROTO(h1|h2) CLIENTS SECONDS TARGET(direct|proxied)
+run() {
+  local name="$1" proto="$2" c="$3" d="$4" target="$5" to url log out args=()
+  if [ "$target" = direct ]; then
+    to="127.0.0.1:$UP_PORT"; url="https://$HOST:$UP_PORT/v1/ping"
+  else
+    to="127.0.0.1:$PROXY_TAGGER_PORT"; url="https://$HOST:$PROXY_UP_PORT/v1/ping"
+  fi
+  [ "$proto" = h1 ] && args+=(--h1)
+  log="$work/$name.log"; out="$work/$name.out"
+  timeout $((d + WARMUP + 30)) h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
+    --connect-to "$to" --log-file "$log" "$url" > "$out" 2>&1 || {
+      echo "h2load $name failed:" >&2; cat "$out" >&2; exit 1; }
+  RPS[$name]="$(awk '/^finished in/ {gsub(",","",$4); print $4+0}' "$out")"
+  MEAN[$name]="$(awk '/^time for request:/ {print $6}' "$out")"
+  FAIL[$name]="$(awk '/^requests:/ {print $10+$12+$14}' "$out")"  # failed + errored + timeout
+  # Percentiles from the per-request log (column 3: microseconds to end of response; status 200 only).
+  read -r P50[$name] P99[$name] < <(awk -F'\t' '$2==200 {print $3}' "$log" | sort -n | awk '
+    {v[NR]=$1} END { if (NR==0) {print "nan nan"; exit}
+      i50=int(NR*0.50); if (i50<1) i50=1; i99=int(NR*0.99); if (i99<1) i99=1; print v[i50], v[i99] }')
+  printf '  %-14s %9.0f req/s  p50 %6s us  p99 %6s us  (mean %s, failed %s)\n' \
+    "$name" "${RPS[$name]}" "${P50[$name]}" "${P99[$name]}" "${MEAN[$name]}" "${FAIL[$name]}"
+}
+
+echo "==> throughput: -c$CONC, ${WARMUP}s warm-up + ${DURATION}s each"
+for proto in h1 h2; do
+  run "$proto-c$CONC-direct" "$proto" "$CONC" "$DURATION" direct
+  run "$proto-c$CONC-proxied" "$proto" "$CONC" "$DURATION" proxied
+done
+echo "==> latency: -c1, ${WARMUP}s warm-up + ${LAT_DURATION}s each"
+for proto in h1 h2; do
+  run "$proto-c1-direct" "$proto" 1 "$LAT_DURATION" direct
+  run "$proto-c1-proxied" "$proto" 1 "$LAT_DURATION" proxied
+done
+
+node_rss="$(awk '/^VmRSS/ {print $2" "$3}' "/proc/$node_pid/status" 2>/dev/null || echo '?')"
+node_hwm="$(awk '/^VmHWM/ {print $2" "$3}' "/proc/$node_pid/status" 2>/dev/null || echo '?')"
+tagger_rss="$(awk '/^VmRSS/ {print $2" "$3}' "/proc/$tagger_pid/status" 2>/dev/null || echo '?')"
+audit_lines="$(wc -l < "$work/audit.jsonl" 2>/dev/null || echo 0)"
+"$bin/cellgate" audit verify "$work/audit.jsonl" > "$work/verify.out" 2>&1 || true
+
+# --- table ---------------------------------------------------------------------------------------
+echo
+printf '%-6s %-4s | %10s %10s %7s | %8s %8s | %8s %8s | %9s\n' \
+  proto c "direct/s" "proxied/s" ratio "d p50us" "p p50us" "d p99us" "p p99us" "+p50 us"
+printf -- '-------------+-------------------------------+-------------------+-------------------+----------\n'
+for c in "$CONC" 1; do
+  for proto in h1 h2; do
+    d="$proto-c$c-direct"; p="$proto-c$c-proxied"
+    awk -v proto="$proto" -v c="$c" -v dr="${RPS[$d]}" -v pr="${RPS[$p]}" \
+        -v d50="${P50[$d]}" -v p50="${P50[$p]}" -v d99="${P99[$d]}" -v p99="${P99[$p]}" 'BEGIN {
+      printf "%-6s %-4s | %10.0f %10.0f %7.2f | %8d %8d | %8d %8d | %9d\n",
+        proto, c, dr, pr, (dr>0 ? pr/dr : 0), d50, p50, d99, p99, p50-d50 }'
+  done
+done
+echo
+echo "node -> nginx upstream protocol in the proxied runs: $UPSTREAM_PROTO"
+echo "targets: proxied req/s >= 0.5 x direct (ratio column); added p50 (+p50, -c1 rows) <= 100 us warm"
+echo "node RSS after the runs: $node_rss (peak $node_hwm); tagger RSS: $tagger_rss"
+echo "audit: $audit_lines records; $(cat "$work/verify.out")"
+if [ -s "$work/node.log" ]; then
+  echo "node warnings/errors (first 5 of $(wc -l < "$work/node.log")):"; head -n 5 "$work/node.log" | cut -c1-200
+fi
