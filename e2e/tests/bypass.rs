@@ -1220,10 +1220,19 @@ async fn intake_refuses_untagged_and_forged_connections() {
                 "source_not_bound",
             ),
             ("intake_expired_token", 40006, &expired, "token_expired"),
-            ("intake_header_claims_cell_address", 40007, real, "source_mismatch"),
+            (
+                "intake_header_claims_cell_address",
+                40007,
+                real,
+                "source_mismatch",
+            ),
         ];
         for (name, port, token, reason) in cases {
-            let ip = if reason == "source_mismatch" { cell_ip } else { h };
+            let ip = if reason == "source_mismatch" {
+                cell_ip
+            } else {
+                h
+            };
             let src = SocketAddr::from((ip, port));
             let (bytes, _) = at_intake(h, Some((src, dst, token)), request.as_bytes()).await;
             expectations.push((name, src.to_string(), reason, bytes));
