@@ -471,30 +471,7 @@ fn remember_pod(shared: &Shared, claims: &Claims) {
     }
 }
 
-/// Splits `host[:port]` (IPv6 in brackets), lowercases and drops a trailing dot.
-fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
-    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
-        let (h, tail) = rest.split_once(']')?;
-        let port = match tail.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
-            None if tail.is_empty() => None,
-            None => return None,
-        };
-        (h.to_string(), port)
-    } else {
-        match a.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p.parse().ok()?)),
-            None => (a.to_string(), None),
-        }
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@' || c == '/') {
-        return None;
-    }
-    Some((host, port))
-}
-
-type PreDeny = (&'static str, String, Option<String>);
+use crate::http::{split_authority, PreDeny};
 
 /// The facts of the request Envoy describes, and the reason to refuse it before policy (the
 /// intake's checks: no host, CONNECT, SNI/Host disagreement, a port other than the dialled one).

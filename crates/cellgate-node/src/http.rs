@@ -149,7 +149,7 @@ where
 }
 
 /// Splits `host[:port]` (IPv6 in brackets), lowercases and drops a trailing dot.
-fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+pub(crate) fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
     let (host, port) = if let Some(rest) = a.strip_prefix('[') {
         let (h, tail) = rest.split_once(']')?;
         let port = match tail.strip_prefix(':') {
@@ -172,7 +172,7 @@ fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// A refusal decided before policy: reason label, detail, hint for the agent.
-type PreDeny = (&'static str, String, Option<String>);
+pub(crate) type PreDeny = (&'static str, String, Option<String>);
 
 /// The facts of a request, or the reason the node refuses it before policy.
 fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDeny>) {
