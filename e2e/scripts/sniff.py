@@ -5,15 +5,18 @@
 import json, socket, struct, sys
 
 ifname, host_ip = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 0))
+# Protocol 0 at creation: the socket receives nothing until it is bound to the interface (a
+# socket created with ETH_P_ALL would queue frames of every interface, loopback included, until
+# bind). Frames are also checked for the interface they came from.
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+s.bind((ifname, 3))  # ETH_P_ALL; CPython converts the address tuple to network order
 print(json.dumps({"ready": True}), flush=True)
 while True:
     try:
         data, addr = s.recvfrom(65535)
     except OSError:
         break
-    if addr[2] == socket.PACKET_OUTGOING:
+    if addr[0] != ifname or addr[2] == socket.PACKET_OUTGOING:
         continue
     f = {"len": len(data)}
     eth = struct.unpack("!H", data[12:14])[0]
