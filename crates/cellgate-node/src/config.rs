@@ -351,6 +351,14 @@ pub fn parse_resolve(s: &str) -> Result<ResolveEntry, String> {
     })
 }
 
+/// The static address for `host:port`, if a `--resolve` entry names one.
+pub fn lookup_static(entries: &[ResolveEntry], host: &str, port: u16) -> Option<IpAddr> {
+    entries
+        .iter()
+        .find(|e| e.host == host && e.port.is_none_or(|p| p == port))
+        .map(|e| e.addr)
+}
+
 /// Parses `ADDR=NAMESPACE/NAME`.
 ///
 /// # Errors
@@ -581,14 +589,6 @@ impl NodeConfig {
         }
         Ok(())
     }
-
-    /// The static address for `host:port`, if `--resolve` names one.
-    pub fn resolve_static(&self, host: &str, port: u16) -> Option<IpAddr> {
-        self.resolve
-            .iter()
-            .find(|e| e.host == host && e.port.is_none_or(|p| p == port))
-            .map(|e| e.addr)
-    }
 }
 
 #[cfg(test)]
@@ -624,12 +624,12 @@ mod tests {
         assert_eq!(cfg.admin.port(), 9000);
         assert_eq!(cfg.resolve.len(), 2);
         assert_eq!(
-            cfg.resolve_static("x.test", 443),
+            lookup_static(&cfg.resolve, "x.test", 443),
             Some("10.0.0.1".parse().unwrap())
         );
-        assert_eq!(cfg.resolve_static("x.test", 80), None);
+        assert_eq!(lookup_static(&cfg.resolve, "x.test", 80), None);
         assert_eq!(
-            cfg.resolve_static("y.test", 80),
+            lookup_static(&cfg.resolve, "y.test", 80),
             Some("::1".parse().unwrap())
         );
     }

@@ -9,8 +9,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cellgate_audit::Decision;
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
@@ -273,16 +271,4 @@ fn passthrough_applies(shared: &Shared, ident: &ConnIdentity, sni: &str) -> bool
                 DestinationTarget::Cidr(_) => false,
             })
         })
-}
-
-/// Reads until EOF or `max` bytes (used by tests of refusals).
-pub async fn drain_to_eof(stream: &mut TcpStream, max: usize) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let _ = (&mut *stream).take(max as u64).read_to_end(&mut buf).await;
-    buf
-}
-
-/// Whether a decision lets the request through.
-pub fn is_pass(d: Decision) -> bool {
-    matches!(d, Decision::Allow | Decision::ShadowDeny)
 }

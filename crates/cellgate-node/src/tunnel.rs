@@ -14,49 +14,6 @@ use tokio::net::TcpStream;
 use crate::decide::{self, ConnIdentity, Facts};
 use crate::Shared;
 
-/// Resolves `host:port` the node's way: `--resolve` first, then the system resolver. The address
-/// the agent dialled is never used for a host decision.
-///
-/// # Errors
-/// When the name does not resolve.
-pub async fn resolve(shared: &Shared, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-    if let Some(ip) = shared.config.resolve_static(host, port) {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    if addrs.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} has no address"),
-        ));
-    }
-    Ok(addrs)
-}
-
-/// Connects to the first address that answers, within the connect timeout.
-///
-/// # Errors
-/// The last connection error, or a timeout.
-pub async fn connect_any(shared: &Shared, addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    for a in addrs {
-        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Ok(Err(e)) => last = e,
-            Err(_) => {
-                last = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("connect to {a} timed out"),
-                )
-            }
-        }
-    }
-    Err(last)
-}
-
 /// Relays bytes both ways until either side closes, the node drains, or a re-check denies.
 pub async fn relay<A, B>(
     shared: Arc<Shared>,
@@ -165,7 +122,7 @@ pub async fn serve_tls_passthrough(
         facts,
         move |shared: Arc<Shared>| async move {
             match sni {
-                Some(h) => resolve(&shared, &h, port).await,
+                Some(h) => crate::upstream::resolve(&shared.config.resolve, &h, port).await,
                 // No name: only an address capability can have allowed it.
                 None => Ok(vec![dialled]),
             }
@@ -211,7 +168,7 @@ async fn serve_l4<F, Fut>(
             .await
         }
     };
-    let mut up = match connect_any(&shared, &addrs).await {
+    let mut up = match crate::upstream::connect_any(&addrs, shared.config.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             return upstream_error(

@@ -45,37 +45,58 @@ impl ResolvingConnector {
             } else {
                 80
             });
-        let addrs: Vec<SocketAddr> = match self
-            .resolve
-            .iter()
-            .find(|e| e.host == host && e.port.is_none_or(|p| p == port))
-        {
-            Some(e) => vec![SocketAddr::new(e.addr, port)],
-            None => tokio::net::lookup_host((host.as_str(), port))
-                .await?
-                .collect(),
-        };
-        let mut last = std::io::Error::new(
+        let addrs = resolve(&self.resolve, &host, port).await?;
+        connect_any(&addrs, self.connect_timeout)
+            .await
+            .map(TokioIo::new)
+    }
+}
+
+/// Resolves `host:port` the node's way: `--resolve` first, then the system resolver. The address
+/// an agent dialled is never used for a host decision.
+///
+/// # Errors
+/// When the name does not resolve.
+pub async fn resolve(
+    static_entries: &[ResolveEntry],
+    host: &str,
+    port: u16,
+) -> std::io::Result<Vec<SocketAddr>> {
+    if let Some(ip) = crate::config::lookup_static(static_entries, host, port) {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("{host} has no address"),
-        );
-        for a in addrs {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(a)).await {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(TokioIo::new(s));
-                }
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    last = std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {a} timed out"),
-                    )
-                }
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first address that answers, each within `timeout`.
+///
+/// # Errors
+/// The last connection error, or a timeout.
+pub async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {a} timed out"),
+                )
             }
         }
-        Err(last)
     }
+    Err(last)
 }
 
 impl tower_service::Service<Uri> for ResolvingConnector {
