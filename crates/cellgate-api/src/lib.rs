@@ -2,10 +2,13 @@
 //!
 //! - [`manifest`]: the `AgentCell` YAML as users write it, parsed strictly with errors naming the
 //!   field path, and normalized into [`model::Cell`], the one internal model every front end uses.
+//! - [`crd`]: the Kubernetes custom resource, its status, and the names operator, nodes and kubectl
+//!   plugin agree on.
 //! - [`policy`]: the versioned policy input and decision documents exchanged with the Rego engine.
 //!
 //! Start reading at [`manifest::parse_agent_cell`].
 
+pub mod crd;
 pub mod manifest;
 pub mod model;
 pub mod policy;

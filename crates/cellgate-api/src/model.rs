@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::{BudgetSpec, CredentialSpec};
 
 /// Whether a capability's denials are enforced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Denials are enforced.
@@ -33,7 +35,9 @@ impl Mode {
 }
 
 /// What the node does with TLS to a capability's destinations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Terminate with a minted leaf, decide per HTTP request, inject credentials.
