@@ -95,7 +95,7 @@ pub struct AgentCellStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// The cell's pod address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
     /// A human-readable explanation of the phase (e.g. why a spec is invalid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,7 +176,8 @@ impl AgentCellResource {
 }
 
 /// The custom resource definitions Cellgate installs.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![AgentCellResource::crd()]
 }
@@ -200,7 +201,10 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
 pub fn cell_labels(cell: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_CELL.to_string(), cell.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
     ])
 }
 
@@ -220,13 +224,20 @@ mod tests {
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.names.short_names, Some(vec!["acell".to_string()]));
         let v = &crd.spec.versions[0];
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(v
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
         let cols: Vec<_> = v
             .additional_printer_columns
             .as_ref()
             .map(|c| c.iter().map(|c| c.name.clone()).collect())
             .unwrap_or_default();
-        assert_eq!(cols, ["Phase", "Capabilities", "Enforced", "Suspended", "Age"]);
+        assert_eq!(
+            cols,
+            ["Phase", "Capabilities", "Enforced", "Suspended", "Age"]
+        );
     }
 
     #[test]
@@ -257,7 +268,8 @@ mod tests {
         let obj: AgentCellResource = serde_json::from_value(json).expect("lenient parse");
         let err = obj.to_model().expect_err("empty host");
         assert!(
-            err.to_string().contains("spec.capabilities[0].destinations[0].host"),
+            err.to_string()
+                .contains("spec.capabilities[0].destinations[0].host"),
             "{err}"
         );
     }

@@ -1,0 +1,249 @@
+//! `cellgate`: the command line for operators and developers.
+//!
+//! - `cellgate keys init --out DIR`: an Ed25519 signing key (`signing.key`, 0600) and its public
+//!   half with a key id (`signing.pub`).
+//! - `cellgate token issue --key FILE --cell CELL.yaml --ttl 10m [--bind ADDR]`: a cell token.
+//! - `cellgate ca init --out DIR`: the CA the node mints leaf certificates with.
+//! - `cellgate audit verify FILE`: proves an audit log untouched, or names the first bad record.
+//! - `cellgate run -f CELL.yaml -- COMMAND`: local mode (see [`run`]).
+//! - `cellgate crd`: the CustomResourceDefinitions, as committed under `deploy/crds/`.
+//! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
+//!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
+//!
+//! Exit codes: 0 success, 1 a check failed (e.g. a tampered log), 2 usage or input errors.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+pub mod kubectl;
+mod run;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cellgate",
+    version,
+    about = "Cellgate: the governance boundary for AI agents."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Signing keys for cell tokens.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Cell tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The certificate authority for TLS interception.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// The audit log: `audit verify FILE`, or `audit CELL` for a cell's recent decisions in a cluster.
+    Audit(AuditArgs),
+    /// Runs a command inside a cell on this machine: the same boundary and manifest as in a cluster (needs root).
+    Run(run::RunArgs),
+    /// Prints the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
+    Crd,
+    /// Shows cells in the cluster: all in the namespace, or one in detail.
+    Status(kubectl::StatusArgs),
+    /// Removes a capability from a cell (edits the AgentCell) and waits until the node enforces it.
+    Revoke(kubectl::RevokeArgs),
+    /// Suspends a cell: every request it makes is denied, at once; the pod keeps running.
+    Suspend(kubectl::CellArgs),
+    /// Resumes a suspended cell.
+    Resume(kubectl::CellArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCmd {
+    /// Writes signing.key (mode 0600) and signing.pub (JWK with key id) into DIR.
+    Init {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Prints an EdDSA JWT for the cell in CELL.yaml.
+    Issue {
+        /// signing.key from `cellgate keys init`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The AgentCell manifest.
+        #[arg(long)]
+        cell: PathBuf,
+        /// Lifetime, e.g. 10m, 1h.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        /// Pod address the token is bound to.
+        #[arg(long)]
+        bind: Option<IpAddr>,
+        /// Issuer claim.
+        #[arg(long, default_value = cellgate_identity::token::LOCAL_ISSUER)]
+        issuer: String,
+        /// Print the claims as JSON on stderr too.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Writes ca.crt and ca.key (mode 0600) into DIR.
+    Init {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "Cellgate CA")]
+        name: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `audit`: either `audit verify FILE` or `audit CELL` (a cell's recent decisions from its node).
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<AuditCmd>,
+    #[command(flatten)]
+    cell: kubectl::AuditArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Verifies the hash chain: prints `N records intact` (exit 0) or the first bad record (exit 1).
+    Verify {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+    },
+}
+
+/// Entry point of both `cellgate` and `kubectl-cellgate`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cellgate: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Keys(KeysCmd::Init { out }) => {
+            let key = cellgate_identity::SigningKey::generate()?;
+            let (k, p) = key.write_pair(&out)?;
+            println!(
+                "wrote {} (private, mode 0600) and {} (key id {})",
+                k.display(),
+                p.display(),
+                key.kid()
+            );
+        }
+        Command::Token(TokenCmd::Issue {
+            key,
+            cell,
+            ttl,
+            bind,
+            issuer,
+            verbose,
+        }) => {
+            let key = cellgate_identity::SigningKey::load(&key)?;
+            let text = std::fs::read_to_string(&cell)
+                .with_context(|| format!("reading {}", cell.display()))?;
+            let manifest = cellgate_api::manifest::parse_agent_cell(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
+            let model = manifest
+                .to_model()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cell.display()))?;
+            let ttl = humantime::parse_duration(&ttl)
+                .with_context(|| format!("--ttl {ttl:?}: expected a duration like 10m"))?;
+            if ttl.as_secs() == 0 {
+                bail!("--ttl must be at least one second");
+            }
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
+            let claims = cellgate_identity::Claims::for_cell(
+                &issuer,
+                &model.uid,
+                &model.namespace,
+                &model.name,
+                model.role.as_deref(),
+                now,
+                ttl.as_secs() as i64,
+                bind,
+            );
+            let token =
+                cellgate_identity::token::issue(&key, &claims).map_err(anyhow::Error::msg)?;
+            if verbose {
+                eprintln!("{}", serde_json_string(&claims));
+            }
+            println!("{token}");
+        }
+        Command::Ca(CaCmd::Init { out, name, force }) => {
+            let files = cellgate_tls::ca::init(&out, &name, force)?;
+            println!(
+                "wrote {} and {} (private, mode 0600)",
+                files.cert.display(),
+                files.key.display()
+            );
+        }
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            return rt.block_on(run::run(args));
+        }
+        Command::Crd => {
+            print!("{}", cellgate_api::crd::crds_yaml()?);
+        }
+        Command::Status(args) => return kubectl::block_on(kubectl::status(args)),
+        Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
+        Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
+        Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),
+        Command::Audit(AuditArgs {
+            command: None,
+            cell,
+        }) => {
+            return kubectl::block_on(kubectl::audit(cell));
+        }
+        Command::Audit(AuditArgs {
+            command: Some(AuditCmd::Verify { file }),
+            ..
+        }) => {
+            return Ok(match cellgate_audit::verify_path(&file) {
+                Ok(report) => {
+                    println!("{} records intact", report.records);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("{}: {e}", file.display());
+                    ExitCode::from(1)
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serde_json_string(c: &cellgate_identity::Claims) -> String {
+    format!(
+        "{{\"sub\":\"{}\",\"jti\":\"{}\",\"exp\":{},\"pod_addr\":{:?}}}",
+        c.sub, c.jti, c.exp, c.pod_addr
+    )
+}
