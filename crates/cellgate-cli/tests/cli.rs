@@ -214,3 +214,38 @@ fn audit_verify_names_the_first_bad_record_for_each_kind_of_tampering() {
     write(&original);
     assert_eq!(verify(&log).0, Some(0));
 }
+
+#[test]
+fn crd_prints_the_committed_definition() {
+    let out = cellgate(&["crd"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/crds/agentcells.cellgate.dev.yaml"),
+    )
+    .expect("deploy/crds");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
+}
+
+#[test]
+fn kubectl_plugin_is_the_same_cli_and_says_when_there_is_no_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-kubeconfig");
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-cellgate"))
+        .args(["status", "-n", "agents"])
+        .env("KUBECONFIG", &missing)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .expect("run kubectl-cellgate");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no cluster"), "{}", text(&out));
+    let help = Command::new(env!("CARGO_BIN_EXE_kubectl-cellgate"))
+        .arg("--help")
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    for cmd in ["status", "revoke", "suspend", "resume", "audit"] {
+        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    }
+}
