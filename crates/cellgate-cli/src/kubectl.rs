@@ -25,7 +25,8 @@ const MAX_AUDIT_LIMIT: usize = 1000;
 /// The node's admin port, where `/audit` is served.
 pub const NODE_ADMIN_PORT: u16 = 15021;
 /// Label the node DaemonSet's pods carry.
-pub const NODE_POD_SELECTOR: &str = "app.kubernetes.io/name=cellgate-node";
+pub const NODE_POD_SELECTOR: &str =
+    "app.kubernetes.io/name=cellgate,app.kubernetes.io/component=node";
 
 /// Which cluster and namespace.
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -367,7 +367,7 @@ fn audit_lookups() -> Vec<Call> {
         call(Method::GET, CELL_URI, None, cell(5, &["github"], false, Some(5))),
         call(
             Method::GET,
-            "/api/v1/namespaces/cellgate-system/pods?&fieldSelector=spec.nodeName%3Dnode-a&labelSelector=app.kubernetes.io%2Fname%3Dcellgate-node",
+            "/api/v1/namespaces/cellgate-system/pods?&fieldSelector=spec.nodeName%3Dnode-a&labelSelector=app.kubernetes.io%2Fname%3Dcellgate%2Capp.kubernetes.io%2Fcomponent%3Dnode",
             None,
             json!({
                 "apiVersion": "v1", "kind": "PodList", "metadata": {},

@@ -1,0 +1,76 @@
+{{/*
+Names and labels. Object names are fixed (cellgate-operator, cellgate-node, ...): they are part of
+the contract in docs/kubernetes.md, and Cellgate installs once per cluster (the CRD, ClusterRoles
+and the node DaemonSet's host ports are cluster-wide).
+*/}}
+
+{{- define "cellgate.chart" -}}
+{{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "cellgate.operatorName" -}}cellgate-operator{{- end }}
+{{- define "cellgate.nodeName" -}}cellgate-node{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "cellgate.labels" -}}
+helm.sh/chart: {{ include "cellgate.chart" . }}
+app.kubernetes.io/name: cellgate
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: cellgate
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "operator"). */}}
+{{- define "cellgate.selectorLabels" -}}
+app.kubernetes.io/name: cellgate
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's objects: (dict "ctx" $ "component" "node"). */}}
+{{- define "cellgate.componentLabels" -}}
+{{ include "cellgate.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* An image reference: (dict "ctx" $ "component" "node") -> ghcr.io/cellgate/cellgate-node:0.1.0 */}}
+{{- define "cellgate.image" -}}
+{{- $tag := .ctx.Values.image.tag | default .ctx.Chart.AppVersion -}}
+{{ printf "%s/cellgate-%s:%s" (trimSuffix "/" .ctx.Values.image.registry) .component $tag }}
+{{- end }}
+
+{{/* imagePullSecrets of a pod spec, or nothing. */}}
+{{- define "cellgate.imagePullSecrets" -}}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks on the values that fail the render early with a message saying what to set.
+values.schema.json checks types and shapes first; these repeat the essential ones (so an install
+that skips schema validation still fails clearly) and add what a schema cannot express.
+*/}}
+{{- define "cellgate.validate" -}}
+{{- $v := .Values -}}
+{{- if not $v.nodeCIDRs -}}
+{{- fail "cellgate: nodeCIDRs is empty. Set the address ranges of the cluster's nodes, e.g. --set 'nodeCIDRs={10.0.0.0/16}': each cell's NetworkPolicy lets its pod reach only the node proxy on these addresses, and the operator refuses to start without them." -}}
+{{- end -}}
+{{- range $v.nodeCIDRs -}}
+{{- if or (eq (toString .) "0.0.0.0/0") (eq (toString .) "::/0") -}}
+{{- fail (printf "cellgate: nodeCIDRs contains %s. Name the nodes' address ranges: a cell's NetworkPolicy would otherwise allow ports 15001 and 15053 on every address." (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "signingKey" "trust" "ca" "caBundle" -}}
+{{- if not (index $v.secrets $key) -}}
+{{- fail (printf "cellgate: secrets.%s is empty. Name the Secret or ConfigMap the installer created (docs/install.md), e.g. the default %s." $key (index (dict "signingKey" "cellgate-signing-key" "trust" "cellgate-trust" "ca" "cellgate-ca" "caBundle" "cellgate-ca-bundle") $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.extAuthz.tokenHeader (not $v.extAuthz.enabled) -}}
+{{- fail "cellgate: extAuthz.tokenHeader is set but extAuthz.enabled is false. Enable the ext_authz listener (--set extAuthz.enabled=true) or leave tokenHeader empty." -}}
+{{- end -}}
+{{- end }}

