@@ -1,0 +1,486 @@
+//! The operator's configuration: a pure function of its command-line arguments and an environment
+//! map (`CELLGATE_*`), with one [`Config::validate`].
+//!
+//! Precedence is flag, then environment variable, then default; tests pass a map instead of
+//! touching the process environment. The flags and variables are the table in
+//! `docs/kubernetes.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cellgate_api::model::Cidr;
+
+/// `--signing-key` / `CELLGATE_SIGNING_KEY`.
+pub const ENV_SIGNING_KEY: &str = "CELLGATE_SIGNING_KEY";
+/// `--ca-cert` / `CELLGATE_CA_CERT`.
+pub const ENV_CA_CERT: &str = "CELLGATE_CA_CERT";
+/// `--token-ttl` / `CELLGATE_TOKEN_TTL`.
+pub const ENV_TOKEN_TTL: &str = "CELLGATE_TOKEN_TTL";
+/// `--init-image` / `CELLGATE_INIT_IMAGE`.
+pub const ENV_INIT_IMAGE: &str = "CELLGATE_INIT_IMAGE";
+/// `--tagger-image` / `CELLGATE_TAGGER_IMAGE`.
+pub const ENV_TAGGER_IMAGE: &str = "CELLGATE_TAGGER_IMAGE";
+/// `--node-cidr` (repeatable) / `CELLGATE_NODE_CIDRS` (comma-separated).
+pub const ENV_NODE_CIDRS: &str = "CELLGATE_NODE_CIDRS";
+/// `--control-namespace` / `CELLGATE_CONTROL_NAMESPACE`.
+pub const ENV_CONTROL_NAMESPACE: &str = "CELLGATE_CONTROL_NAMESPACE";
+/// `--admin` / `CELLGATE_ADMIN`.
+pub const ENV_ADMIN: &str = "CELLGATE_ADMIN";
+/// `--log-format` / `CELLGATE_LOG_FORMAT`.
+pub const ENV_LOG_FORMAT: &str = "CELLGATE_LOG_FORMAT";
+
+/// Default `--signing-key`.
+pub const DEFAULT_SIGNING_KEY: &str = "/etc/cellgate/signing/signing.key";
+/// Default `--ca-cert`.
+pub const DEFAULT_CA_CERT: &str = "/etc/cellgate/ca/ca.crt";
+/// Default `--token-ttl`.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Default `--control-namespace`.
+pub const DEFAULT_CONTROL_NAMESPACE: &str = "cellgate-system";
+/// Default `--admin`.
+pub const DEFAULT_ADMIN: &str = "0.0.0.0:8080";
+/// Shortest token lifetime accepted: rotation happens at two thirds of it, and a shorter token
+/// would churn the Secret faster than kubelet propagates it to the tagger (about a minute).
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
+/// Longest token lifetime accepted: a leaked token stays usable until it expires.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default `--init-image`: the image of this release.
+pub fn default_init_image() -> String {
+    format!(
+        "ghcr.io/cellgate/cellgate-init:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Default `--tagger-image`: the image of this release.
+pub fn default_tagger_image() -> String {
+    format!(
+        "ghcr.io/cellgate/cellgate-tagger:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The operator's command line. Every flag also reads a `CELLGATE_` variable (see
+/// [`Config::resolve`]); clap's own `env` support is not used so that resolution stays a pure
+/// function of an environment map.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Parser)]
+#[command(
+    name = "cellgate-operator",
+    version,
+    about = "Cellgate's Kubernetes control plane: reconciles AgentCells into pods, tokens and network policies."
+)]
+pub struct Args {
+    /// Ed25519 signing key (PEM) for cell tokens [env: CELLGATE_SIGNING_KEY]
+    /// [default: /etc/cellgate/signing/signing.key]
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// Interception CA certificate (PEM) mounted into agent containers [env: CELLGATE_CA_CERT]
+    /// [default: /etc/cellgate/ca/ca.crt]
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Lifetime of cell tokens, e.g. `1h` [env: CELLGATE_TOKEN_TTL] [default: 1h]
+    #[arg(long, value_name = "DUR")]
+    pub token_ttl: Option<String>,
+    /// Image of the cellgate-init init container (`CELLGATE_INIT_IMAGE`; default: this release's).
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        help = "Image of the cellgate-init init container [env: CELLGATE_INIT_IMAGE] [default: ghcr.io/cellgate/cellgate-init:<version>]"
+    )]
+    pub init_image: Option<String>,
+    /// Image of the cellgate-tagger sidecar (`CELLGATE_TAGGER_IMAGE`; default: this release's).
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        help = "Image of the cellgate-tagger sidecar [env: CELLGATE_TAGGER_IMAGE] [default: ghcr.io/cellgate/cellgate-tagger:<version>]"
+    )]
+    pub tagger_image: Option<String>,
+    /// Address range of the nodes, where the node proxies listen; repeatable; required
+    /// [env: CELLGATE_NODE_CIDRS, comma-separated]
+    #[arg(long = "node-cidr", value_name = "CIDR")]
+    pub node_cidrs: Vec<String>,
+    /// Namespace of the control plane (revocations ConfigMap) [env: CELLGATE_CONTROL_NAMESPACE]
+    /// [default: cellgate-system]
+    #[arg(long, value_name = "NS")]
+    pub control_namespace: Option<String>,
+    /// Admin listener: /healthz, /readyz, /metrics [env: CELLGATE_ADMIN] [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The resolved configuration of the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The control plane's Ed25519 signing key (PEM `PRIVATE KEY`).
+    pub signing_key: PathBuf,
+    /// The interception CA certificate (PEM), copied into each cell's CA ConfigMap.
+    pub ca_cert: PathBuf,
+    /// Lifetime of each minted token; rotated when less than a third is left.
+    pub token_ttl: Duration,
+    /// Image of `cellgate-init`.
+    pub init_image: String,
+    /// Image of `cellgate-tagger`.
+    pub tagger_image: String,
+    /// Node address ranges, normalized (`10.0.0.0/16`); the NetworkPolicy's egress targets.
+    pub node_cidrs: Vec<String>,
+    /// Namespace holding `cellgate-revocations`.
+    pub control_namespace: String,
+    /// Admin listener address.
+    pub admin: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Why a configuration was refused. Each names the flag and the environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value did not parse.
+    #[error("{flag} ({env}): invalid value {value:?}: {reason}")]
+    Invalid {
+        /// The flag, e.g. `--token-ttl`.
+        flag: &'static str,
+        /// The environment variable.
+        env: &'static str,
+        /// The offending value.
+        value: String,
+        /// Why, with a hint.
+        reason: String,
+    },
+    /// A required setting is missing.
+    #[error("{flag} ({env}) is required: {hint}")]
+    Missing {
+        /// The flag.
+        flag: &'static str,
+        /// The environment variable.
+        env: &'static str,
+        /// What to give.
+        hint: &'static str,
+    },
+}
+
+impl ConfigError {
+    /// A short stable label (for logs and exit reasons).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { .. } => "config_invalid",
+            ConfigError::Missing { .. } => "config_missing",
+        }
+    }
+}
+
+fn pick(flag: Option<&String>, env: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    flag.cloned()
+        .or_else(|| env.get(name).cloned())
+        .filter(|v| !v.trim().is_empty())
+}
+
+impl Config {
+    /// Resolves the configuration from the parsed flags and an environment map (flag, then
+    /// variable, then default), then [`Config::validate`]s it.
+    ///
+    /// # Errors
+    /// A value that does not parse or fails validation, naming the flag and variable.
+    pub fn resolve(args: &Args, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let ttl_text = pick(args.token_ttl.as_ref(), env, ENV_TOKEN_TTL);
+        let token_ttl = match ttl_text {
+            None => DEFAULT_TOKEN_TTL,
+            Some(t) => humantime::parse_duration(t.trim()).map_err(|e| ConfigError::Invalid {
+                flag: "--token-ttl",
+                env: ENV_TOKEN_TTL,
+                value: t.clone(),
+                reason: format!("{e}; write e.g. 1h or 30m"),
+            })?,
+        };
+        let raw_cidrs: Vec<String> = if args.node_cidrs.is_empty() {
+            env.get(ENV_NODE_CIDRS)
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            args.node_cidrs.clone()
+        };
+        let mut node_cidrs = Vec::with_capacity(raw_cidrs.len());
+        for c in &raw_cidrs {
+            let cidr = parse_cidr(c).map_err(|reason| ConfigError::Invalid {
+                flag: "--node-cidr",
+                env: ENV_NODE_CIDRS,
+                value: c.clone(),
+                reason,
+            })?;
+            let text = cidr.to_string();
+            if !node_cidrs.contains(&text) {
+                node_cidrs.push(text);
+            }
+        }
+        let admin_text = pick(args.admin.as_ref(), env, ENV_ADMIN).unwrap_or(DEFAULT_ADMIN.into());
+        let admin = admin_text
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                flag: "--admin",
+                env: ENV_ADMIN,
+                value: admin_text.clone(),
+                reason: format!("{e}; write ADDR:PORT such as 0.0.0.0:8080"),
+            })?;
+        let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--log-format",
+                    env: ENV_LOG_FORMAT,
+                    value: other.to_string(),
+                    reason: "expected text or json".into(),
+                })
+            }
+        };
+        let config = Config {
+            signing_key: pick(
+                args.signing_key
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .as_ref(),
+                env,
+                ENV_SIGNING_KEY,
+            )
+            .unwrap_or(DEFAULT_SIGNING_KEY.into())
+            .into(),
+            ca_cert: pick(
+                args.ca_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .as_ref(),
+                env,
+                ENV_CA_CERT,
+            )
+            .unwrap_or(DEFAULT_CA_CERT.into())
+            .into(),
+            token_ttl,
+            init_image: pick(args.init_image.as_ref(), env, ENV_INIT_IMAGE)
+                .unwrap_or_else(default_init_image),
+            tagger_image: pick(args.tagger_image.as_ref(), env, ENV_TAGGER_IMAGE)
+                .unwrap_or_else(default_tagger_image),
+            node_cidrs,
+            control_namespace: pick(args.control_namespace.as_ref(), env, ENV_CONTROL_NAMESPACE)
+                .unwrap_or(DEFAULT_CONTROL_NAMESPACE.into()),
+            admin,
+            log_format,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the resolved values against each other and their bounds.
+    ///
+    /// # Errors
+    /// No node CIDR, a token lifetime out of bounds, an empty image, or a control namespace that
+    /// is not a DNS-1123 label.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_cidrs.is_empty() {
+            return Err(ConfigError::Missing {
+                flag: "--node-cidr",
+                env: ENV_NODE_CIDRS,
+                hint: "give the address ranges of the nodes (where cellgate-node listens), e.g. --node-cidr 10.0.0.0/16",
+            });
+        }
+        if self.token_ttl < MIN_TOKEN_TTL || self.token_ttl > MAX_TOKEN_TTL {
+            return Err(ConfigError::Invalid {
+                flag: "--token-ttl",
+                env: ENV_TOKEN_TTL,
+                value: humantime::format_duration(self.token_ttl).to_string(),
+                reason: format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(MIN_TOKEN_TTL),
+                    humantime::format_duration(MAX_TOKEN_TTL)
+                ),
+            });
+        }
+        for (flag, env, value) in [
+            ("--init-image", ENV_INIT_IMAGE, &self.init_image),
+            ("--tagger-image", ENV_TAGGER_IMAGE, &self.tagger_image),
+        ] {
+            if value.trim().is_empty() || value.chars().any(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    env,
+                    value: value.clone(),
+                    reason: "an image reference has no spaces and is not empty".into(),
+                });
+            }
+        }
+        if !is_dns_label(&self.control_namespace) {
+            return Err(ConfigError::Invalid {
+                flag: "--control-namespace",
+                env: ENV_CONTROL_NAMESPACE,
+                value: self.control_namespace.clone(),
+                reason: "a namespace is a DNS-1123 label: lower case letters, digits and '-'"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The configuration as one log line's worth of fields. Nothing here is secret (the signing
+    /// key is a path), but the key file's content is never logged.
+    pub fn summary(&self) -> String {
+        format!(
+            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?}",
+            self.signing_key.display(),
+            self.ca_cert.display(),
+            humantime::format_duration(self.token_ttl),
+            self.init_image,
+            self.tagger_image,
+            self.node_cidrs.join(","),
+            self.control_namespace,
+            self.admin,
+            self.log_format
+        )
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Parses `ADDR/PREFIX` (a bare address is a single host) and clears host bits.
+fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    let text = text.trim();
+    let (addr, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (text, None),
+    };
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|e| format!("{e}; write e.g. 10.0.0.0/16 or fd00::/64"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix {p:?} is not a number from 0 to {max}"))?,
+    };
+    Ok(Cidr::new(addr, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_only_node_cidrs() {
+        let args = Args::parse_from(["cellgate-operator", "--node-cidr", "10.0.0.7/16"]);
+        let c = Config::resolve(&args, &BTreeMap::new()).expect("valid");
+        assert_eq!(c.signing_key, PathBuf::from(DEFAULT_SIGNING_KEY));
+        assert_eq!(c.ca_cert, PathBuf::from(DEFAULT_CA_CERT));
+        assert_eq!(c.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.node_cidrs, ["10.0.0.0/16"]);
+        assert_eq!(c.control_namespace, "cellgate-system");
+        assert_eq!(c.admin, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.init_image.starts_with("ghcr.io/cellgate/cellgate-init:"));
+        assert!(c
+            .tagger_image
+            .starts_with("ghcr.io/cellgate/cellgate-tagger:"));
+    }
+
+    #[test]
+    fn environment_fills_what_flags_leave_out_and_flags_win() {
+        let e = env(&[
+            (ENV_NODE_CIDRS, "10.0.0.0/24, 192.168.1.0/24"),
+            (ENV_TOKEN_TTL, "30m"),
+            (ENV_CONTROL_NAMESPACE, "cg"),
+            (ENV_ADMIN, "127.0.0.1:9000"),
+            (ENV_LOG_FORMAT, "json"),
+            (ENV_INIT_IMAGE, "r/init:env"),
+            (ENV_SIGNING_KEY, "/env/key"),
+        ]);
+        let args = Args::parse_from([
+            "cellgate-operator",
+            "--init-image",
+            "r/init:flag",
+            "--token-ttl",
+            "2h",
+        ]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(c.node_cidrs, ["10.0.0.0/24", "192.168.1.0/24"]);
+        assert_eq!(c.token_ttl, Duration::from_secs(7200));
+        assert_eq!(c.init_image, "r/init:flag");
+        assert_eq!(c.signing_key, PathBuf::from("/env/key"));
+        assert_eq!(c.control_namespace, "cg");
+        assert_eq!(c.admin.port(), 9000);
+        assert_eq!(c.log_format, LogFormat::Json);
+        // Repeated flags replace the variable entirely.
+        let args = Args::parse_from([
+            "cellgate-operator",
+            "--node-cidr",
+            "fd00::1/64",
+            "--node-cidr",
+            "10.1.0.0/16",
+        ]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(c.node_cidrs, ["fd00::/64", "10.1.0.0/16"]);
+    }
+
+    #[test]
+    fn refusals_name_the_flag_and_variable() {
+        let none = BTreeMap::new();
+        let err = Config::resolve(&Args::default(), &none).expect_err("no cidr");
+        assert!(err
+            .to_string()
+            .contains("--node-cidr (CELLGATE_NODE_CIDRS) is required"));
+        let bad = |pairs: &[(&str, &str)]| {
+            let mut e = env(&[(ENV_NODE_CIDRS, "10.0.0.0/8")]);
+            e.extend(env(pairs));
+            Config::resolve(&Args::default(), &e)
+                .expect_err("invalid")
+                .to_string()
+        };
+        assert!(bad(&[(ENV_NODE_CIDRS, "10.0.0.0/33")]).contains("--node-cidr"));
+        assert!(bad(&[(ENV_NODE_CIDRS, "nodes")]).contains("\"nodes\""));
+        assert!(bad(&[(ENV_TOKEN_TTL, "soon")]).contains("--token-ttl"));
+        assert!(bad(&[(ENV_TOKEN_TTL, "10s")]).contains("must be between"));
+        assert!(bad(&[(ENV_ADMIN, "8080")]).contains("--admin"));
+        assert!(bad(&[(ENV_LOG_FORMAT, "xml")]).contains("expected text or json"));
+        assert!(bad(&[(ENV_CONTROL_NAMESPACE, "Cell_Gate")]).contains("DNS-1123"));
+        assert!(bad(&[(ENV_TAGGER_IMAGE, "a b")]).contains("--tagger-image"));
+    }
+}

@@ -1,0 +1,214 @@
+//! `cellgate-operator`: Cellgate's Kubernetes control plane.
+//!
+//! It turns each `AgentCell` into the objects that carry the boundary (ServiceAccount, token
+//! Secret, CA ConfigMap, NetworkPolicy, Pod with `cellgate-init` and the `cellgate-tagger`
+//! sidecar), mints and rotates the cell's token with the control plane's Ed25519 key, writes the
+//! cell's status, and revokes the token when the cell is deleted. The contract it follows (names,
+//! labels, ports, flags) is `docs/kubernetes.md`.
+//!
+//! Where to start reading:
+//! - [`desired`]: the child objects as pure functions (golden-tested);
+//! - [`mod@reconcile`]: the sequence of API calls, inside kube-rs's finalizer helper;
+//! - [`token`], [`status`], [`revocations`]: the pure decisions the reconciler takes;
+//! - [`run`]: the controller, its watches and the admin listener ([`admin`], [`metrics`]);
+//! - [`config`]: flags and `CELLGATE_*` variables.
+
+pub mod admin;
+pub mod config;
+pub mod desired;
+pub mod metrics;
+pub mod reconcile;
+pub mod revocations;
+pub mod status;
+pub mod token;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cellgate_api::crd::{AgentCellResource, LABEL_CELL};
+use cellgate_identity::SigningKey;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client};
+
+pub use config::{Args, Config, ConfigError, LogFormat};
+pub use desired::{render_yaml, Settings};
+pub use reconcile::{error_policy, reconcile, Context, Error};
+
+/// Why the operator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The signing key could not be loaded.
+    #[error("signing key: {0}")]
+    SigningKey(#[from] cellgate_identity::keys::KeyError),
+    /// The CA certificate could not be read.
+    #[error("cannot use the CA certificate {path}: {reason}; check --ca-cert")]
+    CaCert {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The admin listener did not start.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// No usable Kubernetes client configuration, or the API server is unreachable.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl RunError {
+    /// A short stable label (for the exit log line).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunError::SigningKey(_) => "signing_key",
+            RunError::CaCert { .. } => "ca_cert",
+            RunError::Admin(_) => "admin_listener",
+            RunError::Kube(_) => "kube_client",
+        }
+    }
+}
+
+/// Reads the CA certificate file, which must hold at least one PEM certificate.
+///
+/// # Errors
+/// [`RunError::CaCert`] when the file cannot be read or holds no certificate.
+pub fn load_ca_pem(path: &std::path::Path) -> Result<String, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RunError::CaCert {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(RunError::CaCert {
+            path: path.into(),
+            reason: "no PEM CERTIFICATE block".into(),
+        });
+    }
+    Ok(text)
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C: loads the signing key and CA certificate, starts the
+/// admin listener on its own thread, connects to the API server, and runs the controller over all
+/// AgentCells, watching the objects they own (by the `cellgate.dev/cell` label) so that a changed
+/// or deleted child is put back.
+///
+/// # Errors
+/// [`RunError`] when startup fails; reconcile errors are retried, not returned.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    tracing::info!(config = %config.summary(), "starting cellgate-operator");
+    let signing_key = Arc::new(SigningKey::load(&config.signing_key)?);
+    let ca_pem = load_ca_pem(&config.ca_cert)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let state = Arc::new(admin::AdminState {
+        ready: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let admin = admin::start(config.admin, state.clone())?;
+    tracing::info!(admin.addr = %admin.addr, signing_key.kid = signing_key.kid(), "admin listener up");
+
+    let client = Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    tracing::info!(apiserver.version = %version.git_version, "connected to the API server");
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Settings {
+            init_image: config.init_image.clone(),
+            tagger_image: config.tagger_image.clone(),
+            node_cidrs: config.node_cidrs.clone(),
+        },
+        ca_pem,
+        signing_key,
+        config.token_ttl,
+        config.control_namespace.clone(),
+        metrics,
+        Arc::new(reconcile::SystemClock),
+    ));
+    let owned = watcher::Config::default().labels(LABEL_CELL);
+    let controller = Controller::new(
+        Api::<AgentCellResource>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), owned.clone())
+    .owns(Api::<Secret>::all(client.clone()), owned.clone())
+    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+    .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
+    .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+    .shutdown_on_signal();
+    state.ready.store(true, Ordering::Release);
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                // Reconcile errors are logged and counted in error_policy; these are the
+                // controller's own (watch) errors.
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    state.ready.store(false, Ordering::Release);
+    tracing::info!("shutting down");
+    let _ = tokio::task::spawn_blocking(move || admin.shutdown()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn config(dir: &std::path::Path, admin: &str) -> Config {
+        let env = BTreeMap::from([
+            ("CELLGATE_NODE_CIDRS".to_string(), "10.0.0.0/16".to_string()),
+            (
+                "CELLGATE_SIGNING_KEY".to_string(),
+                dir.join("signing.key").display().to_string(),
+            ),
+            (
+                "CELLGATE_CA_CERT".to_string(),
+                dir.join("ca.crt").display().to_string(),
+            ),
+            ("CELLGATE_ADMIN".to_string(), admin.to_string()),
+        ]);
+        Config::resolve(&Args::default(), &env).expect("config")
+    }
+
+    #[tokio::test]
+    async fn startup_fails_early_with_a_labelled_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("no key");
+        assert_eq!(err.label(), "signing_key");
+
+        SigningKey::generate()
+            .expect("key")
+            .write_pair(dir.path())
+            .expect("write");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("no ca");
+        assert_eq!(err.label(), "ca_cert");
+        std::fs::write(dir.path().join("ca.crt"), "not a certificate").expect("write");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("bad ca");
+        assert!(
+            err.to_string().contains("no PEM CERTIFICATE block"),
+            "{err}"
+        );
+
+        std::fs::write(
+            dir.path().join("ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = busy.local_addr().expect("addr").to_string();
+        let err = run(config(dir.path(), &addr)).await.expect_err("busy port");
+        assert_eq!(err.label(), "admin_listener");
+    }
+}
