@@ -1,5 +1,8 @@
 //! The admin endpoint: `/healthz` (the process is up), `/readyz` (it can decide: a valid policy,
-//! a writable audit log) and `/metrics` (Prometheus text).
+//! a writable audit log, in Kubernetes mode a first list from every watch), `/metrics`
+//! (Prometheus text) and `/audit?cell=NAMESPACE/NAME&limit=N` (that cell's most recent audit
+//! records as JSON lines, oldest first; `kubectl cellgate audit` reads it through the API
+//! server's pod proxy).
 //!
 //! It runs on its own thread and single-threaded runtime so that a flood of scrapes never takes
 //! time from the data path, and a stalled data path never hides the admin view.
@@ -33,10 +36,174 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
     if let Some(Err(e)) = shared.dns.get().map(|d| d.health()) {
         return Some(format!("DNS cannot answer: {e}"));
     }
+    if let Some(k) = shared.kube.get() {
+        let pending = k.pending();
+        if !pending.is_empty() {
+            return Some(format!(
+                "waiting for the first list from the Kubernetes API: {}; every request is denied meanwhile",
+                pending.join(", ")
+            ));
+        }
+    }
     if *shared.draining.borrow() {
         return Some("draining".into());
     }
     None
+}
+
+/// Records `/audit` returns when no `limit` is given.
+pub const AUDIT_DEFAULT_LIMIT: usize = 100;
+/// Most records one `/audit` call returns: the answer is built in memory.
+pub const AUDIT_MAX_LIMIT: usize = 1000;
+
+/// Why an `/audit` query is refused (answered 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuditQueryError {
+    /// No `cell`, or not `NAMESPACE/NAME`.
+    #[error("cell={0:?}: expected cell=NAMESPACE/NAME")]
+    Cell(String),
+    /// `limit` is not a positive number.
+    #[error("limit={0:?}: expected a number from 1 to {AUDIT_MAX_LIMIT}")]
+    Limit(String),
+}
+
+/// Parses `cell=NAMESPACE/NAME&limit=N` (percent-encoded); the limit defaults to
+/// [`AUDIT_DEFAULT_LIMIT`] and is capped at [`AUDIT_MAX_LIMIT`].
+///
+/// # Errors
+/// A missing or malformed `cell`, a `limit` that is not a positive number.
+pub fn parse_audit_query(query: &str) -> Result<(String, String, usize), AuditQueryError> {
+    let mut cell = None;
+    let mut limit = AUDIT_DEFAULT_LIMIT;
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match percent_decode(k).as_str() {
+            "cell" => cell = Some(percent_decode(v)),
+            "limit" => {
+                let v = percent_decode(v);
+                limit = match v.parse::<usize>() {
+                    Ok(n) if n > 0 => n.min(AUDIT_MAX_LIMIT),
+                    _ => return Err(AuditQueryError::Limit(v)),
+                };
+            }
+            _ => {}
+        }
+    }
+    let cell = cell.unwrap_or_default();
+    match cell.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string(), limit))
+        }
+        _ => Err(AuditQueryError::Cell(cell)),
+    }
+}
+
+/// The last `limit` records of cell `namespace/name` in the audit file, as JSON lines, oldest
+/// first. Reads the file once, keeping at most `limit` lines in memory.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn audit_tail(
+    path: &std::path::Path,
+    namespace: &str,
+    name: &str,
+    limit: usize,
+) -> std::io::Result<String> {
+    use std::io::BufRead as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    // Records are compact JSON; a line without the cell's name as a value cannot match.
+    let needle = serde_json::Value::String(name.to_string()).to_string();
+    let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.contains(&needle) {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v.get("cell").and_then(|c| c.as_str()) == Some(name)
+            && v.get("namespace").and_then(|c| c.as_str()) == Some(namespace)
+        {
+            if kept.len() == limit {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    }
+    let mut out = String::new();
+    for l in kept {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Decodes `%XX` escapes and `+` (a space) in a query component.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = (c == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (c, hex) {
+            (_, Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, None) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn audit(shared: Arc<Shared>, query: String) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match parse_audit_query(&query) {
+        Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        Ok((ns, name, limit)) => {
+            // Denials are already durable; flush so the recent allows are there too.
+            let _ = shared.audit.flush().await;
+            let path = shared.config.audit.clone();
+            match tokio::task::spawn_blocking(move || audit_tail(&path, &ns, &name, limit)).await {
+                Ok(Ok(lines)) => (StatusCode::OK, "application/x-ndjson", lines),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the audit log for /audit");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "the audit log cannot be read; see the node's log\n".into(),
+                    )
+                }
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "audit read failed\n".into(),
+                ),
+            }
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    r
 }
 
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -69,7 +236,7 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /audit?cell=NAMESPACE/NAME\n".into(),
         ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -103,9 +270,17 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                     };
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| {
-                            let r = respond(&shared, &req);
-                            async move { Ok::<_, Infallible>(r) }
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            let shared = shared.clone();
+                            async move {
+                                let r = if req.uri().path() == "/audit" {
+                                    let q = req.uri().query().unwrap_or_default().to_string();
+                                    audit(shared, q).await
+                                } else {
+                                    respond(&shared, &req)
+                                };
+                                Ok::<_, Infallible>(r)
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -115,4 +290,75 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
             });
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_query() {
+        assert_eq!(
+            parse_audit_query("cell=agents%2Ftriage&limit=5"),
+            Ok(("agents".into(), "triage".into(), 5))
+        );
+        assert_eq!(
+            parse_audit_query("cell=agents/triage"),
+            Ok(("agents".into(), "triage".into(), AUDIT_DEFAULT_LIMIT))
+        );
+        assert_eq!(
+            parse_audit_query("limit=999999&cell=a/b"),
+            Ok(("a".into(), "b".into(), AUDIT_MAX_LIMIT))
+        );
+        assert!(matches!(
+            parse_audit_query("limit=0&cell=a/b"),
+            Err(AuditQueryError::Limit(_))
+        ));
+        assert!(matches!(
+            parse_audit_query("limit=x&cell=a/b"),
+            Err(AuditQueryError::Limit(_))
+        ));
+        for bad in ["", "cell=triage", "cell=/b", "cell=a/", "cell=a/b/c"] {
+            assert!(
+                matches!(parse_audit_query(bad), Err(AuditQueryError::Cell(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(percent_decode("a%2Fb+c%zz%"), "a/b c%zz%");
+    }
+
+    #[test]
+    fn audit_tail_keeps_the_last_records_of_one_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut text = String::new();
+        for i in 0..10 {
+            let (ns, name) = match i % 3 {
+                0 => ("agents", "triage"),
+                1 => ("other", "triage"),
+                _ => ("agents", "coder"),
+            };
+            text.push_str(
+                &serde_json::json!({"seq": i, "cell": name, "namespace": ns}).to_string(),
+            );
+            text.push('\n');
+        }
+        text.push_str("not json \"triage\"\n");
+        std::fs::write(&path, text).unwrap();
+        let out = audit_tail(&path, "agents", "triage", 3).unwrap();
+        let seqs: Vec<u64> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [3, 6, 9]);
+        assert_eq!(audit_tail(&path, "agents", "nobody", 3).unwrap(), "");
+        assert_eq!(
+            audit_tail(&dir.path().join("none"), "a", "b", 3).unwrap(),
+            ""
+        );
+    }
 }

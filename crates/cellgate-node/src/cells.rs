@@ -1,9 +1,12 @@
-//! The node's registry of cells, keyed by uid, fed from a directory of AgentCell files.
+//! The node's registry of cells, keyed by uid, fed from a directory of AgentCell files (local
+//! mode) or from the API server's AgentCell watch ([`crate::kubernetes`]).
 //!
 //! Each file is parsed strictly; a file that fails is refused (logged with its path and field
 //! path, counted) and the cells it held before stay as they were, so a bad edit never widens or
 //! drops anyone's access by accident. The registry is swapped atomically and every change bumps
-//! the node's state generation, which makes open tunnels re-check their authorization.
+//! the node's state generation, which makes open tunnels re-check their authorization. A watch
+//! event changes one entry ([`CellStore::upsert`], [`CellStore::remove`]): only that cell's policy
+//! document is rebuilt; the compiled policy is untouched.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -42,6 +45,19 @@ pub struct CellStore {
     by_file: RwLock<BTreeMap<PathBuf, Vec<Cell>>>,
     fingerprint: RwLock<Vec<(PathBuf, SystemTime, u64)>>,
     last_errors: RwLock<Vec<String>>,
+}
+
+impl CellEntry {
+    /// The entry of `cell`: its policy document, converted once for the engine.
+    pub fn new(cell: Cell, source: Option<PathBuf>) -> Self {
+        let doc = cell_doc(&cell);
+        Self {
+            value: cellgate_policy::CellValue::new(&doc),
+            cell: Arc::new(cell),
+            doc,
+            source,
+        }
+    }
 }
 
 impl CellStore {
@@ -93,6 +109,37 @@ impl CellStore {
         if let Ok(mut s) = self.snapshot.write() {
             *s = Arc::new(map);
         }
+    }
+
+    /// The cell named `namespace/name`, if any (a scan: the Kubernetes path uses it to map a pod
+    /// without an owner reference to its cell).
+    pub fn find(&self, namespace: &str, name: &str) -> Option<Arc<CellEntry>> {
+        self.snapshot()
+            .values()
+            .find(|e| e.cell.namespace == namespace && e.cell.name == name)
+            .cloned()
+    }
+
+    /// Adds or replaces one cell (an AgentCell watch event). Only this cell's entry is built;
+    /// the snapshot is copied only when a reader still holds it. Returns the previous entry.
+    pub fn upsert(&self, cell: Cell) -> Option<Arc<CellEntry>> {
+        let entry = Arc::new(CellEntry::new(cell, None));
+        let mut s = self.snapshot.write().ok()?;
+        Arc::make_mut(&mut s).insert(entry.cell.uid.clone(), entry)
+    }
+
+    /// Removes one cell; returns it if it was there.
+    pub fn remove(&self, uid: &str) -> Option<Arc<CellEntry>> {
+        let mut s = self.snapshot.write().ok()?;
+        if !s.contains_key(uid) {
+            return None;
+        }
+        Arc::make_mut(&mut s).remove(uid)
+    }
+
+    /// The uids of every cell.
+    pub fn uids(&self) -> Vec<String> {
+        self.snapshot().keys().cloned().collect()
     }
 
     /// Scans `dir` if anything in it changed; returns whether the registry changed.
@@ -230,5 +277,35 @@ mod tests {
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
         assert!(store.rescan(dir.path()));
         assert!(store.get("local:default:b").is_none());
+    }
+
+    #[test]
+    fn upsert_and_remove_change_one_entry() {
+        let cell = |name: &str| {
+            parse_agent_cells(&CELL.replace("NAME", name)).unwrap()[0]
+                .to_model()
+                .unwrap()
+        };
+        let store = CellStore::default();
+        assert!(store.upsert(cell("a")).is_none());
+        assert!(store.upsert(cell("b")).is_none());
+        let held = store.snapshot();
+        let b = store.get("local:default:b").unwrap();
+        let mut a2 = cell("a");
+        a2.suspended = true;
+        let prev = store.upsert(a2).unwrap();
+        assert!(!prev.cell.suspended);
+        assert!(store.get("local:default:a").unwrap().cell.suspended);
+        // The other cell's entry is the same allocation: it was not rebuilt.
+        assert!(Arc::ptr_eq(&b, &store.get("local:default:b").unwrap()));
+        // A reader's snapshot is not changed under it.
+        assert!(!held["local:default:a"].cell.suspended);
+        assert_eq!(
+            store.find("default", "b").unwrap().cell.uid,
+            "local:default:b"
+        );
+        assert!(store.remove("local:default:a").is_some());
+        assert!(store.remove("local:default:a").is_none());
+        assert_eq!(store.uids(), vec!["local:default:b".to_string()]);
     }
 }

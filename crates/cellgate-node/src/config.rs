@@ -65,9 +65,15 @@ pub struct NodeArgs {
     /// A pod address and its cell, ADDR=NAMESPACE/NAME (DNS tells cells apart by address); repeatable [env: CELLGATE_POD]
     #[arg(long = "pod")]
     pub pod: Vec<String>,
-    /// Node name written in audit records [env: CELLGATE_NODE_NAME] [default: host name]
+    /// Node name written in audit records; with --kubernetes, the node whose pods are served (required there, from the downward API) [env: CELLGATE_NODE_NAME] [default: host name]
     #[arg(long)]
     pub node_name: Option<String>,
+    /// Take cells, the pods on this node and token revocations from the Kubernetes API (in-cluster config or KUBECONFIG) instead of --cells and --pod [env: CELLGATE_KUBERNETES]
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the control plane, where the ConfigMap cellgate-revocations lives [env: CELLGATE_CONTROL_NAMESPACE] [default: cellgate-system]
+    #[arg(long)]
+    pub control_namespace: Option<String>,
     /// Most connections open at once [env: CELLGATE_MAX_CONNECTIONS] [default: 10000]
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -276,6 +282,10 @@ pub struct NodeConfig {
     pub dns_loopback_as: Option<IpAddr>,
     /// Node name.
     pub node_name: String,
+    /// Kubernetes mode: cells, pod addresses and revocations come from the API server.
+    pub kubernetes: bool,
+    /// The control plane's namespace (the revocations ConfigMap), in Kubernetes mode.
+    pub control_namespace: String,
     /// Connection limit.
     pub max_connections: usize,
     /// Drain grace.
@@ -455,9 +465,20 @@ impl NodeConfig {
             .log_format
             .or_else(|| get("CELLGATE_LOG_FORMAT"))
             .unwrap_or_else(|| "text".into());
-        let node_name = args
-            .node_name
-            .or_else(|| get("CELLGATE_NODE_NAME"))
+        let kubernetes =
+            args.kubernetes || get("CELLGATE_KUBERNETES").is_some_and(|v| v == "1" || v == "true");
+        let explicit_node_name = args.node_name.or_else(|| get("CELLGATE_NODE_NAME"));
+        if kubernetes && explicit_node_name.is_none() {
+            return Err(invalid(
+                "--node-name",
+                "--kubernetes needs the node's name (CELLGATE_NODE_NAME from the downward API, spec.nodeName): it selects the pods this node serves",
+            ));
+        }
+        let control_namespace = args
+            .control_namespace
+            .or_else(|| get("CELLGATE_CONTROL_NAMESPACE"))
+            .unwrap_or_else(|| "cellgate-system".into());
+        let node_name = explicit_node_name
             .or_else(|| get("HOSTNAME"))
             .or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
@@ -510,6 +531,8 @@ impl NodeConfig {
             upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
             resolve,
             node_name,
+            kubernetes,
+            control_namespace,
             max_connections,
             drain,
             log_json: log_format == "json",
@@ -545,6 +568,8 @@ impl NodeConfig {
             pods: Vec::new(),
             dns_loopback_as: None,
             node_name: "node".into(),
+            kubernetes: false,
+            control_namespace: "cellgate-system".into(),
             max_connections: 10_000,
             drain: Duration::from_secs(10),
             log_json: false,
@@ -576,6 +601,26 @@ impl NodeConfig {
                     "--ext-authz-token-header",
                     format!("{h:?} is not a header name"),
                 ));
+            }
+        }
+        if self.kubernetes {
+            if self.cells_dir.is_some() {
+                return Err(invalid(
+                    "--cells",
+                    "--cells and --kubernetes are exclusive: in Kubernetes mode cells come from the AgentCell watch",
+                ));
+            }
+            if !self.pods.is_empty() {
+                return Err(invalid(
+                    "--pod",
+                    "--pod and --kubernetes are exclusive: in Kubernetes mode pod addresses come from the pod watch",
+                ));
+            }
+            if self.node_name.is_empty() {
+                return Err(invalid("--node-name", "empty node name"));
+            }
+            if self.control_namespace.is_empty() {
+                return Err(invalid("--control-namespace", "empty namespace"));
             }
         }
         if self.max_connections == 0 {
@@ -658,6 +703,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--ext-authz-token-header"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_a_node_name_and_excludes_files() {
+        let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub", "--kubernetes"]);
+        let e = NodeConfig::from_args_env(args.clone(), &env(&[("HOSTNAME", "h")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--node-name"), "{e}");
+        let cfg =
+            NodeConfig::from_args_env(args.clone(), &env(&[("CELLGATE_NODE_NAME", "n1")])).unwrap();
+        assert!(cfg.kubernetes);
+        assert_eq!(cfg.node_name, "n1");
+        assert_eq!(cfg.control_namespace, "cellgate-system");
+        let cfg = NodeConfig::from_args_env(
+            NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]),
+            &env(&[
+                ("CELLGATE_KUBERNETES", "true"),
+                ("CELLGATE_NODE_NAME", "n2"),
+                ("CELLGATE_CONTROL_NAMESPACE", "cg"),
+            ]),
+        )
+        .unwrap();
+        assert!(cfg.kubernetes);
+        assert_eq!(cfg.control_namespace, "cg");
+        let e = NodeConfig::from_args_env(
+            args,
+            &env(&[
+                ("CELLGATE_NODE_NAME", "n1"),
+                ("CELLGATE_CELLS", "/tmp/cells"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--cells"), "{e}");
+        let cfg = NodeConfig::from_args_env(
+            NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]),
+            &env(&[("CELLGATE_NODE_NAME", "n1")]),
+        )
+        .unwrap();
+        assert!(!cfg.kubernetes);
     }
 
     #[test]

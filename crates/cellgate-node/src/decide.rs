@@ -161,6 +161,24 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             None,
         );
     };
+    // Kubernetes mode: tokens are not bound to an address; the source must still be a Running
+    // pod of the cell on this node (re-checked here so a relay outliving its pod is closed).
+    if shared.config.kubernetes
+        && !crate::kubernetes::source_is_cell_pod(shared, ident.source.ip(), &claims.cell_uid)
+    {
+        let mut o = Outcome::deny(
+            "source_not_bound",
+            format!(
+                "source address {} is not a running pod of cell {}/{} on this node",
+                ident.source.ip().to_canonical(),
+                claims.namespace,
+                claims.name
+            ),
+            None,
+        );
+        o.cell = Some(entry);
+        return o;
+    }
     let Some(policy) = shared.policy.current() else {
         let mut o = Outcome::deny(
             "no_policy",

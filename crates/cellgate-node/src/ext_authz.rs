@@ -453,6 +453,10 @@ fn peer_addr(p: &Peer) -> Option<SocketAddr> {
 }
 
 fn remember_pod(shared: &Shared, claims: &Claims) {
+    // In Kubernetes mode the pod watch alone maps addresses to cells.
+    if shared.config.kubernetes {
+        return;
+    }
     if let Some(bound) = claims
         .pod_addr
         .as_deref()

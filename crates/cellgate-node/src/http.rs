@@ -4,6 +4,11 @@
 //! The node refuses before policy: `CONNECT` (a tunnel would bypass per-request decisions), a
 //! request with no host, a Host or `:authority` that disagrees with the TLS SNI (domain fronting)
 //! or with itself, and a port that is not the one the agent dialled.
+//!
+//! A response body stays authorized only as long as its decision holds: every change of cells,
+//! policy or revocations re-decides the request of each open response ([`Rechecked`]), and a
+//! stream now denied (server-sent events, a long download) is cut and audited with reason
+//! `revoked`. The next request on a keep-alive connection is decided anew like any other.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -279,13 +284,17 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
 
 async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
     let ident = &ctx.ident;
+    // Subscribed before deciding: a change between the decision and the response is seen.
+    let generation = shared.generation.subscribe();
     let (facts, pre) = request_facts(&ctx, &req);
     let out = match pre {
         Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
         None => decide::decide(&shared, ident, &facts),
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
-    decided(shared, ctx, req, facts, out).instrument(span).await
+    decided(shared, ctx, req, facts, out, generation)
+        .instrument(span)
+        .await
 }
 
 async fn decided(
@@ -294,6 +303,7 @@ async fn decided(
     req: Request<Incoming>,
     facts: Facts,
     out: Outcome,
+    generation: tokio::sync::watch::Receiver<u64>,
 ) -> Response<Body> {
     let ident = &ctx.ident;
     let rec = decide::audit_record(
@@ -349,7 +359,7 @@ async fn decided(
             }
         }
     }
-    forward(shared, ctx.clone(), req, facts, out, injected).await
+    forward(shared, ctx.clone(), req, facts, out, injected, generation).await
 }
 
 /// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
@@ -470,6 +480,7 @@ async fn forward(
     facts: Facts,
     out: Outcome,
     injected: Option<crate::credentials::Injected>,
+    generation: tokio::sync::watch::Receiver<u64>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -556,13 +567,151 @@ async fn forward(
                 }
             });
         }
-    } else {
-        strip_hop_by_hop(resp.headers_mut(), false);
+        // The relay re-checks on its own; the 101 has no body to watch.
+        if let Ok(v) = HeaderValue::from_str(&out.request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        return resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     }
+    strip_hop_by_hop(resp.headers_mut(), false);
     if let Ok(v) = HeaderValue::from_str(&out.request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
-    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())
+    let ident = ctx.ident.clone();
+    resp.map(|b| {
+        let body = b.map_err(|e| Box::new(e) as BoxError).boxed();
+        if hyper::body::Body::is_end_stream(&body) {
+            return body;
+        }
+        Rechecked::new(shared, ident, facts, out.request_id, generation, body).boxed()
+    })
+}
+
+type Changed = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<tokio::sync::watch::Receiver<u64>>> + Send>,
+>;
+
+fn next_change(mut rx: tokio::sync::watch::Receiver<u64>) -> Changed {
+    Box::pin(async move { rx.changed().await.ok().map(|()| rx) })
+}
+
+/// A response body re-decided on every change of the node's state; cut (an error frame, which
+/// aborts the HTTP/1.1 message or resets the HTTP/2 stream) when the decision no longer allows
+/// it, with one audit record of reason `revoked`.
+pub struct Rechecked {
+    inner: Body,
+    /// The next state change; a `Mutex` only to make the body `Sync` (it is never contended:
+    /// `poll_frame` has `&mut self`).
+    changed: Option<std::sync::Mutex<Changed>>,
+    shared: Arc<Shared>,
+    ident: Arc<ConnIdentity>,
+    facts: Facts,
+    request_id: String,
+    revoked: bool,
+}
+
+impl std::fmt::Debug for Rechecked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rechecked")
+            .field("request_id", &self.request_id)
+            .field("revoked", &self.revoked)
+            .finish()
+    }
+}
+
+impl Rechecked {
+    fn new(
+        shared: Arc<Shared>,
+        ident: Arc<ConnIdentity>,
+        facts: Facts,
+        request_id: String,
+        generation: tokio::sync::watch::Receiver<u64>,
+        inner: Body,
+    ) -> Self {
+        Self {
+            inner,
+            changed: Some(std::sync::Mutex::new(next_change(generation))),
+            shared,
+            ident,
+            facts,
+            request_id,
+            revoked: false,
+        }
+    }
+
+    /// Re-decides after a change; `false` when the response must be cut.
+    fn still_allowed(&self) -> bool {
+        let mut out = decide::decide(&self.shared, &self.ident, &self.facts);
+        if out.allowed() {
+            return true;
+        }
+        out.reasons.insert(
+            0,
+            format!(
+                "open {} response stream closed: {}",
+                self.facts.protocol, out.reason
+            ),
+        );
+        out.reason = "revoked".into();
+        out.request_id = self.request_id.clone();
+        tracing::info!(request.id = %self.request_id, reason = %out.reason, "cutting a response stream its authorization no longer allows");
+        let rec = decide::audit_record(
+            &self.shared,
+            Some(&self.ident),
+            self.ident.source,
+            self.ident.original_dst,
+            &self.facts,
+            &out,
+        );
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _ = decide::record(&shared, rec).await;
+        });
+        false
+    }
+}
+
+impl hyper::body::Body for Rechecked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        // A body already delivered whole is not cut: the agent has the complete response.
+        if this.revoked || this.inner.is_end_stream() {
+            return Poll::Ready(None);
+        }
+        while let Some(slot) = this.changed.as_mut() {
+            let fut = slot.get_mut().unwrap_or_else(|p| p.into_inner());
+            match fut.as_mut().poll(cx) {
+                Poll::Pending => break,
+                // The node is gone: nothing will change any more.
+                Poll::Ready(None) => this.changed = None,
+                Poll::Ready(Some(rx)) => {
+                    *fut = next_change(rx);
+                    if !this.still_allowed() {
+                        this.revoked = true;
+                        return Poll::Ready(Some(Err(
+                            "revoked: the response's authorization was withdrawn".into(),
+                        )));
+                    }
+                }
+            }
+        }
+        std::pin::Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.revoked || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -3,7 +3,8 @@
 //! Order of checks on a new connection, each failure closing it with nothing forwarded and one
 //! audit record naming the reason: connection limit; PPv2 header (present, v2, well formed,
 //! carrying TLV 0xE0, within the time limit); token (signature, key id, audience, validity,
-//! revocation); the cell it names; the source address it is bound to. Then the first bytes tell
+//! revocation); the cell it names; the source address it is bound to (in Kubernetes mode: a
+//! Running pod of that cell on this node, from the pod watch). Then the first bytes tell
 //! TLS (a ClientHello: take SNI), plaintext HTTP, or other TCP.
 
 use std::net::SocketAddr;
@@ -138,6 +139,28 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         )
         .await;
     }
+    if shared.config.kubernetes
+        && !crate::kubernetes::source_is_cell_pod(&shared, src.ip(), &ident.claims.cell_uid)
+    {
+        // Kubernetes tokens are not bound to an address: the pod watch says which addresses
+        // are this cell's pods on this node.
+        let detail = format!(
+            "source address {} is not a running pod of cell {}/{} on this node",
+            src.ip().to_canonical(),
+            ident.claims.namespace,
+            ident.claims.name
+        );
+        return refuse(
+            &shared,
+            Some(&ident),
+            peer,
+            src,
+            dst,
+            "source_not_bound",
+            detail,
+        )
+        .await;
+    }
     if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, src.ip()) {
         return refuse(
             &shared,
@@ -150,11 +173,13 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         )
         .await;
     }
+    // In Kubernetes mode the pod watch alone maps addresses to cells.
     if let Some(bound) = ident
         .claims
         .pod_addr
         .as_deref()
         .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+        .filter(|_| !shared.config.kubernetes)
     {
         // A verified, bound token tells the DNS listener which cell this address is.
         if let Ok(mut pods) = shared.pods.write() {

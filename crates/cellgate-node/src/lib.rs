@@ -4,12 +4,13 @@
 //! the intake and admin listeners and returns a [`NodeHandle`] with their addresses. The data
 //! path of one connection is in [`intake`] (PPv2, token, protocol detection), [`http`] (per-request
 //! decisions and forwarding) and [`tunnel`] (opaque byte relays); [`decide`] is the one place a
-//! decision and its audit record are made.
+//! decision and its audit record are made. In Kubernetes mode (`--kubernetes`) cells, pod
+//! addresses and revocations come from the API server through [`kubernetes`] instead of files.
 //!
 //! | listener | default | runtime |
 //! |---|---|---|
 //! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
-//! | admin (`/healthz`, `/readyz`, `/metrics`) | `127.0.0.1:15021` | admin thread |
+//! | admin (`/healthz`, `/readyz`, `/metrics`, `/audit`) | `127.0.0.1:15021` | admin thread |
 //! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod dns;
 pub mod ext_authz;
 pub mod http;
 pub mod intake;
+pub mod kubernetes;
 pub mod metrics;
 pub mod policy_source;
 pub mod tunnel;
@@ -68,10 +70,13 @@ pub struct Shared {
     pub conn_limit: Arc<tokio::sync::Semaphore>,
     /// Set when a drain starts.
     pub draining: watch::Sender<bool>,
-    /// Pod addresses to cell uids (for DNS, which has no token).
+    /// Pod addresses to cell uids: for DNS (which has no token), and in Kubernetes mode, where
+    /// only the pod watch fills it, for the source check of every connection.
     pub pods: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, String>>,
     /// The DNS resolver's handler, when `--dns` is set.
     pub dns: std::sync::OnceLock<Arc<cellgate_dns::DnsHandler>>,
+    /// The API server watches, in Kubernetes mode.
+    pub kube: std::sync::OnceLock<Arc<kubernetes::KubeState>>,
 }
 
 impl Shared {
@@ -220,13 +225,34 @@ fn load_trust(paths: &[PathBuf]) -> anyhow::Result<Vec<PublicKey>> {
     Ok(keys)
 }
 
-/// Starts the node: binds every listener and returns their addresses.
+/// Starts the node: binds every listener and returns their addresses. In Kubernetes mode the
+/// API client comes from the in-cluster configuration or `KUBECONFIG`.
 ///
 /// # Errors
 /// Anything that keeps the node from starting safely: unreadable keys or CA, an audit log that
-/// does not verify, a listener that cannot bind. A policy that does not load is *not* an error:
-/// the node starts, denies everything, and `/readyz` says why.
+/// does not verify, a listener that cannot bind, no Kubernetes client configuration with
+/// `--kubernetes`. A policy that does not load is *not* an error: the node starts, denies
+/// everything, and `/readyz` says why.
 pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
+    run_with(config, None).await
+}
+
+/// [`run`] with a given Kubernetes client (tests pass kube's mocked service). The client is used
+/// only when `config.kubernetes` is set; without one, it is inferred as [`run`] does.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: NodeConfig,
+    kube_client: Option<kube::Client>,
+) -> anyhow::Result<NodeHandle> {
+    let kube_client = match (config.kubernetes, kube_client) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => Some(kube::Client::try_default().await.context(
+            "--kubernetes: no Kubernetes client configuration (in-cluster service account or KUBECONFIG)",
+        )?),
+    };
     let verifier = Verifier::new(&load_trust(&config.trust)?);
     let ca = match &config.ca_dir {
         Some(dir) => cellgate_tls::ca::Ca::load(dir)
@@ -279,6 +305,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
                 .collect(),
         ),
         dns: std::sync::OnceLock::new(),
+        kube: std::sync::OnceLock::new(),
         config,
     });
     if let Some(dir) = &shared.config.cells_dir {
@@ -322,6 +349,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
         None => None,
     };
+    if let Some(client) = kube_client {
+        kubernetes::start(&shared, client, &mut tasks);
+    }
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
     // Admin traffic does not share a runtime with the data path.

@@ -1,0 +1,503 @@
+//! Kubernetes mode (`--kubernetes`): the node's state comes from the API server.
+//!
+//! Three watches, started by [`start`] with a [`kube::Client`] (inferred by [`crate::run`], a
+//! mocked one in tests), feed the same internal model local mode builds from files:
+//!
+//! | watch | selector | feeds |
+//! |---|---|---|
+//! | `AgentCell`, all namespaces (reflector) | none | [`crate::cells::CellStore`], one entry per event |
+//! | `Pod`, all namespaces (reflector) | label `cellgate.dev/cell`, field `spec.nodeName=<node>` | [`crate::Shared::pods`]: Running pod address → cell uid |
+//! | `ConfigMap` `cellgate-revocations` in `--control-namespace` | field `metadata.name=cellgate-revocations` | [`cellgate_identity::Verifier::revoke`] (keys are `jti`s) |
+//!
+//! Each event is applied on its own: an AgentCell event rebuilds that one cell's entry
+//! ([`CellStore::upsert`](crate::cells::CellStore::upsert) / `remove`), never the compiled
+//! policy; a cell the file path's rules refuse is logged, counted and removed (its requests are
+//! denied `cell_unknown`), and the watch goes on. Every change bumps the node's state generation:
+//! open relays ([`crate::tunnel::relay`]) and streamed responses ([`crate::http`]) re-decide on it
+//! and close with reason `revoked` what is no longer allowed; an HTTP keep-alive connection's next
+//! request is decided anew anyway.
+//!
+//! Tokens are not bound to an address here (the pod does not exist when its token is minted):
+//! a connection is accepted only from a Running pod address of the token's cell on this node
+//! ([`source_is_cell_pod`]), else `source_not_bound`; [`crate::decide`] repeats the check, so a
+//! relay from a pod that went away is closed too.
+//!
+//! After applying an AgentCell whose pod runs on this node, the node reports the generation it
+//! enforces in `status.enforcement` (server-side apply, field manager `cellgate-node`, forced),
+//! from a spawned task: the watch never waits on it and a failed write is only logged (and
+//! retried on the next event).
+//!
+//! Until each watch has listed once, `/readyz` says which is missing; the node denies meanwhile
+//! (no cell is known). When the API server is unreachable the watches retry with backoff and the
+//! node keeps enforcing its last state.
+
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cellgate_api::crd::{AgentCellResource, LABEL_CELL, NODE_FIELD_MANAGER, REVOCATIONS_CONFIGMAP};
+use cellgate_api::manifest::{local_uid, API_VERSION, KIND};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+
+use crate::{metrics, Shared};
+
+/// The watches' shared view: the reflectors' stores, which watches have listed once, and the
+/// generations already reported in `status.enforcement`.
+pub struct KubeState {
+    client: kube::Client,
+    /// Every AgentCell, as the API server last sent it.
+    pub cells: Store<AgentCellResource>,
+    /// The cell pods on this node.
+    pub pods: Store<Pod>,
+    synced: [AtomicBool; 3],
+    /// Cell uid → the generation whose enforcement was written (or is being written).
+    reported: Mutex<HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for KubeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeState")
+            .field("cells", &self.cells.state().len())
+            .field("pods", &self.pods.state().len())
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+const WATCHES: [&str; 3] = ["agentcells", "pods", "revocations"];
+const CELLS: usize = 0;
+const PODS: usize = 1;
+const REVOCATIONS: usize = 2;
+
+impl KubeState {
+    /// The watches that have not completed their first list yet.
+    pub fn pending(&self) -> Vec<&'static str> {
+        WATCHES
+            .iter()
+            .zip(&self.synced)
+            .filter(|(_, s)| !s.load(Ordering::Acquire))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    fn mark_synced(&self, which: usize) {
+        if let Some(s) = self.synced.get(which) {
+            if !s.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    watch = WATCHES.get(which).copied().unwrap_or("?"),
+                    "first list from the API server applied"
+                );
+            }
+        }
+    }
+
+    /// Whether a pod of cell `namespace/name` is scheduled on this node (any phase but a
+    /// finished one).
+    fn has_pod_here(&self, namespace: &str, name: &str) -> bool {
+        self.pods.state().iter().any(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && cell_label(p) == Some(name)
+                && !matches!(pod_phase(p), Some("Succeeded" | "Failed"))
+        })
+    }
+}
+
+/// Starts the three watches on `tasks` (aborted when the node shuts down).
+pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task::JoinSet<()>) {
+    let (cells, cells_writer) = reflector::store();
+    let (pods, pods_writer) = reflector::store();
+    let state = Arc::new(KubeState {
+        client,
+        cells,
+        pods,
+        synced: Default::default(),
+        reported: Mutex::new(HashMap::new()),
+    });
+    if shared.kube.set(state.clone()).is_err() {
+        tracing::error!("the Kubernetes watches were already started; not starting them twice");
+        return;
+    }
+    tracing::info!(
+        node = %shared.config.node_name, control_namespace = %shared.config.control_namespace,
+        "Kubernetes mode: watching agentcells, the cell pods on this node and the revocations"
+    );
+    tasks.spawn(watch_cells(shared.clone(), state.clone(), cells_writer));
+    tasks.spawn(watch_pods(shared.clone(), state.clone(), pods_writer));
+    tasks.spawn(watch_revocations(shared.clone(), state));
+}
+
+/// Whether `source` is the address of a Running pod of cell `cell_uid` on this node.
+pub fn source_is_cell_pod(shared: &Shared, source: IpAddr, cell_uid: &str) -> bool {
+    shared
+        .pods
+        .read()
+        .map(|p| p.get(&source.to_canonical()).map(String::as_str) == Some(cell_uid))
+        .unwrap_or(false)
+}
+
+fn cell_label(p: &Pod) -> Option<&str> {
+    p.metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_CELL)
+        .map(String::as_str)
+}
+
+fn pod_phase(p: &Pod) -> Option<&str> {
+    p.status.as_ref()?.phase.as_deref()
+}
+
+/// The uid the model gives an object read from the API server (as `AgentCell::to_model` does).
+fn resource_uid(obj: &AgentCellResource) -> String {
+    obj.metadata.uid.clone().unwrap_or_else(|| {
+        local_uid(
+            obj.metadata.namespace.as_deref().unwrap_or("default"),
+            obj.metadata.name.as_deref().unwrap_or_default(),
+        )
+    })
+}
+
+fn count_refused(shared: &Shared) {
+    shared
+        .metrics
+        .reload_failures
+        .get_or_create(&metrics::ConnLabels {
+            outcome: "cells".into(),
+        })
+        .inc();
+}
+
+async fn watch_cells(
+    shared: Arc<Shared>,
+    state: Arc<KubeState>,
+    writer: reflector::store::Writer<AgentCellResource>,
+) {
+    let api: Api<AgentCellResource> = Api::all(state.client.clone());
+    let events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    let mut events = std::pin::pin!(events);
+    // Uids listed since the last `Init`: at `InitDone`, cells the list did not name are gone
+    // (deleted while the watch was down).
+    let mut listed: Option<HashSet<String>> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => listed = Some(HashSet::new()),
+            Ok(Event::InitApply(obj)) => {
+                if let Some(l) = listed.as_mut() {
+                    l.insert(resource_uid(&obj));
+                }
+                apply_cell(&shared, &state, &obj);
+            }
+            Ok(Event::InitDone) => {
+                if let Some(l) = listed.take() {
+                    let gone: Vec<String> = shared
+                        .cells
+                        .uids()
+                        .into_iter()
+                        .filter(|u| !l.contains(u))
+                        .collect();
+                    for uid in gone {
+                        shared.cells.remove(&uid);
+                        tracing::info!(cell.uid = %uid, "cell no longer listed by the API server; removed");
+                    }
+                }
+                resync_pods(&shared, &state);
+                shared.bump_generation();
+                state.mark_synced(CELLS);
+            }
+            Ok(Event::Apply(obj)) => apply_cell(&shared, &state, &obj),
+            Ok(Event::Delete(obj)) => {
+                let uid = resource_uid(&obj);
+                if let Ok(mut r) = state.reported.lock() {
+                    r.remove(&uid);
+                }
+                if shared.cells.remove(&uid).is_some() {
+                    tracing::info!(cell.name = %obj.metadata.name.as_deref().unwrap_or_default(),
+                        cell.namespace = %obj.metadata.namespace.as_deref().unwrap_or_default(),
+                        "cell deleted; its requests are denied from now on");
+                    resync_pods(&shared, &state);
+                    shared.bump_generation();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agentcell watch failed; retrying with backoff, enforcing the last state meanwhile");
+            }
+        }
+    }
+}
+
+/// Applies one AgentCell: its entry is replaced (or removed when the spec is refused), the
+/// generation bumped, and the enforcement reported when its pod runs here.
+fn apply_cell(shared: &Arc<Shared>, state: &Arc<KubeState>, obj: &AgentCellResource) {
+    let uid = resource_uid(obj);
+    match obj.to_model() {
+        Ok(cell) => {
+            let key = cell.key();
+            let (generation, suspended, caps) =
+                (cell.generation, cell.suspended, cell.capabilities.len());
+            let unchanged = shared.cells.get(&uid).is_some_and(|e| *e.cell == cell);
+            if !unchanged {
+                shared.cells.upsert(cell);
+                tracing::info!(cell = %key, generation, suspended, capabilities = caps, "cell applied");
+                resync_pods(shared, state);
+                shared.bump_generation();
+            }
+            report_enforcement(shared, state, obj, generation);
+        }
+        Err(e) => {
+            // Fail closed: a cell the node cannot understand has no access at all.
+            tracing::warn!(
+                cell.namespace = %obj.metadata.namespace.as_deref().unwrap_or_default(),
+                cell.name = %obj.metadata.name.as_deref().unwrap_or_default(),
+                error = %e,
+                "refused an AgentCell from the API server; its requests are denied until it is fixed"
+            );
+            count_refused(shared);
+            if shared.cells.remove(&uid).is_some() {
+                resync_pods(shared, state);
+                shared.bump_generation();
+            }
+        }
+    }
+}
+
+/// Writes `status.enforcement` for `obj` at `generation` if its pod is on this node and this
+/// generation was not reported yet. Off the hot path: a spawned task; failure is logged and
+/// forgotten, so the next event retries.
+fn report_enforcement(
+    shared: &Arc<Shared>,
+    state: &Arc<KubeState>,
+    obj: &AgentCellResource,
+    generation: i64,
+) {
+    let (Some(ns), Some(name)) = (obj.metadata.namespace.clone(), obj.metadata.name.clone()) else {
+        return;
+    };
+    if !state.has_pod_here(&ns, &name) {
+        return;
+    }
+    let uid = resource_uid(obj);
+    {
+        let Ok(mut reported) = state.reported.lock() else {
+            return;
+        };
+        if reported.get(&uid) == Some(&generation) {
+            return;
+        }
+        reported.insert(uid.clone(), generation);
+    }
+    let node = shared.config.node_name.clone();
+    let state = state.clone();
+    tokio::spawn(async move {
+        let api: Api<AgentCellResource> = Api::namespaced(state.client.clone(), &ns);
+        let body = enforcement_patch(&node, generation, std::time::SystemTime::now());
+        let params = PatchParams::apply(NODE_FIELD_MANAGER).force();
+        match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
+            Ok(_) => {
+                tracing::debug!(cell = %format!("{ns}/{name}"), generation, "status.enforcement written")
+            }
+            Err(e) => {
+                tracing::warn!(cell = %format!("{ns}/{name}"), generation, error = %e,
+                    "could not write status.enforcement; enforcing anyway, retrying on the next event");
+                if let Ok(mut reported) = state.reported.lock() {
+                    if reported.get(&uid) == Some(&generation) {
+                        reported.remove(&uid);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The server-side apply body of the node's status write.
+pub fn enforcement_patch(
+    node: &str,
+    generation: i64,
+    at: std::time::SystemTime,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "status": {
+            "enforcement": {
+                "node": node,
+                "observedGeneration": generation,
+                "time": cellgate_audit::format_rfc3339(at),
+            }
+        }
+    })
+}
+
+async fn watch_pods(
+    shared: Arc<Shared>,
+    state: Arc<KubeState>,
+    writer: reflector::store::Writer<Pod>,
+) {
+    let api: Api<Pod> = Api::all(state.client.clone());
+    let config = watcher::Config::default()
+        .labels(LABEL_CELL)
+        .fields(&format!("spec.nodeName={}", shared.config.node_name));
+    let events = watcher::watcher(api, config)
+        .default_backoff()
+        .reflect(writer);
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init | Event::InitApply(_)) => {}
+            Ok(Event::InitDone) => {
+                resync_pods(&shared, &state);
+                state.mark_synced(PODS);
+                report_all(&shared, &state);
+            }
+            Ok(Event::Apply(_) | Event::Delete(_)) => {
+                if resync_pods(&shared, &state) {
+                    shared.bump_generation();
+                }
+                report_all(&shared, &state);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pod watch failed; retrying with backoff, enforcing the last state meanwhile");
+            }
+        }
+    }
+}
+
+/// Reports the enforcement of every cell with a pod here (a pod may arrive after its cell).
+fn report_all(shared: &Arc<Shared>, state: &Arc<KubeState>) {
+    for obj in state.cells.state() {
+        if shared.cells.get(&resource_uid(&obj)).is_some() {
+            let generation = obj.metadata.generation.unwrap_or(0);
+            report_enforcement(shared, state, &obj, generation);
+        }
+    }
+}
+
+/// Rebuilds the address → cell uid map from the pod store (the pods of one node: small).
+/// Returns whether it changed.
+fn resync_pods(shared: &Shared, state: &KubeState) -> bool {
+    let mut map: HashMap<IpAddr, String> = HashMap::new();
+    for pod in state.pods.state() {
+        if pod_phase(&pod) != Some("Running") {
+            continue;
+        }
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+            != Some(shared.config.node_name.as_str())
+        {
+            continue;
+        }
+        let (Some(ns), Some(cell)) = (pod.metadata.namespace.as_deref(), cell_label(&pod)) else {
+            continue;
+        };
+        // The operator owns the pod with the AgentCell; without that reference, the cell of
+        // the label in the pod's namespace.
+        let owner = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == KIND && o.api_version.starts_with("cellgate.dev/"))
+            .map(|o| o.uid.clone());
+        let Some(uid) = owner.or_else(|| shared.cells.find(ns, cell).map(|e| e.cell.uid.clone()))
+        else {
+            continue;
+        };
+        let status = pod.status.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.as_str())
+            .chain(status.and_then(|s| s.pod_ip.as_deref()));
+        for ip in ips {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => {
+                    map.insert(ip.to_canonical(), uid.clone());
+                }
+                Err(_) => {
+                    tracing::warn!(pod = ?pod.metadata.name, ip, "pod address is not an IP; ignored")
+                }
+            }
+        }
+    }
+    let Ok(mut pods) = shared.pods.write() else {
+        return false;
+    };
+    if *pods == map {
+        return false;
+    }
+    tracing::info!(pods = map.len(), "cell pod addresses on this node updated");
+    *pods = map;
+    true
+}
+
+async fn watch_revocations(shared: Arc<Shared>, state: Arc<KubeState>) {
+    let api: Api<ConfigMap> =
+        Api::namespaced(state.client.clone(), &shared.config.control_namespace);
+    let config =
+        watcher::Config::default().fields(&format!("metadata.name={REVOCATIONS_CONFIGMAP}"));
+    let events = watcher::watcher(api, config).default_backoff();
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::InitApply(cm) | Event::Apply(cm)) => {
+                if apply_revocations(&shared, &cm) > 0 {
+                    shared.bump_generation();
+                }
+            }
+            Ok(Event::InitDone) => state.mark_synced(REVOCATIONS),
+            // Deleting the ConfigMap revokes nothing back: a revoked id stays revoked (it expires).
+            Ok(Event::Init | Event::Delete(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "revocations watch failed; retrying with backoff, enforcing the last state meanwhile");
+            }
+        }
+    }
+}
+
+/// Revokes every `jti` the ConfigMap lists (its keys); returns how many were new.
+pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
+    let keys = cm
+        .data
+        .iter()
+        .flat_map(|d| d.keys())
+        .chain(cm.binary_data.iter().flat_map(|d| d.keys()));
+    let mut new = 0;
+    for jti in keys {
+        if !shared.verifier.is_revoked(jti) {
+            shared.verifier.revoke(jti);
+            tracing::info!(token.jti = %jti, "token revoked");
+            new += 1;
+        }
+    }
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enforcement_patch_is_an_apply_of_the_status_only() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let v = enforcement_patch("node-a", 7, at);
+        assert_eq!(v["apiVersion"], "cellgate.dev/v1alpha1");
+        assert_eq!(v["kind"], "AgentCell");
+        assert_eq!(v["status"]["enforcement"]["node"], "node-a");
+        assert_eq!(v["status"]["enforcement"]["observedGeneration"], 7);
+        let t = v["status"]["enforcement"]["time"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(t.starts_with("2023-11-14T22:13:20.123"), "{t}");
+        assert!(v.get("spec").is_none() && v.get("metadata").is_none());
+    }
+}
