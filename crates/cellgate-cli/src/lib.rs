@@ -46,7 +46,7 @@ enum Command {
     #[command(subcommand)]
     Ca(CaCmd),
     /// The audit log: `audit verify FILE`, or `audit CELL` for a cell's recent decisions in a cluster.
-    Audit(AuditArgs),
+    Audit(AuditCommand),
     /// Runs a command inside a cell on this machine: the same boundary and manifest as in a cluster (needs root).
     Run(run::RunArgs),
     /// Prints the CustomResourceDefinitions (YAML) for `kubectl apply -f -`.
@@ -115,7 +115,7 @@ enum CaCmd {
 /// `audit`: either `audit verify FILE` or `audit CELL` (a cell's recent decisions from its node).
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
-struct AuditArgs {
+struct AuditCommand {
     #[command(subcommand)]
     command: Option<AuditCmd>,
     #[command(flatten)]
@@ -216,13 +216,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),
-        Command::Audit(AuditArgs {
+        Command::Audit(AuditCommand {
             command: None,
             cell,
         }) => {
             return kubectl::block_on(kubectl::audit(cell));
         }
-        Command::Audit(AuditArgs {
+        Command::Audit(AuditCommand {
             command: Some(AuditCmd::Verify { file }),
             ..
         }) => {

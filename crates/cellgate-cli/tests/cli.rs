@@ -249,3 +249,24 @@ fn kubectl_plugin_is_the_same_cli_and_says_when_there_is_no_cluster() {
         assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
     }
 }
+
+#[test]
+fn audit_takes_a_cell_or_the_verify_subcommand() {
+    // `audit CELL` goes to the cluster (none here: a clear error), `audit verify FILE` stays local.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_cellgate"))
+        .args(["audit", "research", "-n", "agents"])
+        .env("KUBECONFIG", dir.path().join("none"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("no cluster"), "{}", text(&out));
+    let out = cellgate(&[
+        "audit",
+        "verify",
+        dir.path().join("missing.jsonl").to_str().expect("utf-8"),
+    ]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!text(&out).contains("no cluster"), "{}", text(&out));
+}
