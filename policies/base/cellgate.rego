@@ -24,20 +24,91 @@ caps := input.cell.capabilities
 # Decision
 # ---------------------------------------------------------------------------------------------
 
-decision := _deny("cell_suspended", ["the cell is suspended"], null) if {
-	input.cell.suspended == true
-} else := {
-	# The common case first, with no function call: an enforce grant and no layer entry at all.
+decision := {
+	# The common case first, in one body with no rule reference but the layers': an HTTP request
+	# to a host that one destination names (`single` in the index: of an enforce capability
+	# listed before every capability with a CIDR destination, which could grant it too, in a
+	# cell that is not suspended), on a listed port and method, on a path under a literal
+	# prefix (or any path), and no layer entry at all. When any of this does not hold, the
+	# branches below decide, and they give the same answer when it holds.
 	"allow": true,
 	"outcome": "allow",
-	"capability": input.cell.capabilities[_first_grant[1]].name,
+	"capability": h.name,
 	"mode": "enforce",
 	"reason": "allowed",
 	"reasons": [],
 	"hint": null,
 } if {
-	_first_grant[0] == 0
-	not _layers_speak
+	r := input.request
+	r.protocol in {"http", "https"}
+	path := r.path
+	is_string(path)
+	h := input.cell.derived.single[r.host]
+	r.port in h.ports
+	object.get(h.methods, r.method, h.any_method)
+	strings.any_prefix_match(path, h.prefixes)
+	not contains(path, "\u0000")
+	data.cellgate.internal.layers.quiet
+} else := {
+	# The same on a literal path. (No `some` loop at the top of a branch: regorus 0.14's VM
+	# leaves the whole rule undefined when such a loop ends without success.)
+	"allow": true,
+	"outcome": "allow",
+	"capability": h.name,
+	"mode": "enforce",
+	"reason": "allowed",
+	"reasons": [],
+	"hint": null,
+} if {
+	r := input.request
+	r.protocol in {"http", "https"}
+	path := r.path
+	is_string(path)
+	h := input.cell.derived.single[r.host]
+	r.port in h.ports
+	object.get(h.methods, r.method, h.any_method)
+	h.exact[path]
+	not contains(path, "\u0000")
+	data.cellgate.internal.layers.quiet
+} else := {
+	# The same for any HTTP request to a host the cell spells out (several destinations, a glob).
+	"allow": true,
+	"outcome": "allow",
+	"capability": g[2],
+	"mode": "enforce",
+	"reason": "allowed",
+	"reasons": [],
+	"hint": null,
+} if {
+	c := input.cell
+	c.suspended == false
+	r := input.request
+	r.protocol in {"http", "https"}
+	is_string(r.path)
+	ix := c.derived
+	g := min({[h.rank, h.cap, h.name] |
+		some h in ix.hosts[r.host]
+		r.port in h.ports
+		object.get(h.methods, r.method, h.any_method)
+		_path_ok_fast(h, r.path)
+	})
+	[g[0], g[1]] < ix.floor
+	data.cellgate.internal.layers.quiet
+} else := _deny("cell_suspended", ["the cell is suspended"], null) if {
+	input.cell.suspended == true
+} else := {
+	# Any other request granted by an enforce capability first, with no layer entry at all.
+	"allow": true,
+	"outcome": "allow",
+	"capability": input.cell.capabilities[g[1]].name,
+	"mode": "enforce",
+	"reason": "allowed",
+	"reasons": [],
+	"hint": null,
+} if {
+	g := min(_grants)
+	g[0] == 0
+	_layers_quiet
 } else := _deny(_layer_reason, _layer_messages, null) if {
 	count(malformed_layers) > 0
 } else := _deny(_layer_reason, _layer_messages, null) if {
@@ -94,13 +165,28 @@ _ix := input.cell.derived if {
 
 # One entry per (capability, destination) of an `enforce` or `shadow` capability (a capability
 # of any other mode never grants nor refuses anything), keyed by what names the target:
-#   hosts:     exact host -> [entry, ...] (a `*.example.com` host is also a key, matching itself)
+#   hosts:     every host a destination spells out -> [entry, ...] of every destination naming
+#              it: that host itself, and every `*.example.com` it is a subdomain of (a
+#              `*.example.com` host is also a key, matching itself); manifest order
 #   wildcards: [entry + {"suffix": ".example.com"}, ...] for every `*.example.com`
 #   cidrs:     [entry + {"cidr": ...}, ...]
-# entry: {"cap": index, "rank": 0 enforce | 1 shadow, "ports": [...],
-#         "passthrough": tls == "passthrough", "http": the HTTP rule split by kind of glob}
+#   floor:     the smallest [rank, cap] of a CIDR entry, or [1, 0] (the first shadow
+#              capability) when smaller: a host grant below it is an enforce grant that no CIDR
+#              grant can precede
+#   single:    host -> entry, for every host of `hosts` with a single entry, below `floor`;
+#              empty when the cell is suspended
+# entry: {"cap": index, "rank": 0 enforce | 1 shadow, "name": the capability's name,
+#         "ports": [...], "passthrough": tls == "passthrough"} and the fields of its HTTP rule
+#         split by kind of glob (`_derive_http`)
 _derive := {
-	"hosts": {h: _host_entries(h) | some e in _entries; is_string(e.dest.host); h := e.dest.host},
+	"hosts": _hosts,
+	"floor": _floor,
+	"single": {h: es[0] |
+		input.cell.suspended == false
+		some h, es in _hosts
+		count(es) == 1
+		[es[0].rank, es[0].cap] < _floor
+	},
 	"wildcards": [object.union(e.entry, {"suffix": trim_prefix(e.dest.host, "*")}) |
 		some e in _entries
 		is_string(e.dest.host)
@@ -109,24 +195,42 @@ _derive := {
 	"cidrs": [object.union(e.entry, {"cidr": e.dest.cidr}) | some e in _entries; is_string(e.dest.cidr)],
 }
 
+_hosts := {h: _host_entries(h) | some e in _entries; is_string(e.dest.host); h := e.dest.host}
+
 _ranks := {"enforce": 0, "shadow": 1}
 
-_entries := [{"dest": d, "entry": {
-	"cap": i,
-	"rank": _ranks[cap.mode],
-	"ports": d.ports,
-	"passthrough": cap.tls == "passthrough",
-	"http": _derive_http(cap.http),
-}} |
+_entries := [{"dest": d, "entry": object.union(
+	{
+		"cap": i,
+		"rank": _ranks[cap.mode],
+		"name": cap.name,
+		"ports": d.ports,
+		"passthrough": cap.tls == "passthrough",
+	},
+	_derive_http(cap.http),
+)} |
 	some i, cap in caps
 	some d in cap.destinations
 ]
 
-_host_entries(h) := [e.entry | some e in _entries; e.dest.host == h]
+_host_entries(h) := [e.entry | some e in _entries; _names(e.dest.host, h)]
+
+# Whether destination host `pattern` names host `h`.
+_names(pattern, h) if pattern == h
+
+_names(pattern, h) if {
+	is_string(pattern)
+	startswith(pattern, "*.")
+	endswith(h, trim_prefix(pattern, "*"))
+}
+
+_cidr_ranks := {[e.entry.rank, e.entry.cap] | some e in _entries; is_string(e.dest.cidr)}
+
+_floor := min(_cidr_ranks | {[1, 0]})
 
 # An HTTP rule: null (any request) is the rule with no method and no path; a rule that is not
-# an object never matches.
-_derive_http(rule) := {"methods": {}, "any_method": true, "any_path": true, "exact": {}, "prefixes": [], "globs": []} if {
+# an object never matches. A rule with no path lists the prefix "" (any string).
+_derive_http(rule) := {"methods": {}, "any_method": true, "any_path": true, "exact": {}, "prefixes": [""], "globs": []} if {
 	rule == null
 } else := {
 	"methods": {m: true | some m in rule.methods},
@@ -134,8 +238,11 @@ _derive_http(rule) := {"methods": {}, "any_method": true, "any_path": true, "exa
 	"any_path": count(rule.paths) == 0,
 	# literal paths, and the bare prefix P of every literal `P/**`
 	"exact": {p: true | some g in rule.paths; some p in _glob_literals(g)},
-	# `P/` of every literal `P/**`
-	"prefixes": [concat("", [trim_suffix(g, "/**"), "/"]) | some g in rule.paths; _literal_prefix_glob(g)],
+	# `P/` of every literal `P/**`, or "" when there is no path
+	"prefixes": array.concat(
+		["" | count(rule.paths) == 0],
+		[concat("", [trim_suffix(g, "/**"), "/"]) | some g in rule.paths; _literal_prefix_glob(g)],
+	),
 	# every other glob, matched with `path_match`
 	"globs": [g | some g in rule.paths; not _literal_glob(g); not _literal_prefix_glob(g)],
 } if {
@@ -157,6 +264,24 @@ _glob_literals(g) := [g] if _literal_glob(g)
 
 _glob_literals(g) := [trim_suffix(g, "/**")] if _literal_prefix_glob(g)
 
+# `_path_ok` for a string path (a rule with no path lists the prefix ""); NUL is checked only
+# on a match: a path holding NUL matches no glob, and the branches below decide for it.
+_path_ok_fast(rule, path) if {
+	strings.any_prefix_match(path, rule.prefixes)
+	not contains(path, "\u0000")
+}
+
+_path_ok_fast(rule, path) if {
+	rule.exact[path]
+	not contains(path, "\u0000")
+}
+
+_path_ok_fast(rule, path) if {
+	not contains(path, "\u0000")
+	some g in rule.globs
+	path_match(g, path)
+}
+
 # Index entries of every destination naming the request's target.
 # Host destinations match the name the request carries (Host, :authority, SNI, DNS question):
 # `api.github.com` itself, `*.github.com` any name ending in `.github.com` (never `github.com`).
@@ -168,6 +293,7 @@ _wildcard_hits := [w |
 	endswith(input.request.host, w.suffix)
 ] if {
 	is_string(input.request.host)
+	not _ix.hosts[input.request.host] # a host the cell spells out lists its wildcards already
 } else := []
 
 _cidr_hits := [c |
@@ -181,16 +307,13 @@ _cidr_hits := [c |
 # [rank, capability index] of every capability granting the request: one naming the target on a
 # listed port (a DNS query has no port), through passthrough for an undecrypted TLS connection,
 # and whose HTTP rule matches for decrypted HTTP.
-_grants := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; _http_ok(h.http)} if {
+_grants := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; _http_ok(h)} if {
 	input.request.protocol in {"https", "http"}
 } else := {[h.rank, h.cap] | some h in _hits} if {
 	input.request.protocol == "dns"
 } else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; h.passthrough} if {
 	input.request.protocol == "tls"
 } else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports}
-
-# The first enforce grant in manifest order, else the first shadow grant (undefined if none).
-_first_grant := min(_grants)
 
 _http_protocols := {"http", "https"}
 
@@ -285,27 +408,49 @@ _shadow_miss := _best_miss(_shadow_misses)
 # Layers
 # ---------------------------------------------------------------------------------------------
 
-# Whether any layer has anything to say: a non-empty `deny` set, or a `deny` that is not a set.
-# When none has, which is the common case, the rules below are never evaluated.
+# The layers are resolved once per policy version: the loader generates the package
+# `cellgate.internal.layers` naming every layer package, with
+#   resolved := true
+#   quiet if {not data.cellgate.layers["<name>"].deny != set(); ...}   (true with no layer)
+#   denies contains ["<name>", data.cellgate.layers["<name>"].deny]  (for each layer with a deny)
+# Without it (another evaluator, a set whose packages the loader cannot resolve), the rules
+# below walk `data.cellgate.layers`, with the same result.
+
+# Whether no layer has anything to say: no `deny` at all, or an empty set. Layers are evaluated
+# on every request: keep them to cheap comparisons.
+_layers_quiet if data.cellgate.internal.layers.quiet
+
+_layers_quiet if {
+	not data.cellgate.internal.layers.resolved
+	not _layers_speak
+}
+
 _layers_speak if {
 	some layer in data.cellgate.layers
 	layer.deny != set()
 }
 
+# [layer name, its `deny`] for every layer that defines one.
+_layer_denies := data.cellgate.internal.layers.denies if {
+	data.cellgate.internal.layers.resolved
+} else := {[name, layer.deny] |
+	some name, layer in data.cellgate.layers
+	"deny" in object.keys(layer)
+}
+
 # Every entry of every layer's deny set. A layer package without a `deny` rule contributes
 # nothing.
 layer_denials contains d if {
-	some layer in data.cellgate.layers
-	is_set(layer.deny)
-	some d in layer.deny
+	some [_, deny] in _layer_denies
+	is_set(deny)
+	some d in deny
 }
 
 # A layer whose `deny` is not a set (for example `deny if ...`, a boolean) would silently deny
 # nothing: it turns the decision into a policy error instead.
 malformed_layers contains name if {
-	some name, layer in data.cellgate.layers
-	"deny" in object.keys(layer)
-	not is_set(layer.deny)
+	some [name, deny] in _layer_denies
+	not is_set(deny)
 }
 
 malformed_layers contains d if {

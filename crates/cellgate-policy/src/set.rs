@@ -22,7 +22,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Value};
 use sha2::{Digest, Sha256};
 
-use crate::convert::{decision_from_value, eval_input_value, CellValue};
+use crate::convert::{decision_from_value, eval_cell_value, CellValue, InputSlot};
 use crate::error::{EvalError, PolicyError};
 
 /// The rule every policy set must define.
@@ -49,6 +49,10 @@ const VERSION_HEX_LEN: usize = 12;
 const TEST_SUFFIX: &str = "_test.rego";
 /// Package prefix of user layers; test packages may not live there.
 const LAYERS_PACKAGE: [&str; 2] = ["cellgate", "layers"];
+/// Package prefix reserved for what the loader generates; no policy file may declare it.
+const RESERVED_PACKAGE: [&str; 2] = ["cellgate", "internal"];
+/// Shown as the path of the generated layer package in errors.
+const GENERATED_LAYERS_PATH: &str = "<generated>/cellgate/internal/layers.rego";
 
 /// Distinguishes sets loaded in this process, so that a thread's cached VM is never used with a
 /// different program, even one with the same version.
@@ -57,8 +61,18 @@ static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
 /// VMs cached per thread: the current set and, during a swap, the previous one.
 const VMS_PER_THREAD: usize = 2;
 
+/// A worker thread's evaluator for one set: the VM with the program loaded, and two input slots
+/// used in turn, so that the one being filled is no longer referenced by the VM (which keeps the
+/// previous input until its next run).
+struct Worker {
+    set_id: u64,
+    vm: RegoVM,
+    slots: [InputSlot; 2],
+    next: usize,
+}
+
 thread_local! {
-    static VMS: RefCell<Vec<(u64, RegoVM)>> = const { RefCell::new(Vec::new()) };
+    static VMS: RefCell<Vec<Worker>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One `.rego` file of a set.
@@ -119,6 +133,11 @@ impl PolicySet {
                 .add_policy(path.clone(), f.source.clone())
                 .map_err(|e| PolicyError::from_regorus(&path, &e))?;
         }
+        if let Some(module) = layers_module(&engine, &files)? {
+            engine
+                .add_policy(GENERATED_LAYERS_PATH.into(), module)
+                .map_err(|e| PolicyError::from_regorus(GENERATED_LAYERS_PATH, &e))?;
+        }
         let tests_run = run_tests(&mut engine, &files)?;
         let compiled = engine
             .compile_with_entrypoint(&ENTRYPOINT.into())
@@ -162,7 +181,7 @@ impl PolicySet {
     /// The time limit is cooperative (checked every few hundred VM instructions); a single
     /// builtin call (a huge regex) is not interrupted.
     pub fn evaluate(&self, input: &InputDoc) -> Result<DecisionDoc, EvalError> {
-        self.run(eval_input_value(input, None))
+        self.run(input, eval_cell_value(input, None))
     }
 
     /// Like [`PolicySet::evaluate`], with the cell part of the input prebuilt by the caller
@@ -176,27 +195,37 @@ impl PolicySet {
         input: &InputDoc,
         cell: &CellValue,
     ) -> Result<DecisionDoc, EvalError> {
-        self.run(eval_input_value(input, Some(cell)))
+        cell.warm();
+        self.run(input, eval_cell_value(input, Some(cell)))
     }
 
-    fn run(&self, input: Value) -> Result<DecisionDoc, EvalError> {
+    fn run(&self, input: &InputDoc, cell_value: Value) -> Result<DecisionDoc, EvalError> {
         let result = VMS.with(|cell| {
             let mut vms = cell.borrow_mut();
-            let pos = match vms.iter().position(|(id, _)| *id == self.id) {
+            let pos = match vms.iter().position(|w| w.set_id == self.id) {
                 Some(pos) => pos,
                 None => {
                     if vms.len() >= VMS_PER_THREAD {
                         vms.remove(0);
                     }
-                    vms.push((self.id, self.new_vm()));
+                    vms.push(Worker {
+                        set_id: self.id,
+                        vm: self.new_vm(),
+                        slots: [InputSlot::new(), InputSlot::new()],
+                        next: 0,
+                    });
                     vms.len().saturating_sub(1)
                 }
             };
-            let Some((_, vm)) = vms.get_mut(pos) else {
+            let Some(w) = vms.get_mut(pos) else {
                 return Err(EvalError::Engine("thread-local vm cache is empty".into()));
             };
-            vm.set_input(input);
-            let out = vm.execute();
+            w.next ^= 1;
+            let Some(slot) = w.slots.get_mut(w.next) else {
+                return Err(EvalError::Engine("input slot out of range".into()));
+            };
+            w.vm.set_input(slot.fill(input, cell_value));
+            let out = w.vm.execute();
             if out.is_err() {
                 // A VM stopped mid-flight (limit, builtin error) is not trusted with the next
                 // request: rebuild it.
@@ -319,6 +348,68 @@ pub(crate) fn version_of(files: &[PolicyFile]) -> String {
     let mut v = hex::encode(h.finalize());
     v.truncate(VERSION_HEX_LEN);
     v
+}
+
+/// The package `cellgate.internal.layers`, naming every layer package of the set so that the base
+/// policy looks each one up directly instead of walking `data.cellgate.layers` (which makes the
+/// VM build the whole virtual document on every request); see "Layers" in
+/// `policies/base/cellgate.rego`. `None` when the layers cannot be named from the package
+/// declarations alone: a package `cellgate` or `cellgate.layers` may define rules anywhere under
+/// `data.cellgate.layers`, and the base policy then walks it.
+///
+/// # Errors
+///
+/// [`PolicyError::ReservedPackage`] when a file declares a package under `cellgate.internal`.
+fn layers_module(engine: &Engine, files: &[PolicyFile]) -> Result<Option<String>, PolicyError> {
+    let packages = engine
+        .get_policy_package_components()
+        .map_err(|e| compile_error(&e))?;
+    let mut names = std::collections::BTreeSet::new();
+    let mut resolvable = true;
+    for (f, pkg) in files.iter().zip(&packages) {
+        let c = &pkg.components;
+        if c.get(..RESERVED_PACKAGE.len()) == Some(&RESERVED_PACKAGE.map(String::from)[..]) {
+            return Err(PolicyError::ReservedPackage {
+                path: f.path.display().to_string(),
+                package: c.join("."),
+            });
+        }
+        if LAYERS_PACKAGE.starts_with(&c.iter().map(String::as_str).collect::<Vec<_>>()) {
+            resolvable = false; // `cellgate` or `cellgate.layers` itself
+        } else if c.get(..LAYERS_PACKAGE.len()) == Some(&LAYERS_PACKAGE.map(String::from)[..]) {
+            if let Some(name) = c.get(LAYERS_PACKAGE.len()) {
+                names.insert(name.clone());
+            }
+        }
+    }
+    if !resolvable {
+        return Ok(None);
+    }
+    let mut out = String::from(
+        "# Generated by cellgate-policy when the set is loaded: the layer packages of this set.\n\
+         package cellgate.internal.layers\n\nimport rego.v1\n\nresolved := true\n\n",
+    );
+    if names.is_empty() {
+        out.push_str("quiet := true\n\ndenies := set()\n");
+        return Ok(Some(out));
+    }
+    let refs: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let quoted = serde_json::to_string(n).unwrap_or_default();
+            format!("data.cellgate.layers[{quoted}].deny")
+        })
+        .collect();
+    out.push_str("quiet if {\n");
+    for r in &refs {
+        out.push_str(&format!("\tnot {r} != set()\n"));
+    }
+    out.push_str("}\n");
+    for (n, r) in names.iter().zip(&refs) {
+        let quoted = serde_json::to_string(n).unwrap_or_default();
+        out.push_str(&format!("\ndenies contains [{quoted}, d] if d := {r}\n"));
+    }
+    Ok(Some(out))
 }
 
 /// Runs every `test_*` rule declared in the `*_test.rego` files; returns how many passed.
@@ -462,6 +553,60 @@ decision := {"allow": true, "outcome": "allow", "capability": null, "mode": null
             matches!(err, PolicyError::TestPackageInLayers { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reserved_package_is_refused() {
+        let src = "package cellgate.internal.layers\nimport rego.v1\nquiet := true\n";
+        let err =
+            PolicySet::from_files(vec![file("m.rego", MINI), file("x.rego", src)]).unwrap_err();
+        assert!(matches!(err, PolicyError::ReservedPackage { .. }), "{err}");
+    }
+
+    /// Layer packages are named in the generated package; a package that may define rules
+    /// anywhere under `data.cellgate.layers` leaves the base policy walking it.
+    #[test]
+    fn layers_are_resolved_when_packages_name_them() {
+        let layer = |pkg: &str| {
+            file(
+                &format!("{pkg}.rego"),
+                &format!("package {pkg}\nimport rego.v1\ndeny contains \"no\" if input.request.port == 1\n"),
+            )
+        };
+        let module = |files: Vec<PolicyFile>| {
+            let mut engine = Engine::new();
+            engine.set_rego_v0(false);
+            for f in &files {
+                engine
+                    .add_policy(f.path.display().to_string(), f.source.clone())
+                    .unwrap();
+            }
+            layers_module(&engine, &files).unwrap()
+        };
+        let m = module(vec![file("m.rego", MINI)]).unwrap();
+        assert!(m.contains("quiet := true"), "{m}");
+        let m = module(vec![
+            layer("cellgate.layers.a"),
+            layer("cellgate.layers.b.c"),
+        ])
+        .unwrap();
+        assert!(
+            m.contains("not data.cellgate.layers[\"a\"].deny != set()"),
+            "{m}"
+        );
+        assert!(
+            m.contains("denies contains [\"b\", d] if d := data.cellgate.layers[\"b\"].deny"),
+            "{m}"
+        );
+        assert!(module(vec![layer("cellgate.layers")]).is_none());
+        assert!(module(vec![layer("cellgate")]).is_none());
+        // Either way the set loads and decides.
+        for pkg in ["cellgate.layers.a", "cellgate.layers"] {
+            let set = PolicySet::from_files(vec![file("m.rego", MINI), layer(pkg)]).unwrap();
+            let mut input = InputDoc::default();
+            input.request.port = 443;
+            assert!(set.evaluate(&input).unwrap().allow, "{pkg}");
+        }
     }
 
     #[test]
