@@ -48,7 +48,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
 
-use crate::{metrics, Shared};
+use crate::Shared;
 
 /// The watches' shared view: the reflectors' stores, which watches have listed once, and the
 /// generations already reported in `status.enforcement`.
@@ -166,16 +166,6 @@ fn resource_uid(obj: &AgentCellResource) -> String {
     })
 }
 
-fn count_refused(shared: &Shared) {
-    shared
-        .metrics
-        .reload_failures
-        .get_or_create(&metrics::ConnLabels {
-            outcome: "cells".into(),
-        })
-        .inc();
-}
-
 async fn watch_cells(
     shared: Arc<Shared>,
     state: Arc<KubeState>,
@@ -262,7 +252,7 @@ fn apply_cell(shared: &Arc<Shared>, state: &Arc<KubeState>, obj: &AgentCellResou
                 error = %e,
                 "refused an AgentCell from the API server; its requests are denied until it is fixed"
             );
-            count_refused(shared);
+            shared.metrics.reload_refused("cells");
             if shared.cells.remove(&uid).is_some() {
                 resync_pods(shared, state);
                 shared.bump_generation();

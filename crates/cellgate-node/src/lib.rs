@@ -377,13 +377,7 @@ async fn watch_sources(shared: Arc<Shared>) {
         if let Some(dir) = &shared.config.cells_dir {
             if shared.cells.rescan(dir) {
                 if !shared.cells.last_errors().is_empty() {
-                    shared
-                        .metrics
-                        .reload_failures
-                        .get_or_create(&metrics::ConnLabels {
-                            outcome: "cells".into(),
-                        })
-                        .inc();
+                    shared.metrics.reload_refused("cells");
                 }
                 changed = true;
             }
@@ -391,15 +385,7 @@ async fn watch_sources(shared: Arc<Shared>) {
         match shared.policy_source.poll(&shared.policy) {
             policy_source::Polled::Unchanged => {}
             policy_source::Polled::Installed(_) => changed = true,
-            policy_source::Polled::Refused(_) => {
-                shared
-                    .metrics
-                    .reload_failures
-                    .get_or_create(&metrics::ConnLabels {
-                        outcome: "policy".into(),
-                    })
-                    .inc();
-            }
+            policy_source::Polled::Refused(_) => shared.metrics.reload_refused("policy"),
         }
         if changed {
             shared.bump_generation();

@@ -74,6 +74,15 @@ impl Collector for Scraped {
 }
 
 impl Metrics {
+    /// Counts a refused reload: `what` is `cells` or `policy`.
+    pub fn reload_refused(&self, what: &str) {
+        self.reload_failures
+            .get_or_create(&ConnLabels {
+                outcome: what.into(),
+            })
+            .inc();
+    }
+
     /// Registers everything; `scraped` supplies values owned elsewhere (cert cache, audit queue).
     pub fn new(scraped: Arc<dyn Gauges>) -> Self {
         let mut registry = Registry::default();
