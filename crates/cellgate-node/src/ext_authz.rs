@@ -475,7 +475,7 @@ fn remember_pod(shared: &Shared, claims: &Claims) {
     }
 }
 
-use crate::http::{split_authority, PreDeny};
+use crate::http::{check_authority, PreDeny};
 
 /// The facts of the request Envoy describes, and the reason to refuse it before policy (the
 /// intake's checks: no host, CONNECT, SNI/Host disagreement, a port other than the dialled one).
@@ -543,31 +543,15 @@ fn request_facts(
             )),
         );
     };
-    let Some((host, port)) = split_authority(&authority) else {
-        return (
-            facts,
-            Some(("bad_host", format!("{authority:?} is not a host"), None)),
-        );
+    let port = match check_authority(
+        &authority,
+        method.eq_ignore_ascii_case("CONNECT"),
+        sni.as_deref(),
+        &mut facts,
+    ) {
+        Ok(port) => port,
+        Err(deny) => return (facts, Some(deny)),
     };
-    facts.host = Some(host.clone());
-    if method.eq_ignore_ascii_case("CONNECT") {
-        return (
-            facts,
-            Some(("connect_not_allowed", format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"), Some("send the request directly to the destination; the cell's boundary decides each request".into()))),
-        );
-    }
-    if let Some(sni) = &sni {
-        if &host != sni {
-            return (
-                facts,
-                Some((
-                    "sni_host_mismatch",
-                    format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
-                    Some("use the same host name for the connection and the request".into()),
-                )),
-            );
-        }
-    }
     match (port, dst_port) {
         (Some(p), 0) => facts.port = p,
         (Some(p), d) if p != d => {
@@ -867,6 +851,7 @@ pub async fn bind(shared: &Arc<Shared>, addr: &ListenAddr) -> anyhow::Result<Ser
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::split_authority;
     use envoy_types::pb::envoy::service::auth::v3::{attribute_context, AttributeContext};
 
     #[test]

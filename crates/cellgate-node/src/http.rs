@@ -179,6 +179,38 @@ pub(crate) fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
 /// A refusal decided before policy: reason label, detail, hint for the agent.
 pub(crate) type PreDeny = (&'static str, String, Option<String>);
 
+/// The checks both front doors (intake and ext_authz) make of a request's authority: it parses
+/// as a host (recorded in `facts.host`), the method is not CONNECT, and the host is the TLS SNI
+/// when there is one (domain fronting). Returns the authority's port, if it names one.
+pub(crate) fn check_authority(
+    authority: &str,
+    is_connect: bool,
+    sni: Option<&str>,
+    facts: &mut Facts,
+) -> Result<Option<u16>, PreDeny> {
+    let Some((host, port)) = split_authority(authority) else {
+        return Err(("bad_host", format!("{authority:?} is not a host"), None));
+    };
+    facts.host = Some(host.clone());
+    if is_connect {
+        return Err((
+            "connect_not_allowed",
+            format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"),
+            Some("send the request directly to the destination; the cell's boundary decides each request".into()),
+        ));
+    }
+    if let Some(sni) = sni {
+        if host != sni {
+            return Err((
+                "sni_host_mismatch",
+                format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
+                Some("use the same host name for the connection and the request".into()),
+            ));
+        }
+    }
+    Ok(port)
+}
+
 /// The facts of a request, or the reason the node refuses it before policy.
 fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDeny>) {
     let tls = ctx.sni.is_some();
@@ -236,31 +268,15 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
             )
         }
     };
-    let Some((host, port)) = split_authority(&authority) else {
-        return (
-            facts,
-            Some(("bad_host", format!("{authority:?} is not a host"), None)),
-        );
+    let port = match check_authority(
+        &authority,
+        req.method() == Method::CONNECT,
+        ctx.sni.as_deref(),
+        &mut facts,
+    ) {
+        Ok(port) => port,
+        Err(deny) => return (facts, Some(deny)),
     };
-    facts.host = Some(host.clone());
-    if req.method() == Method::CONNECT {
-        return (
-            facts,
-            Some(("connect_not_allowed", format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"), Some("send the request directly to the destination; the cell's boundary decides each request".into()))),
-        );
-    }
-    if let Some(sni) = &ctx.sni {
-        if &host != sni {
-            return (
-                facts,
-                Some((
-                    "sni_host_mismatch",
-                    format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
-                    Some("use the same host name for the connection and the request".into()),
-                )),
-            );
-        }
-    }
     let default_port = if tls { 443 } else { 80 };
     if let Some(p) = port {
         if p != dst_port {
