@@ -82,33 +82,34 @@ fn write_value(value: &Value, out: &mut Vec<u8>) {
 fn write_str(s: &str, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            c if u32::from(c) < 0x20 => {
-                let b = u32::from(c);
-                out.extend_from_slice(b"\\u00");
-                for nibble in [b >> 4, b & 0xf] {
-                    let digit = usize::try_from(nibble)
-                        .ok()
-                        .and_then(|i| HEX.get(i))
-                        .copied()
-                        .unwrap_or(b'0');
-                    out.push(digit);
-                }
+    // Runs of bytes that need no escaping are copied whole. Every byte to escape is ASCII, and
+    // no byte of a multi-byte UTF-8 sequence is below 0x80, so working on bytes is exact.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(bytes.get(run..i).unwrap_or_default());
+        run = i + 1;
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            for nibble in [b >> 4, b & 0xf] {
+                out.push(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'));
             }
-            c => {
-                let mut buf = [0_u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            }
+        } else {
+            out.extend_from_slice(escape);
         }
     }
+    out.extend_from_slice(bytes.get(run..).unwrap_or_default());
     out.push(b'"');
 }
 
@@ -259,6 +260,20 @@ mod tests {
             .collect();
         let ours = canonical_json(&Value::String(s.clone()));
         assert_eq!(ours, serde_json::to_vec(&s).unwrap());
+        // Escapes at either end, back to back, between multi-byte characters, and none.
+        for s in [
+            "",
+            "plain",
+            "\"",
+            "\"quoted\"",
+            "a\\b\n\u{1}",
+            "\n\r\t\u{7f}",
+            "é\"😀\u{1f}é",
+            "GET /v1/x?q=\"a\" HTTP/1.1",
+        ] {
+            let ours = canonical_json(&Value::String(s.to_owned()));
+            assert_eq!(ours, serde_json::to_vec(&s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

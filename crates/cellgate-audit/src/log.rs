@@ -9,6 +9,10 @@
 //!   in the order received, writes it with one `write`, and syncs once if anyone waits for
 //!   durability (or [`AuditOptions::sync_interval`] has passed since the last sync). After each
 //!   sync it replaces the head anchor (`<log>.head`, temp file + rename).
+//! - Linger: when a batch holds plain records only, the writer waits up to
+//!   [`AuditOptions::linger`] for more before writing, so a steady stream of allows costs one
+//!   wake-up and one `write` per linger period instead of one per record. A durable
+//!   submission, a flush or a close ends the linger at once.
 //! - A write or sync failure fails the log closed: every waiter gets
 //!   [`AuditError::Unavailable`], so does every later submission, and plain records that were
 //!   accepted but not written are counted in [`AuditStats::lost`] and logged.
@@ -24,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{self, Instant, MissedTickBehavior};
 
@@ -49,6 +53,9 @@ pub struct AuditOptions {
     pub sync_interval: Duration,
     /// Records a [`AuditLog::subscribe`] receiver may fall behind before it lags.
     pub subscriber_capacity: usize,
+    /// Longest time plain records wait for company before a write (zero: write at once).
+    /// Durable submissions never wait for it.
+    pub linger: Duration,
 }
 
 impl Default for AuditOptions {
@@ -57,6 +64,7 @@ impl Default for AuditOptions {
             queue_capacity: 65_536,
             sync_interval: Duration::from_millis(100),
             subscriber_capacity: 4096,
+            linger: Duration::from_millis(1),
         }
     }
 }
@@ -82,6 +90,13 @@ impl AuditOptions {
                 name: "sync_interval",
                 value: format!("{:?}", self.sync_interval),
                 hint: "must be above zero",
+            });
+        }
+        if self.linger >= self.sync_interval {
+            return Err(AuditError::InvalidOptions {
+                name: "linger",
+                value: format!("{:?}", self.linger),
+                hint: "must be below sync_interval",
             });
         }
         if !(1..=MAX_QUEUE).contains(&self.subscriber_capacity) {
@@ -142,6 +157,8 @@ struct Counters {
 #[derive(Debug)]
 struct State {
     counters: Counters,
+    /// Ends the writer's linger: a durable submission, a flush or a close is queued.
+    urgent: Notify,
     events: broadcast::Sender<Arc<Record>>,
     /// Set once, by the writer, when it fails.
     failure: OnceLock<String>,
@@ -238,6 +255,7 @@ impl AuditLog {
         if self.tx.send(Command::Durable(rec, ack)).await.is_err() {
             return Err(self.closed_error());
         }
+        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| Err(self.closed_error()))
     }
 
@@ -253,6 +271,7 @@ impl AuditLog {
         if self.tx.send(Command::Flush(ack)).await.is_err() {
             return Err(self.closed_error());
         }
+        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| Err(self.closed_error()))
     }
 
@@ -271,6 +290,7 @@ impl AuditLog {
                 e => Err(e),
             };
         }
+        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| match self.closed_error() {
             AuditError::Closed => Ok(()),
             e => Err(e),
@@ -342,6 +362,7 @@ fn start(
     let (events, _) = broadcast::channel(options.subscriber_capacity);
     let state = Arc::new(State {
         counters: Counters::default(),
+        urgent: Notify::new(),
         events,
         failure: OnceLock::new(),
         capacity: options.queue_capacity,
@@ -360,6 +381,7 @@ fn start(
         seq: report.records,
         hash: report.last_hash,
         sync_interval: options.sync_interval,
+        linger: options.linger,
         dirty: false,
         last_sync: Instant::now(),
         durable: Vec::new(),
@@ -484,6 +506,7 @@ struct Writer {
     seq: u64,
     hash: String,
     sync_interval: Duration,
+    linger: Duration,
     /// Written but not yet synced.
     dirty: bool,
     last_sync: Instant,
@@ -536,22 +559,41 @@ impl Writer {
                 Event::Command(Some(cmd)) => {
                     let mut records = Vec::new();
                     self.take(cmd, &mut records);
-                    while records.len() < MAX_BATCH_RECORDS {
-                        match self.rx.try_recv() {
-                            Ok(cmd) => self.take(cmd, &mut records),
-                            Err(_) => break,
+                    self.take_queued(&mut records);
+                    if !self.linger.is_zero()
+                        && !self.has_waiters()
+                        && records.len() < MAX_BATCH_RECORDS
+                    {
+                        // Plain records only: let more arrive. Senders of plain records do
+                        // not wake the writer while it sleeps here; waiters do.
+                        tokio::select! {
+                            () = time::sleep(self.linger) => {}
+                            () = self.state.urgent.notified() => {}
                         }
+                        self.take_queued(&mut records);
                     }
-                    let sync = !self.durable.is_empty()
-                        || !self.flushers.is_empty()
-                        || !self.closers.is_empty()
-                        || self.last_sync.elapsed() >= self.sync_interval;
+                    let sync = self.has_waiters() || self.last_sync.elapsed() >= self.sync_interval;
                     self.commit(records, sync).await?;
                 }
             }
         }
         // Closed (or every handle dropped) and drained.
         self.commit(Vec::new(), true).await
+    }
+
+    /// Someone waits for this batch to be synced.
+    fn has_waiters(&self) -> bool {
+        !self.durable.is_empty() || !self.flushers.is_empty() || !self.closers.is_empty()
+    }
+
+    /// Takes what is queued, up to a full batch.
+    fn take_queued(&mut self, records: &mut Vec<Record>) {
+        while records.len() < MAX_BATCH_RECORDS {
+            match self.rx.try_recv() {
+                Ok(cmd) => self.take(cmd, records),
+                Err(_) => break,
+            }
+        }
     }
 
     fn take(&mut self, cmd: Command, records: &mut Vec<Record>) {
@@ -728,6 +770,11 @@ mod tests {
             },
             AuditOptions {
                 subscriber_capacity: 0,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                linger: Duration::from_millis(100),
+                sync_interval: Duration::from_millis(100),
                 ..AuditOptions::default()
             },
         ] {

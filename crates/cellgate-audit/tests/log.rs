@@ -494,3 +494,78 @@ async fn the_documented_python_verifier_agrees() {
         }
     ));
 }
+
+/// Plain records linger for company: two submissions 50 ms apart go out in one write, after
+/// the linger, not before.
+#[tokio::test]
+async fn plain_records_linger_and_are_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let options = AuditOptions {
+        linger: Duration::from_millis(400),
+        ..quiet()
+    };
+    let (log, writer) = AuditLog::open(&path, options).await.unwrap();
+    let t0 = std::time::Instant::now();
+    log.submit(rec(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    log.submit(rec(2)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let early = log.stats();
+    assert_eq!(
+        (early.written, early.writes),
+        (0, 0),
+        "written during the linger"
+    );
+    while log.stats().written < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    let stats = log.stats();
+    assert_eq!((stats.written, stats.writes), (2, 1));
+    assert_eq!(lines(&path).len(), 2);
+    log.close().await.unwrap();
+    writer.await.unwrap().unwrap();
+}
+
+/// A durable submission ends the linger at once: it does not wait behind plain records, and
+/// it carries them to disk in the same write, in order.
+#[tokio::test]
+async fn a_durable_submission_ends_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let options = AuditOptions {
+        linger: Duration::from_secs(60),
+        ..quiet()
+    };
+    let (log, writer) = AuditLog::open(&path, options).await.unwrap();
+    log.submit(rec(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::timeout(Duration::from_secs(5), log.submit_durable(rec(2)))
+        .await
+        .expect("the durable submission waited for the linger")
+        .unwrap();
+    let stats = log.stats();
+    assert_eq!(
+        (stats.written, stats.writes, stats.durable_syncs),
+        (2, 1, 1)
+    );
+    let text = fs::read_to_string(&path).unwrap();
+    let first = text.find("/repos/1").unwrap();
+    assert!(text.find("/repos/2").unwrap() > first, "{text}");
+    // A flush ends it too.
+    log.submit(rec(3)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::timeout(Duration::from_secs(5), log.flush())
+        .await
+        .expect("the flush waited for the linger")
+        .unwrap();
+    assert_eq!(log.stats().written, 3);
+    log.close().await.unwrap();
+    writer.await.unwrap().unwrap();
+}

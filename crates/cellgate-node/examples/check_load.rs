@@ -154,8 +154,167 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Cumulative bucket counts of `cellgate_ext_authz_check_duration_seconds`, read from the
+/// node's Prometheus text exactly as a scrape of `/metrics` returns it: (upper bound µs, count).
+fn handler_buckets(node: &cellgate_node::Shared) -> Vec<(f64, u64)> {
+    let prefix = "cellgate_ext_authz_check_duration_seconds_bucket{le=\"";
+    node.metrics
+        .encode()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse::<f64>().ok()? * 1e6
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Percentile `p` of the observations between two bucket snapshots, interpolated linearly
+/// inside its bucket (as Prometheus' `histogram_quantile` does).
+fn bucket_percentile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> f64 {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1.saturating_sub(b.1)))
+        .collect();
+    let total = counts.last().map_or(0, |c| c.1);
+    if total == 0 {
+        return f64::NAN;
+    }
+    let rank = p * total as f64;
+    let mut lower = (0.0, 0_u64);
+    for &(le, cum) in &counts {
+        if cum as f64 >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let inside = (cum - lower.1) as f64;
+            let frac = if inside > 0.0 {
+                (rank - lower.1 as f64) / inside
+            } else {
+                1.0
+            };
+            return lower.0 + (le - lower.0) * frac;
+        }
+        lower = (le, cum);
+    }
+    lower.0
+}
+
+/// The machine's own floor: a 1 KiB request and a 1 KiB answer over loopback TCP between two
+/// plain threads blocked in `read`, paced at `rate` for up to 5 s. No gRPC, no tokio.
+fn tcp_floor(rate: u64, seconds: u64) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [0_u8; 1024];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).expect("nodelay");
+    let total = rate * seconds.min(5);
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let mut buf = [7_u8; 1024];
+    let mut l = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + interval * (i as u32);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let t = Instant::now();
+        c.write_all(&buf).expect("write");
+        c.read_exact(&mut buf).expect("read");
+        l.push(t.elapsed().as_micros() as u64);
+    }
+    drop(c);
+    let _ = echo.join();
+    l.sort_unstable();
+    println!(
+        "machine floor (1 KiB ping-pong over loopback TCP, two blocked threads, {rate} /s): latency us p50 {} p90 {} p99 {}",
+        percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
+    );
+}
+
+/// The request as gRPC puts it on the wire: uncompressed flag, big-endian length, message.
+fn grpc_frame(msg: &CheckRequest) -> bytes::Bytes {
+    use prost::Message;
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&u32::try_from(len).expect("small message").to_be_bytes());
+    msg.encode(&mut buf).expect("encode");
+    buf.into()
+}
+
+/// An HTTP/2 connection for [`envoy_like_check`].
+async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// One Check sent the way Envoy's own gRPC client sends it: HEADERS and the DATA frame with
+/// END_STREAM queued together, so they leave in one write (tonic's client pipes the body from
+/// a separate task, so HEADERS and DATA usually leave in two writes and wake the server twice).
+/// Returns the CheckResponse's `status.code`.
+async fn envoy_like_check(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    uri: &http::Uri,
+    frame: bytes::Bytes,
+) -> Result<i32, String> {
+    use prost::Message;
+    let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(uri.clone())
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let (resp, mut stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
+    stream.send_data(frame, true).map_err(|e| e.to_string())?;
+    let resp = resp.await.map_err(|e| e.to_string())?;
+    let mut body = resp.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    let grpc_status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok());
+    if grpc_status != Some("0") {
+        return Err(format!("grpc-status {grpc_status:?}"));
+    }
+    let msg = data.get(5..).ok_or("short gRPC frame")?;
+    let r = envoy_types::pb::envoy::service::auth::v3::CheckResponse::decode(msg)
+        .map_err(|e| e.to_string())?;
+    Ok(r.status.map_or(-1, |s| s.code))
+}
+
 fn main() {
     let a = args();
+    tcp_floor(a.rate, a.seconds);
     let dir = tempfile::tempdir().expect("temp dir");
     let key = cellgate_identity::SigningKey::generate().expect("key");
     key.write_pair(&dir.path().join("keys")).expect("keys");
@@ -228,8 +387,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("client runtime");
+    let node_ref = node.shared.clone();
     client_rt.block_on(async move {
         let mut clients = Vec::new();
+        let mut clients_ch = Vec::new();
         for _ in 0..a.connections {
             let ch = Channel::from_shared(format!("http://{addr}"))
                 .expect("uri")
@@ -237,6 +398,7 @@ fn main() {
                 .connect()
                 .await
                 .expect("connect");
+            clients_ch.push(ch.clone());
             clients.push(AuthorizationClient::new(ch));
         }
         // Sanity + warm-up.
@@ -246,7 +408,55 @@ fn main() {
             let _ = clients[0].clone().check(req.clone()).await;
         }
 
+        // Phase 1a: the transport floor: gRPC health Check (no Cellgate work) over the same
+        // connections, at the same rate, paced the same way.
+        {
+            let total = a.rate * a.seconds.min(5);
+            let interval = Duration::from_nanos(1_000_000_000 / a.rate);
+            let health: Vec<_> = clients_ch
+                .iter()
+                .map(|ch| tonic_health::pb::health_client::HealthClient::new(ch.clone()))
+                .collect();
+            let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
+            let start = Instant::now();
+            let rt = tokio::runtime::Handle::current();
+            let pacer_lat = lat.clone();
+            let handles = tokio::task::spawn_blocking(move || {
+                let mut handles = Vec::with_capacity(total as usize);
+                for i in 0..total {
+                    let due = start + interval * (i as u32);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let mut c = health[(i as usize) % health.len()].clone();
+                    let lat = pacer_lat.clone();
+                    handles.push(rt.spawn(async move {
+                        let sent = Instant::now();
+                        let r = c
+                            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                            .await;
+                        if r.is_ok() {
+                            lat.lock().expect("lock").push(sent.elapsed().as_micros() as u64);
+                        }
+                    }));
+                }
+                handles
+            })
+            .await
+            .expect("pacer");
+            for h in handles {
+                let _ = h.await;
+            }
+            let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+            l.sort_unstable();
+            println!(
+                "transport floor (grpc.health.v1 Check, same server, {} /s): {} ok; latency us p50 {} p90 {} p99 {}",
+                a.rate, l.len(), percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
+            );
+        }
+
         // Phase 1: open loop at `rate`.
+        let handler_before = handler_buckets(&node_ref);
         let total = a.rate * a.seconds;
         let interval = Duration::from_nanos(1_000_000_000 / a.rate);
         let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
@@ -305,6 +515,79 @@ fn main() {
             "  (from the scheduled time, including the pacing thread's wake-up: p50 {} p99 {})",
             percentile(&d, 0.50), percentile(&d, 0.99),
         );
+        let handler_after = handler_buckets(&node_ref);
+        println!(
+            "  node handler time, same checks (cellgate_ext_authz_check_duration_seconds, from /metrics buckets): p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
+            bucket_percentile(&handler_before, &handler_after, 0.50),
+            bucket_percentile(&handler_before, &handler_after, 0.90),
+            bucket_percentile(&handler_before, &handler_after, 0.99),
+        );
+
+        // Phase 1b: the same open loop from an Envoy-like HTTP/2 client (one write per Check).
+        {
+            let uri: http::Uri = format!("http://{addr}/envoy.service.auth.v3.Authorization/Check")
+                .parse()
+                .expect("uri");
+            let mut conns = Vec::new();
+            for _ in 0..a.connections {
+                conns.push(h2_connect(addr).await);
+            }
+            let frame = grpc_frame(&req);
+            for _ in 0..2000 {
+                assert_eq!(envoy_like_check(&conns[0], &uri, frame.clone()).await, Ok(0));
+            }
+            let handler_before = handler_buckets(&node_ref);
+            let total = a.rate * a.seconds;
+            let interval = Duration::from_nanos(1_000_000_000 / a.rate);
+            let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
+            let errors = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            let rt = tokio::runtime::Handle::current();
+            let (pacer_lat, pacer_errors) = (lat.clone(), errors.clone());
+            let handles = tokio::task::spawn_blocking(move || {
+                let mut handles = Vec::with_capacity(total as usize);
+                for i in 0..total {
+                    let due = start + interval * (i as u32);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let send = conns[(i as usize) % conns.len()].clone();
+                    let (uri, frame) = (uri.clone(), frame.clone());
+                    let (lat, errors) = (pacer_lat.clone(), pacer_errors.clone());
+                    handles.push(rt.spawn(async move {
+                        let sent = Instant::now();
+                        match envoy_like_check(&send, &uri, frame).await {
+                            Ok(0) => lat.lock().expect("lock").push(sent.elapsed().as_micros() as u64),
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }));
+                }
+                handles
+            })
+            .await
+            .expect("pacer");
+            for h in handles {
+                let _ = h.await;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
+            l.sort_unstable();
+            let handler_after = handler_buckets(&node_ref);
+            println!(
+                "open loop, Envoy-like h2 client: target {} checks/s for {}s: {} ok, {} errors, achieved {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}",
+                a.rate, a.seconds, l.len(), errors.load(Ordering::Relaxed), l.len() as f64 / elapsed,
+                percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
+                percentile(&l, 0.999), l.last().copied().unwrap_or(0),
+            );
+            println!(
+                "  node handler time, same checks: p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
+                bucket_percentile(&handler_before, &handler_after, 0.50),
+                bucket_percentile(&handler_before, &handler_after, 0.90),
+                bucket_percentile(&handler_before, &handler_after, 0.99),
+            );
+        }
 
         // Phase 2: closed loop.
         let done = Arc::new(AtomicU64::new(0));

@@ -763,9 +763,16 @@ where
         }
         let svc = self.clone();
         Box::pin(async move {
+            let start = std::time::Instant::now();
+            let shared = Arc::clone(&svc.shared);
             let mut grpc = tonic::server::Grpc::new(CheckCodec)
                 .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
-            Ok(grpc.unary(Unary(svc), req).await)
+            let response = grpc.unary(Unary(svc), req).await;
+            shared
+                .metrics
+                .ext_authz_check_seconds
+                .observe(start.elapsed().as_secs_f64());
+            Ok(response)
         })
     }
 }

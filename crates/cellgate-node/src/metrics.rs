@@ -31,6 +31,13 @@ pub struct ConnLabels {
     pub outcome: String,
 }
 
+/// Upper bounds (µs) of `cellgate_ext_authz_check_duration_seconds`: fine below 100 µs, where
+/// a Check should land, coarse above.
+pub const EXT_AUTHZ_BUCKETS_US: &[f64] = &[
+    5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0, 200.0, 300.0, 500.0,
+    1000.0, 2500.0, 5000.0, 10_000.0, 50_000.0,
+];
+
 /// The node's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -39,6 +46,8 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     /// Decision latency (policy evaluation and the checks around it).
     pub decision_seconds: Histogram,
+    /// ext_authz Check handling time, from the request's arrival at the handler to its response.
+    pub ext_authz_check_seconds: Histogram,
     /// Open intake connections.
     pub open_connections: Gauge,
     /// Intake connections by outcome.
@@ -99,6 +108,14 @@ impl Metrics {
             "Time to decide one request",
             decision_seconds.clone(),
         );
+        let ext_authz_check_seconds =
+            Histogram::new(EXT_AUTHZ_BUCKETS_US.iter().map(|us| us / 1e6));
+        registry.register(
+            "cellgate_ext_authz_check_duration_seconds",
+            "Time to handle one ext_authz Check in the node: body decode, token, decision, \
+             credential, audit submission and response (the gRPC round trip is not included)",
+            ext_authz_check_seconds.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "cellgate_open_connections",
@@ -122,6 +139,7 @@ impl Metrics {
             registry,
             decisions,
             decision_seconds,
+            ext_authz_check_seconds,
             open_connections,
             connections,
             reload_failures,

@@ -316,6 +316,13 @@ async fn allow_injects_the_credential_for_envoy_to_set() {
         metrics.contains("front_door=\"ext_authz\""),
         "decisions counted: {metrics}"
     );
+    // Both Checks above were timed by the handler histogram.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "cellgate_ext_authz_check_duration_seconds_count 2"),
+        "handler time: {metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
