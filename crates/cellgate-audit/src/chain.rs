@@ -99,7 +99,7 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
             _ => continue,
         };
         out.extend_from_slice(bytes.get(run..i).unwrap_or_default());
-        run = i + 1;
+        run = i.saturating_add(1);
         if escape.is_empty() {
             out.extend_from_slice(b"\\u00");
             for nibble in [b >> 4, b & 0xf] {
