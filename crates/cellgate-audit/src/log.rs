@@ -259,6 +259,50 @@ impl AuditLog {
         done.await.unwrap_or_else(|_| Err(self.closed_error()))
     }
 
+    /// Queues a record for durable writing without waiting, and returns what resolves once it
+    /// is written and synced: for callers that must submit now, from synchronous code, and wait
+    /// later.
+    ///
+    /// # Errors
+    ///
+    /// As [`AuditLog::submit`] (a full queue is [`AuditError::Overflow`]: the caller fails
+    /// closed); the returned future fails as [`AuditLog::submit_durable`] does.
+    pub fn submit_durable_now(
+        &self,
+        rec: Record,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static,
+        AuditError,
+    > {
+        self.check_failed()?;
+        let (ack, done) = oneshot::channel();
+        match self.tx.try_send(Command::Durable(rec, ack)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.state
+                    .counters
+                    .overflows
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(AuditError::Overflow {
+                    capacity: self.state.capacity,
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.closed_error()),
+        }
+        self.state.urgent.notify_one();
+        let state = Arc::clone(&self.state);
+        Ok(async move {
+            done.await.unwrap_or_else(|_| {
+                Err(match state.failure.get() {
+                    Some(reason) => AuditError::Unavailable {
+                        reason: reason.clone(),
+                    },
+                    None => AuditError::Closed,
+                })
+            })
+        })
+    }
+
     /// Resolves once every record submitted before the call is written and synced, and the
     /// head anchor names the last of them.
     ///

@@ -569,3 +569,29 @@ async fn a_durable_submission_ends_the_linger() {
     log.close().await.unwrap();
     writer.await.unwrap().unwrap();
 }
+
+/// `submit_durable_now` queues at the call: the record is kept even when nobody awaits the
+/// returned future, and awaiting it means written and synced.
+#[tokio::test]
+async fn submit_durable_now_queues_at_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (log, writer) = AuditLog::open(&path, quiet()).await.unwrap();
+    let dropped = log.submit_durable_now(rec(1)).unwrap();
+    drop(dropped);
+    let synced = log.submit_durable_now(rec(2)).unwrap();
+    synced.await.unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("/repos/1") && text.contains("/repos/2"),
+        "{text}"
+    );
+    assert!(log.stats().durable_syncs >= 1);
+    let other = log.clone();
+    log.close().await.unwrap();
+    writer.await.unwrap().unwrap();
+    assert!(matches!(
+        other.submit_durable_now(rec(3)).map(|_| ()),
+        Err(AuditError::Closed)
+    ));
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cellgate_api::model::{
     Capability, Cell, Destination, DestinationTarget, HostPattern, Mode, TlsMode,
 };
-use cellgate_dns::{Audit, Cells, DnsConfig, DnsEvent, DnsHandler, Resolve, Transport};
+use cellgate_dns::{Audit, AuditAck, Cells, DnsConfig, DnsEvent, DnsHandler, Resolve, Transport};
 use criterion::{criterion_group, criterion_main, Criterion};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
@@ -38,8 +38,9 @@ impl Resolve for Cached {
 
 struct Discard;
 impl Audit for Discard {
-    fn refused(&self, event: DnsEvent) {
+    fn refused(&self, event: DnsEvent) -> AuditAck {
         std::hint::black_box(event);
+        Box::pin(async { Ok(()) })
     }
 }
 

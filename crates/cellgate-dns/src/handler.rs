@@ -11,7 +11,7 @@ use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
 use crate::wire::{self, NameScan, RawHeader, MAX_LABEL_LEN, MAX_NAME_LEN};
-use crate::{bump, Audit, Cells, DnsConfig, DnsEvent, DnsStats, Resolve};
+use crate::{bump, Audit, AuditAck, Cells, DnsConfig, DnsEvent, DnsStats, Resolve};
 
 /// The classic DNS limit for a UDP response to a client that did not say otherwise (RFC 1035).
 pub const MIN_UDP_PAYLOAD: usize = 512;
@@ -68,6 +68,8 @@ struct Asked<'q> {
 struct Asker<'a> {
     source: SocketAddr,
     cell: Option<&'a Cell>,
+    /// Audit records this query produced, awaited before its answer leaves.
+    acks: Mutex<Vec<AuditAck>>,
 }
 
 impl DnsHandler {
@@ -118,18 +120,42 @@ impl DnsHandler {
 
     /// The response to one query from `source`. An empty vector means "send nothing" (the
     /// message had no readable id, or was itself a response).
+    ///
+    /// The answer leaves only once every audit record the query produced is kept; a record
+    /// that cannot be kept turns the answer into SERVFAIL.
     pub async fn answer(&self, query: &[u8], source: SocketAddr, transport: Transport) -> Vec<u8> {
         bump(&self.stats.queries);
         let cell = self.cells.cell_for(source.ip().to_canonical());
         let asker = Asker {
             source,
             cell: cell.as_deref(),
+            acks: Mutex::new(Vec::new()),
         };
+        let response = self.decide(query, &asker, transport).await;
+        let acks = match asker.acks.into_inner() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for ack in acks {
+            if let Err(e) = ack.await {
+                tracing::error!(source = %source, error = %e, "DNS audit record not kept: answering SERVFAIL");
+                bump(&self.stats.servfail);
+                return match wire::raw_header(query) {
+                    Some(header) if !response.is_empty() => {
+                        bare_response(&header, ResponseCode::ServFail)
+                    }
+                    _ => Vec::new(),
+                };
+            }
+        }
+        response
+    }
 
+    async fn decide(&self, query: &[u8], asker: &Asker<'_>, transport: Transport) -> Vec<u8> {
         let Some(header) = wire::raw_header(query) else {
             bump(&self.stats.dropped);
             self.record(
-                &asker,
+                asker,
                 None,
                 "dns_malformed",
                 "shorter than a message id".into(),
@@ -140,7 +166,7 @@ impl DnsHandler {
             // Never answer a response: that is how two servers end up in a loop.
             bump(&self.stats.dropped);
             self.record(
-                &asker,
+                asker,
                 None,
                 "dns_malformed",
                 "a response, not a query".into(),
@@ -150,7 +176,7 @@ impl DnsHandler {
         if let Some(opcode) = header.opcode.filter(|&o| o != 0) {
             bump(&self.stats.notimp);
             self.record(
-                &asker,
+                asker,
                 None,
                 "dns_opcode_not_implemented",
                 format!("opcode {}", OpCode::from_u8(opcode)),
@@ -159,7 +185,7 @@ impl DnsHandler {
         }
         if let NameScan::TooLong(len) = wire::scan_first_name(query) {
             return self.refuse_bare(
-                &asker,
+                asker,
                 &header,
                 "dns_name_too_long",
                 format!("name of {len}+ characters"),
@@ -169,14 +195,14 @@ impl DnsHandler {
             Ok(m) => m,
             Err(e) => {
                 bump(&self.stats.formerr);
-                self.record(&asker, None, "dns_malformed", e.to_string());
+                self.record(asker, None, "dns_malformed", e.to_string());
                 return bare_response(&header, ResponseCode::FormErr);
             }
         };
         let [question] = request.queries.as_slice() else {
             bump(&self.stats.formerr);
             self.record(
-                &asker,
+                asker,
                 None,
                 "dns_malformed",
                 format!(
@@ -190,7 +216,7 @@ impl DnsHandler {
         let asked = match describe(question) {
             Ok(a) => a,
             Err(detail) => {
-                return self.refuse_bare(&asker, &header, "dns_name_too_long", detail);
+                return self.refuse_bare(asker, &header, "dns_name_too_long", detail);
             }
         };
         let limit = response_limit(&request, transport);
@@ -201,17 +227,17 @@ impl DnsHandler {
         let Some(cell) = asker.cell else {
             bump(&self.stats.refused);
             self.record(
-                &asker,
+                asker,
                 Some(&asked),
                 "dns_unknown_source",
-                format!("no cell has address {}", source.ip()),
+                format!("no cell has address {}", asker.source.ip()),
             );
             return respond(ResponseCode::Refused, Vec::new());
         };
         if question.query_class() != DNSClass::IN {
             bump(&self.stats.refused);
             self.record(
-                &asker,
+                asker,
                 Some(&asked),
                 "dns_class_refused",
                 format!("class {}", question.query_class()),
@@ -222,7 +248,7 @@ impl DnsHandler {
         if qtype == RecordType::ANY {
             bump(&self.stats.refused);
             self.record(
-                &asker,
+                asker,
                 Some(&asked),
                 "dns_qtype_refused",
                 "ANY is never answered".into(),
@@ -240,12 +266,12 @@ impl DnsHandler {
             };
             if address_query {
                 bump(&self.stats.nxdomain);
-                self.record(&asker, Some(&asked), "dns_name_not_allowed", why);
+                self.record(asker, Some(&asked), "dns_name_not_allowed", why);
                 return respond(ResponseCode::NXDomain, Vec::new());
             }
             bump(&self.stats.refused);
             self.record(
-                &asker,
+                asker,
                 Some(&asked),
                 "dns_qtype_refused",
                 format!("{qtype} for a name not allowed: {why}"),
@@ -258,7 +284,7 @@ impl DnsHandler {
             bump(&self.stats.answered);
             if self.config.audit_allows {
                 self.record(
-                    &asker,
+                    asker,
                     Some(&asked),
                     "dns_allowed",
                     format!("{qtype}: no data served"),
@@ -277,10 +303,10 @@ impl DnsHandler {
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 addrs
             }
-            Ok(Err(e)) => return self.upstream_failed(&asker, &asked, e.to_string(), respond),
+            Ok(Err(e)) => return self.upstream_failed(asker, &asked, e.to_string(), respond),
             Err(_) => {
                 let detail = format!("no answer within {:?}", self.config.upstream_timeout);
-                return self.upstream_failed(&asker, &asked, detail, respond);
+                return self.upstream_failed(asker, &asked, detail, respond);
             }
         };
 
@@ -304,7 +330,7 @@ impl DnsHandler {
         bump(&self.stats.answered);
         if self.config.audit_allows {
             self.record(
-                &asker,
+                asker,
                 Some(&asked),
                 "dns_allowed",
                 format!("{} addresses", records.len()),
@@ -321,7 +347,9 @@ impl DnsHandler {
         let asker = Asker {
             source,
             cell: cell.as_deref(),
+            acks: Mutex::new(Vec::new()),
         };
+        // Nothing is answered (the connection is closed), so nothing waits for the record.
         self.record(
             &asker,
             None,
@@ -371,7 +399,7 @@ impl DnsHandler {
         detail: String,
     ) {
         tracing::debug!(source = %asker.source, reason, %detail, "DNS query not answered normally");
-        self.audit.refused(DnsEvent {
+        let ack = self.audit.refused(DnsEvent {
             source: asker.source,
             cell: asker.cell.map(|c| (c.namespace.clone(), c.name.clone())),
             name: asked.map(|a| a.host.clone()).unwrap_or_default(),
@@ -381,6 +409,10 @@ impl DnsHandler {
             reason,
             detail,
         });
+        match asker.acks.lock() {
+            Ok(mut acks) => acks.push(ack),
+            Err(poisoned) => poisoned.into_inner().push(ack),
+        }
     }
 }
 

@@ -60,11 +60,20 @@ pub trait Resolve: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = io::Result<Vec<IpAddr>>> + Send + '_>>;
 }
 
+/// Resolves once an audit record is kept (a refusal: written and synced), or says why it
+/// could not be.
+pub type AuditAck = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
 /// Where refusals and failures are recorded.
 pub trait Audit: Send + Sync + 'static {
     /// Called once per refusal or failure (never for answered allowed queries unless
-    /// [`DnsConfig::audit_allows`]), with a reason label.
-    fn refused(&self, event: DnsEvent);
+    /// [`DnsConfig::audit_allows`]), with a reason label. The answer is held until the returned
+    /// future resolves, so a refusal is on record before the asker learns of it; an error turns
+    /// the answer into SERVFAIL (fail closed: nothing answered that was not recorded).
+    ///
+    /// The record must be submitted by the call itself, not by the returned future: a query
+    /// that gets no answer (a closed connection) drops the future unpolled.
+    fn refused(&self, event: DnsEvent) -> AuditAck;
 }
 
 /// One audited DNS event.

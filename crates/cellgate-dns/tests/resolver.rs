@@ -13,7 +13,7 @@ use cellgate_api::model::{
     Capability, Cell, Destination, DestinationTarget, HostPattern, Mode, TlsMode,
 };
 use cellgate_dns::{
-    serve, Audit, Cells, DnsConfig, DnsEvent, DnsHandler, DnsServer, Resolve, Transport,
+    serve, Audit, AuditAck, Cells, DnsConfig, DnsEvent, DnsHandler, DnsServer, Resolve, Transport,
 };
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
@@ -100,8 +100,9 @@ impl Resolve for FakeResolve {
 struct Recorder(Mutex<Vec<DnsEvent>>);
 
 impl Audit for Recorder {
-    fn refused(&self, event: DnsEvent) {
+    fn refused(&self, event: DnsEvent) -> AuditAck {
         self.0.lock().unwrap().push(event);
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -742,4 +743,71 @@ async fn shutdown_stops_listening() {
             .await
             .is_none()
     );
+}
+
+/// An audit whose records are kept only when the test says so, or never.
+struct Gate {
+    open: tokio::sync::watch::Receiver<Option<bool>>,
+}
+
+impl Audit for Gate {
+    fn refused(&self, _: DnsEvent) -> AuditAck {
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let kept = open
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or(false);
+            if kept {
+                Ok(())
+            } else {
+                Err("disk full".into())
+            }
+        })
+    }
+}
+
+/// A refusal leaves only once its record is kept; a record that cannot be kept turns the
+/// answer into SERVFAIL instead of an unrecorded NXDOMAIN.
+#[tokio::test]
+async fn a_refusal_waits_for_its_record_and_fails_closed_without_it() {
+    let (cells, resolver, _) = parts();
+    for kept in [true, false] {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let handler = Arc::new(DnsHandler::new(
+            config(),
+            cells.clone(),
+            resolver.clone(),
+            Arc::new(Gate { open: rx }),
+        ));
+        let h = handler.clone();
+        let mut answer = tokio::spawn(async move {
+            h.answer(
+                &query("evil.example.net.", RecordType::A),
+                "127.0.0.1:5353".parse().unwrap(),
+                Transport::Udp,
+            )
+            .await
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut answer)
+                .await
+                .is_err(),
+            "answered before the record was kept"
+        );
+        tx.send(Some(kept)).unwrap();
+        let raw = tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .expect("answered once the audit replied")
+            .unwrap();
+        let m = Message::from_vec(&raw).unwrap();
+        let want = if kept {
+            ResponseCode::NXDomain
+        } else {
+            ResponseCode::ServFail
+        };
+        assert_eq!(m.response_code, want, "record kept: {kept}");
+        assert!(m.answers.is_empty());
+    }
 }

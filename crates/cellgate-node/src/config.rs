@@ -80,6 +80,9 @@ pub struct NodeArgs {
     /// Grace period for open connections on SIGTERM [env: CELLGATE_DRAIN] [default: 10s]
     #[arg(long)]
     pub drain: Option<String>,
+    /// Data-path worker threads [env: CELLGATE_WORKER_THREADS] [default: one per CPU the process may use]
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -290,6 +293,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// Drain grace.
     pub drain: Duration,
+    /// Data-path worker threads (None: one per CPU the process may use).
+    pub worker_threads: Option<usize>,
     /// JSON logs.
     pub log_json: bool,
     /// How long the PPv2 header may take to arrive.
@@ -449,6 +454,13 @@ impl NodeConfig {
             })?,
             (None, None) => 10_000,
         };
+        let worker_threads = match (args.worker_threads, get("CELLGATE_WORKER_THREADS")) {
+            (Some(n), _) => Some(n),
+            (None, Some(v)) => Some(v.parse().map_err(|_| {
+                invalid("CELLGATE_WORKER_THREADS", format!("{v:?} is not a number"))
+            })?),
+            (None, None) => None,
+        };
         let drain_raw = args
             .drain
             .or_else(|| get("CELLGATE_DRAIN"))
@@ -535,6 +547,7 @@ impl NodeConfig {
             control_namespace,
             max_connections,
             drain,
+            worker_threads,
             log_json: log_format == "json",
             ..Self::defaults()
         };
@@ -572,6 +585,7 @@ impl NodeConfig {
             control_namespace: "cellgate-system".into(),
             max_connections: 10_000,
             drain: Duration::from_secs(10),
+            worker_threads: None,
             log_json: false,
             header_timeout: Duration::from_secs(5),
             first_bytes_timeout: Duration::from_secs(10),
@@ -621,6 +635,14 @@ impl NodeConfig {
             }
             if self.control_namespace.is_empty() {
                 return Err(invalid("--control-namespace", "empty namespace"));
+            }
+        }
+        if let Some(n) = self.worker_threads {
+            if !(1..=1024).contains(&n) {
+                return Err(invalid(
+                    "--worker-threads",
+                    format!("{n} is not between 1 and 1024"),
+                ));
             }
         }
         if self.max_connections == 0 {
@@ -677,6 +699,34 @@ mod tests {
             lookup_static(&cfg.resolve, "y.test", 80),
             Some("::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn worker_threads_from_flag_or_env_and_checked() {
+        let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]);
+        let cfg = NodeConfig::from_args_env(args.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.worker_threads, None);
+        let cfg =
+            NodeConfig::from_args_env(args.clone(), &env(&[("CELLGATE_WORKER_THREADS", "3")]))
+                .unwrap();
+        assert_eq!(cfg.worker_threads, Some(3));
+        let flag =
+            NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub", "--worker-threads", "1"]);
+        let cfg =
+            NodeConfig::from_args_env(flag, &env(&[("CELLGATE_WORKER_THREADS", "3")])).unwrap();
+        assert_eq!(
+            cfg.worker_threads,
+            Some(1),
+            "the flag wins over the environment"
+        );
+        let e = NodeConfig::from_args_env(args.clone(), &env(&[("CELLGATE_WORKER_THREADS", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CELLGATE_WORKER_THREADS"), "{e}");
+        let e = NodeConfig::from_args_env(args, &env(&[("CELLGATE_WORKER_THREADS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--worker-threads"), "{e}");
     }
 
     #[test]

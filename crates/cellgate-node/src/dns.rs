@@ -62,9 +62,9 @@ impl cellgate_dns::Resolve for NodeResolve {
 }
 
 impl cellgate_dns::Audit for NodeAudit {
-    fn refused(&self, event: cellgate_dns::DnsEvent) {
+    fn refused(&self, event: cellgate_dns::DnsEvent) -> cellgate_dns::AuditAck {
         let Some(shared) = self.0.upgrade() else {
-            return;
+            return Box::pin(async { Err("the node is shutting down".to_string()) });
         };
         let decision = if event.reason == "dns_allowed" {
             Decision::Allow
@@ -89,10 +89,17 @@ impl cellgate_dns::Audit for NodeAudit {
         rec.host = Some(event.name);
         rec.method = Some(event.qtype);
         rec.reasons = vec![event.detail];
-        // Queued, not awaited: the resolver answers from a synchronous hook. A full queue makes
-        // the intake fail closed on its next decision.
-        if let Err(e) = shared.audit.submit(rec) {
-            tracing::error!(error = %e, "DNS refusal could not be recorded");
+        let log = shared.audit.clone();
+        if decision == Decision::Allow {
+            // Allows are queued, as on the intake; a full queue still fails the answer closed.
+            let queued = log.submit(rec).map_err(|e| e.to_string());
+            return Box::pin(async move { queued });
+        }
+        // A refusal is written and synced before the resolver answers, as a 403 is. Queued
+        // now, so it is recorded even when no answer follows (a closed connection).
+        match log.submit_durable_now(rec) {
+            Ok(synced) => Box::pin(async move { synced.await.map_err(|e| e.to_string()) }),
+            Err(e) => Box::pin(async move { Err(e.to_string()) }),
         }
     }
 }

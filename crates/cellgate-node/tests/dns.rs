@@ -46,6 +46,14 @@ async fn cells_resolve_only_what_they_may_reach() {
 
     let no = ask(dns, "evil.test.", RecordType::A).await;
     assert_eq!(no.metadata.response_code, ResponseCode::NXDomain);
+    // The refusal was on disk before the NXDOMAIN left: read the file now, no waiting.
+    let on_disk = std::fs::read_to_string(&f.audit).unwrap();
+    assert!(
+        on_disk
+            .lines()
+            .any(|l| l.contains("\"dns_name_not_allowed\"") && l.contains("\"evil.test\"")),
+        "{on_disk}"
+    );
     // Data smuggled in a TXT query to a name no capability allows.
     let exfil = ask(
         dns,
