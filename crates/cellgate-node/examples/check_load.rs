@@ -11,10 +11,14 @@
 //!     [--rate 5000] [--seconds 10] [--concurrency 64] [--connections 4] [--server-threads 1]
 //! ```
 //!
-//! Phase 0: `CheckService::check` in-process, no gRPC. Phase 1 (open loop): one request every
-//! 1/rate s, paced by a plain thread and each sent on its own task, latency from send to answer
-//! (and, separately, from the moment it was due). Phase 2 (closed loop): `--concurrency`
-//! requests in flight over `--connections` HTTP/2 connections for the same duration.
+//! First, the machine's floor: a 1 KiB ping-pong over loopback TCP between two plain threads.
+//! Phase 0: `CheckService::check` in-process, no gRPC. Open loops (one call every 1/rate s,
+//! paced by a plain thread and each sent on its own task, latency from send to answer and,
+//! separately, from the moment it was due): 1a, an empty gRPC call (health Check) for the gRPC
+//! floor; 1, Check from tonic's client; 1b, Check from an Envoy-like `h2` client that sends
+//! HEADERS and DATA in one write. Each Check loop also prints the node's handler time for the
+//! same checks, from its `/metrics` histogram. Phase 2 (closed loop): `--concurrency` requests in
+//! flight over `--connections` HTTP/2 connections for the same duration.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -312,6 +316,103 @@ async fn envoy_like_check(
     Ok(r.status.map_or(-1, |s| s.code))
 }
 
+/// What one open loop measured.
+struct OpenLoop {
+    rate: u64,
+    seconds: u64,
+    /// Send to answer, µs, sorted.
+    latency: Vec<u64>,
+    /// Due time to answer, µs, sorted (includes the pacing thread's wake-up).
+    from_due: Vec<u64>,
+    errors: u64,
+    elapsed: f64,
+}
+
+impl OpenLoop {
+    /// Prints the figures; with bucket snapshots, the node's handler time for the same calls.
+    fn print(&self, what: &str, handler: Option<(&[(f64, u64)], &[(f64, u64)])>) {
+        let l = &self.latency;
+        println!(
+            "{what}: target {} /s for {}s: {} ok, {} errors, achieved {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}",
+            self.rate, self.seconds, l.len(), self.errors, l.len() as f64 / self.elapsed,
+            percentile(l, 0.50), percentile(l, 0.90), percentile(l, 0.99),
+            percentile(l, 0.999), l.last().copied().unwrap_or(0),
+        );
+        println!(
+            "  (from the scheduled time, including the pacing thread's wake-up: p50 {} p99 {})",
+            percentile(&self.from_due, 0.50),
+            percentile(&self.from_due, 0.99),
+        );
+        if let Some((before, after)) = handler {
+            println!(
+                "  node handler time, same calls (cellgate_ext_authz_check_duration_seconds, from /metrics buckets): p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
+                bucket_percentile(before, after, 0.50),
+                bucket_percentile(before, after, 0.90),
+                bucket_percentile(before, after, 0.99),
+            );
+        }
+    }
+}
+
+/// Sends `rate × seconds` calls, one every 1/rate s, each on its own task of the current
+/// runtime. Paced from a plain thread: `std::thread::sleep` wakes within tens of microseconds,
+/// where tokio's timer wheel has a 1 ms granularity and would send calls in bursts. `call(i)`
+/// makes the i-th call; its future resolves to whether the answer was the expected one.
+async fn open_loop<F, Fut>(rate: u64, seconds: u64, call: F) -> OpenLoop
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let total = rate * seconds;
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let rt = tokio::runtime::Handle::current();
+    let (pacer_lat, pacer_errors) = (lat.clone(), errors.clone());
+    let handles = tokio::task::spawn_blocking(move || {
+        let mut handles = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let due = start + interval * (i as u32);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let fut = call(i as usize);
+            let (lat, errors) = (pacer_lat.clone(), pacer_errors.clone());
+            handles.push(rt.spawn(async move {
+                let sent = Instant::now();
+                if fut.await {
+                    let us = sent.elapsed().as_micros() as u64;
+                    let from_due = due.elapsed().as_micros() as u64;
+                    lat.lock().expect("lock").push((us, from_due));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        handles
+    })
+    .await
+    .expect("pacer");
+    for h in handles {
+        let _ = h.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let pairs = std::mem::take(&mut *lat.lock().expect("lock"));
+    let mut latency: Vec<u64> = pairs.iter().map(|p| p.0).collect();
+    let mut from_due: Vec<u64> = pairs.iter().map(|p| p.1).collect();
+    latency.sort_unstable();
+    from_due.sort_unstable();
+    OpenLoop {
+        rate,
+        seconds,
+        latency,
+        from_due,
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+    }
+}
+
 fn main() {
     let a = args();
     tcp_floor(a.rate, a.seconds);
@@ -410,184 +511,55 @@ fn main() {
 
         // Phase 1a: the transport floor: gRPC health Check (no Cellgate work) over the same
         // connections, at the same rate, paced the same way.
-        {
-            let total = a.rate * a.seconds.min(5);
-            let interval = Duration::from_nanos(1_000_000_000 / a.rate);
-            let health: Vec<_> = clients_ch
-                .iter()
-                .map(|ch| tonic_health::pb::health_client::HealthClient::new(ch.clone()))
-                .collect();
-            let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-            let start = Instant::now();
-            let rt = tokio::runtime::Handle::current();
-            let pacer_lat = lat.clone();
-            let handles = tokio::task::spawn_blocking(move || {
-                let mut handles = Vec::with_capacity(total as usize);
-                for i in 0..total {
-                    let due = start + interval * (i as u32);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let mut c = health[(i as usize) % health.len()].clone();
-                    let lat = pacer_lat.clone();
-                    handles.push(rt.spawn(async move {
-                        let sent = Instant::now();
-                        let r = c
-                            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-                            .await;
-                        if r.is_ok() {
-                            lat.lock().expect("lock").push(sent.elapsed().as_micros() as u64);
-                        }
-                    }));
-                }
-                handles
-            })
-            .await
-            .expect("pacer");
-            for h in handles {
-                let _ = h.await;
+        let health: Vec<_> = clients_ch
+            .iter()
+            .map(|ch| tonic_health::pb::health_client::HealthClient::new(ch.clone()))
+            .collect();
+        let run = open_loop(a.rate, a.seconds.min(5), move |i| {
+            let mut c = health[i % health.len()].clone();
+            async move {
+                c.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                    .await
+                    .is_ok()
             }
-            let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
-            l.sort_unstable();
-            println!(
-                "transport floor (grpc.health.v1 Check, same server, {} /s): {} ok; latency us p50 {} p90 {} p99 {}",
-                a.rate, l.len(), percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
-            );
-        }
-
-        // Phase 1: open loop at `rate`.
-        let handler_before = handler_buckets(&node_ref);
-        let total = a.rate * a.seconds;
-        let interval = Duration::from_nanos(1_000_000_000 / a.rate);
-        let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-        let errors = Arc::new(AtomicU64::new(0));
-        // Paced from a plain thread: `std::thread::sleep` wakes within tens of microseconds,
-        // where tokio's timer wheel has a 1 ms granularity and would send requests in bursts.
-        let start = Instant::now();
-        let rt = tokio::runtime::Handle::current();
-        let pacer_clients = clients.clone();
-        let (pacer_req, pacer_lat, pacer_errors) = (req.clone(), lat.clone(), errors.clone());
-        let handles = tokio::task::spawn_blocking(move || {
-            let mut handles = Vec::with_capacity(total as usize);
-            for i in 0..total {
-                let due = start + interval * (i as u32);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                let mut c = pacer_clients[(i as usize) % pacer_clients.len()].clone();
-                let (req, lat, errors) =
-                    (pacer_req.clone(), pacer_lat.clone(), pacer_errors.clone());
-                handles.push(rt.spawn(async move {
-                    let sent = Instant::now();
-                    match c.check(req).await {
-                        Ok(r) if r.get_ref().status.as_ref().map(|s| s.code) == Some(0) => {
-                            let us = sent.elapsed().as_micros() as u64;
-                            let from_due = due.elapsed().as_micros() as u64;
-                            lat.lock().expect("lock").push((us, from_due));
-                        }
-                        _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }));
-            }
-            handles
         })
-        .await
-        .expect("pacer");
-        for h in handles {
-            let _ = h.await;
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let pairs = std::mem::take(&mut *lat.lock().expect("lock"));
-        let mut l: Vec<u64> = pairs.iter().map(|p| p.0).collect();
-        let mut d: Vec<u64> = pairs.iter().map(|p| p.1).collect();
-        l.sort_unstable();
-        d.sort_unstable();
-        println!(
-            "open loop: target {} checks/s for {}s: {} ok, {} errors, achieved {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}",
-            a.rate, a.seconds, l.len(), errors.load(Ordering::Relaxed),
-            l.len() as f64 / elapsed,
-            percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
-            percentile(&l, 0.999), l.last().copied().unwrap_or(0),
-        );
-        println!(
-            "  (from the scheduled time, including the pacing thread's wake-up: p50 {} p99 {})",
-            percentile(&d, 0.50), percentile(&d, 0.99),
-        );
-        let handler_after = handler_buckets(&node_ref);
-        println!(
-            "  node handler time, same checks (cellgate_ext_authz_check_duration_seconds, from /metrics buckets): p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
-            bucket_percentile(&handler_before, &handler_after, 0.50),
-            bucket_percentile(&handler_before, &handler_after, 0.90),
-            bucket_percentile(&handler_before, &handler_after, 0.99),
-        );
+        .await;
+        run.print("transport floor (grpc.health.v1 Check, same server)", None);
+
+        // Phase 1: open loop at `rate`, tonic's client.
+        let before = handler_buckets(&node_ref);
+        let (tonic_clients, tonic_req) = (clients.clone(), req.clone());
+        let run = open_loop(a.rate, a.seconds, move |i| {
+            let mut c = tonic_clients[i % tonic_clients.len()].clone();
+            let req = tonic_req.clone();
+            async move {
+                matches!(c.check(req).await,
+                    Ok(r) if r.get_ref().status.as_ref().map(|s| s.code) == Some(0))
+            }
+        })
+        .await;
+        run.print("open loop, tonic client", Some((&before, &handler_buckets(&node_ref))));
 
         // Phase 1b: the same open loop from an Envoy-like HTTP/2 client (one write per Check).
-        {
-            let uri: http::Uri = format!("http://{addr}/envoy.service.auth.v3.Authorization/Check")
-                .parse()
-                .expect("uri");
-            let mut conns = Vec::new();
-            for _ in 0..a.connections {
-                conns.push(h2_connect(addr).await);
-            }
-            let frame = grpc_frame(&req);
-            for _ in 0..2000 {
-                assert_eq!(envoy_like_check(&conns[0], &uri, frame.clone()).await, Ok(0));
-            }
-            let handler_before = handler_buckets(&node_ref);
-            let total = a.rate * a.seconds;
-            let interval = Duration::from_nanos(1_000_000_000 / a.rate);
-            let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-            let errors = Arc::new(AtomicU64::new(0));
-            let start = Instant::now();
-            let rt = tokio::runtime::Handle::current();
-            let (pacer_lat, pacer_errors) = (lat.clone(), errors.clone());
-            let handles = tokio::task::spawn_blocking(move || {
-                let mut handles = Vec::with_capacity(total as usize);
-                for i in 0..total {
-                    let due = start + interval * (i as u32);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let send = conns[(i as usize) % conns.len()].clone();
-                    let (uri, frame) = (uri.clone(), frame.clone());
-                    let (lat, errors) = (pacer_lat.clone(), pacer_errors.clone());
-                    handles.push(rt.spawn(async move {
-                        let sent = Instant::now();
-                        match envoy_like_check(&send, &uri, frame).await {
-                            Ok(0) => lat.lock().expect("lock").push(sent.elapsed().as_micros() as u64),
-                            _ => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }));
-                }
-                handles
-            })
-            .await
-            .expect("pacer");
-            for h in handles {
-                let _ = h.await;
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            let mut l = std::mem::take(&mut *lat.lock().expect("lock"));
-            l.sort_unstable();
-            let handler_after = handler_buckets(&node_ref);
-            println!(
-                "open loop, Envoy-like h2 client: target {} checks/s for {}s: {} ok, {} errors, achieved {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}",
-                a.rate, a.seconds, l.len(), errors.load(Ordering::Relaxed), l.len() as f64 / elapsed,
-                percentile(&l, 0.50), percentile(&l, 0.90), percentile(&l, 0.99),
-                percentile(&l, 0.999), l.last().copied().unwrap_or(0),
-            );
-            println!(
-                "  node handler time, same checks: p50 {:.1} us, p90 {:.1} us, p99 {:.1} us",
-                bucket_percentile(&handler_before, &handler_after, 0.50),
-                bucket_percentile(&handler_before, &handler_after, 0.90),
-                bucket_percentile(&handler_before, &handler_after, 0.99),
-            );
+        let uri: http::Uri = format!("http://{addr}/envoy.service.auth.v3.Authorization/Check")
+            .parse()
+            .expect("uri");
+        let mut conns = Vec::new();
+        for _ in 0..a.connections {
+            conns.push(h2_connect(addr).await);
         }
+        let frame = grpc_frame(&req);
+        for _ in 0..2000 {
+            assert_eq!(envoy_like_check(&conns[0], &uri, frame.clone()).await, Ok(0));
+        }
+        let before = handler_buckets(&node_ref);
+        let run = open_loop(a.rate, a.seconds, move |i| {
+            let send = conns[i % conns.len()].clone();
+            let (uri, frame) = (uri.clone(), frame.clone());
+            async move { envoy_like_check(&send, &uri, frame).await == Ok(0) }
+        })
+        .await;
+        run.print("open loop, Envoy-like h2 client", Some((&before, &handler_buckets(&node_ref))));
 
         // Phase 2: closed loop.
         let done = Arc::new(AtomicU64::new(0));
