@@ -160,7 +160,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// Cumulative bucket counts of `cellgate_ext_authz_check_duration_seconds`, read from the
 /// node's Prometheus text exactly as a scrape of `/metrics` returns it: (upper bound µs, count).
-fn handler_buckets(node: &cellgate_node::Shared) -> Vec<(f64, u64)> {
+fn handler_buckets(node: &cellgate_node::Shared) -> Buckets {
     let prefix = "cellgate_ext_authz_check_duration_seconds_bucket{le=\"";
     node.metrics
         .encode()
@@ -316,6 +316,9 @@ async fn envoy_like_check(
     Ok(r.status.map_or(-1, |s| s.code))
 }
 
+/// Cumulative histogram buckets: (upper bound µs, count).
+type Buckets = Vec<(f64, u64)>;
+
 /// What one open loop measured.
 struct OpenLoop {
     rate: u64,
@@ -330,7 +333,7 @@ struct OpenLoop {
 
 impl OpenLoop {
     /// Prints the figures; with bucket snapshots, the node's handler time for the same calls.
-    fn print(&self, what: &str, handler: Option<(&[(f64, u64)], &[(f64, u64)])>) {
+    fn print(&self, what: &str, handler: Option<(&Buckets, &Buckets)>) {
         let l = &self.latency;
         println!(
             "{what}: target {} /s for {}s: {} ok, {} errors, achieved {:.0}/s; latency us p50 {} p90 {} p99 {} p99.9 {} max {}",
