@@ -4,7 +4,7 @@
 //! is its own [`TokenError`] variant with a stable [`TokenError::reason`] label that the node puts
 //! in audit records and metrics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::RwLock;
 
@@ -164,7 +164,8 @@ pub fn issue(key: &SigningKey, claims: &Claims) -> Result<String, String> {
 /// Verifies tokens against a set of trusted public keys and a revocation set.
 pub struct Verifier {
     keys: HashMap<String, DecodingKey>,
-    revoked: RwLock<HashSet<String>>,
+    /// Revoked token ids, with the token's expiry when known (`None`: kept for good).
+    revoked: RwLock<HashMap<String, Option<i64>>>,
     validation: Validation,
 }
 
@@ -201,7 +202,7 @@ impl Verifier {
         validation.required_spec_claims.clear();
         Self {
             keys,
-            revoked: RwLock::new(HashSet::new()),
+            revoked: RwLock::new(HashMap::new()),
             validation,
         }
     }
@@ -211,16 +212,51 @@ impl Verifier {
         self.keys.keys().cloned().collect()
     }
 
-    /// Revokes a token id: later verifications of it fail with [`TokenError::Revoked`].
+    /// Revokes a token id for good: later verifications of it fail with
+    /// [`TokenError::Revoked`].
     pub fn revoke(&self, jti: &str) {
         if let Ok(mut set) = self.revoked.write() {
-            set.insert(jti.to_string());
+            set.insert(jti.to_string(), None);
         }
+    }
+
+    /// Revokes a token id whose token expires at `exp` (Unix seconds): it is refused as revoked
+    /// until then, and [`Verifier::prune_revoked`] may forget it once the token would be refused
+    /// as expired anyway. An id already revoked for good stays so.
+    pub fn revoke_until(&self, jti: &str, exp: i64) {
+        if let Ok(mut set) = self.revoked.write() {
+            set.entry(jti.to_string())
+                .and_modify(|e| {
+                    if let Some(old) = e {
+                        *old = (*old).max(exp);
+                    }
+                })
+                .or_insert(Some(exp));
+        }
+    }
+
+    /// Forgets revoked ids whose token has expired, leeway included, at `now`; returns how many.
+    /// Their tokens keep failing, as [`TokenError::Expired`].
+    pub fn prune_revoked(&self, now: i64) -> usize {
+        let Ok(mut set) = self.revoked.write() else {
+            return 0;
+        };
+        let before = set.len();
+        set.retain(|_, exp| exp.is_none_or(|exp| now < exp.saturating_add(LEEWAY_SECS)));
+        before.saturating_sub(set.len())
+    }
+
+    /// How many token ids are held as revoked.
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.read().map(|s| s.len()).unwrap_or(0)
     }
 
     /// Whether `jti` is revoked.
     pub fn is_revoked(&self, jti: &str) -> bool {
-        self.revoked.read().map(|s| s.contains(jti)).unwrap_or(true)
+        self.revoked
+            .read()
+            .map(|s| s.contains_key(jti))
+            .unwrap_or(true)
     }
 
     /// Verifies signature, key id, audience and validity window at `now` (Unix seconds).
@@ -315,6 +351,33 @@ mod tests {
             Some("10.0.0.2".parse().unwrap()),
         );
         (key, verifier, claims)
+    }
+
+    #[test]
+    fn revoked_ids_are_forgotten_only_once_their_token_is_expired() {
+        let (key, v, c) = setup();
+        let t = issue(&key, &c).unwrap();
+        v.revoke_until(&c.jti, c.exp);
+        v.revoke("kept-for-good");
+        assert_eq!(v.revoked_count(), 2);
+        assert_eq!(v.verify(&t, NOW).unwrap_err().reason(), "token_revoked");
+        // Just inside the leeway: still held, still refused as revoked.
+        assert_eq!(v.prune_revoked(c.exp + LEEWAY_SECS - 1), 0);
+        assert_eq!(
+            v.verify(&t, c.exp + LEEWAY_SECS - 1).unwrap_err().reason(),
+            "token_revoked"
+        );
+        // Past it: forgotten, and the token is refused as expired; the id without an expiry stays.
+        assert_eq!(v.prune_revoked(c.exp + LEEWAY_SECS), 1);
+        assert!(!v.is_revoked(&c.jti) && v.is_revoked("kept-for-good"));
+        assert_eq!(
+            v.verify(&t, c.exp + LEEWAY_SECS).unwrap_err().reason(),
+            "token_expired"
+        );
+        // Revoked for good is not weakened by a later expiry.
+        v.revoke_until("kept-for-good", NOW);
+        assert_eq!(v.prune_revoked(NOW + 3600), 0);
+        assert!(v.is_revoked("kept-for-good"));
     }
 
     #[test]

@@ -454,20 +454,35 @@ async fn watch_revocations(shared: Arc<Shared>, state: Arc<KubeState>) {
     }
 }
 
-/// Revokes every `jti` the ConfigMap lists (its keys); returns how many were new.
+/// Revokes every `jti` the ConfigMap lists (its keys) until the token's expiry (its value, RFC
+/// 3339, as the operator writes it; a value that does not parse revokes for good), then forgets
+/// revoked ids whose tokens have expired. Returns how many were new.
 pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
-    let keys = cm
+    let data = cm
         .data
         .iter()
-        .flat_map(|d| d.keys())
-        .chain(cm.binary_data.iter().flat_map(|d| d.keys()));
+        .flat_map(|d| d.iter().map(|(k, v)| (k, Some(v))));
+    let binary = cm
+        .binary_data
+        .iter()
+        .flat_map(|d| d.keys().map(|k| (k, None)));
     let mut new = 0;
-    for jti in keys {
+    for (jti, expiry) in data.chain(binary) {
+        let exp = expiry
+            .and_then(|v| v.parse::<jiff::Timestamp>().ok())
+            .map(|t| t.as_second());
         if !shared.verifier.is_revoked(jti) {
-            shared.verifier.revoke(jti);
-            tracing::info!(token.jti = %jti, "token revoked");
             new += 1;
+            tracing::info!(token.jti = %jti, "token revoked");
         }
+        match exp {
+            Some(exp) => shared.verifier.revoke_until(jti, exp),
+            None => shared.verifier.revoke(jti),
+        }
+    }
+    let forgotten = shared.verifier.prune_revoked(crate::decide::now_secs());
+    if forgotten > 0 {
+        tracing::debug!(forgotten, "revoked token ids past their expiry forgotten");
     }
     new
 }

@@ -591,6 +591,22 @@ async fn a_token_listed_in_the_revocations_configmap_is_refused_and_its_relays_c
         200,
         "a fresh token is unaffected"
     );
+
+    // The node forgets an id once its token has expired (as the operator prunes the list), and
+    // keeps for good an id whose expiry it cannot read.
+    let held = k.node.shared.verifier.revoked_count();
+    let mut cm = revocations(CONTROL_NS, &["expired-jti", "unreadable-jti"]);
+    cm["data"]["expired-jti"] = "2001-01-01T00:00:00Z".into();
+    cm["data"]["unreadable-jti"] = "next tuesday".into();
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(cm).unwrap();
+    assert_eq!(
+        cellgate_node::kubernetes::apply_revocations(&k.node.shared, &cm),
+        2
+    );
+    let v = &k.node.shared.verifier;
+    assert!(!v.is_revoked("expired-jti") && v.is_revoked("unreadable-jti"));
+    assert!(v.is_revoked(&claims.jti), "a live revocation is kept");
+    assert_eq!(v.revoked_count(), held + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
