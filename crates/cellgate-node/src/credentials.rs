@@ -407,6 +407,54 @@ impl Broker {
         dropped
     }
 
+    /// At shutdown: forgets every cached secret and revokes every Vault lease still held, all
+    /// at once, giving up after `within`. Returns (revoked, not revoked).
+    pub async fn revoke_all(&self, within: Duration) -> (usize, usize) {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        let Some(v) = self.vault.clone() else {
+            return (0, 0);
+        };
+        let mut leases = Vec::new();
+        for slot in slots {
+            let mut st = slot.lock().await;
+            st.closed = true;
+            if let Some(lease) = st.cached.take().and_then(|c| c.lease) {
+                leases.push(lease);
+            }
+        }
+        let total = leases.len();
+        let revocations = leases.into_iter().map(|lease| {
+            let v = v.clone();
+            async move {
+                match v.revoke(&lease).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(path = %lease.path, error = %e, "vault lease revocation at shutdown failed");
+                        false
+                    }
+                }
+            }
+        });
+        let revoked =
+            match tokio::time::timeout(within, futures_util::future::join_all(revocations)).await {
+                Ok(done) => done.into_iter().filter(|ok| *ok).count(),
+                Err(_) => {
+                    tracing::warn!(
+                        leases = total,
+                        "vault lease revocation at shutdown timed out"
+                    );
+                    0
+                }
+            };
+        (revoked, total.saturating_sub(revoked))
+    }
+
     /// Keeps the broker in step with the node's cells: whenever cells change, what a removed
     /// cell or capability held is dropped and its leases revoked.
     pub fn watch_cells(shared: &Arc<crate::Shared>) {

@@ -127,6 +127,15 @@ impl NodeHandle {
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
+        // Dynamic secrets die with the node rather than live out their lease unused.
+        let (revoked, failed) = self
+            .shared
+            .credentials
+            .revoke_all(self.shared.config.credentials.timeout)
+            .await;
+        if revoked + failed > 0 {
+            tracing::info!(revoked, failed, "vault leases revoked at shutdown");
+        }
         let _ = self.shared.audit.flush().await;
     }
 }

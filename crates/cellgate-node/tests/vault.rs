@@ -399,6 +399,42 @@ async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
     assert_eq!(revokes[0].body, serde_json::json!({"lease_id": lease_id}));
 }
 
+/// A node that stops revokes the leases it holds instead of leaving them to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_revoked_when_the_node_shuts_down() {
+    let vault = VaultContract::start().await;
+    vault.add_dynamic("database/creds/app", "password", "dbpw", 3600, true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = node_with(
+        token_auth(dir.path(), vault.url(), &vault.root_token),
+        Duration::from_secs(2),
+    )
+    .await;
+    let port = f.https.addr.port();
+    add_cell(
+        &f,
+        "db",
+        vault_cell("db", port, "database/creds/app", "password"),
+    )
+    .await;
+    let r = call(&f, "db").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(vault.count(&Method::PUT, "/v1/sys/leases/revoke"), 0);
+    let leases = vault.leases();
+    assert_eq!(leases.len(), 1);
+    let lease_id = leases.keys().next().unwrap().clone();
+
+    f.node.take().unwrap().shutdown().await;
+    let revokes: Vec<_> = vault
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/sys/leases/revoke")
+        .collect();
+    assert_eq!(revokes.len(), 1, "revoked once, before shutdown returned");
+    assert_eq!(revokes[0].body, serde_json::json!({"lease_id": lease_id}));
+    assert!(vault.leases()[&lease_id].revoked);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_renewable_lease_is_replaced_before_it_ends_and_the_old_one_revoked() {
     let vault = VaultContract::start().await;
