@@ -159,6 +159,15 @@ fn real_cluster_allowed_denied_and_revoked_from_an_agent_pod() {
             .expect("cellgate");
         assert!(out.status.success(), "cellgate {args:?}: {}", text(&out));
     }
+    // The admin token /audit requires (kubectl cellgate audit reads it from its Secret).
+    let mut random = [0u8; 24];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("urandom"),
+        &mut random,
+    )
+    .expect("random bytes");
+    let admin_token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(keys.join("admin-token"), admin_token).expect("admin token");
     let p = |d: &Path, f: &str| format!("--from-file={}", d.join(f).display());
     kubectl_apply(&kubectl_ok(&[
         "create",
@@ -181,6 +190,14 @@ fn real_cluster_allowed_denied_and_revoked_from_an_agent_pod() {
             vec![p(&ca, "ca.crt"), p(&ca, "ca.key")],
         ),
         ("configmap", "cellgate-ca-bundle", vec![p(&ca, "ca.crt")]),
+        (
+            "secret generic",
+            "cellgate-admin-token",
+            vec![format!(
+                "--from-file=token={}",
+                keys.join("admin-token").display()
+            )],
+        ),
     ] {
         let mut args: Vec<&str> = vec!["create"];
         args.extend(kind.split(' '));

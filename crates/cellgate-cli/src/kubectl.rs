@@ -22,6 +22,11 @@ use kube::Client;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// The most audit records one `audit` call asks the node for (the node caps it too).
 const MAX_AUDIT_LIMIT: usize = 1000;
+/// The Secret (in the control namespace) holding the token the node's `/audit` requires.
+pub const ADMIN_TOKEN_SECRET: &str = "cellgate-admin-token";
+/// Its key.
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
 /// The node's admin port, where `/audit` is served.
 pub const NODE_ADMIN_PORT: u16 = 15021;
 /// Label the node DaemonSet's pods carry.
@@ -568,11 +573,29 @@ pub async fn audit_text(
     let Some(pod) = list.items.first().and_then(|p| p.metadata.name.clone()) else {
         bail!("no cellgate-node pod on node {node} in namespace {control_ns}");
     };
+    // The node answers /audit only with its admin token; reading the Secret is what RBAC
+    // grants or refuses to whoever runs this.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), control_ns);
+    let secret = secrets.get(ADMIN_TOKEN_SECRET).await.with_context(|| {
+        format!("reading the node admin token (secret {control_ns}/{ADMIN_TOKEN_SECRET}, key {ADMIN_TOKEN_KEY})")
+    })?;
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(ADMIN_TOKEN_KEY))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .with_context(|| {
+            format!("secret {control_ns}/{ADMIN_TOKEN_SECRET} has no key {ADMIN_TOKEN_KEY}")
+        })?;
     let limit = limit.clamp(1, MAX_AUDIT_LIMIT);
     let uri = format!(
         "/api/v1/namespaces/{control_ns}/pods/{pod}:{NODE_ADMIN_PORT}/proxy/audit?cell={ns}%2F{name}&limit={limit}"
     );
-    let request = http::Request::get(uri).body(Vec::new())?;
+    let request = http::Request::get(uri)
+        .header("x-cellgate-admin-token", token)
+        .body(Vec::new())?;
     let body = client
         .request_text(request)
         .await

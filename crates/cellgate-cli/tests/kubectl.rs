@@ -326,6 +326,11 @@ async fn audit_reads_the_cells_node_through_the_pod_proxy() {
             request.uri().to_string(),
             "/api/v1/namespaces/cellgate-system/pods/cellgate-node-x7k2p:15021/proxy/audit?cell=agents%2Ftriage&limit=20"
         );
+        assert_eq!(
+            request.headers()["x-cellgate-admin-token"],
+            "4dm1n-t0ken",
+            "the node's admin token, from its Secret"
+        );
         send.send_response(
             Response::builder()
                 .status(200)
@@ -359,7 +364,7 @@ async fn audit_reads_the_cells_node_through_the_pod_proxy() {
             "/api/chat.postMessage"
         ]
     );
-    assert_eq!(server.await.expect("server"), 3);
+    assert_eq!(server.await.expect("server"), 4);
 }
 
 fn audit_lookups() -> Vec<Call> {
@@ -372,6 +377,17 @@ fn audit_lookups() -> Vec<Call> {
             json!({
                 "apiVersion": "v1", "kind": "PodList", "metadata": {},
                 "items": [{"metadata": {"name": "cellgate-node-x7k2p", "namespace": "cellgate-system"}}]
+            }),
+        ),
+        call(
+            Method::GET,
+            "/api/v1/namespaces/cellgate-system/secrets/cellgate-admin-token",
+            None,
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "cellgate-admin-token", "namespace": "cellgate-system"},
+                // base64 of "4dm1n-t0ken\n"
+                "data": {"token": "NGRtMW4tdDBrZW4K"}
             }),
         ),
     ]

@@ -172,6 +172,65 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The header carrying the admin token for `/audit`.
+pub const ADMIN_TOKEN_HEADER: &str = "x-cellgate-admin-token";
+
+/// Audit records name cells, hosts and paths of every tenant on the node: `/audit` answers only
+/// a request carrying the admin token (`--admin-token-file`). Without a token file it is open in
+/// local mode (the admin port is on loopback by default) and closed in Kubernetes mode, where
+/// the admin port is on the node's address.
+async fn audit_allowed(
+    shared: &Shared,
+    req: &Request<Incoming>,
+) -> Result<(), Response<Full<Bytes>>> {
+    let refuse = |status: StatusCode, why: &str| {
+        let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        r
+    };
+    let Some(path) = shared.config.admin_token_file.clone() else {
+        if shared.config.kubernetes {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "/audit is closed: the node runs without --admin-token-file",
+            ));
+        }
+        return Ok(());
+    };
+    let expected = match tokio::fs::read_to_string(&path).await {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        Ok(_) | Err(_) => {
+            tracing::warn!(path = %path.display(), "admin token file unreadable or empty: /audit refused");
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "/audit is unavailable: the node cannot read its admin token",
+            ));
+        }
+    };
+    let given = req
+        .headers()
+        .get(ADMIN_TOKEN_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if constant_time_eq(given, expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "/audit needs the node's admin token in the X-Cellgate-Admin-Token header",
+        ))
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn audit(shared: Arc<Shared>, query: String) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match parse_audit_query(&query) {
         Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
@@ -274,8 +333,14 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                             let shared = shared.clone();
                             async move {
                                 let r = if req.uri().path() == "/audit" {
-                                    let q = req.uri().query().unwrap_or_default().to_string();
-                                    audit(shared, q).await
+                                    match audit_allowed(&shared, &req).await {
+                                        Ok(()) => {
+                                            let q =
+                                                req.uri().query().unwrap_or_default().to_string();
+                                            audit(shared, q).await
+                                        }
+                                        Err(refused) => refused,
+                                    }
                                 } else {
                                     respond(&shared, &req)
                                 };

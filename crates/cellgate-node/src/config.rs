@@ -83,6 +83,9 @@ pub struct NodeArgs {
     /// Data-path worker threads [env: CELLGATE_WORKER_THREADS] [default: one per CPU the process may use]
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// File holding the token `/audit` on the admin port requires in the X-Cellgate-Admin-Token header; required for `/audit` in Kubernetes mode [env: CELLGATE_ADMIN_TOKEN_FILE]
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
     /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
     #[arg(long)]
     pub log_format: Option<String>,
@@ -295,6 +298,8 @@ pub struct NodeConfig {
     pub drain: Duration,
     /// Data-path worker threads (None: one per CPU the process may use).
     pub worker_threads: Option<usize>,
+    /// Token file `/audit` requires (read at each request, so it can be rotated).
+    pub admin_token_file: Option<PathBuf>,
     /// JSON logs.
     pub log_json: bool,
     /// How long the PPv2 header may take to arrive.
@@ -548,6 +553,9 @@ impl NodeConfig {
             max_connections,
             drain,
             worker_threads,
+            admin_token_file: args
+                .admin_token_file
+                .or_else(|| get("CELLGATE_ADMIN_TOKEN_FILE").map(PathBuf::from)),
             log_json: log_format == "json",
             ..Self::defaults()
         };
@@ -586,6 +594,7 @@ impl NodeConfig {
             max_connections: 10_000,
             drain: Duration::from_secs(10),
             worker_threads: None,
+            admin_token_file: None,
             log_json: false,
             header_timeout: Duration::from_secs(5),
             first_bytes_timeout: Duration::from_secs(10),

@@ -139,6 +139,8 @@ impl Kube {
         config.trust = vec![dir.path().join("keys/signing.pub")];
         config.audit = audit.clone();
         config.drain = Duration::from_secs(1);
+        std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+        config.admin_token_file = Some(dir.path().join("admin-token"));
         config
             .resolve
             .push(cellgate_node::config::parse_resolve("plain.test:*:127.0.0.1").unwrap());
@@ -247,15 +249,21 @@ impl Kube {
     }
 
     async fn admin_get(&self, path: &str) -> Resp {
+        self.admin_get_with(path, Some(ADMIN_TOKEN)).await
+    }
+
+    async fn admin_get_with(&self, path: &str, token: Option<&str>) -> Resp {
         let tcp = TcpStream::connect(self.node.admin_addr).await.unwrap();
-        let req = http::Request::builder()
-            .uri(path)
-            .header("host", "admin")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        send_h1(tcp, req).await
+        let mut req = http::Request::builder().uri(path).header("host", "admin");
+        if let Some(t) = token {
+            req = req.header("x-cellgate-admin-token", t);
+        }
+        send_h1(tcp, req.body(Empty::<Bytes>::new()).unwrap()).await
     }
 }
+
+/// The admin token the test node is given (`--admin-token-file`).
+const ADMIN_TOKEN: &str = "4dm1n-t0ken-for-tests";
 
 /// Polls `check` (bounded) until it holds; returns how long it took.
 async fn until(within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
@@ -764,6 +772,20 @@ async fn admin_audit_returns_the_cells_recent_records() {
     assert_eq!(k.admin_get("/audit?cell=agents/nobody").await.body, "");
     assert_eq!(k.admin_get("/audit?cell=demo").await.status, 400);
     assert_eq!(k.admin_get("/audit?cell=a/b&limit=0").await.status, 400);
+    // Without the admin token, or with another, nothing is read; the probes need none.
+    for token in [None, Some("guess"), Some("")] {
+        let r = k.admin_get_with("/audit?cell=agents/demo", token).await;
+        assert_eq!(r.status, 401, "{token:?}: {}", r.body);
+        assert!(!r.body.contains("demo"), "{}", r.body);
+    }
+    assert_eq!(k.admin_get_with("/healthz", None).await.status, 200);
+    // The token file is read at each request: rotating it takes effect at once.
+    std::fs::write(k._dir.path().join("admin-token"), "rotated").unwrap();
+    assert_eq!(k.admin_get("/audit?cell=agents/demo").await.status, 401);
+    let r = k
+        .admin_get_with("/audit?cell=agents/demo", Some("rotated"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 async fn keepalive_conn(k: &Kube) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
