@@ -109,6 +109,11 @@ impl Kube {
     /// A node in Kubernetes mode over the scripted API; the cell `demo` and its pod (at
     /// 127.0.0.1) are in the first lists when `listed`.
     async fn start(listed: bool) -> Self {
+        Self::start_with(listed, true).await
+    }
+
+    /// `admin_token`: whether the node gets `--admin-token-file`.
+    async fn start_with(listed: bool, admin_token: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate().unwrap();
         key.write_pair(&dir.path().join("keys")).unwrap();
@@ -139,8 +144,10 @@ impl Kube {
         config.trust = vec![dir.path().join("keys/signing.pub")];
         config.audit = audit.clone();
         config.drain = Duration::from_secs(1);
-        std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
-        config.admin_token_file = Some(dir.path().join("admin-token"));
+        if admin_token {
+            std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+            config.admin_token_file = Some(dir.path().join("admin-token"));
+        }
         config
             .resolve
             .push(cellgate_node::config::parse_resolve("plain.test:*:127.0.0.1").unwrap());
@@ -786,6 +793,24 @@ async fn admin_audit_returns_the_cells_recent_records() {
         .admin_get_with("/audit?cell=agents/demo", Some("rotated"))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// In a cluster the admin port is on the node's address: without a token file `/audit` is closed
+/// to everyone, whatever they send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_audit_is_closed_in_kubernetes_mode_without_a_token_file() {
+    let k = Kube::start_with(true, false).await;
+    until(Duration::from_secs(3), async || {
+        k.get("/public/a").await.status == 200
+    })
+    .await;
+    for token in [None, Some(ADMIN_TOKEN), Some("")] {
+        let r = k.admin_get_with("/audit?cell=agents/demo", token).await;
+        assert_eq!(r.status, 403, "{token:?}: {}", r.body);
+        assert!(r.body.contains("--admin-token-file"), "{}", r.body);
+        assert!(!r.body.contains("public"), "{}", r.body);
+    }
+    assert_eq!(k.admin_get_with("/readyz", None).await.status, 200);
 }
 
 async fn keepalive_conn(k: &Kube) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
