@@ -13,6 +13,9 @@
 #   CONC      clients for the throughput runs (16)         LAT_DURATION  seconds for -c1 runs (8)
 #   SKIP_BUILD=1  use target/release as it is (e.g. while the tree does not compile)
 #   KEEP=1    keep the temp dir (logs, h2load per-request logs, audit log)
+#   PIN=1     split the CPUs: h2load and nginx on CPU 0, node and taggers on CPU 1 (taskset), so
+#             the proxy has a core of its own, as it would next to agents and upstreams that run
+#             elsewhere; the direct runs then get one core, the proxied runs two
 # 12 runs of WARMUP+DURATION (6 throughput + 6 latency: direct, tagger alone, tagger + node):
 # ~2m40s with the defaults, plus setup.
 set -euo pipefail
@@ -44,6 +47,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   }
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+LOAD_CPU=()
+PROXY_CPU=()
+if [ "${PIN:-0}" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
+  LOAD_CPU=(taskset -c 0)
+  PROXY_CPU=(taskset -c 1)
+  echo "==> PIN=1: h2load and nginx on CPU 0, node and taggers on CPU 1"
+fi
 
 bin="$root/target/release"
 if [ "${SKIP_BUILD:-0}" = 1 ]; then
@@ -135,7 +146,7 @@ http {
 }
 EOF
 echo "==> nginx on 127.0.0.1:$UP_PORT (h2 + HTTP/1.1) and 127.0.0.1:$UP1_PORT (HTTP/1.1 only); 1 worker, keepalive"
-"$NGINX" -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+"${LOAD_CPU[@]}" "$NGINX" -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" &
 pids+=($!)
 
 # --- cellgate: keys, CA, cell, token; node and tagger --------------------------------------------
@@ -164,18 +175,18 @@ EOF
   --ttl 15m --bind 127.0.0.1 > "$work/token"
 
 echo "==> cellgate-node on 127.0.0.1:$NODE_PORT, cellgate-tagger on 127.0.0.1:$TAGGER_PORT (CELLGATE_LOG=warn)"
-CELLGATE_LOG=warn "$bin/cellgate-node" --listen "127.0.0.1:$NODE_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-node" --listen "127.0.0.1:$NODE_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
   --cells "$work/cells" --ca "$work/ca" --trust "$work/keys/signing.pub" --audit "$work/audit.jsonl" \
   --upstream-ca "$work/upstream-ca.pem" --resolve "$HOST:*:127.0.0.1" 2> "$work/node.log" &
 pids+=($!)
 node_pid=$!
 # Two taggers (no iptables here, so --destination says where the agent was going): one for each
 # nginx listener. Only the one chosen below carries load.
-CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
   --token-file "$work/token" --destination "127.0.0.1:$UP_PORT" 2> "$work/tagger.log" &
 pids+=($!)
 tagger_pid=$!
-CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER1_PORT" --node "127.0.0.1:$NODE_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER1_PORT" --node "127.0.0.1:$NODE_PORT" \
   --token-file "$work/token" --destination "127.0.0.1:$UP1_PORT" 2> "$work/tagger1.log" &
 pids+=($!)
 tagger1_pid=$!
@@ -184,7 +195,7 @@ tagger1_pid=$!
 # header on a TLS listener into ~200 bytes, so this tagger carries a short stand-in token (the
 # header is sent once per connection; the runs keep connections alive).
 printf 'tagger-only' > "$work/short-token"
-CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGERPP_PORT" --node "127.0.0.1:$PP_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGERPP_PORT" --node "127.0.0.1:$PP_PORT" \
   --token-file "$work/short-token" --destination "127.0.0.1:$UP_PORT" 2> "$work/taggerpp.log" &
 pids+=($!)
 
@@ -246,7 +257,7 @@ run() {
   fi
   [ "$proto" = h1 ] && args+=(--h1)
   log="$work/$name.log"; out="$work/$name.out"
-  timeout $((d + WARMUP + 30)) h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
+  timeout $((d + WARMUP + 30)) "${LOAD_CPU[@]}" h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
     --connect-to "$to" --log-file "$log" "$url" > "$out" 2>&1 || {
       echo "h2load $name failed:" >&2; cat "$out" >&2; exit 1; }
   RPS[$name]="$(awk '/^finished in/ {gsub(",","",$4); print $4+0}' "$out")"
