@@ -332,10 +332,10 @@ async fn kubernetes_auth_logs_in_and_logs_in_again_when_refused() {
 
 // ---- dynamic secrets and leases ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
-    let vault = VaultContract::start().await;
-    vault.add_dynamic("database/creds/app", "password", "dbpw", 3, true);
+/// A node with token auth against `vault`, whose cell `db` injects the dynamic secret
+/// `database/creds/app` (lease of `ttl_s` seconds), after one allowed call leased it.
+async fn leased_db_cell(vault: &VaultContract, ttl_s: u64) -> (Fixture, u16, tempfile::TempDir) {
+    vault.add_dynamic("database/creds/app", "password", "dbpw", ttl_s, true);
     let dir = tempfile::tempdir().unwrap();
     let f = node_with(
         token_auth(dir.path(), vault.url(), &vault.root_token),
@@ -351,6 +351,13 @@ async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
     .await;
     let r = call(&f, "db").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    (f, port, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
+    let vault = VaultContract::start().await;
+    let (f, port, _dir) = leased_db_cell(&vault, 3).await;
     let first = last_auth(&f);
     assert!(first[0].starts_with("Bearer dbpw-"), "{first:?}");
     // Cached while fresh.
@@ -403,22 +410,7 @@ async fn dynamic_secret_leases_are_cached_renewed_and_revoked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_revoked_when_the_node_shuts_down() {
     let vault = VaultContract::start().await;
-    vault.add_dynamic("database/creds/app", "password", "dbpw", 3600, true);
-    let dir = tempfile::tempdir().unwrap();
-    let mut f = node_with(
-        token_auth(dir.path(), vault.url(), &vault.root_token),
-        Duration::from_secs(2),
-    )
-    .await;
-    let port = f.https.addr.port();
-    add_cell(
-        &f,
-        "db",
-        vault_cell("db", port, "database/creds/app", "password"),
-    )
-    .await;
-    let r = call(&f, "db").await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let (mut f, _port, _dir) = leased_db_cell(&vault, 3600).await;
     assert_eq!(vault.count(&Method::PUT, "/v1/sys/leases/revoke"), 0);
     let leases = vault.leases();
     assert_eq!(leases.len(), 1);
