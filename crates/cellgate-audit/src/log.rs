@@ -220,8 +220,13 @@ impl AuditLog {
     /// writer failure, [`AuditError::Closed`] after [`AuditLog::close`]. On any error the
     /// record was not accepted and the caller must fail closed.
     pub fn submit(&self, rec: Record) -> Result<(), AuditError> {
+        self.try_queue(Command::Record(rec))
+    }
+
+    /// Queues without waiting; a full queue is counted and refused.
+    fn try_queue(&self, cmd: Command) -> Result<(), AuditError> {
         self.check_failed()?;
-        match self.tx.try_send(Command::Record(rec)) {
+        match self.tx.try_send(cmd) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.state
@@ -274,21 +279,8 @@ impl AuditLog {
         impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static,
         AuditError,
     > {
-        self.check_failed()?;
         let (ack, done) = oneshot::channel();
-        match self.tx.try_send(Command::Durable(rec, ack)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.state
-                    .counters
-                    .overflows
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(AuditError::Overflow {
-                    capacity: self.state.capacity,
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.closed_error()),
-        }
+        self.try_queue(Command::Durable(rec, ack))?;
         self.state.urgent.notify_one();
         let state = Arc::clone(&self.state);
         Ok(async move {
