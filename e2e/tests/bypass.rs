@@ -64,7 +64,7 @@ fn require_root() {
 }
 
 fn bin_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug");
+    let dir = cellgate_e2e::workspace().join("target/debug");
     for b in [
         "cellgate",
         "cellgate-init",

@@ -16,23 +16,10 @@
 //!   (default `https://example.org/`): the allowed URL's host is the cell's one capability.
 //! - `CELLGATE_E2E_KEEP=1`: leave the namespaces in place afterwards, for a look.
 
-use std::path::{Path, PathBuf};
+use cellgate_e2e::{bin, workspace};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = workspace().join("target/debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())

@@ -11,6 +11,7 @@
 //! Needs root (network namespaces, iptables) and the workspace binaries (`cargo build --bins`).
 //! Run: `cargo build --bins && cargo test -p cellgate-e2e --test compat -- --nocapture`.
 
+use cellgate_e2e::{bin, workspace};
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -33,23 +34,6 @@ fn require_root() {
         euid, 0,
         "this test needs root (network namespaces, iptables)"
     );
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ has a parent")
-        .to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = workspace().join("target/debug").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace's binaries first (cargo build --bins)",
-        p.display()
-    );
-    p
 }
 
 /// Fails clearly when a client is not installed (a missing client is a failure, not a skip).

@@ -9,25 +9,12 @@
 //! machines that run the rest of the suite, where the node's ext_authz service is tested with
 //! CheckRequests shaped as Envoy fills them (crates/cellgate-node/tests/ext_authz.rs).
 
+use cellgate_e2e::{bin, workspace};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = workspace().join("target/debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
 
 fn envoy() -> Option<PathBuf> {
     let Some(path) = std::env::var_os("ENVOY_BIN") else {

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cellgate_e2e::workspace;
 use serde::Deserialize as _;
 use serde_json::Value;
 
@@ -31,13 +32,6 @@ const RELEASE: &str = "cellgate";
 const NAMESPACE: &str = "cellgate-system";
 /// The node ranges the renders use.
 const CIDRS: &str = "nodeCIDRs={10.0.0.0/16}";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ has a parent")
-        .to_path_buf()
-}
 
 /// An executable named `name` on PATH.
 fn on_path(name: &str) -> Option<PathBuf> {

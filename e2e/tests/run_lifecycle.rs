@@ -1,8 +1,9 @@
 //! `cellgate run` as a user meets it: exit codes, teardown on SIGTERM and Ctrl-C, a clear refusal
 //! without root, and a credential injected at the boundary that the agent never sees.
 
+use cellgate_e2e::bin;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,18 +20,6 @@ fn require_root() {
         euid, 0,
         "this test needs root (network namespaces, iptables)"
     );
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the binaries first: cargo build --bins",
-        p.display()
-    );
-    p
 }
 
 const CELL: &str = "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: lifecycle}\nspec:\n  capabilities:\n    - name: web\n      destinations: [{host: api.life, ports: [PORT]}]\n      http: {methods: [GET], paths: [\"/v1/**\"]}\n";
