@@ -233,26 +233,8 @@ impl Kube {
             .unwrap()
     }
 
-    fn audit_records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
     async fn wait_audit(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        for _ in 0..100 {
-            let _ = self.node.shared.audit.flush().await;
-            if let Some(r) = self.audit_records().into_iter().find(|r| pred(r)) {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "no matching audit record; have: {:#?}",
-            self.audit_records()
-        );
+        common::wait_audit(&self.node, &self.audit, pred).await
     }
 
     async fn admin_get(&self, path: &str) -> Resp {
@@ -260,12 +242,7 @@ impl Kube {
     }
 
     async fn admin_get_with(&self, path: &str, token: Option<&str>) -> Resp {
-        let tcp = TcpStream::connect(self.node.admin_addr).await.unwrap();
-        let mut req = http::Request::builder().uri(path).header("host", "admin");
-        if let Some(t) = token {
-            req = req.header("x-cellgate-admin-token", t);
-        }
-        send_h1(tcp, req.body(Empty::<Bytes>::new()).unwrap()).await
+        common::admin_get(&self.node, path, token).await
     }
 }
 
@@ -534,7 +511,7 @@ async fn watch_events_drive_every_decision_and_revocations_close_what_is_open() 
     // The second `cell_unknown` refusal (the first was before the cell existed).
     until(Duration::from_secs(2), async || {
         let _ = k.node.shared.audit.flush().await;
-        k.audit_records()
+        common::audit_records(&k.audit)
             .iter()
             .filter(|r| r["reason"] == "cell_unknown" && r["front_door"] == "intake")
             .count()

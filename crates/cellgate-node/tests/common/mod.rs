@@ -211,37 +211,52 @@ impl Fixture {
     }
 
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        audit_records(&self.audit)
     }
 
     /// Waits (bounded) until an audit record matching `pred` is on disk.
     pub async fn wait_audit(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        for _ in 0..100 {
-            let _ = self.node().shared.audit.flush().await;
-            if let Some(r) = self.audit_records().into_iter().find(|r| pred(r)) {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "no matching audit record; have: {:#?}",
-            self.audit_records()
-        );
+        wait_audit(self.node(), &self.audit, pred).await
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
-        let tcp = TcpStream::connect(self.node().admin_addr).await.unwrap();
-        let req = http::Request::builder()
-            .uri(path)
-            .header("host", "admin")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        send_h1(tcp, req).await
+        admin_get(self.node(), path, None).await
     }
+}
+
+/// The records of the audit log at `path`, parsed.
+pub fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits (bounded) until a record matching `pred` is in `node`'s audit log at `path`.
+pub async fn wait_audit(
+    node: &NodeHandle,
+    path: &std::path::Path,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..100 {
+        let _ = node.shared.audit.flush().await;
+        if let Some(r) = audit_records(path).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no matching audit record; have: {:#?}", audit_records(path));
+}
+
+/// GET `path` on `node`'s admin port, with the admin token header when `token` is given.
+pub async fn admin_get(node: &NodeHandle, path: &str, token: Option<&str>) -> Resp {
+    let tcp = TcpStream::connect(node.admin_addr).await.unwrap();
+    let mut req = http::Request::builder().uri(path).header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("x-cellgate-admin-token", t);
+    }
+    send_h1(tcp, req.body(Empty::<Bytes>::new()).unwrap()).await
 }
 
 #[derive(Debug)]
