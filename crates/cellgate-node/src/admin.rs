@@ -183,15 +183,7 @@ async fn audit_allowed(
     shared: &Shared,
     req: &Request<Incoming>,
 ) -> Result<(), Response<Full<Bytes>>> {
-    let refuse = |status: StatusCode, why: &str| {
-        let mut r = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain"),
-        );
-        r
-    };
+    let refuse = |status: StatusCode, why: &str| reply(status, "text/plain", format!("{why}\n"));
     let Some(path) = shared.config.admin_token_file.clone() else {
         if shared.config.kubernetes {
             return Err(refuse(
@@ -226,6 +218,17 @@ async fn audit_allowed(
     }
 }
 
+/// A response of the admin port.
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
 /// Compares without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -256,13 +259,7 @@ async fn audit(shared: Arc<Shared>, query: String) -> Response<Full<Bytes>> {
             }
         }
     };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(ctype),
-    );
-    r
+    reply(status, ctype, body)
 }
 
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -298,13 +295,7 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "not found: try /healthz, /readyz, /metrics or /audit?cell=NAMESPACE/NAME\n".into(),
         ),
     };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(ctype),
-    );
-    r
+    reply(status, ctype, body)
 }
 
 /// Starts the admin server on its own thread.

@@ -452,20 +452,18 @@ impl NodeConfig {
             .iter()
             .map(|s| parse_resolve(s).map_err(|m| invalid("--resolve", m)))
             .collect::<Result<Vec<_>, _>>()?;
-        let max_connections = match (args.max_connections, get("CELLGATE_MAX_CONNECTIONS")) {
-            (Some(n), _) => n,
-            (None, Some(v)) => v.parse().map_err(|_| {
-                invalid("CELLGATE_MAX_CONNECTIONS", format!("{v:?} is not a number"))
-            })?,
-            (None, None) => 10_000,
+        // A number from its flag, else its environment variable.
+        let number = |flag: Option<usize>, key: &'static str| match (flag, get(key)) {
+            (Some(n), _) => Ok(Some(n)),
+            (None, Some(v)) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid(key, format!("{v:?} is not a number"))),
+            (None, None) => Ok(None),
         };
-        let worker_threads = match (args.worker_threads, get("CELLGATE_WORKER_THREADS")) {
-            (Some(n), _) => Some(n),
-            (None, Some(v)) => Some(v.parse().map_err(|_| {
-                invalid("CELLGATE_WORKER_THREADS", format!("{v:?} is not a number"))
-            })?),
-            (None, None) => None,
-        };
+        let max_connections =
+            number(args.max_connections, "CELLGATE_MAX_CONNECTIONS")?.unwrap_or(10_000);
+        let worker_threads = number(args.worker_threads, "CELLGATE_WORKER_THREADS")?;
         let drain_raw = args
             .drain
             .or_else(|| get("CELLGATE_DRAIN"))
