@@ -283,16 +283,7 @@ impl AuditLog {
         self.try_queue(Command::Durable(rec, ack))?;
         self.state.urgent.notify_one();
         let state = Arc::clone(&self.state);
-        Ok(async move {
-            done.await.unwrap_or_else(|_| {
-                Err(match state.failure.get() {
-                    Some(reason) => AuditError::Unavailable {
-                        reason: reason.clone(),
-                    },
-                    None => AuditError::Closed,
-                })
-            })
-        })
+        Ok(async move { done.await.unwrap_or_else(|_| Err(state.closed_error())) })
     }
 
     /// Resolves once every record submitted before the call is written and synced, and the
@@ -378,7 +369,14 @@ impl AuditLog {
     }
 
     fn closed_error(&self) -> AuditError {
-        match self.state.failure.get() {
+        self.state.closed_error()
+    }
+}
+
+impl State {
+    /// Why a submission can no longer be answered: the writer's failure, or a plain close.
+    fn closed_error(&self) -> AuditError {
+        match self.failure.get() {
             Some(reason) => AuditError::Unavailable {
                 reason: reason.clone(),
             },
