@@ -13,6 +13,11 @@
 #   CONC      clients for the throughput runs (16)         LAT_DURATION  seconds for -c1 runs (8)
 #   SKIP_BUILD=1  use target/release as it is (e.g. while the tree does not compile)
 #   KEEP=1    keep the temp dir (logs, h2load per-request logs, audit log)
+#   NODE_BIN  another cellgate-node binary (e.g. a build with debug info, for perf)
+#   NODE_ARGS extra cellgate-node flags, e.g. NODE_ARGS="--worker-threads 1"
+#   ONLY      a regex of run names to keep (e.g. ONLY=c1 for the latency runs only); the table
+#             shows only complete rows
+#   UPSTREAM=h1  the node talks HTTP/1.1 to nginx in the proxied runs (default: h2 when it works)
 #   PIN=1     split the CPUs: h2load and nginx on CPU 0, node and taggers on CPU 1 (taskset), so
 #             the proxy has a core of its own, as it would next to agents and upstreams that run
 #             elsewhere; the direct runs then get one core, the proxied runs two
@@ -148,6 +153,7 @@ EOF
 echo "==> nginx on 127.0.0.1:$UP_PORT (h2 + HTTP/1.1) and 127.0.0.1:$UP1_PORT (HTTP/1.1 only); 1 worker, keepalive"
 "${LOAD_CPU[@]}" "$NGINX" -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" &
 pids+=($!)
+nginx_pid=$!
 
 # --- cellgate: keys, CA, cell, token; node and tagger --------------------------------------------
 echo "==> keys, CA, cell and token"
@@ -175,9 +181,9 @@ EOF
   --ttl 15m --bind 127.0.0.1 > "$work/token"
 
 echo "==> cellgate-node on 127.0.0.1:$NODE_PORT, cellgate-tagger on 127.0.0.1:$TAGGER_PORT (CELLGATE_LOG=warn)"
-CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-node" --listen "127.0.0.1:$NODE_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "${NODE_BIN:-$bin/cellgate-node}" --listen "127.0.0.1:$NODE_PORT" --admin "127.0.0.1:$ADMIN_PORT" \
   --cells "$work/cells" --ca "$work/ca" --trust "$work/keys/signing.pub" --audit "$work/audit.jsonl" \
-  --upstream-ca "$work/upstream-ca.pem" --resolve "$HOST:*:127.0.0.1" 2> "$work/node.log" &
+  --upstream-ca "$work/upstream-ca.pem" --resolve "$HOST:*:127.0.0.1" ${NODE_ARGS:-} 2> "$work/node.log" &
 pids+=($!)
 node_pid=$!
 # Two taggers (no iptables here, so --destination says where the agent was going): one for each
@@ -198,6 +204,7 @@ printf 'tagger-only' > "$work/short-token"
 CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGERPP_PORT" --node "127.0.0.1:$PP_PORT" \
   --token-file "$work/short-token" --destination "127.0.0.1:$UP_PORT" 2> "$work/taggerpp.log" &
 pids+=($!)
+taggerpp_pid=$!
 
 ready=0
 for _ in $(seq 100); do
@@ -223,6 +230,9 @@ proxied() {
 }
 UPSTREAM_PROTO=h2
 got="$(proxied "$UP_PORT" "$TAGGER_PORT")"
+if [ "${UPSTREAM:-}" = h1 ]; then
+  got="UPSTREAM=h1 asked for the HTTP/1.1-only listener"
+fi
 if [ "$got" != "200 $BODY_BYTES" ]; then
   echo "!! proxied request with an h2 upstream answered '$got'; nginx says:" >&2
   grep -v '\[notice\]' "$work/nginx/error.log" | tail -n 2 | cut -c1-220 >&2 || true
@@ -244,10 +254,19 @@ fi
 # side effect, and the node refuses a TLS connection whose SNI is an IP or missing). h2load sends
 # SNI and :authority/Host from the URL and does not verify certificates (fine for a benchmark: the
 # sanity request above verified both chains with curl).
-declare -A RPS P50 P99 MEAN FAIL
+declare -A RPS P50 P99 MEAN FAIL CPU_NODE CPU_TAGGER CPU_LOAD CPU_NGINX
+# CPU time (user + system, clock ticks) the given processes have used so far.
+ticks() {
+  local p t=0
+  for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) )); done
+  echo "$t"
+}
+nginx_pids() { echo "$nginx_pid" $(pgrep -P "$nginx_pid" 2>/dev/null); }
+HZ="$(getconf CLK_TCK)"
 # run NAME PROTO(h1|h2) CLIENTS SECONDS TARGET(direct|proxied)
 run() {
   local name="$1" proto="$2" c="$3" d="$4" target="$5" to url log out args=()
+  if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then return 0; fi
   if [ "$target" = direct ]; then
     to="127.0.0.1:$UP_PORT"; url="https://$HOST:$UP_PORT/v1/ping"
   elif [ "$target" = tagger ]; then
@@ -257,9 +276,17 @@ run() {
   fi
   [ "$proto" = h1 ] && args+=(--h1)
   log="$work/$name.log"; out="$work/$name.out"
-  timeout $((d + WARMUP + 30)) "${LOAD_CPU[@]}" h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
-    --connect-to "$to" --log-file "$log" "$url" > "$out" 2>&1 || {
-      echo "h2load $name failed:" >&2; cat "$out" >&2; exit 1; }
+  # CPU per proxied request: node and tagger CPU time over the run (warm-up included) divided by
+  # the audit records written meanwhile (one per request, warm-up included).
+  # The other processes (h2load, nginx, the tagger-only relay) are charged per request from
+  # req/s x (warm-up + duration), as h2load counts no requests during its warm-up.
+  local n0 t0 a0 g0 pp0 tg0
+  n0="$(ticks "$node_pid")"; t0="$(ticks "$tagger_pid")"; a0="$(wc -l < "$work/audit.jsonl")"
+  g0="$(ticks $(nginx_pids))"; pp0="$(ticks "$taggerpp_pid")"
+  local TIMEFORMAT='%U %S'
+  { time timeout $((d + WARMUP + 30)) "${LOAD_CPU[@]}" h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
+      --connect-to "$to" --log-file "$log" "$url" > "$out" 2>&1 || {
+        echo "h2load $name failed:" >&2; cat "$out" >&2; exit 1; }; } 2> "$work/$name.time"
   RPS[$name]="$(awk '/^finished in/ {gsub(",","",$4); print $4+0}' "$out")"
   MEAN[$name]="$(awk '/^time for request:/ {print $6}' "$out")"
   FAIL[$name]="$(awk '/^requests:/ {print $10+$12+$14}' "$out")"  # failed + errored + timeout
@@ -267,8 +294,23 @@ run() {
   read -r P50[$name] P99[$name] < <(awk -F'\t' '$2==200 {print $3}' "$log" | sort -n | awk '
     {v[NR]=$1} END { if (NR==0) {print "nan nan"; exit}
       i50=int(NR*0.50); if (i50<1) i50=1; i99=int(NR*0.99); if (i99<1) i99=1; print v[i50], v[i99] }')
-  printf '  %-14s %9.0f req/s  p50 %6s us  p99 %6s us  (mean %s, failed %s)\n' \
-    "$name" "${RPS[$name]}" "${P50[$name]}" "${P99[$name]}" "${MEAN[$name]}" "${FAIL[$name]}"
+  local cpu="" approx
+  approx="$(awk -v r="${RPS[$name]}" -v s="$((d + WARMUP))" 'BEGIN {print int(r * s)}')"
+  if [ "$approx" -gt 0 ]; then
+    CPU_LOAD[$name]="$(awk -v n="$approx" '{print int(($1 + $2) * 1e6 / n)}' "$work/$name.time")"
+    CPU_NGINX[$name]=$(( ($(ticks $(nginx_pids)) - g0) * 1000000 / HZ / approx ))
+    [ "$target" = tagger ] && CPU_TAGGER[$name]=$(( ($(ticks "$taggerpp_pid") - pp0) * 1000000 / HZ / approx ))
+  fi
+  if [ "$target" = proxied ]; then
+    local reqs=$(( $(wc -l < "$work/audit.jsonl") - a0 ))
+    if [ "$reqs" -gt 0 ]; then
+      CPU_NODE[$name]=$(( ($(ticks "$node_pid") - n0) * 1000000 / HZ / reqs ))
+      CPU_TAGGER[$name]=$(( ($(ticks "$tagger_pid") - t0) * 1000000 / HZ / reqs ))
+      cpu="; CPU per request: node ${CPU_NODE[$name]} us, tagger ${CPU_TAGGER[$name]} us"
+    fi
+  fi
+  printf '  %-14s %9.0f req/s  p50 %6s us  p99 %6s us  (mean %s, failed %s%s)\n' \
+    "$name" "${RPS[$name]}" "${P50[$name]}" "${P99[$name]}" "${MEAN[$name]}" "${FAIL[$name]}" "$cpu"
 }
 
 echo "==> throughput: -c$CONC, ${WARMUP}s warm-up + ${DURATION}s each"
@@ -298,6 +340,7 @@ printf -- '-------------+-------------------------------+-------------------+---
 for c in "$CONC" 1; do
   for proto in h1 h2; do
     d="$proto-c$c-direct"; p="$proto-c$c-proxied"
+    [ -n "${RPS[$d]:-}" ] && [ -n "${RPS[$p]:-}" ] || continue
     awk -v proto="$proto" -v c="$c" -v dr="${RPS[$d]}" -v pr="${RPS[$p]}" \
         -v d50="${P50[$d]}" -v p50="${P50[$p]}" -v d99="${P99[$d]}" -v p99="${P99[$p]}" 'BEGIN {
       printf "%-6s %-4s | %10.0f %10.0f %7.2f | %8d %8d | %8d %8d | %9d\n",
@@ -310,9 +353,30 @@ printf '%-6s %-4s | %10s %10s | %9s %9s %9s\n' proto c "tagger/s" "proxied/s" "t
 for c in "$CONC" 1; do
   for proto in h1 h2; do
     d="$proto-c$c-direct"; t="$proto-c$c-tagger"; p="$proto-c$c-proxied"
+    [ -n "${RPS[$d]:-}" ] && [ -n "${RPS[$t]:-}" ] && [ -n "${RPS[$p]:-}" ] || continue
     awk -v proto="$proto" -v c="$c" -v tr="${RPS[$t]}" -v pr="${RPS[$p]}" \
         -v d50="${P50[$d]}" -v t50="${P50[$t]}" -v p50="${P50[$p]}" 'BEGIN {
       printf "%-6s %-4s | %10.0f %10.0f | %9d %9d %9d\n", proto, c, tr, pr, t50, t50-d50, p50-t50 }'
+  done
+done
+echo
+echo "CPU time per request, user + system, in microseconds (h2load: the load generator; node and"
+echo "tagger: the proxied runs; relay: the tagger of the tagger-only runs):"
+printf '%-6s %-4s | %7s %7s | %7s | %7s %7s | %s\n' proto c h2load nginx relay tagger node "at most, with a node costing 0 CPU"
+ncpu="$(nproc)"
+for c in "$CONC" 1; do
+  for proto in h1 h2; do
+    d="$proto-c$c-direct"; t="$proto-c$c-tagger"; p="$proto-c$c-proxied"
+    [ -n "${CPU_NODE[$p]:-}" ] && [ -n "${CPU_LOAD[$p]:-}" ] || continue
+    bound="-"
+    # Only meaningful when the runs are CPU-bound on shared cores: the -c$CONC rows, unpinned.
+    if [ "$c" != 1 ] && [ "${PIN:-0}" != 1 ] && [ -n "${RPS[$d]:-}" ]; then
+      bound="$(awk -v n="$ncpu" -v l="${CPU_LOAD[$p]}" -v g="${CPU_NGINX[$p]}" -v t="${CPU_TAGGER[$p]}" -v dr="${RPS[$d]}" 'BEGIN {
+        s = l + g + t; if (s <= 0 || dr <= 0) { print "-"; exit }
+        printf "%.0f req/s = %.2f x direct (%d cores / %d us)", n * 1e6 / s, n * 1e6 / s / dr, n, s }')"
+    fi
+    printf '%-6s %-4s | %7s %7s | %7s | %7s %7s | %s\n' "$proto" "$c" "${CPU_LOAD[$p]}" "${CPU_NGINX[$p]}" \
+      "${CPU_TAGGER[$t]:--}" "${CPU_TAGGER[$p]}" "${CPU_NODE[$p]}" "$bound"
   done
 done
 echo

@@ -92,7 +92,7 @@ mod verify;
 
 pub use chain::{head_path, Head, ZERO_HASH};
 pub use error::{AuditError, Fault, VerifyError};
-pub use log::{AuditLog, AuditOptions, AuditStats, WriterHandle, MAX_BATCH_RECORDS};
+pub use log::{AuditLog, AuditOptions, AuditStats, WriterGone, WriterHandle, MAX_BATCH_RECORDS};
 pub use record::{format_rfc3339, Decision, Record, CLAMPED_REASON};
 pub use verify::{read_head, verify_path, verify_reader, verify_reader_with_head, VerifyReport};
 

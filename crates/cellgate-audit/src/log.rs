@@ -17,8 +17,10 @@
 //!   [`AuditError::Unavailable`], so does every later submission, and plain records that were
 //!   accepted but not written are counted in [`AuditStats::lost`] and logged.
 //!
-//! File I/O runs on tokio's blocking pool (one batch at a time), so the writer works on any
-//! runtime flavour and never stalls a runtime worker on the disk.
+//! The writer runs on a thread of its own (`cellgate-audit`, with a single-threaded runtime for
+//! its timers), so file I/O never stalls a worker of the caller's runtime, and a batch costs
+//! no hand-offs: the thread that takes the records writes them. A plain submission wakes that
+//! thread only when it is idle; durable waiters are answered from it directly.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
@@ -28,8 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
-use tokio::task::JoinHandle;
 use tokio::time::{self, Instant, MissedTickBehavior};
 
 use crate::chain::{self, head_path, Head};
@@ -131,8 +136,23 @@ pub struct AuditStats {
     pub last_seq: u64,
 }
 
-/// The writer task; await it after [`AuditLog::close`] for its final result.
-pub type WriterHandle = JoinHandle<Result<(), AuditError>>;
+/// The writer; await it after [`AuditLog::close`] for its final result. Its output is `Err` only
+/// if the writer thread died without reporting (a panic).
+#[derive(Debug)]
+pub struct WriterHandle(oneshot::Receiver<Result<(), AuditError>>);
+
+/// The writer thread ended without reporting its result.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit writer thread ended without a result")]
+pub struct WriterGone;
+
+impl Future for WriterHandle {
+    type Output = Result<Result<(), AuditError>, WriterGone>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(|_| WriterGone))
+    }
+}
 
 type Ack = oneshot::Sender<Result<(), AuditError>>;
 
@@ -209,7 +229,10 @@ impl AuditLog {
             records = report.records,
             "audit log opened"
         );
-        Ok(start(file, path, report, &options))
+        start(file, path.clone(), report, &options).map_err(|source| AuditError::Open {
+            path,
+            source,
+        })
     }
 
     /// Queues a record without waiting. The chain fields are overwritten by the writer.
@@ -257,10 +280,9 @@ impl AuditLog {
     pub async fn submit_durable(&self, rec: Record) -> Result<(), AuditError> {
         self.check_failed()?;
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Command::Durable(rec, ack)).await.is_err() {
+        if !self.send_urgent(Command::Durable(rec, ack)).await {
             return Err(self.closed_error());
         }
-        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| Err(self.closed_error()))
     }
 
@@ -295,11 +317,32 @@ impl AuditLog {
     pub async fn flush(&self) -> Result<(), AuditError> {
         self.check_failed()?;
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Command::Flush(ack)).await.is_err() {
+        if !self.send_urgent(Command::Flush(ack)).await {
             return Err(self.closed_error());
         }
-        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| Err(self.closed_error()))
+    }
+
+    /// Queues a command someone waits on and ends the writer's linger; `false` when the log is
+    /// closed. A full queue empties only when the writer writes, so then the linger is ended
+    /// before waiting for room (the writer, done with its batch, takes the command next; one
+    /// notification, not two: a spare one would cut the next linger short).
+    async fn send_urgent(&self, cmd: Command) -> bool {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(cmd);
+                self.state.urgent.notify_one();
+            }
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.state.urgent.notify_one();
+                match self.tx.reserve().await {
+                    Ok(permit) => permit.send(cmd),
+                    Err(_) => return false,
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return false,
+        }
+        true
     }
 
     /// Stops accepting records (from every handle), writes and syncs everything already
@@ -311,13 +354,12 @@ impl AuditLog {
     pub async fn close(self) -> Result<(), AuditError> {
         self.check_failed()?;
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Command::Close(ack)).await.is_err() {
+        if !self.send_urgent(Command::Close(ack)).await {
             return match self.closed_error() {
                 AuditError::Closed => Ok(()),
                 e => Err(e),
             };
         }
-        self.state.urgent.notify_one();
         done.await.unwrap_or_else(|_| match self.closed_error() {
             AuditError::Closed => Ok(()),
             e => Err(e),
@@ -385,13 +427,13 @@ impl State {
     }
 }
 
-/// Starts the writer task on an opened, verified log.
+/// Starts the writer thread on an opened, verified log.
 fn start(
     file: File,
     path: PathBuf,
     report: VerifyReport,
     options: &AuditOptions,
-) -> (AuditLog, WriterHandle) {
+) -> io::Result<(AuditLog, WriterHandle)> {
     let (tx, rx) = mpsc::channel(options.queue_capacity);
     let (events, _) = broadcast::channel(options.subscriber_capacity);
     let state = Arc::new(State {
@@ -408,7 +450,7 @@ fn start(
     let writer = Writer {
         rx,
         state: Arc::clone(&state),
-        file: Arc::new(file),
+        file,
         head_path: head_path(&path),
         path,
         head_seq: report.head.as_ref().map_or(0, |h| h.seq),
@@ -423,8 +465,18 @@ fn start(
         closers: Vec::new(),
         batch_plain: 0,
     };
-    let handle = tokio::spawn(writer.run());
-    (AuditLog { tx, state }, handle)
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("cellgate-audit".into())
+        .spawn(move || {
+            let result = runtime.block_on(writer.run());
+            // Nobody may be waiting for the result; that is fine.
+            let _ = done_tx.send(result);
+        })?;
+    Ok((AuditLog { tx, state }, WriterHandle(done_rx)))
 }
 
 /// Opens the log for appending, locks it, and verifies what it already holds.
@@ -520,18 +572,10 @@ fn write_batch(
     })
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(format!("audit i/o task failed: {e}"))))
-}
-
 struct Writer {
     rx: mpsc::Receiver<Command>,
     state: Arc<State>,
-    file: Arc<File>,
+    file: File,
     path: PathBuf,
     head_path: PathBuf,
     /// `seq` the head anchor on disk names (0: none).
@@ -565,7 +609,11 @@ impl Writer {
     async fn run(mut self) -> Result<(), AuditError> {
         match self.run_inner().await {
             Ok(()) => {
-                for ack in self.closers.drain(..) {
+                let closers = std::mem::take(&mut self.closers);
+                // The file (and its lock) is released before the closers hear of it: the log
+                // can be opened again as soon as `close` returns.
+                drop(self);
+                for ack in closers {
                     // The closer may have gone away; nothing to tell it then.
                     let _ = ack.send(Ok(()));
                 }
@@ -654,9 +702,8 @@ impl Writer {
     async fn commit(&mut self, records: Vec<Record>, sync: bool) -> io::Result<()> {
         let sync = sync && (self.dirty || !records.is_empty());
         if !records.is_empty() || sync {
-            let file = Arc::clone(&self.file);
-            let (seq, hash) = (self.seq, self.hash.clone());
-            let written = blocking(move || write_batch(&file, records, seq, hash, sync)).await?;
+            // The writer's own thread: blocking here stalls nobody else.
+            let written = write_batch(&self.file, records, self.seq, self.hash.clone(), sync)?;
             let c = &self.state.counters;
             let n = u64::try_from(written.records.len()).unwrap_or(u64::MAX);
             c.written.fetch_add(n, Ordering::Relaxed);
@@ -690,8 +737,7 @@ impl Writer {
                 seq: self.seq,
                 hash: self.hash.clone(),
             };
-            let path = self.head_path.clone();
-            blocking(move || write_head(&path, &head)).await?;
+            write_head(&self.head_path, &head)?;
             self.head_seq = self.seq;
         }
         for ack in self.flushers.drain(..) {
@@ -764,7 +810,7 @@ mod tests {
             sync_interval: Duration::from_secs(3600),
             ..AuditOptions::default()
         };
-        let (log, writer) = start(file, path, report, &options);
+        let (log, writer) = start(file, path, report, &options).unwrap();
         log.submit(rec(1)).unwrap();
         log.submit(rec(2)).unwrap();
         let err = log.submit_durable(rec(3)).await.unwrap_err();

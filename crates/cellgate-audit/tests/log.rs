@@ -256,20 +256,32 @@ async fn submit_durable_returns_after_the_record_is_on_disk() {
     assert_eq!(verify_path(&path).unwrap().records, 40);
 }
 
-/// On a current-thread runtime the writer cannot run between two `submit` calls, so a queue of
-/// 4 overflows deterministically.
+/// Each round first queues one record and waits until the writer has taken it: the writer then
+/// lingers (a minute) and takes nothing more until the flush ends the linger, so of the next 50
+/// submissions a queue of 4 accepts 4 and refuses the rest (5 if the writer's last look at the
+/// queue raced with the first of them).
 #[tokio::test]
 async fn overflow_is_reported_and_accepted_records_are_never_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
     let options = AuditOptions {
         queue_capacity: 4,
+        linger: Duration::from_secs(60),
         ..quiet()
     };
     let (log, writer) = AuditLog::open(&path, options).await.unwrap();
     let mut accepted = Vec::new();
     let mut overflowed = 0_u64;
     for round in 0..5 {
+        let id = format!("{round}-first");
+        log.submit(rec(&id)).unwrap();
+        accepted.push(format!("req-{id}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log.stats().queue_depth > 0 {
+            assert!(std::time::Instant::now() < deadline, "the writer never woke");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let before = accepted.len();
         for i in 0..50 {
             let id = format!("{round}-{i}");
             match log.submit(rec(&id)) {
@@ -278,16 +290,18 @@ async fn overflow_is_reported_and_accepted_records_are_never_dropped() {
                 Err(e) => panic!("unexpected {e}"),
             }
         }
+        let in_round = accepted.len() - before;
+        assert!((4..=5).contains(&in_round), "{in_round} accepted");
         assert!(log.stats().queue_depth <= 4);
-        // Let the writer drain.
+        // Ends the linger; the writer drains the queue.
         log.flush().await.unwrap();
     }
-    assert_eq!(accepted.len(), 20);
+    assert_eq!(accepted.len() as u64 + overflowed, 5 * 51);
     assert_eq!(log.stats().overflows, overflowed);
-    assert_eq!(overflowed, 230);
+    let n = accepted.len();
     log.close().await.unwrap();
     writer.await.unwrap().unwrap();
-    assert_eq!(verify_path(&path).unwrap().records, 20);
+    assert_eq!(verify_path(&path).unwrap().records, n as u64);
     let written: Vec<String> = lines(&path)
         .iter()
         .map(|l| {
@@ -568,6 +582,50 @@ async fn a_durable_submission_ends_the_linger() {
     assert_eq!(log.stats().written, 3);
     log.close().await.unwrap();
     writer.await.unwrap().unwrap();
+}
+
+/// A durable submission (a denial) or a flush that finds the queue full while the writer lingers
+/// does not wait the linger out: the queue empties only once the writer writes.
+#[tokio::test]
+async fn a_durable_submission_behind_a_full_queue_ends_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let options = AuditOptions {
+        queue_capacity: 2,
+        linger: Duration::from_secs(60),
+        ..quiet()
+    };
+    let (log, writer) = AuditLog::open(&path, options).await.unwrap();
+    for round in 0..2 {
+        log.submit(rec(format!("{round}-a"))).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log.stats().queue_depth > 0 {
+            assert!(std::time::Instant::now() < deadline, "the writer never woke");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The writer lingers with one record; these two fill the queue.
+        log.submit(rec(format!("{round}-b"))).unwrap();
+        log.submit(rec(format!("{round}-c"))).unwrap();
+        assert!(matches!(
+            log.submit(rec("refused")),
+            Err(AuditError::Overflow { capacity: 2 })
+        ));
+        let urgent = async {
+            if round == 0 {
+                log.submit_durable(rec(format!("{round}-d"))).await
+            } else {
+                log.flush().await
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), urgent)
+            .await
+            .expect("waited for the linger behind a full queue")
+            .unwrap();
+    }
+    assert_eq!(log.stats().written, 7);
+    log.close().await.unwrap();
+    writer.await.unwrap().unwrap();
+    assert_eq!(verify_path(&path).unwrap().records, 7);
 }
 
 /// `submit_durable_now` queues at the call: the record is kept even when nobody awaits the
