@@ -150,7 +150,9 @@ impl Future for WriterHandle {
     type Output = Result<Result<(), AuditError>, WriterGone>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(|_| WriterGone))
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(|_| WriterGone))
     }
 }
 
@@ -229,10 +231,8 @@ impl AuditLog {
             records = report.records,
             "audit log opened"
         );
-        start(file, path.clone(), report, &options).map_err(|source| AuditError::Open {
-            path,
-            source,
-        })
+        start(file, path.clone(), report, &options)
+            .map_err(|source| AuditError::Open { path, source })
     }
 
     /// Queues a record without waiting. The chain fields are overwritten by the writer.

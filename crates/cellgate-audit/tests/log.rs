@@ -278,7 +278,10 @@ async fn overflow_is_reported_and_accepted_records_are_never_dropped() {
         accepted.push(format!("req-{id}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while log.stats().queue_depth > 0 {
-            assert!(std::time::Instant::now() < deadline, "the writer never woke");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never woke"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let before = accepted.len();
@@ -600,7 +603,10 @@ async fn a_durable_submission_behind_a_full_queue_ends_the_linger() {
         log.submit(rec(format!("{round}-a"))).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while log.stats().queue_depth > 0 {
-            assert!(std::time::Instant::now() < deadline, "the writer never woke");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never woke"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // The writer lingers with one record; these two fill the queue.
