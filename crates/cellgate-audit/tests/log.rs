@@ -46,6 +46,28 @@ fn quiet() -> AuditOptions {
     }
 }
 
+/// A queue of `capacity` and a writer that lingers a minute: once it has taken what woke it, it
+/// takes nothing more until something urgent (a durable submission, a flush, a close) comes.
+fn lingering(capacity: usize) -> AuditOptions {
+    AuditOptions {
+        queue_capacity: capacity,
+        linger: Duration::from_secs(60),
+        ..quiet()
+    }
+}
+
+/// Waits (at most 5 s) until the writer has taken everything queued.
+async fn writer_took_everything(log: &AuditLog) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log.stats().queue_depth > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never woke"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Writes `n` records through the log and closes it.
 async fn write_log(path: &Path, n: u32) {
     let (log, writer) = AuditLog::open(path, quiet()).await.unwrap();
@@ -264,26 +286,14 @@ async fn submit_durable_returns_after_the_record_is_on_disk() {
 async fn overflow_is_reported_and_accepted_records_are_never_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let options = AuditOptions {
-        queue_capacity: 4,
-        linger: Duration::from_secs(60),
-        ..quiet()
-    };
-    let (log, writer) = AuditLog::open(&path, options).await.unwrap();
+    let (log, writer) = AuditLog::open(&path, lingering(4)).await.unwrap();
     let mut accepted = Vec::new();
     let mut overflowed = 0_u64;
     for round in 0..5 {
         let id = format!("{round}-first");
         log.submit(rec(&id)).unwrap();
         accepted.push(format!("req-{id}"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while log.stats().queue_depth > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer never woke"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        writer_took_everything(&log).await;
         let before = accepted.len();
         for i in 0..50 {
             let id = format!("{round}-{i}");
@@ -593,22 +603,10 @@ async fn a_durable_submission_ends_the_linger() {
 async fn a_durable_submission_behind_a_full_queue_ends_the_linger() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let options = AuditOptions {
-        queue_capacity: 2,
-        linger: Duration::from_secs(60),
-        ..quiet()
-    };
-    let (log, writer) = AuditLog::open(&path, options).await.unwrap();
+    let (log, writer) = AuditLog::open(&path, lingering(2)).await.unwrap();
     for round in 0..2 {
         log.submit(rec(format!("{round}-a"))).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while log.stats().queue_depth > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer never woke"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        writer_took_everything(&log).await;
         // The writer lingers with one record; these two fill the queue.
         log.submit(rec(format!("{round}-b"))).unwrap();
         log.submit(rec(format!("{round}-c"))).unwrap();
