@@ -25,6 +25,12 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Clock skew tolerated on `nbf` and `exp`, in seconds.
 pub const LEEWAY_SECS: i64 = 5;
 
+/// Whether a token that expires at `exp` (Unix seconds) is refused as expired at `now`, leeway
+/// included: the one rule every check of `exp` uses.
+pub fn is_past_expiry(exp: i64, now: i64) -> bool {
+    now >= exp.saturating_add(LEEWAY_SECS)
+}
+
 /// The claims of a cell token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -242,7 +248,7 @@ impl Verifier {
             return 0;
         };
         let before = set.len();
-        set.retain(|_, exp| exp.is_none_or(|exp| now < exp.saturating_add(LEEWAY_SECS)));
+        set.retain(|_, exp| exp.is_none_or(|exp| !is_past_expiry(exp, now)));
         before.saturating_sub(set.len())
     }
 
@@ -296,7 +302,7 @@ impl Verifier {
         if c.aud != AUDIENCE {
             return Err(TokenError::WrongAudience(c.aud));
         }
-        if now >= c.exp.saturating_add(LEEWAY_SECS) {
+        if is_past_expiry(c.exp, now) {
             return Err(TokenError::Expired { exp: c.exp, now });
         }
         if now.saturating_add(LEEWAY_SECS) < c.nbf {

@@ -140,11 +140,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             None,
         );
     }
-    if now_secs()
-        >= claims
-            .exp
-            .saturating_add(cellgate_identity::token::LEEWAY_SECS)
-    {
+    if cellgate_identity::token::is_past_expiry(claims.exp, now_secs()) {
         return Outcome::deny(
             "token_expired",
             format!("token expired at {}", claims.exp),

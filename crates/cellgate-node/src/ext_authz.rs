@@ -105,7 +105,7 @@ impl TokenCache {
             if shared.verifier.is_revoked(&c.jti) {
                 return Err(TokenError::Revoked(c.jti));
             }
-            if now >= c.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS) {
+            if cellgate_identity::token::is_past_expiry(c.exp, now) {
                 if let Ok(mut m) = self.map.write() {
                     m.remove(token);
                 }
@@ -116,7 +116,7 @@ impl TokenCache {
         let c = shared.verifier.verify(token, now)?;
         if let Ok(mut m) = self.map.write() {
             if m.len() >= TOKEN_CACHE_ENTRIES {
-                m.retain(|_, v| now < v.exp.saturating_add(cellgate_identity::token::LEEWAY_SECS));
+                m.retain(|_, v| !cellgate_identity::token::is_past_expiry(v.exp, now));
                 if m.len() >= TOKEN_CACHE_ENTRIES {
                     m.clear();
                 }

@@ -456,8 +456,11 @@ async fn watch_revocations(shared: Arc<Shared>, state: Arc<KubeState>) {
 
 /// Revokes every `jti` the ConfigMap lists (its keys) until the token's expiry (its value, RFC
 /// 3339, as the operator writes it; a value that does not parse revokes for good), then forgets
-/// revoked ids whose tokens have expired. Returns how many were new.
+/// revoked ids whose tokens have expired. An id whose token has already expired is passed over:
+/// the token is refused as expired anyway, and the list may hold it until the operator prunes
+/// it. Returns how many were new.
 pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
+    let now = crate::decide::now_secs();
     let data = cm
         .data
         .iter()
@@ -471,6 +474,9 @@ pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
         let exp = expiry
             .and_then(|v| v.parse::<jiff::Timestamp>().ok())
             .map(|t| t.as_second());
+        if exp.is_some_and(|exp| cellgate_identity::token::is_past_expiry(exp, now)) {
+            continue;
+        }
         if !shared.verifier.is_revoked(jti) {
             new += 1;
             tracing::info!(token.jti = %jti, "token revoked");
@@ -480,7 +486,7 @@ pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
             None => shared.verifier.revoke(jti),
         }
     }
-    let forgotten = shared.verifier.prune_revoked(crate::decide::now_secs());
+    let forgotten = shared.verifier.prune_revoked(now);
     if forgotten > 0 {
         tracing::debug!(forgotten, "revoked token ids past their expiry forgotten");
     }
