@@ -42,6 +42,9 @@ pub const ANNOTATION_TOKEN_ID: &str = "cellgate.dev/token-id";
 pub const ANNOTATION_TOKEN_EXPIRY: &str = "cellgate.dev/token-expiry";
 /// Key of the CA certificate in the cell's trust-bundle ConfigMap.
 pub const CA_BUNDLE_KEY: &str = "ca.crt";
+/// The header that carries the node's admin token to `/audit` on its admin port (sent by
+/// `kubectl cellgate audit`, checked by the node).
+pub const ADMIN_TOKEN_HEADER: &str = "x-cellgate-admin-token";
 
 /// Name of the cell's ServiceAccount.
 pub fn service_account_name(cell: &str) -> String {

@@ -594,7 +594,7 @@ pub async fn audit_text(
         "/api/v1/namespaces/{control_ns}/pods/{pod}:{NODE_ADMIN_PORT}/proxy/audit?cell={ns}%2F{name}&limit={limit}"
     );
     let request = http::Request::get(uri)
-        .header("x-cellgate-admin-token", token)
+        .header(cellgate_api::crd::ADMIN_TOKEN_HEADER, token)
         .body(Vec::new())?;
     let body = client
         .request_text(request)

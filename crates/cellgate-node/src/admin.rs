@@ -173,7 +173,7 @@ pub fn percent_decode(s: &str) -> String {
 }
 
 /// The header carrying the admin token for `/audit`.
-pub const ADMIN_TOKEN_HEADER: &str = "x-cellgate-admin-token";
+pub use cellgate_api::crd::ADMIN_TOKEN_HEADER;
 
 /// Audit records name cells, hosts and paths of every tenant on the node: `/audit` answers only
 /// a request carrying the admin token (`--admin-token-file`). Without a token file it is open in
