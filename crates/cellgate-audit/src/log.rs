@@ -1,4 +1,4 @@
-//! The writer: one task owns the log file; handles submit records through a bounded queue.
+//! The writer: one thread owns the log file; handles submit records through a bounded queue.
 //!
 //! - [`AuditLog::submit`] never waits: it puts the record in the queue or returns
 //!   [`AuditError::Overflow`], and the caller fails closed. This is how allows never wait on
@@ -23,16 +23,15 @@
 //! thread only when it is idle; durable waiters are answered from it directly.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
+use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::time::{self, Instant, MissedTickBehavior};
