@@ -12,6 +12,8 @@ use cellgate_api::crd::{MANAGED_BY, REVOCATIONS_CONFIGMAP};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use cellgate_identity::token::is_past_expiry;
+
 use crate::token::parse_rfc3339;
 
 /// The keys a write changes: `Some(expiry)` to add, `None` to prune.
@@ -19,7 +21,9 @@ pub type Changes = BTreeMap<String, Option<String>>;
 
 /// What to write, given the current entries, the tokens to revoke (`jti`, expiry) and now.
 /// Tokens already expired are not added; entries past their expiry are pruned; unparsable values
-/// are left alone. Empty when nothing changes.
+/// are left alone. "Expired" is the verifier's own rule ([`is_past_expiry`], clock leeway
+/// included): an entry stays listed for as long as a node would still accept its token. Empty
+/// when nothing changes.
 pub fn changes(
     existing: &BTreeMap<String, String>,
     revoke: &[(String, String)],
@@ -27,13 +31,15 @@ pub fn changes(
 ) -> Changes {
     let mut out = Changes::new();
     for (jti, expiry) in revoke {
-        let live = parse_rfc3339(expiry).is_none_or(|exp| exp > now);
+        let live = parse_rfc3339(expiry).is_none_or(|exp| !is_past_expiry(exp, now));
         if live && existing.get(jti) != Some(expiry) && !jti.is_empty() {
             out.insert(jti.clone(), Some(expiry.clone()));
         }
     }
     for (jti, expiry) in existing {
-        if parse_rfc3339(expiry).is_some_and(|exp| exp <= now) && !out.contains_key(jti) {
+        if parse_rfc3339(expiry).is_some_and(|exp| is_past_expiry(exp, now))
+            && !out.contains_key(jti)
+        {
             out.insert(jti.clone(), None);
         }
     }
@@ -108,5 +114,25 @@ mod tests {
             )]))
         );
         assert!(changes(&BTreeMap::new(), &[], now).is_empty());
+
+        // Within the verifier's clock leeway a token is still accepted by nodes, so it is still
+        // added, and an entry for it still kept.
+        let just = "2029-12-31T23:59:58Z".to_string(); // 2 s ago, leeway 5 s
+        let c = changes(
+            &BTreeMap::from([("kept-in-leeway".to_string(), just.clone())]),
+            &[("added-in-leeway".to_string(), just.clone())],
+            now,
+        );
+        assert_eq!(
+            c,
+            BTreeMap::from([("added-in-leeway".to_string(), Some(just.clone()))])
+        );
+        let later = now + cellgate_identity::token::LEEWAY_SECS + 2;
+        let c = changes(
+            &BTreeMap::from([("kept-in-leeway".to_string(), just.clone())]),
+            &[("added-in-leeway".to_string(), just)],
+            later,
+        );
+        assert_eq!(c, BTreeMap::from([("kept-in-leeway".to_string(), None)]));
     }
 }
