@@ -288,6 +288,15 @@ _path_ok_fast(rule, path) if {
 # CIDR destinations match the address the agent dialled, never a name, and never answer DNS.
 _hits := array.concat(array.concat(object.get(_ix.hosts, input.request.host, []), _wildcard_hits), _cidr_hits)
 
+# A request through an address (CIDR) destination is sent to the address the agent dialled, so
+# it may name no host (other TCP, TLS without SNI) or only that address itself: a name (Host,
+# :authority, SNI) would be a request for another destination, sent with this capability's
+# credential to an address the name does not belong to. A name reaches an address capability's
+# range only through a host destination, which the node resolves itself.
+_names_dialled_address if not is_string(input.request.host)
+
+_names_dialled_address if input.request.host == input.request.destination.address
+
 _wildcard_hits := [w |
 	some w in _ix.wildcards
 	endswith(input.request.host, w.suffix)
@@ -302,6 +311,7 @@ _cidr_hits := [c |
 ] if {
 	input.request.protocol != "dns"
 	input.request.destination.address != ""
+	_names_dialled_address
 } else := []
 
 # [rank, capability index] of every capability granting the request: one naming the target on a
@@ -313,7 +323,11 @@ _grants := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; _h
 	input.request.protocol == "dns"
 } else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; h.passthrough} if {
 	input.request.protocol == "tls"
-} else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports}
+} else := {[h.rank, h.cap] | some h in _hits; input.request.port in h.ports; _tcp_capability(h.cap)}
+
+# Only a capability that asks for raw TCP (`protocol: tcp`) grants a raw relay: bytes that are
+# neither TLS nor HTTP never leave through an HTTP capability.
+_tcp_capability(i) if object.get(caps[i], "protocol", "http") == "tcp"
 
 _http_protocols := {"http", "https"}
 
@@ -369,6 +383,11 @@ _tls_caps := {i | some i in _port_caps; caps[i].tls == "passthrough"} if {
 	req.protocol == "tls"
 } else := _port_caps
 
+# Stage 3b: raw TCP only through a tcp capability.
+_proto_caps := {i | some i in _tls_caps; _tcp_capability(i)} if {
+	req.protocol == "tcp"
+} else := _tls_caps
+
 # Stage 4: the HTTP rule, for decrypted HTTP only.
 granted_caps := {g[1] | some g in _grants}
 
@@ -386,11 +405,13 @@ _status(i) := "port_not_allowed" if {
 	not i in _port_caps
 } else := "tls_passthrough_required" if {
 	not i in _tls_caps
+} else := "tcp_capability_required" if {
+	not i in _proto_caps
 } else := "http_rule_mismatch"
 
 # Among capabilities that name the target but refuse the request, report the closest miss: an
 # HTTP rule mismatch says more than a TLS mode mismatch, which says more than a wrong port.
-_rank := {"http_rule_mismatch": 0, "tls_passthrough_required": 1, "port_not_allowed": 2}
+_rank := {"http_rule_mismatch": 0, "tcp_capability_required": 1, "tls_passthrough_required": 1, "port_not_allowed": 2}
 
 _best_miss(indices) := m if {
 	ranked := [[_rank[_status(i)], i] | some i in indices]
@@ -505,6 +526,11 @@ _miss_message(cap, "port_not_allowed") := sprintf(
 
 _miss_message(cap, "tls_passthrough_required") := sprintf(
 	"capability %s intercepts TLS; an undecrypted TLS connection needs a passthrough capability",
+	[cap.name],
+)
+
+_miss_message(cap, "tcp_capability_required") := sprintf(
+	"capability %s carries HTTP; a connection that is neither TLS nor HTTP needs a capability with protocol: tcp",
 	[cap.name],
 )
 

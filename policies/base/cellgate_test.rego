@@ -19,7 +19,7 @@ _wild := {
 }
 
 _db := {
-	"name": "db", "mode": "enforce", "tls": "passthrough",
+	"name": "db", "mode": "enforce", "tls": "intercept", "protocol": "tcp",
 	"destinations": [{"host": null, "cidr": "10.0.0.0/8", "ports": [5432]}],
 	"http": null, "approval": false, "credential": false,
 }
@@ -98,6 +98,23 @@ test_cidr_matches_dialled_address_only if {
 	_decide([_db], tcp).capability == "db"
 	named := {"protocol": "tcp", "host": "10.2.3.4", "port": 5432, "destination": {"address": "192.0.2.1", "port": 5432}}
 	_decide([_db], named).reason == "no_capability"
+}
+
+test_raw_tcp_needs_a_tcp_capability if {
+	web := object.union(_db, {"name": "web", "protocol": "http"})
+	tcp := {"protocol": "tcp", "port": 5432, "destination": {"address": "10.2.3.4", "port": 5432}}
+	_decide([web], tcp).reason == "tcp_capability_required"
+	_decide([web, _db], tcp).capability == "db"
+}
+
+test_cidr_request_names_no_other_host if {
+	dialled := {"address": "10.2.3.4", "port": 5432}
+	own := {"protocol": "http", "host": "10.2.3.4", "port": 5432, "method": "GET", "path": "/", "destination": dialled}
+	_decide([_db], own).capability == "db"
+	other := {"protocol": "http", "host": "evil.test", "port": 5432, "method": "GET", "path": "/", "destination": dialled}
+	_decide([_db], other).reason == "no_capability"
+	sni := {"protocol": "tls", "host": "evil.test", "sni": "evil.test", "port": 5432, "destination": dialled}
+	_decide([object.union(_db, {"tls": "passthrough"})], sni).reason == "no_capability"
 }
 
 test_tls_needs_passthrough if {

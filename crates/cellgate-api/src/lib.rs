@@ -5,10 +5,12 @@
 //! - [`crd`]: the Kubernetes custom resource, its status, and the names operator, nodes and kubectl
 //!   plugin agree on.
 //! - [`policy`]: the versioned policy input and decision documents exchanged with the Rego engine.
+//! - [`path`]: the canonical form of HTTP request paths, which the node decides on and forwards.
 //!
 //! Start reading at [`manifest::parse_agent_cell`].
 
 pub mod crd;
 pub mod manifest;
 pub mod model;
+pub mod path;
 pub mod policy;

@@ -140,6 +140,16 @@ pub struct CapabilitySpec {
     /// and port only, never decrypt, no credential injection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsMode>,
+    /// `http` (default: HTTP requests, decided one by one; TLS passthrough) or `tcp` (a raw TCP
+    /// relay to the dialled address, for CIDR destinations: the only way any connection that
+    /// is not TLS or HTTP leaves the cell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<crate::model::Protocol>,
+    /// Connect even when a host destination's name resolves to a loopback, link-local (cloud
+    /// metadata) or the node's own address, which is refused (`destination_forbidden`) by
+    /// default. For the few services that really live there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_internal_addresses: bool,
     /// Where the capability's secret comes from and how it is injected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialSpec>,
@@ -671,6 +681,35 @@ impl AgentCell {
             if let Some(b) = &cap.budget {
                 check_budget(b, &format!("{at}.budget"), &mut err);
             }
+            if cap.protocol == Some(crate::model::Protocol::Tcp) {
+                let tcp = |what: &str| {
+                    format!("a tcp capability relays raw bytes to the dialled address: {what}")
+                };
+                if cap.destinations.iter().any(|d| d.host.is_some()) {
+                    err(
+                        format!("{at}.destinations"),
+                        tcp("it names addresses (cidr), never hosts, which raw TCP does not carry"),
+                    );
+                }
+                if cap.http.is_some() {
+                    err(
+                        format!("{at}.http"),
+                        tcp("HTTP rules are never applied to it"),
+                    );
+                }
+                if cap.credential.is_some() {
+                    err(
+                        format!("{at}.credential"),
+                        tcp("no credential can be injected"),
+                    );
+                }
+                if cap.tls.is_some() {
+                    err(
+                        format!("{at}.tls"),
+                        tcp("TLS is neither intercepted nor inspected"),
+                    );
+                }
+            }
         }
     }
 
@@ -733,6 +772,8 @@ impl AgentCell {
                 name: cap.name.clone(),
                 mode: cap.mode.unwrap_or_default(),
                 tls: cap.tls.unwrap_or_default(),
+                protocol: cap.protocol.unwrap_or_default(),
+                allow_internal_addresses: cap.allow_internal_addresses,
                 destinations,
                 http,
                 credential,

@@ -57,6 +57,29 @@ impl TlsMode {
     }
 }
 
+/// What a capability carries: HTTP requests (decided one by one), or raw TCP.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP (plaintext or intercepted TLS), and TLS passthrough: never a raw relay.
+    #[default]
+    Http,
+    /// A raw TCP relay to the dialled address (CIDR destinations only): the bytes are not read.
+    Tcp,
+}
+
+impl Protocol {
+    /// The manifest spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
 /// A normalized cell.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
@@ -111,6 +134,10 @@ pub struct Capability {
     pub mode: Mode,
     /// Intercept or passthrough.
     pub tls: TlsMode,
+    /// HTTP, or a raw TCP relay.
+    pub protocol: Protocol,
+    /// Whether names may resolve to loopback, link-local or the node's own addresses.
+    pub allow_internal_addresses: bool,
     /// Never empty.
     pub destinations: Vec<Destination>,
     /// HTTP rules; `None` means any request.

@@ -142,6 +142,9 @@ pub struct CapabilityDoc {
     pub mode: String,
     /// `intercept` or `passthrough`; only `passthrough` capabilities may grant a `tls` request.
     pub tls: String,
+    /// `http` or `tcp`; only `tcp` capabilities may grant a `tcp` request (a raw relay).
+    #[serde(default = "http_protocol")]
+    pub protocol: String,
     /// Where it reaches; never empty.
     pub destinations: Vec<DestinationDoc>,
     /// HTTP rule; `null` means any method and path.
@@ -327,6 +330,10 @@ impl CellDoc {
     }
 }
 
+fn http_protocol() -> String {
+    "http".into()
+}
+
 impl CapabilityDoc {
     /// The policy view of a normalized capability.
     pub fn from_model(cap: &model::Capability) -> Self {
@@ -334,6 +341,7 @@ impl CapabilityDoc {
             name: cap.name.clone(),
             mode: cap.mode.as_str().to_owned(),
             tls: cap.tls.as_str().to_owned(),
+            protocol: cap.protocol.as_str().to_owned(),
             destinations: cap
                 .destinations
                 .iter()
@@ -383,6 +391,8 @@ mod tests {
                 name: "github".into(),
                 mode: Mode::Shadow,
                 tls: TlsMode::Intercept,
+                protocol: crate::model::Protocol::Http,
+                allow_internal_addresses: false,
                 destinations: vec![
                     Destination {
                         target: DestinationTarget::Host(HostPattern::Wildcard("github.com".into())),

@@ -66,6 +66,8 @@ fn cell() -> Cell {
                 name: (*h).into(),
                 mode: Mode::Enforce,
                 tls: TlsMode::Intercept,
+                protocol: cellgate_api::model::Protocol::Http,
+                allow_internal_addresses: false,
                 destinations: vec![Destination {
                     target: DestinationTarget::Host(HostPattern::Exact((*h).into())),
                     ports: vec![443],

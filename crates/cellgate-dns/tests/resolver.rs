@@ -41,6 +41,8 @@ fn cell() -> Cell {
             name: "api".into(),
             mode: Mode::Enforce,
             tls: TlsMode::Intercept,
+            protocol: cellgate_api::model::Protocol::Http,
+            allow_internal_addresses: false,
             destinations: vec![
                 dest(HostPattern::Exact("api.example.com".into())),
                 dest(HostPattern::Wildcard("allowed.test".into())),

@@ -110,6 +110,47 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// When the token behind `claims` stops being accepted (its `exp` plus the verifier's clock
+/// leeway), as a timer deadline: what is still open then is closed (`token_expired`).
+pub fn expiry_deadline(claims: &Claims) -> tokio::time::Instant {
+    let left = claims
+        .exp
+        .saturating_add(cellgate_identity::token::LEEWAY_SECS)
+        .saturating_sub(now_secs());
+    let left = std::time::Duration::from_secs(u64::try_from(left).unwrap_or(0));
+    // Far-future expiries are capped: `Instant + Duration` must not overflow.
+    tokio::time::Instant::now() + left.min(std::time::Duration::from_secs(10 * 365 * 86_400))
+}
+
+/// Audits the closing of something open (a relay, a streamed response, an HTTP connection)
+/// whose token expired, with reason `token_expired`.
+pub async fn record_expired_close(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    facts: &Facts,
+    what: &str,
+) {
+    let mut out = Outcome::deny(
+        "token_expired",
+        format!(
+            "open {what} closed: token {} expired at {}",
+            ident.claims.jti, ident.claims.exp
+        ),
+        None,
+    );
+    out.cell = shared.cells.get(&ident.claims.cell_uid);
+    tracing::info!(what, "closing what an expired token had open");
+    let rec = audit_record(
+        shared,
+        Some(ident),
+        ident.source,
+        ident.original_dst,
+        facts,
+        &out,
+    );
+    let _ = record(shared, rec).await;
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -218,7 +259,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         },
     };
     let version = policy.version().to_string();
-    match policy.evaluate_with_cell(&input, &entry.value) {
+    let out = match policy.evaluate_with_cell(&input, &entry.value) {
         Ok(d) => Outcome {
             result: match d.outcome.as_str() {
                 "allow" if d.allow => Decision::Allow,
@@ -245,7 +286,44 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             o.cell = Some(entry);
             o
         }
+    };
+    governance_gate(out)
+}
+
+/// Budgets and approvals are not enforced by this node yet: a request that one would govern is
+/// refused (`governance_unavailable`), never let through unmetered or unapproved. This holds in
+/// shadow mode too: shadow relaxes policy denials, not governance the node cannot apply.
+fn governance_gate(mut out: Outcome) -> Outcome {
+    if !out.allowed() {
+        return out;
     }
+    let Some(entry) = out.cell.clone() else {
+        return out;
+    };
+    let cap = out
+        .capability
+        .as_deref()
+        .and_then(|name| entry.cell.capability(name));
+    let what = if entry.cell.budget.is_some() {
+        Some("the cell has a budget (spec.budget)".to_string())
+    } else if let Some(cap) = cap.filter(|c| c.budget.is_some()) {
+        Some(format!("capability {} has a budget", cap.name))
+    } else {
+        cap.filter(|c| c.approval)
+            .map(|cap| format!("capability {} requires approval", cap.name))
+    };
+    let Some(what) = what else {
+        return out;
+    };
+    out.result = cellgate_audit::Decision::Deny;
+    out.reason = "governance_unavailable".into();
+    out.reasons = vec![format!(
+        "{what}, which this node does not enforce yet: the request is refused rather than let through ungoverned"
+    )];
+    out.hint = Some(
+        "remove the budget or approval from the AgentCell, or run a node that enforces it".into(),
+    );
+    out
 }
 
 /// Builds the audit record of a decision.

@@ -552,17 +552,30 @@ fn request_facts(
         Ok(port) => port,
         Err(deny) => return (facts, Some(deny)),
     };
-    match (port, dst_port) {
-        (Some(p), 0) => facts.port = p,
-        (Some(p), d) if p != d => {
+    if let Err(deny) = crate::http::check_upgrade(hdr("upgrade").as_deref().map(Some).into_iter()) {
+        return (facts, Some(deny));
+    }
+    // Envoy's dynamic forward proxy connects to the port the authority names, or the scheme's
+    // default when it names none: that is the port decided on, and it must be the one the agent
+    // dialled (else a request dialled to an allowed port would be sent to another one).
+    let upstream_port = port.unwrap_or(if tls { 443 } else { 80 });
+    match dst_port {
+        0 => facts.port = upstream_port,
+        d if d != upstream_port => {
+            let detail = match port {
+                Some(p) => format!("Host names port {p} but the connection is to port {d}"),
+                None => format!(
+                    "Host names no port, so the request would go to port {upstream_port}, but the connection is to port {d}"
+                ),
+            };
             return (
                 facts,
                 Some((
                     "authority_port_mismatch",
-                    format!("Host names port {p} but the connection is to port {d}"),
-                    None,
+                    detail,
+                    Some("name the port in the Host header".into()),
                 )),
-            )
+            );
         }
         _ => {}
     }

@@ -119,6 +119,8 @@ async fn serve_http<S>(shared: Arc<Shared>, io: S, ctx: ConnCtx)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let ident = ctx.ident.clone();
+    let (tls, sni) = (ctx.sni.is_some(), ctx.sni.clone());
     let ctx = Arc::new(ctx);
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
@@ -149,6 +151,18 @@ where
         _ = crate::until_draining(&mut draining) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        }
+        // An open connection (HTTP/2 above all, which multiplexes for as long as the agent
+        // likes) does not outlive its token: dropping it closes it, and every stream on it.
+        () = tokio::time::sleep_until(decide::expiry_deadline(&ident.claims)) => {
+            let facts = Facts {
+                protocol: if tls { "https" } else { "http" },
+                host: sni,
+                port: ident.original_dst.port(),
+                front_door: "intake",
+                ..Facts::default()
+            };
+            decide::record_expired_close(&shared, &ident, &facts, "HTTP connection").await;
         }
     }
 }
@@ -209,6 +223,42 @@ pub(crate) fn check_authority(
         }
     }
     Ok(port)
+}
+
+/// The one upgrade protocol the node relays (RFC 6455). Every other `Upgrade` (`h2c`, TLS,
+/// invented protocols) would turn the connection into a tunnel no request rule sees.
+const WEBSOCKET: &str = "websocket";
+
+/// Whether a request's `Upgrade` header (all its values) asks for WebSocket and nothing else:
+/// `Ok(false)` without the header, `Ok(true)` for WebSocket, a refusal for anything else.
+pub(crate) fn check_upgrade<'a>(
+    mut values: impl Iterator<Item = Option<&'a str>>,
+) -> Result<bool, PreDeny> {
+    let mut any = false;
+    for v in values.by_ref() {
+        let Some(v) = v else {
+            return Err((
+                "upgrade_not_allowed",
+                "the Upgrade header is not valid text".into(),
+                None,
+            ));
+        };
+        for token in v.split(',').map(str::trim) {
+            let name = token.split('/').next().unwrap_or_default();
+            if !name.eq_ignore_ascii_case(WEBSOCKET) {
+                return Err((
+                    "upgrade_not_allowed",
+                    format!("Upgrade {token:?} refused: only WebSocket upgrades are relayed"),
+                    Some(
+                        "send the request without Upgrade; HTTP/2 is negotiated with TLS ALPN"
+                            .into(),
+                    ),
+                ));
+            }
+            any = true;
+        }
+    }
+    Ok(any)
 }
 
 /// The facts of a request, or the reason the node refuses it before policy.
@@ -277,6 +327,14 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
         Ok(port) => port,
         Err(deny) => return (facts, Some(deny)),
     };
+    if let Err(deny) = check_upgrade(
+        req.headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .map(|v| v.to_str().ok()),
+    ) {
+        return (facts, Some(deny));
+    }
     let default_port = if tls { 443 } else { 80 };
     if let Some(p) = port {
         if p != dst_port {
@@ -464,6 +522,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         "te",
         "trailer",
         "transfer-encoding",
+        // Only meaningful with `Upgrade: h2c`, which is never forwarded.
+        "http2-settings",
     ] {
         headers.remove(n);
     }
@@ -545,17 +605,37 @@ async fn forward(
     // The client writes the authority itself: `Host` on HTTP/1.1, `:authority` on HTTP/2 (where
     // a second, explicit `host` header is refused by some servers, nginx among them).
     parts.headers.remove(header::HOST);
-    let client = if upgrade {
-        &shared.upstream.http1
-    } else {
-        &shared.upstream.client
-    };
+    let internal = out
+        .cell
+        .as_ref()
+        .zip(out.capability.as_deref())
+        .and_then(|(e, name)| e.cell.capability(name))
+        .is_some_and(|c| c.allow_internal_addresses);
+    let client = shared.upstream.pick(upgrade, internal);
     let resp = client.request(Request::from_parts(parts, body)).await;
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => {
             let reason = upstream::classify(&e);
             let detail = error_chain(&e);
+            if reason == upstream::DESTINATION_FORBIDDEN {
+                // Nothing was sent: a refusal like any other, durable before the 403.
+                let mut o = out.clone();
+                o.result = Decision::Deny;
+                o.reason = reason.into();
+                o.reasons = vec![detail];
+                o.hint = Some("this name resolves into the node's own reach (loopback, link-local, cloud metadata, the node itself); a capability must set allowInternalAddresses to reach such an address".into());
+                let rec = decide::audit_record(
+                    &shared,
+                    Some(&ctx.ident),
+                    ctx.ident.source,
+                    ctx.ident.original_dst,
+                    &facts,
+                    &o,
+                );
+                let _ = decide::record(&shared, rec).await;
+                return deny_response(&ctx.ident, &o);
+            }
             tunnel::upstream_error(&shared, &ctx.ident, &facts, reason, detail.clone()).await;
             return json_response(
                 StatusCode::BAD_GATEWAY,
@@ -568,6 +648,37 @@ async fn forward(
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A 101 turns the connection into a relay: only for the WebSocket upgrade the agent
+        // asked for and the upstream accepted, never for one the upstream invents.
+        let accepted = agent_upgrade.is_some()
+            && matches!(
+                check_upgrade(
+                    resp.headers()
+                        .get_all(header::UPGRADE)
+                        .iter()
+                        .map(|v| v.to_str().ok()),
+                ),
+                Ok(true)
+            );
+        if !accepted {
+            let detail = "the upstream switched protocols to something other than the WebSocket upgrade requested".to_string();
+            tunnel::upstream_error(
+                &shared,
+                &ctx.ident,
+                &facts,
+                "upstream_upgrade_refused",
+                detail,
+            )
+            .await;
+            return json_response(
+                StatusCode::BAD_GATEWAY,
+                &out.request_id,
+                serde_json::json!({
+                    "error": "cellgate_upstream_error", "reason": "upstream_upgrade_refused", "host": host, "request_id": out.request_id,
+                    "message": "the upstream answered 101 Switching Protocols to something other than a WebSocket upgrade; it was not relayed",
+                }),
+            );
+        }
         if let Some(agent_up) = agent_upgrade {
             let up = hyper::upgrade::on(&mut resp);
             let ident = ctx.ident.clone();
@@ -619,6 +730,8 @@ pub struct Rechecked {
     /// The next state change; a `Mutex` only to make the body `Sync` (it is never contended:
     /// `poll_frame` has `&mut self`).
     changed: Option<std::sync::Mutex<Changed>>,
+    /// The token's expiry: the stream is cut then (`token_expired`). In a `Mutex` for `Sync`.
+    expiry: std::sync::Mutex<std::pin::Pin<Box<tokio::time::Sleep>>>,
     shared: Arc<Shared>,
     ident: Arc<ConnIdentity>,
     facts: Facts,
@@ -647,6 +760,9 @@ impl Rechecked {
         Self {
             inner,
             changed: Some(std::sync::Mutex::new(next_change(generation))),
+            expiry: std::sync::Mutex::new(Box::pin(tokio::time::sleep_until(
+                decide::expiry_deadline(&ident.claims),
+            ))),
             shared,
             ident,
             facts,
@@ -700,6 +816,18 @@ impl hyper::body::Body for Rechecked {
         // A body already delivered whole is not cut: the agent has the complete response.
         if this.revoked || this.inner.is_end_stream() {
             return Poll::Ready(None);
+        }
+        let expiry = this.expiry.get_mut().unwrap_or_else(|p| p.into_inner());
+        if std::future::Future::poll(expiry.as_mut(), cx).is_ready() {
+            this.revoked = true;
+            let (shared, ident, facts) =
+                (this.shared.clone(), this.ident.clone(), this.facts.clone());
+            tokio::spawn(async move {
+                decide::record_expired_close(&shared, &ident, &facts, "response stream").await;
+            });
+            return Poll::Ready(Some(Err(
+                "token_expired: the response's token expired".into()
+            )));
         }
         while let Some(slot) = this.changed.as_mut() {
             let fut = slot.get_mut().unwrap_or_else(|p| p.into_inner());

@@ -4,8 +4,9 @@
 //! audit record naming the reason: connection limit; PPv2 header (present, v2, well formed,
 //! carrying TLV 0xE0, within the time limit); token (signature, key id, audience, validity,
 //! revocation); the cell it names; the source address it is bound to (in Kubernetes mode: a
-//! Running pod of that cell on this node, from the pod watch). Then the first bytes tell
-//! TLS (a ClientHello: take SNI), plaintext HTTP, or other TCP.
+//! Running pod of that cell on this node, from the pod watch). Then the first bytes (waited for
+//! until they can be told apart, within the first-bytes time limit) tell TLS (a ClientHello:
+//! take SNI), plaintext HTTP, or other TCP, which only a `protocol: tcp` capability relays.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -193,37 +194,102 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     dispatch(shared, stream, ident).instrument(span).await;
 }
 
+/// What the first bytes of a connection turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    /// A TLS handshake record.
+    Tls,
+    /// An HTTP/1.x request line (a known method and a space) or the h2c preface.
+    Http,
+    /// Bytes that are neither, or silence for the whole time limit (a protocol where the
+    /// server speaks first): only a `tcp` capability can relay it.
+    Other,
+    /// A prefix of TLS or HTTP that stopped arriving before it could be told apart.
+    Incomplete,
+    /// Closed before sending anything.
+    Closed,
+}
+
+/// Whether `first` (shorter than [`SNIFF_BYTES`]) may still become TLS or HTTP with more bytes.
+fn may_grow_into_tls_or_http(first: &[u8]) -> bool {
+    let tls = match first {
+        [0x16] | [0x16, 0x03] => true,
+        _ => false,
+    };
+    tls || cellgate_tls::client_hello::HTTP_METHODS.iter().any(|m| {
+        m.iter()
+            .chain(std::iter::once(&b' '))
+            .zip(first)
+            .all(|(a, b)| a == b)
+            && first.len() <= m.len()
+    })
+}
+
+/// Peeks at the first bytes, without consuming them, until they tell TLS or HTTP apart from
+/// anything else. A ClientHello or request line split across writes is waited for (bounded by
+/// `limit`), never taken for other TCP because its first write was short.
+async fn sniff(stream: &TcpStream, limit: std::time::Duration) -> std::io::Result<Sniffed> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; SNIFF_BYTES];
+    let mut wait = std::time::Duration::from_millis(1);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Sniffed::Other),
+        };
+        let first = buf.get(..n).unwrap_or_default();
+        if n == 0 {
+            return Ok(Sniffed::Closed);
+        }
+        if cellgate_tls::client_hello::looks_like_tls(first) {
+            return Ok(Sniffed::Tls);
+        }
+        if cellgate_tls::client_hello::looks_like_http(first) {
+            return Ok(Sniffed::Http);
+        }
+        if n >= SNIFF_BYTES || !may_grow_into_tls_or_http(first) {
+            return Ok(Sniffed::Other);
+        }
+        // `peek` answers at once while any byte is buffered: wait for more, backing off.
+        if tokio::time::Instant::now() + wait >= deadline {
+            return Ok(Sniffed::Incomplete);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_millis(50));
+    }
+}
+
 async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
-    // Sniff the first bytes without consuming them.
-    let mut first = [0u8; SNIFF_BYTES];
-    let n = match tokio::time::timeout(shared.config.first_bytes_timeout, stream.peek(&mut first))
-        .await
-    {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
+    let sniffed = match sniff(&stream, shared.config.first_bytes_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
             tracing::debug!(error = %e, "peek failed");
             return;
         }
-        Err(_) => {
-            // A client that waits for the server to speak first (SMTP, SSH...) is other TCP.
-            0
-        }
     };
-    let first = first.get(..n).unwrap_or_default();
-    if n > 0 && cellgate_tls::client_hello::looks_like_tls(first) {
-        tls(shared, stream, ident).await;
-    } else if n > 0 && cellgate_tls::client_hello::looks_like_http(first) {
-        http::serve_plain(shared, stream, Arc::new(ident)).await;
-    } else if n == 0
-        && stream
-            .peek(&mut [0u8; 1])
-            .await
-            .map(|n| n == 0)
-            .unwrap_or(true)
-    {
-        // Closed before sending anything.
-    } else {
-        tunnel::serve_tcp(shared, stream, ident, Vec::new()).await;
+    match sniffed {
+        Sniffed::Tls => tls(shared, stream, ident).await,
+        Sniffed::Http => http::serve_plain(shared, stream, Arc::new(ident)).await,
+        // Decided by policy as raw TCP: only a `tcp` capability grants it.
+        Sniffed::Other => tunnel::serve_tcp(shared, stream, ident, Vec::new()).await,
+        Sniffed::Incomplete => {
+            let (src, dst) = (ident.source, ident.original_dst);
+            let detail = format!(
+                "the first bytes began like TLS or HTTP but did not complete within {:?}",
+                shared.config.first_bytes_timeout
+            );
+            refuse(
+                &shared,
+                Some(&ident),
+                src,
+                src,
+                dst,
+                "first_bytes_incomplete",
+                detail,
+            )
+            .await;
+        }
+        Sniffed::Closed => {}
     }
 }
 

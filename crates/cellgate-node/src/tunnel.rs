@@ -36,6 +36,8 @@ pub async fn relay<A, B>(
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
+    let expiry = tokio::time::sleep_until(decide::expiry_deadline(&ident.claims));
+    tokio::pin!(expiry);
     let idle_limit = shared.config.tunnel_idle_timeout;
     let mut idle_check = tokio::time::interval(idle_limit / 4);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -47,6 +49,10 @@ pub async fn relay<A, B>(
                     tracing::info!(idle_s = idle_limit.as_secs(), "closing an idle relay");
                     return;
                 }
+            }
+            () = &mut expiry => {
+                decide::record_expired_close(&shared, ident, facts, &format!("{} connection", facts.protocol)).await;
+                return;
             }
             r = &mut copy => {
                 if let Err(e) = r {
@@ -90,9 +96,14 @@ pub async fn serve_tcp(
         ..Facts::default()
     };
     let target = ident.original_dst;
-    serve_l4(shared, stream, ident, prefix, facts, move |_| async move {
-        Ok(vec![target])
-    })
+    serve_l4(
+        shared,
+        stream,
+        ident,
+        prefix,
+        facts,
+        move |_, _| async move { Ok((vec![target], None)) },
+    )
     .await;
 }
 
@@ -120,11 +131,15 @@ pub async fn serve_tls_passthrough(
         ident,
         hello,
         facts,
-        move |shared: Arc<Shared>| async move {
+        move |shared: Arc<Shared>, filter: bool| async move {
             match sni {
-                Some(h) => crate::upstream::resolve(&shared.config.resolve, &h, port).await,
+                Some(h) => {
+                    crate::upstream::resolve_checked(&shared.config.resolve, &h, port, filter)
+                        .await
+                        .map(|(addrs, filtered)| (addrs, filtered.then_some(h)))
+                }
                 // No name: only an address capability can have allowed it.
-                None => Ok(vec![dialled]),
+                None => Ok((vec![dialled], None)),
             }
         },
     )
@@ -139,8 +154,9 @@ async fn serve_l4<F, Fut>(
     facts: Facts,
     targets: F,
 ) where
-    F: FnOnce(Arc<Shared>) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+    F: FnOnce(Arc<Shared>, bool) -> Fut,
+    // The addresses to try, and the name they were resolved from when they were filtered.
+    Fut: std::future::Future<Output = std::io::Result<(Vec<SocketAddr>, Option<String>)>>,
 {
     let out = decide::decide(&shared, &ident, &facts);
     let rec = decide::audit_record(
@@ -155,8 +171,17 @@ async fn serve_l4<F, Fut>(
         // Nothing is forwarded; the agent sees the connection close.
         return;
     }
-    let addrs = match targets(shared.clone()).await {
+    let internal = out
+        .cell
+        .as_ref()
+        .zip(out.capability.as_deref())
+        .and_then(|(e, name)| e.cell.capability(name))
+        .is_some_and(|c| c.allow_internal_addresses);
+    let (addrs, filtered_name) = match targets(shared.clone(), !internal).await {
         Ok(a) => a,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return forbidden(&shared, &ident, &facts, out, e).await;
+        }
         Err(e) => {
             return upstream_error(
                 &shared,
@@ -168,8 +193,17 @@ async fn serve_l4<F, Fut>(
             .await
         }
     };
-    let mut up = match crate::upstream::connect_any(&addrs, shared.config.connect_timeout).await {
+    let connected = crate::upstream::connect_any(&addrs, shared.config.connect_timeout)
+        .await
+        .and_then(|s| match &filtered_name {
+            Some(name) => crate::upstream::refuse_own_address(&s, name).map(|()| s),
+            None => Ok(s),
+        });
+    let mut up = match connected {
         Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return forbidden(&shared, &ident, &facts, out, e).await;
+        }
         Err(e) => {
             return upstream_error(
                 &shared,
@@ -185,6 +219,30 @@ async fn serve_l4<F, Fut>(
         return;
     }
     relay(shared, stream, up, &ident, &facts).await;
+}
+
+/// A resolved address the node never connects to for a name: a denial (durable), and the
+/// agent sees the connection close with nothing sent.
+async fn forbidden(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    facts: &Facts,
+    mut out: decide::Outcome,
+    e: std::io::Error,
+) {
+    out.result = cellgate_audit::Decision::Deny;
+    out.reason = crate::upstream::DESTINATION_FORBIDDEN.into();
+    out.reasons = vec![e.to_string()];
+    tracing::info!(reason = %out.reason, detail = %e, "denied");
+    let rec = decide::audit_record(
+        shared,
+        Some(ident),
+        ident.source,
+        ident.original_dst,
+        facts,
+        &out,
+    );
+    let _ = decide::record(shared, rec).await;
 }
 
 /// Audits an upstream failure after an allow.

@@ -23,6 +23,73 @@ use crate::config::{NodeConfig, ResolveEntry};
 pub struct ResolvingConnector {
     resolve: Arc<Vec<ResolveEntry>>,
     connect_timeout: Duration,
+    /// Whether resolved addresses inside the node's own reach are refused ([`forbidden`]).
+    filter: bool,
+}
+
+/// The label of a refused resolved address (audit, metrics, the agent's 403).
+pub const DESTINATION_FORBIDDEN: &str = "destination_forbidden";
+
+/// Why a resolved address is never connected to, or `None` when it may be: loopback,
+/// unspecified, link-local (cloud metadata services live there: 169.254.169.254), the AWS IPv6
+/// metadata address `fd00:ec2::254`, multicast and broadcast. The node's own other addresses
+/// are caught after connecting ([`connect_any`]).
+pub fn forbidden(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address (cloud metadata)"),
+        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => {
+            Some("a multicast or broadcast address")
+        }
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) => {
+            Some("a cloud metadata address")
+        }
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        _ => None,
+    }
+}
+
+/// The error of a refused destination: `PermissionDenied` carrying [`DESTINATION_FORBIDDEN`].
+fn forbidden_error(host: &str, addr: SocketAddr, why: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("{DESTINATION_FORBIDDEN}: {host} resolves to {addr}, {why}, which the node never connects to for a name"),
+    )
+}
+
+/// Resolves `host:port` and, with `filter`, refuses addresses in the node's own reach
+/// ([`forbidden`]). Addresses pinned with `--resolve` are the operator's and pass, and so does
+/// a host that is an address (policy decided on that very address). Returns the addresses and
+/// whether they were filtered.
+///
+/// # Errors
+/// When the name does not resolve, or (filtered) resolves to a forbidden address.
+pub async fn resolve_checked(
+    static_entries: &[ResolveEntry],
+    host: &str,
+    port: u16,
+    filter: bool,
+) -> std::io::Result<(Vec<SocketAddr>, bool)> {
+    if let Some(ip) = crate::config::lookup_static(static_entries, host, port) {
+        return Ok((vec![SocketAddr::new(ip, port)], false));
+    }
+    // An address is not a name: the decision was made on it (an address capability names it).
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok((vec![SocketAddr::new(ip, port)], false));
+    }
+    let addrs = resolve(&[], host, port).await?;
+    if filter {
+        // One forbidden answer refuses the name: an attacker-controlled zone could mix them.
+        if let Some((a, why)) = addrs.iter().find_map(|a| forbidden(a.ip()).map(|w| (a, w))) {
+            return Err(forbidden_error(host, *a, why));
+        }
+    }
+    Ok((addrs, filter))
 }
 
 impl ResolvingConnector {
@@ -45,10 +112,12 @@ impl ResolvingConnector {
             } else {
                 80
             });
-        let addrs = resolve(&self.resolve, &host, port).await?;
-        connect_any(&addrs, self.connect_timeout)
-            .await
-            .map(TokioIo::new)
+        let (addrs, filtered) = resolve_checked(&self.resolve, &host, port, self.filter).await?;
+        let stream = connect_any(&addrs, self.connect_timeout).await?;
+        if filtered {
+            refuse_own_address(&stream, &host)?;
+        }
+        Ok(TokioIo::new(stream))
     }
 }
 
@@ -73,6 +142,23 @@ pub async fn resolve(
         ));
     }
     Ok(addrs)
+}
+
+/// Refuses a connection that reached one of the node's own addresses (the kernel then picks
+/// the same address as the source): its admin port or anything else listening on the node.
+///
+/// # Errors
+/// `PermissionDenied` ([`DESTINATION_FORBIDDEN`]) for such a connection.
+pub fn refuse_own_address(stream: &TcpStream, host: &str) -> std::io::Result<()> {
+    let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
+    if local.ip().to_canonical() == peer.ip().to_canonical() {
+        return Err(forbidden_error(
+            host,
+            peer,
+            "one of the node's own addresses",
+        ));
+    }
+    Ok(())
 }
 
 /// Connects to the first address that answers, each within `timeout`.
@@ -113,13 +199,34 @@ impl tower_service::Service<Uri> for ResolvingConnector {
     }
 }
 
-/// The pooled upstream client.
+type HttpClient = Client<HttpsConnector<ResolvingConnector>, Incoming>;
+
+/// The pooled upstream clients: resolved addresses filtered ([`forbidden`]) by default, and
+/// unfiltered for capabilities with `allowInternalAddresses` (separate pools, so a connection
+/// made for one never serves the other).
 #[derive(Clone)]
 pub struct Upstream {
     /// hyper client over the resolving, TLS-verifying connector (ALPN h2 and http/1.1).
-    pub client: Client<HttpsConnector<ResolvingConnector>, Incoming>,
+    pub client: HttpClient,
     /// The same, HTTP/1.1 only: upgrades (WebSocket) exist only there.
-    pub http1: Client<HttpsConnector<ResolvingConnector>, Incoming>,
+    pub http1: HttpClient,
+    /// `client` without the address filter.
+    pub client_internal: HttpClient,
+    /// `http1` without the address filter.
+    pub http1_internal: HttpClient,
+}
+
+impl Upstream {
+    /// The client for a request: HTTP/1.1 only for an upgrade; unfiltered when the capability
+    /// allows internal addresses.
+    pub fn pick(&self, upgrade: bool, internal: bool) -> &HttpClient {
+        match (upgrade, internal) {
+            (false, false) => &self.client,
+            (true, false) => &self.http1,
+            (false, true) => &self.client_internal,
+            (true, true) => &self.http1_internal,
+        }
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -138,31 +245,33 @@ impl Upstream {
         // The connector sets ALPN itself (h2, http/1.1) from the enabled versions.
         let mut tls = (*tls).clone();
         tls.alpn_protocols.clear();
-        let connector = ResolvingConnector {
-            resolve: Arc::new(config.resolve.clone()),
-            connect_timeout: config.connect_timeout,
-        };
-        let both = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(connector.clone());
-        let http1_only = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let build = |c| {
+        let resolve = Arc::new(config.resolve.clone());
+        let build = |filter: bool, http1_only: bool| {
+            let connector = ResolvingConnector {
+                resolve: resolve.clone(),
+                connect_timeout: config.connect_timeout,
+                filter,
+            };
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http();
+            let connector = if http1_only {
+                builder.enable_http1().wrap_connector(connector)
+            } else {
+                builder.enable_all_versions().wrap_connector(connector)
+            };
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(64)
-                .build(c)
+                .build(connector)
         };
         Ok(Self {
-            client: build(both),
-            http1: build(http1_only),
+            client: build(true, false),
+            http1: build(true, true),
+            client_internal: build(false, false),
+            http1_internal: build(false, true),
         })
     }
 }
@@ -176,6 +285,11 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> &'static str {
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return match io.kind() {
+                std::io::ErrorKind::PermissionDenied
+                    if io.to_string().starts_with(DESTINATION_FORBIDDEN) =>
+                {
+                    DESTINATION_FORBIDDEN
+                }
                 std::io::ErrorKind::NotFound => "upstream_resolve_failed",
                 std::io::ErrorKind::TimedOut => "upstream_timeout",
                 std::io::ErrorKind::ConnectionRefused => "upstream_connect_refused",

@@ -110,6 +110,7 @@ struct Req {
     typed: bool,
     source: &'static str,
     dst_port: u16,
+    dst_addr: &'static str,
     method: &'static str,
     host: String,
     path: &'static str,
@@ -126,6 +127,7 @@ impl Req {
             typed: false,
             source: "127.0.0.1",
             dst_port: port,
+            dst_addr: "127.0.0.1",
             method,
             host: format!("{host}:{port}"),
             path,
@@ -192,7 +194,7 @@ impl Req {
         CheckRequest {
             attributes: Some(AttributeContext {
                 source: Some(peer(self.source, 40000)),
-                destination: Some(peer("127.0.0.1", u32::from(self.dst_port))),
+                destination: Some(peer(self.dst_addr, u32::from(self.dst_port))),
                 request: Some(Request {
                     time: None,
                     http: Some(HttpRequest {
@@ -752,4 +754,113 @@ impl tower_service::Service<http::Uri> for UnixConnector {
             ))
         })
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_and_budget_fail_closed_in_envoy_mode() {
+    let env = start().await;
+    let port = env.f.https.addr.port();
+    install_cell(&env.f, "gov", &governed_cell("gov", port, false)).await;
+    install_cell(&env.f, "govcell", &governed_cell("govcell", port, true)).await;
+    let mut c = client(env.addr).await;
+    let ok = check(
+        &mut c,
+        &Req::new(&env, "gov", "GET", "api.test", "/v1/free/x"),
+    )
+    .await;
+    assert_eq!(code(&ok), 0, "{ok:?}");
+    for (cell, path, cap) in [
+        ("gov", "/v1/approve/x", "approved"),
+        ("gov", "/v1/budget/x", "budgeted"),
+        ("gov", "/v1/shadow/x", "shadowed"),
+        ("govcell", "/v1/free/x", "free"),
+    ] {
+        let r = check(&mut c, &Req::new(&env, cell, "GET", "api.test", path)).await;
+        assert_eq!(code(&r), 7, "{cell} {path}: {r:?}");
+        let (status, body) = denied(&r);
+        assert_eq!(status, 403);
+        assert_eq!(body["reason"], "governance_unavailable", "{body}");
+        assert_eq!(body["capability"], cap, "{body}");
+        let rid = body["request_id"].as_str().unwrap().to_string();
+        let on_disk = std::fs::read_to_string(&env.f.audit).unwrap();
+        assert!(
+            on_disk.contains(&rid),
+            "denial not durable before the answer"
+        );
+        let rec = env.f.wait_audit(|r| r["request_id"] == rid.as_str()).await;
+        assert_eq!(rec["reason"], "governance_unavailable");
+        assert_eq!(rec["front_door"], "ext_authz");
+    }
+}
+
+/// A cell whose one capability names an address and injects the `openai` file secret.
+fn address_cell(port: u16) -> String {
+    format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: addr, namespace: agents}}\nspec:\n  capabilities:\n    - name: internal\n      destinations: [{{cidr: 127.0.9.6/32, ports: [{port}]}}]\n      credential:\n        file: {{name: openai}}\n        inject: {{header: Authorization, value: \"Bearer {{{{secret}}}}\"}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_capability_binds_the_host_to_the_dialled_address_in_envoy_mode() {
+    let env = start().await;
+    let port = env.f.http.addr.port();
+    install_cell(&env.f, "addr", &address_cell(port)).await;
+    let mut c = client(env.addr).await;
+    let plain = |host: String| {
+        let mut r = Req::new(&env, "addr", "GET", "x", "/steal");
+        r.host = host;
+        r.sni = None;
+        r.dst_addr = "127.0.9.6";
+        r.dst_port = port;
+        r.headers.push((":scheme", "http".into()));
+        r
+    };
+    // Envoy connects to what the Host names: it must be the dialled address itself.
+    let ok = check(&mut c, &plain(format!("127.0.9.6:{port}"))).await;
+    assert_eq!(code(&ok), 0, "{ok:?}");
+    for host in [format!("evil.test:{port}"), format!("localhost:{port}")] {
+        let r = check(&mut c, &plain(host.clone())).await;
+        assert_eq!(code(&r), 7, "Host {host}: {r:?}");
+        let (status, body) = denied(&r);
+        assert_eq!(status, 403);
+        assert_eq!(body["reason"], "no_capability", "{body}");
+        assert!(
+            !format!("{r:?}").contains(SECRET),
+            "no credential in a denial"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_port_is_decided_for_the_port_envoy_connects_to() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    // Dialled to the upstream's port (not 443), Host without a port: Envoy's forward proxy
+    // would connect to 443, so the request is refused rather than decided for the dialled port.
+    let r = check(&mut c, &Req::new(&env, "creds", "GET", "api.test", "/v1/x")).await;
+    assert_eq!(code(&r), 0, "control: with the port named, allowed: {r:?}");
+    let mut no_port = Req::new(&env, "creds", "GET", "api.test", "/v1/x");
+    no_port.host = "api.test".into();
+    let r = check(&mut c, &no_port).await;
+    assert_eq!(code(&r), 7, "{r:?}");
+    let (status, body) = denied(&r);
+    assert_eq!(status, 403);
+    assert_eq!(body["reason"], "authority_port_mismatch", "{body}");
+    assert!(!format!("{r:?}").contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_upgrades_pass_in_envoy_mode() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    for up in ["h2c", "tls/1.2", "x-tunnel", "websocket, h2c"] {
+        let mut r = Req::new(&env, "creds", "GET", "api.test", "/v1/x");
+        r.headers.push(("upgrade", up.into()));
+        let resp = check(&mut c, &r).await;
+        assert_eq!(code(&resp), 7, "Upgrade {up}: {resp:?}");
+        assert_eq!(denied(&resp).1["reason"], "upgrade_not_allowed");
+    }
+    let mut ws = Req::new(&env, "creds", "GET", "api.test", "/v1/x");
+    ws.headers.push(("upgrade", "websocket".into()));
+    assert_eq!(code(&check(&mut c, &ws).await), 0);
 }

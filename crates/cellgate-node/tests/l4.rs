@@ -28,7 +28,7 @@ async fn echo_server() -> std::net::SocketAddr {
 
 fn l4_cell(echo_port: u16, https_port: u16) -> String {
     format!(
-        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: l4, namespace: agents}}\nspec:\n  capabilities:\n    - name: db\n      destinations: [{{cidr: 127.0.0.1/32, ports: [{echo_port}]}}]\n    - name: tls-pass\n      tls: passthrough\n      destinations: [{{host: api.test, ports: [{https_port}]}}]\n"
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: l4, namespace: agents}}\nspec:\n  capabilities:\n    - name: db\n      protocol: tcp\n      destinations: [{{cidr: 127.0.0.1/32, ports: [{echo_port}]}}]\n    - name: tls-pass\n      tls: passthrough\n      destinations: [{{host: api.test, ports: [{https_port}]}}]\n"
     )
 }
 

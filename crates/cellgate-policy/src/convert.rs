@@ -226,6 +226,7 @@ fn capability(c: &CapabilityDoc, ports: &[Value]) -> Value {
         (&k.name, s(&c.name)),
         (&k.mode, s(&c.mode)),
         (&k.tls, s(&c.tls)),
+        (&k.protocol, s(&c.protocol)),
         (
             &k.destinations,
             Value::from(
@@ -897,6 +898,7 @@ mod tests {
             name: "c".into(),
             mode: "enforce".into(),
             tls: "intercept".into(),
+            protocol: "http".into(),
             destinations: vec![DestinationDoc {
                 host: Some("a.example".into()),
                 cidr: None,
@@ -1002,6 +1004,7 @@ mod tests {
                 name: name.into(),
                 mode: mode.into(),
                 tls: tls.into(),
+                protocol: "http".into(),
                 destinations: dests,
                 http,
                 approval: false,

@@ -101,6 +101,7 @@ fn capability(rng: &mut Rng, i: usize) -> CapabilityDoc {
         name: format!("cap{i}"),
         mode: (*rng.pick(&["enforce", "enforce", "shadow", "audit"])).into(),
         tls: (*rng.pick(&["intercept", "passthrough"])).into(),
+        protocol: (*rng.pick(&["http", "http", "tcp"])).into(),
         destinations,
         http,
         approval: false,

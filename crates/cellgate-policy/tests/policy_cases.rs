@@ -39,6 +39,12 @@ fn cap(name: &str, mode: &str, tls: &str, dest: Json, http: Json) -> Json {
            "approval": false, "credential": false})
 }
 
+/// `cap` with `protocol: tcp`.
+fn tcp(mut cap: Json) -> Json {
+    cap["protocol"] = json!("tcp");
+    cap
+}
+
 /// The input every case starts from; see `policies/tests/README.md`.
 fn default_input() -> Json {
     json!({
@@ -56,8 +62,8 @@ fn default_input() -> Json {
                     json!({"methods": ["GET", "HEAD"], "paths": ["/repos/**", "/user"]})),
                 cap("example", "enforce", "intercept",
                     json!({"host": "*.example.com", "cidr": null, "ports": [443, 80]}), Json::Null),
-                cap("db", "enforce", "passthrough",
-                    json!({"host": null, "cidr": "10.0.0.0/8", "ports": [5432]}), Json::Null),
+                tcp(cap("db", "enforce", "intercept",
+                    json!({"host": null, "cidr": "10.0.0.0/8", "ports": [5432]}), Json::Null)),
                 cap("vpn", "enforce", "passthrough",
                     json!({"host": "vpn.corp.test", "cidr": null, "ports": [443]}), Json::Null),
                 cap("trial", "shadow", "intercept",

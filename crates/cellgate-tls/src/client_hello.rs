@@ -137,7 +137,7 @@ pub fn looks_like_tls(first: &[u8]) -> bool {
 
 /// Request methods recognized by [`looks_like_http`]. `PRI` is the start of the HTTP/2
 /// prior-knowledge (h2c) preface, `PRI * HTTP/2.0`.
-const HTTP_METHODS: [&[u8]; 10] = [
+pub const HTTP_METHODS: [&[u8]; 10] = [
     b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI",
 ];
 

@@ -303,3 +303,52 @@ pub fn _unused(_: Arc<()>) {}
 pub async fn tagged_connect_port(f: &Fixture, port: u16, cell: &str) -> TcpStream {
     f.connect(port, &f.token(cell)).await
 }
+
+/// A cell whose capabilities ask for governance the node refuses to leave unenforced:
+/// `approved` (approval required, /v1/approve/**), `budgeted` (a budget, /v1/budget/**),
+/// `shadowed` (shadow mode with approval, /v1/shadow/**) and `free` (neither, /v1/free/**), all
+/// on api.test at `port`; with `cell_budget`, the cell itself has a budget.
+pub fn governed_cell(name: &str, port: u16, cell_budget: bool) -> String {
+    let budget = if cell_budget {
+        "  budget: {requests: 100}\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {{name: {name}, namespace: agents}}
+spec:
+{budget}  capabilities:
+    - name: approved
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [GET], paths: ["/v1/approve/**"]}}
+      approval: {{required: true}}
+    - name: budgeted
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [GET], paths: ["/v1/budget/**"]}}
+      budget: {{requestsPerWindow: 60, window: 1m}}
+    - name: shadowed
+      mode: shadow
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [GET], paths: ["/v1/shadow/**"]}}
+      approval: {{required: true}}
+    - name: free
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [GET], paths: ["/v1/free/**"]}}
+"#
+    )
+}
+
+/// Writes `yaml` as `cells/<name>.yaml` and waits (bounded) until the node knows the cell.
+pub async fn install_cell(f: &Fixture, name: &str, yaml: &str) {
+    std::fs::write(f.cells_dir.join(format!("{name}.yaml")), yaml).unwrap();
+    let uid = format!("local:agents:{name}");
+    for _ in 0..200 {
+        if f.node().shared.cells.get(&uid).is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("cell {name} was not loaded");
+}

@@ -91,6 +91,7 @@ fn capability(cell: usize, i: usize) -> CapabilityDoc {
         name: format!("cap-{i}-{cell}"),
         mode: "enforce".into(),
         tls: tls.into(),
+        protocol: "http".into(),
         destinations: vec![DestinationDoc { host, cidr, ports }],
         http,
         approval: false,
