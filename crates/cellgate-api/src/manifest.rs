@@ -111,6 +111,9 @@ pub struct AgentCellSpec {
     /// A cell-wide budget (enforced by the budget ledger; see the budgets guide).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSpec>,
+    /// Ceilings on what the cell may hold of its node; absent keys take the node's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
     /// The agent's pod template (a PodTemplateSpec: `metadata`, `spec`), used by the operator to
     /// build the cell's pod; ignored in local mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +285,21 @@ pub struct BudgetSpec {
     /// Wall-clock lifetime, e.g. `2h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<String>,
+}
+
+/// `spec.limits`: per-cell ceilings on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Connections open at once through the node's intake (node default: 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub connections: Option<u32>,
+    /// Requests per second (HTTP requests and new TCP relays), with a burst of one second's
+    /// worth; over it: HTTP 429 with `Retry-After` (node default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_second: Option<u32>,
 }
 
 /// Human approval of a capability's requests.
@@ -527,6 +545,20 @@ impl AgentCell {
         }
         if let Some(b) = &self.spec.budget {
             check_budget(b, "spec.budget", &mut err);
+        }
+        if let Some(l) = &self.spec.limits {
+            if l.connections == Some(0) {
+                err(
+                    "spec.limits.connections".into(),
+                    "must be at least 1".into(),
+                );
+            }
+            if l.requests_per_second == Some(0) {
+                err(
+                    "spec.limits.requestsPerSecond".into(),
+                    "must be at least 1 (leave it out for the node's default)".into(),
+                );
+            }
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, cap) in self.spec.capabilities.iter().enumerate() {
@@ -787,6 +819,7 @@ impl AgentCell {
             name,
             role: self.spec.role.clone(),
             suspended: self.spec.suspended,
+            limits: self.spec.limits.clone(),
             labels: self.metadata.labels.clone(),
             generation: self.metadata.generation.unwrap_or(0),
             budget: self.spec.budget.clone(),

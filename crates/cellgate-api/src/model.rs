@@ -99,6 +99,8 @@ pub struct Cell {
     pub generation: i64,
     /// Cell-wide budget.
     pub budget: Option<BudgetSpec>,
+    /// Per-cell ceilings on the node (`spec.limits`).
+    pub limits: Option<crate::manifest::LimitsSpec>,
     /// Capabilities in manifest order.
     pub capabilities: Vec<Capability>,
 }

@@ -387,6 +387,7 @@ mod tests {
             labels: BTreeMap::new(),
             generation: 1,
             budget: None,
+            limits: None,
             capabilities: vec![Capability {
                 name: "github".into(),
                 mode: Mode::Shadow,

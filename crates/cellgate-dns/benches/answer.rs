@@ -60,6 +60,7 @@ fn cell() -> Cell {
         labels: Default::default(),
         generation: 0,
         budget: None,
+        limits: None,
         capabilities: hosts
             .iter()
             .map(|h| Capability {

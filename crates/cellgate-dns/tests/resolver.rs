@@ -37,6 +37,7 @@ fn cell() -> Cell {
         labels: Default::default(),
         generation: 0,
         budget: None,
+        limits: None,
         capabilities: vec![Capability {
             name: "api".into(),
             mode: Mode::Enforce,

@@ -77,6 +77,15 @@ pub struct NodeArgs {
     /// Most connections open at once [env: CELLGATE_MAX_CONNECTIONS] [default: 10000]
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Most intake connections one cell may hold open, unless its spec.limits.connections says otherwise [env: CELLGATE_CELL_MAX_CONNECTIONS] [default: 1024]
+    #[arg(long)]
+    pub cell_max_connections: Option<usize>,
+    /// Requests per second one cell may make (0: no ceiling), unless its spec.limits.requestsPerSecond says otherwise [env: CELLGATE_CELL_REQUESTS_PER_SECOND] [default: 0]
+    #[arg(long)]
+    pub cell_requests_per_second: Option<usize>,
+    /// An HTTP connection (HTTP/1.1 keep-alive or HTTP/2) with no byte either way for this long is closed [env: CELLGATE_HTTP_IDLE_TIMEOUT] [default: 5m]
+    #[arg(long)]
+    pub http_idle_timeout: Option<String>,
     /// Grace period for open connections on SIGTERM [env: CELLGATE_DRAIN] [default: 10s]
     #[arg(long)]
     pub drain: Option<String>,
@@ -294,6 +303,12 @@ pub struct NodeConfig {
     pub control_namespace: String,
     /// Connection limit.
     pub max_connections: usize,
+    /// Default per-cell connection ceiling (`spec.limits.connections` overrides it).
+    pub cell_max_connections: usize,
+    /// Default per-cell requests per second, 0 for none (`spec.limits.requestsPerSecond`).
+    pub cell_requests_per_second: u32,
+    /// An HTTP connection idle this long (no byte either way) is closed.
+    pub http_idle_timeout: Duration,
     /// Drain grace.
     pub drain: Duration,
     /// Data-path worker threads (None: one per CPU the process may use).
@@ -464,6 +479,29 @@ impl NodeConfig {
         let max_connections =
             number(args.max_connections, "CELLGATE_MAX_CONNECTIONS")?.unwrap_or(10_000);
         let worker_threads = number(args.worker_threads, "CELLGATE_WORKER_THREADS")?;
+        let cell_max_connections =
+            number(args.cell_max_connections, "CELLGATE_CELL_MAX_CONNECTIONS")?.unwrap_or(1024);
+        let cell_requests_per_second = u32::try_from(
+            number(
+                args.cell_requests_per_second,
+                "CELLGATE_CELL_REQUESTS_PER_SECOND",
+            )?
+            .unwrap_or(0),
+        )
+        .map_err(|_| invalid("--cell-requests-per-second", "too large"))?;
+        let http_idle_raw = args
+            .http_idle_timeout
+            .or_else(|| get("CELLGATE_HTTP_IDLE_TIMEOUT"))
+            .unwrap_or_else(|| "5m".into());
+        let http_idle_timeout = cellgate_api::manifest::parse_duration(&http_idle_raw)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--http-idle-timeout",
+                    format!("{http_idle_raw:?} is not a duration like 5m"),
+                )
+            })?;
         let drain_raw = args
             .drain
             .or_else(|| get("CELLGATE_DRAIN"))
@@ -549,6 +587,9 @@ impl NodeConfig {
             kubernetes,
             control_namespace,
             max_connections,
+            cell_max_connections,
+            cell_requests_per_second,
+            http_idle_timeout,
             drain,
             worker_threads,
             admin_token_file: args
@@ -590,6 +631,9 @@ impl NodeConfig {
             kubernetes: false,
             control_namespace: "cellgate-system".into(),
             max_connections: 10_000,
+            cell_max_connections: 1024,
+            cell_requests_per_second: 0,
+            http_idle_timeout: Duration::from_secs(300),
             drain: Duration::from_secs(10),
             worker_threads: None,
             admin_token_file: None,
@@ -654,6 +698,9 @@ impl NodeConfig {
         }
         if self.max_connections == 0 {
             return Err(invalid("--max-connections", "must be at least 1"));
+        }
+        if self.cell_max_connections == 0 {
+            return Err(invalid("--cell-max-connections", "must be at least 1"));
         }
         if self.listen == self.admin && self.listen.port() != 0 {
             return Err(invalid(

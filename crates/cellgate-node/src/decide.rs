@@ -73,6 +73,8 @@ pub struct Outcome {
     pub latency_us: u64,
     /// Request id (also sent to the agent).
     pub request_id: String,
+    /// For a rate refusal: when to retry (HTTP 429 with `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Outcome {
@@ -93,7 +95,23 @@ impl Outcome {
             cell: None,
             latency_us: 0,
             request_id: new_request_id(),
+            retry_after: None,
         }
+    }
+
+    /// The HTTP status of this outcome when it refuses: 429 for a rate, 403 otherwise.
+    pub fn deny_status(&self) -> u16 {
+        if self.retry_after.is_some() {
+            429
+        } else {
+            403
+        }
+    }
+
+    /// `Retry-After` in whole seconds (at least 1), for a rate refusal.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
     }
 }
 
@@ -274,6 +292,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             cell: Some(entry),
             latency_us: 0,
             request_id: new_request_id(),
+            retry_after: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");

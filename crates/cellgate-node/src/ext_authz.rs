@@ -248,10 +248,16 @@ impl CheckService {
             facts.port = if facts.protocol == "https" { 443 } else { 80 };
         }
 
-        let out = decide::decide(shared, &ident, &facts);
+        let out = match shared.take_request(&ident) {
+            Ok(()) => decide::decide(shared, &ident, &facts),
+            Err(refused) => refused,
+        };
         if !out.allowed() {
             tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");
-            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+            let status = i32::from(out.deny_status());
+            return self
+                .deny(Some(&ident), source, dst, &facts, out, status)
+                .await;
         }
         let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &out);
         decide::record(shared, rec)
@@ -363,11 +369,17 @@ fn denied(
         dynamic_metadata: Some(dynamic_metadata(ident, out)),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus { code: http_status }),
-            headers: vec![
+            headers: [
                 header("content-type", "application/json"),
                 header("cache-control", "no-store"),
                 header(crate::http::REQUEST_ID_HEADER, &out.request_id),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                out.retry_after_secs()
+                    .map(|s| header("retry-after", &s.to_string())),
+            )
+            .collect(),
             body: text,
         })),
     }
@@ -510,12 +522,26 @@ fn request_facts(
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (target, None),
     };
+    let path = if path.is_empty() { "/".into() } else { path };
+    // Envoy normalizes the path before this filter (normalize_path, merge_slashes, escaped
+    // slashes rejected: deploy/envoy/envoy.yaml) and forwards what it normalized, which this
+    // answer cannot rewrite. So a path the node's canonical form would still change is refused:
+    // the decision is then always made on the exact path Envoy sends upstream.
+    let canonical = match cellgate_api::path::canonicalize(&path) {
+        Ok(c) if c == path => Ok(()),
+        Ok(c) => Err((
+            "path_not_canonical",
+            format!("path {path:?} is not in canonical form ({c:?}); Envoy would forward it as it is"),
+            Some("check Envoy's path normalization (normalize_path, merge_slashes) against docs/envoy.md".into()),
+        )),
+        Err(e) => Err(crate::http::path_refusal(&e)),
+    };
     let mut facts = Facts {
         protocol: if tls { "https" } else { "http" },
         port: dst_port,
         sni: sni.clone(),
         method: (!method.is_empty()).then(|| method.clone()),
-        path: Some(if path.is_empty() { "/".into() } else { path }),
+        path: Some(path.chars().take(8192).collect()),
         query,
         front_door: FRONT_DOOR,
         headers: BTreeMap::new(),
@@ -553,6 +579,9 @@ fn request_facts(
         Err(deny) => return (facts, Some(deny)),
     };
     if let Err(deny) = crate::http::check_upgrade(hdr("upgrade").as_deref().map(Some).into_iter()) {
+        return (facts, Some(deny));
+    }
+    if let Err(deny) = canonical {
         return (facts, Some(deny));
     }
     // Envoy's dynamic forward proxy connects to the port the authority names, or the scheme's

@@ -67,8 +67,9 @@ pub async fn serve_intercepted(
     ident: Arc<ConnIdentity>,
     hello: Vec<u8>,
     sni: String,
+    minter: Arc<cellgate_tls::mint::LeafMinter>,
 ) {
-    let config = match shared.minter.server_config(&sni).await {
+    let config = match minter.server_config(&sni).await {
         Ok(c) => c,
         Err(e) => {
             let facts = Facts {
@@ -139,14 +140,34 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.config.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    let activity = crate::tunnel::Activity::new();
+    let io = crate::tunnel::Tracked::new(io, activity.clone());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut draining = shared.draining.subscribe();
+    let idle_limit = shared.config.http_idle_timeout;
+    let idle = async {
+        // An idle HTTP/1.1 keep-alive or HTTP/2 connection holds a slot of its cell: closed
+        // once no byte has moved either way for the limit.
+        let mut tick = tokio::time::interval(idle_limit / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if activity.idle_for() >= idle_limit {
+                return;
+            }
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
+        }
+        () = idle => {
+            tracing::info!(idle_s = idle_limit.as_secs(), "closing an idle HTTP connection");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn.as_mut()).await;
         }
         _ = crate::until_draining(&mut draining) => {
             conn.as_mut().graceful_shutdown();
@@ -225,6 +246,15 @@ pub(crate) fn check_authority(
     Ok(port)
 }
 
+/// The refusal of a path that has no unambiguous canonical form.
+pub(crate) fn path_refusal(e: &cellgate_api::path::PathError) -> PreDeny {
+    (
+        e.reason(),
+        e.to_string(),
+        Some("send the path in its plain form: no dot segments with parameters, no encoded / or \\, no control characters".into()),
+    )
+}
+
 /// The one upgrade protocol the node relays (RFC 6455). Every other `Upgrade` (`h2c`, TLS,
 /// invented protocols) would turn the connection into a tunnel no request rule sees.
 const WEBSOCKET: &str = "websocket";
@@ -270,7 +300,7 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
         port: dst_port,
         sni: ctx.sni.clone(),
         method: Some(req.method().as_str().to_string()),
-        path: Some(req.uri().path().to_string()),
+        path: None,
         query: req.uri().query().map(str::to_string),
         front_door: "intake",
         headers: BTreeMap::new(),
@@ -327,6 +357,14 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
         Ok(port) => port,
         Err(deny) => return (facts, Some(deny)),
     };
+    // Decided on, and forwarded as, the path the upstream will serve.
+    match cellgate_api::path::canonicalize(req.uri().path()) {
+        Ok(p) => facts.path = Some(p.into_owned()),
+        Err(e) => {
+            facts.path = Some(req.uri().path().chars().take(256).collect());
+            return (facts, Some(path_refusal(&e)));
+        }
+    }
     if let Err(deny) = check_upgrade(
         req.headers()
             .get_all(header::UPGRADE)
@@ -363,7 +401,10 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     let (facts, pre) = request_facts(&ctx, &req);
     let out = match pre {
         Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
-        None => decide::decide(&shared, ident, &facts),
+        None => match shared.take_request(ident) {
+            Ok(()) => decide::decide(&shared, ident, &facts),
+            Err(refused) => refused,
+        },
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
     decided(shared, ctx, req, facts, out, generation)
@@ -438,11 +479,13 @@ async fn decided(
 
 /// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
 fn deny_response(ident: &ConnIdentity, out: &Outcome) -> Response<Body> {
-    json_response(
-        StatusCode::FORBIDDEN,
-        &out.request_id,
-        deny_body(Some(ident), out),
-    )
+    let status = StatusCode::from_u16(out.deny_status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut r = json_response(status, &out.request_id, deny_body(Some(ident), out));
+    if let Some(secs) = out.retry_after_secs() {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
 }
 
 /// The JSON body of a denial (also sent by the ext_authz front door); `cell` is null when no
@@ -580,11 +623,12 @@ async fn forward(
         } else {
             format!("{host_part}:{}", facts.port)
         };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // The canonical path the decision was made on, never the raw one.
+    let path = facts.path.as_deref().unwrap_or("/");
+    let pq = match &facts.query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
     parts.uri = match Uri::builder()
         .scheme(scheme)
         .authority(authority.as_str())

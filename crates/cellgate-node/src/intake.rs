@@ -189,9 +189,32 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             }
         }
     }
+    // The cell's share of the node: one cell never takes every connection slot.
+    let ceilings = shared
+        .cells
+        .get(&ident.claims.cell_uid)
+        .map(|e| crate::limits::Ceilings::of(&e.cell, shared.ceilings()));
+    let max = ceilings.map_or(0, |c| c.connections);
+    let Some(slot) = shared.limits.connection(&ident.claims.cell_uid, max) else {
+        let detail = format!(
+            "cell {}/{} already holds its {max} connections on this node",
+            ident.claims.namespace, ident.claims.name
+        );
+        return refuse(
+            &shared,
+            Some(&ident),
+            peer,
+            src,
+            dst,
+            "cell_connection_limit",
+            detail,
+        )
+        .await;
+    };
     shared.metrics.connection("accepted");
     let span = tracing::info_span!("conn", src.addr = %src, dst.addr = %dst, cell.name = %ident.claims.name, token.jti = %ident.claims.jti);
     dispatch(shared, stream, ident).instrument(span).await;
+    drop(slot);
 }
 
 /// What the first bytes of a connection turned out to be.
@@ -340,7 +363,18 @@ async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
     if passthrough_applies(&shared, &ident, &sni) {
         return tunnel::serve_tls_passthrough(shared, stream, ident, peek.bytes, Some(sni)).await;
     }
-    http::serve_intercepted(shared, stream, Arc::new(ident), peek.bytes, sni).await;
+    // Leaves for names the cell may reach come from the main cache; any other name (the
+    // request will be refused, with a readable 403) from a small one of its own.
+    let named = shared
+        .cells
+        .get(&ident.claims.cell_uid)
+        .is_some_and(|e| e.cell.allows_host(&sni));
+    let minter = if named {
+        shared.minter.clone()
+    } else {
+        shared.minter_unnamed.clone()
+    };
+    http::serve_intercepted(shared, stream, Arc::new(ident), peek.bytes, sni, minter).await;
 }
 
 /// Whether the cell has a passthrough capability naming this SNI and port: then the bytes are

@@ -23,6 +23,7 @@ pub mod ext_authz;
 pub mod http;
 pub mod intake;
 pub mod kubernetes;
+pub mod limits;
 pub mod metrics;
 pub mod policy_source;
 pub mod tunnel;
@@ -39,6 +40,11 @@ use cellgate_policy::PolicyStore;
 use cellgate_tls::mint::LeafMinter;
 use tokio::sync::watch;
 
+/// Leaf certificates cached for names no capability of the cell names: enough for an agent's
+/// few mistakes, too few for names sprayed by one to crowd out anything (they have a cache of
+/// their own).
+const UNNAMED_LEAVES: usize = 256;
+
 pub use config::{NodeArgs, NodeConfig};
 
 /// State shared by every connection of the node.
@@ -54,8 +60,13 @@ pub struct Shared {
     pub policy: Arc<PolicyStore>,
     /// Where the policy comes from, and why the last change was refused.
     pub policy_source: policy_source::PolicySource,
-    /// Leaf certificates.
+    /// Leaf certificates for names a capability of the cell names.
     pub minter: Arc<LeafMinter>,
+    /// Leaf certificates for names no capability names (the agent still gets its 403 over
+    /// TLS): a small cache of its own, so such names never evict the others.
+    pub minter_unnamed: Arc<LeafMinter>,
+    /// Per-cell connection and request-rate ceilings.
+    pub limits: Arc<limits::CellLimiter>,
     /// Upstream HTTP client.
     pub upstream: upstream::Upstream,
     /// Credentials injected at the boundary.
@@ -80,6 +91,37 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The node's default per-cell ceilings.
+    pub fn ceilings(&self) -> limits::Ceilings {
+        limits::Ceilings {
+            connections: self.config.cell_max_connections,
+            requests_per_second: self.config.cell_requests_per_second,
+        }
+    }
+
+    /// Takes one request from the cell's rate; a refusal (`cell_rate_limited`) when over it.
+    pub fn take_request(&self, ident: &decide::ConnIdentity) -> Result<(), decide::Outcome> {
+        let Some(entry) = self.cells.get(&ident.claims.cell_uid) else {
+            return Ok(()); // the decision refuses an unknown cell itself
+        };
+        let rate = limits::Ceilings::of(&entry.cell, self.ceilings()).requests_per_second;
+        self.limits
+            .request(&ident.claims.cell_uid, rate)
+            .map_err(|wait| {
+                let mut o = decide::Outcome::deny(
+                    "cell_rate_limited",
+                    format!(
+                        "cell {} is over its {rate} requests per second",
+                        entry.cell.key()
+                    ),
+                    Some("slow down; retry after the time in Retry-After".into()),
+                );
+                o.retry_after = Some(wait);
+                o.cell = Some(entry);
+                o
+            })
+    }
+
     /// Signals that cells, policy or revocations changed.
     pub fn bump_generation(&self) {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
@@ -269,9 +311,18 @@ pub async fn run_with(
         None => cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA")
             .context("generating an in-memory CA")?,
     };
+    let ca = Arc::new(ca);
     let minter = Arc::new(LeafMinter::new(
-        Arc::new(ca),
+        ca.clone(),
         cellgate_tls::mint::MinterConfig::default(),
+    ));
+    let minter_unnamed = Arc::new(LeafMinter::new(
+        ca,
+        cellgate_tls::mint::MinterConfig {
+            capacity: std::num::NonZeroUsize::new(UNNAMED_LEAVES)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+            ..Default::default()
+        },
     ));
     let (audit, _writer) = AuditLog::open(&config.audit, Default::default())
         .await
@@ -295,6 +346,8 @@ pub async fn run_with(
         policy: policy.clone(),
         policy_source,
         minter: minter.clone(),
+        minter_unnamed,
+        limits: Arc::default(),
         upstream,
         credentials,
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {

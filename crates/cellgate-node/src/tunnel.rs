@@ -27,13 +27,8 @@ pub async fn relay<A, B>(
 {
     let mut generation = shared.generation.subscribe();
     let mut draining = shared.draining.subscribe();
-    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let start = tokio::time::Instant::now();
-    let mut a = Tracked {
-        inner: &mut a,
-        activity: activity.clone(),
-        start,
-    };
+    let activity = Activity::new();
+    let mut a = Tracked::new(&mut a, activity.clone());
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
     let expiry = tokio::time::sleep_until(decide::expiry_deadline(&ident.claims));
@@ -44,8 +39,7 @@ pub async fn relay<A, B>(
     loop {
         tokio::select! {
             _ = idle_check.tick() => {
-                let last = std::time::Duration::from_millis(activity.load(std::sync::atomic::Ordering::Relaxed));
-                if start.elapsed().saturating_sub(last) >= idle_limit {
+                if activity.idle_for() >= idle_limit {
                     tracing::info!(idle_s = idle_limit.as_secs(), "closing an idle relay");
                     return;
                 }
@@ -158,7 +152,11 @@ async fn serve_l4<F, Fut>(
     // The addresses to try, and the name they were resolved from when they were filtered.
     Fut: std::future::Future<Output = std::io::Result<(Vec<SocketAddr>, Option<String>)>>,
 {
-    let out = decide::decide(&shared, &ident, &facts);
+    // A new relay counts against the cell's request rate, like an HTTP request.
+    let out = match shared.take_request(&ident) {
+        Ok(()) => decide::decide(&shared, &ident, &facts),
+        Err(refused) => refused,
+    };
     let rec = decide::audit_record(
         &shared,
         Some(&ident),
@@ -267,60 +265,112 @@ pub async fn upstream_error(
     let _ = decide::record(shared, rec).await;
 }
 
-/// Records the time of the last byte moved in either direction (relative to `start`, in ms).
-struct Tracked<'a, S> {
-    inner: &'a mut S,
-    activity: Arc<std::sync::atomic::AtomicU64>,
+/// When the last byte moved on a connection, either way.
+#[derive(Debug, Clone)]
+pub struct Activity {
     start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl<S> Tracked<'_, S> {
+impl Activity {
+    /// Starts counting now.
+    pub fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.activity
-            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the last byte moved (or since the start).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(
+            self.last_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.start.elapsed().saturating_sub(last)
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A stream that records in an [`Activity`] each time a byte moves.
+#[derive(Debug)]
+pub struct Tracked<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S> Tracked<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, activity: Activity) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.touch();
+            self.activity.touch();
         }
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut *self.inner).poll_write(cx, data);
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.activity.touch();
         }
         r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -864,3 +864,70 @@ async fn only_websocket_upgrades_pass_in_envoy_mode() {
     ws.headers.push(("upgrade", "websocket".into()));
     assert_eq!(code(&check(&mut c, &ws).await), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_envoy_would_forward_unnormalized_are_refused() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    // The allowed prefix is /v1/**. Each of these would reach /secret or an ambiguous path.
+    for (path, reason) in [
+        ("/v1/../secret", "path_not_canonical"),
+        ("/v1/%2e%2e/secret", "path_not_canonical"),
+        ("/v1//x", "path_not_canonical"),
+        ("/v1/..;/secret", "path_dot_segment_parameters"),
+        ("/v1/%2fsecret", "path_encoded_slash"),
+        ("/v1/%5c..", "path_backslash"),
+        ("/v1/%00", "path_control_character"),
+    ] {
+        let r = check(&mut c, &Req::new(&env, "creds", "GET", "api.test", path)).await;
+        assert_eq!(code(&r), 7, "{path}: {r:?}");
+        let (status, body) = denied(&r);
+        assert_eq!(status, 403);
+        assert_eq!(body["reason"], reason, "{path}: {body}");
+        assert!(!format!("{r:?}").contains(SECRET));
+    }
+    // A canonical path with a query is decided as usual.
+    let ok = check(
+        &mut c,
+        &Req::new(&env, "creds", "GET", "api.test", "/v1/x?a=%2e%2e"),
+    )
+    .await;
+    assert_eq!(code(&ok), 0, "{ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cells_request_rate_is_capped_with_429_in_envoy_mode() {
+    let env = start().await;
+    let port = env.f.https.addr.port();
+    install_cell(
+        &env.f,
+        "slow",
+        &format!(
+            "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: slow, namespace: agents}}\nspec:\n  limits: {{requestsPerSecond: 3}}\n  capabilities:\n    - name: api\n      destinations: [{{host: api.test, ports: [{port}]}}]\n"
+        ),
+    )
+    .await;
+    let mut c = client(env.addr).await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let r = check(&mut c, &Req::new(&env, "slow", "GET", "api.test", "/x")).await;
+        statuses.push(if code(&r) == 0 {
+            200
+        } else {
+            let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
+                panic!("{r:?}")
+            };
+            assert!(d
+                .headers
+                .iter()
+                .any(|h| h.header.as_ref().is_some_and(|h| h.key == "retry-after")));
+            denied(&r).0
+        });
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((3..=4).contains(&ok), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+}

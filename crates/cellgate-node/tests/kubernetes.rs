@@ -97,7 +97,7 @@ fn spec(http_port: u16, echo_port: u16, without: &[&str], suspended: bool) -> se
     let caps: Vec<serde_json::Value> = [
         serde_json::json!({"name": "plain", "destinations": [{"host": "plain.test", "ports": [http_port]}],
                            "http": {"methods": ["GET"], "paths": ["/public/**", "/stream"]}}),
-        serde_json::json!({"name": "db", "destinations": [{"cidr": "127.0.0.1/32", "ports": [echo_port]}]}),
+        serde_json::json!({"name": "db", "protocol": "tcp", "destinations": [{"cidr": "127.0.0.1/32", "ports": [echo_port]}]}),
     ]
     .into_iter()
     .filter(|c| !without.contains(&c["name"].as_str().unwrap()))

