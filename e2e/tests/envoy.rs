@@ -55,7 +55,12 @@ fn bootstrap(dir: &Path, listen: u16, admin: u16, sock: &Path) -> PathBuf {
             "/run/cellgate/ext_authz.sock",
             sock.to_str().expect("utf-8"),
         )
-        .replace("/etc/envoy/sds", sds.to_str().expect("utf-8"));
+        .replace("/etc/envoy/sds", sds.to_str().expect("utf-8"))
+        // The taggers' pod range, here: the test's tagged connections come from loopback.
+        .replace(
+            "address_prefix: 10.244.0.0, prefix_len: 16",
+            "address_prefix: 127.0.0.1, prefix_len: 32",
+        );
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, text).expect("write bootstrap");
     path
@@ -98,25 +103,26 @@ fn tagged_request(envoy: SocketAddr, upstream: SocketAddr, token: &str, request:
     String::from_utf8_lossy(&out).to_string()
 }
 
-#[test]
-fn real_envoy_in_front_of_the_node_allows_denies_and_refuses() {
-    let Some(envoy_bin) = envoy() else { return };
+/// A running upstream, node and Envoy, torn down on drop.
+struct Stack {
+    _dir: tempfile::TempDir,
+    _procs: Vec<Kill>,
+    envoy: SocketAddr,
+    upstream: SocketAddr,
+    token: String,
+    up_port: u16,
+}
+
+/// Starts the demo upstream, a node serving ext_authz on a Unix socket with the cell `cell`
+/// (`{up_port}` replaced by the upstream's port), and Envoy with the shipped bootstrap; waits
+/// until `GET ready_path` with `Host: ready_host:{port}` is allowed through Envoy.
+fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &str) -> Stack {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let up_port = free_port();
     let cells = d.join("cells");
     std::fs::create_dir_all(&cells).expect("cells dir");
-    let cell = format!(
-        "apiVersion: cellgate.dev/v1alpha1
-kind: AgentCell
-metadata: {{name: envoy-e2e, namespace: agents}}
-spec:
-  capabilities:
-    - name: local
-      destinations: [{{host: localhost, ports: [{up_port}]}}]
-      http: {{methods: [GET], paths: [\"/allowed/**\"]}}
-"
-    );
+    let cell = cell.replace("{up_port}", &up_port.to_string());
     std::fs::write(cells.join("cell.yaml"), &cell).expect("cell");
     let run = |args: &[&str]| {
         let out = Command::new(bin("cellgate"))
@@ -146,7 +152,7 @@ spec:
         "127.0.0.1",
     ]);
 
-    let _upstream = Kill(
+    let upstream_proc = Kill(
         Command::new(bin("cellgate-demo-upstream"))
             .args(["--plain", "--listen", &format!("127.0.0.1:{up_port}")])
             .stdout(Stdio::null())
@@ -154,7 +160,7 @@ spec:
             .expect("upstream"),
     );
     let sock = d.join("authz.sock");
-    let _node = Kill(
+    let node = Kill(
         Command::new(bin("cellgate-node"))
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args([
@@ -177,11 +183,12 @@ spec:
     );
     let listen = free_port();
     let config = bootstrap(d, listen, free_port(), &sock);
-    let _envoy = Kill(
+    let envoy_proc = Kill(
         Command::new(envoy_bin)
             .args(["-c"])
             .arg(&config)
-            .args(["--log-level", "warn"])
+            .args(["--log-level", "warn", "--base-id"])
+            .arg(listen.to_string())
             .spawn()
             .expect("envoy"),
     );
@@ -189,7 +196,7 @@ spec:
     let upstream: SocketAddr = format!("127.0.0.1:{up_port}").parse().expect("addr");
     let deadline = Instant::now() + Duration::from_secs(20);
     let get = format!(
-        "GET /allowed/x HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: close\r\n\r\n"
+        "GET {ready_path} HTTP/1.1\r\nHost: {ready_host}:{up_port}\r\nConnection: close\r\n\r\n"
     );
     // Envoy and the node's health check need a moment.
     let allowed = loop {
@@ -207,14 +214,131 @@ spec:
         allowed.starts_with("HTTP/1.1 200"),
         "allowed GET through Envoy: {allowed}"
     );
+    Stack {
+        _dir: dir,
+        _procs: vec![envoy_proc, node, upstream_proc],
+        envoy: envoy_addr,
+        upstream,
+        token,
+        up_port,
+    }
+}
 
+#[test]
+fn real_envoy_in_front_of_the_node_allows_denies_and_refuses() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-e2e, namespace: agents}
+spec:
+  capabilities:
+    - name: local
+      destinations: [{host: localhost, ports: [{up_port}]}]
+      http: {methods: [GET], paths: [\"/allowed/**\"]}
+";
+    let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
+    let up_port = st.up_port;
+    let get = format!(
+        "GET /allowed/x HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: close\r\n\r\n"
+    );
     let delete = format!(
         "DELETE /allowed/x HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: close\r\n\r\n"
     );
-    let denied = tagged_request(envoy_addr, upstream, &token, &delete);
+    let denied = tagged_request(st.envoy, st.upstream, &st.token, &delete);
     assert!(denied.starts_with("HTTP/1.1 403"), "DELETE: {denied}");
     assert!(denied.contains("cellgate_denied"), "{denied}");
 
-    let forged = tagged_request(envoy_addr, upstream, "eyJhbGciOiJFZERTQSJ9.e30.c2ln", &get);
+    let forged = tagged_request(st.envoy, st.upstream, "eyJhbGciOiJFZERTQSJ9.e30.c2ln", &get);
     assert!(forged.starts_with("HTTP/1.1 403"), "forged token: {forged}");
+
+    // Paths: Envoy normalizes, the node decides on what Envoy forwards.
+    for path in [
+        "/allowed/../secret",
+        "/allowed/%2e%2e/secret",
+        "/allowed/.%2E/secret",
+    ] {
+        let r = tagged_request(
+            st.envoy,
+            st.upstream,
+            &st.token,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert!(r.starts_with("HTTP/1.1 403"), "{path}: {r}");
+        assert!(r.contains("http_rule_mismatch"), "{path}: {r}");
+    }
+    // An encoded slash never reaches the node: Envoy refuses it (REJECT_REQUEST).
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &format!("GET /allowed/%2fsecret HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+
+    // A Host without a port: Envoy would connect to port 80, not the dialled one.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        "GET /allowed/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("authority_port_mismatch"), "{r}");
+
+    // Only WebSocket upgrades.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &format!("GET /allowed/x HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"),
+    );
+    assert!(!r.contains("101 Switching"), "h2c upgrade: {r}");
+
+    // A PPv2 header naming another source than the connection's peer.
+    let mut s = TcpStream::connect(st.envoy).expect("connect envoy");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let header = cellgate_proxy_protocol::encode(
+        "127.0.0.2:40000".parse().expect("addr"),
+        st.upstream,
+        &st.token,
+    )
+    .expect("PPv2");
+    s.write_all(&header).expect("header");
+    s.write_all(get.as_bytes()).expect("request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        !out.starts_with("HTTP/1.1 200"),
+        "forged PPv2 source: {out}"
+    );
+}
+
+#[test]
+fn real_envoy_binds_an_address_capability_to_the_dialled_address() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-addr, namespace: agents}
+spec:
+  capabilities:
+    - name: addr
+      destinations: [{cidr: 127.0.0.1/32, ports: [{up_port}]}]
+";
+    let st = start_stack(envoy_bin, cell, "127.0.0.1", "/x");
+    // Dialled to the allowed address, naming another host: Envoy would connect to the name.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &format!(
+            "GET /x HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n",
+            st.up_port
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("no_capability"), "{r}");
 }

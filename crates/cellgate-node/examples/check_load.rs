@@ -106,6 +106,7 @@ fn request(token: &str) -> CheckRequest {
         ("accept", "application/json"),
         ("x-request-id", "5b0c0f5e-7d1e-4c55-9a55-0d9f6b1b2c3d"),
         ("x-forwarded-proto", "https"),
+        ("x-cellgate-direct-peer", "127.0.0.1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -66,6 +66,11 @@ pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
 pub const TOKEN_METADATA_NAMESPACE: &str = "envoy.filters.listener.proxy_protocol";
 /// The rule key configured for TLV 0xE0 in `deploy/envoy/envoy.yaml`.
 pub const TOKEN_METADATA_KEY: &str = "cellgate_token";
+/// The request header the shipped Envoy bootstrap sets (first HTTP filter, overwriting any
+/// value the agent sent) to the connection's physical peer, the address the PPv2 header came
+/// from. The node refuses a check whose PPv2 source is not that peer (`source_mismatch`), as the
+/// intake does, and one without the header: a bootstrap that does not set it is not trusted.
+pub const DIRECT_PEER_HEADER: &str = "x-cellgate-direct-peer";
 /// Largest request body accepted in a `CheckRequest` (Envoy's `with_request_body`); bigger
 /// bodies are denied 413 without evaluating anything else.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -198,6 +203,26 @@ impl CheckService {
                 )
                 .await;
         };
+        // The tagger runs in the pod's network namespace, so the PPv2 source is the physical
+        // peer Envoy saw; another source is a header (or token) replayed from elsewhere.
+        let direct_peer = http
+            .headers
+            .get(DIRECT_PEER_HEADER)
+            .cloned()
+            .or_else(|| raw_header(&http, DIRECT_PEER_HEADER));
+        let peer_ip = direct_peer
+            .as_deref()
+            .and_then(|p| p.trim().parse::<IpAddr>().ok());
+        if peer_ip.map(|ip| ip.to_canonical()) != Some(source.ip().to_canonical()) {
+            let detail = match &direct_peer {
+                Some(p) => format!("the PPv2 source {source} is not the connection's peer {p:?}"),
+                None => format!(
+                    "Envoy passed no {DIRECT_PEER_HEADER} header: the connection's peer is unknown (see docs/envoy.md, trust boundary)"
+                ),
+            };
+            let out = Outcome::deny("source_mismatch", detail, None);
+            return self.deny(None, source, dst, &facts, out, 403).await;
+        }
         let Some(token) = token else {
             let out = Outcome::deny(
                 "token_missing",

@@ -11,7 +11,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut};
 use cellgate_node::config::ListenAddr;
 use cellgate_node::ext_authz::{
-    CheckService, MAX_BODY_BYTES, SERVICE_NAME, TOKEN_METADATA_KEY, TOKEN_METADATA_NAMESPACE,
+    CheckService, DIRECT_PEER_HEADER, MAX_BODY_BYTES, SERVICE_NAME, TOKEN_METADATA_KEY,
+    TOKEN_METADATA_NAMESPACE,
 };
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -151,6 +152,8 @@ impl Req {
             ("accept", "*/*".into()),
             ("x-request-id", "0b8e7c6a-envoy".into()),
             ("x-forwarded-proto", "https".into()),
+            // What the shipped bootstrap's header_mutation filter sets: the physical peer.
+            (DIRECT_PEER_HEADER, self.source.into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -930,4 +933,47 @@ async fn a_cells_request_rate_is_capped_with_429_in_envoy_mode() {
         statuses.iter().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ppv2_source_that_is_not_the_physical_peer_is_refused() {
+    let env = start().await;
+    let mut c = client(env.addr).await;
+    let ok = check(&mut c, &Req::new(&env, "creds", "GET", "api.test", "/v1/x")).await;
+    assert_eq!(code(&ok), 0, "control: {ok:?}");
+    // Envoy says the connection came from another address than the PPv2 header claims (a
+    // header written by someone other than the pod's tagger), or says nothing at all.
+    for peer in [Some("10.9.9.9"), Some("not-an-address"), None] {
+        let mut r = Req::new(&env, "creds", "GET", "api.test", "/v1/x");
+        let mut built = r.build();
+        let headers = &mut built
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap()
+            .headers;
+        match peer {
+            Some(p) => {
+                headers.insert(DIRECT_PEER_HEADER.into(), p.into());
+            }
+            None => {
+                headers.remove(DIRECT_PEER_HEADER);
+            }
+        }
+        r.token = None; // unused: the built request carries its own
+        let resp = c.check(built).await.unwrap().into_inner();
+        assert_eq!(code(&resp), 7, "peer {peer:?}: {resp:?}");
+        let (status, body) = denied(&resp);
+        assert_eq!(status, 403);
+        assert_eq!(body["reason"], "source_mismatch", "{body}");
+        assert!(!format!("{resp:?}").contains(SECRET));
+    }
+    env.f
+        .wait_audit(|r| r["reason"] == "source_mismatch" && r["front_door"] == "ext_authz")
+        .await;
 }
