@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 fn envoy() -> Option<PathBuf> {
     let Some(path) = std::env::var_os("ENVOY_BIN") else {
+        // CI installs Envoy (.ci/run): there, a missing binary is a failure, never a pass.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but ENVOY_BIN is not set: .ci/run installs Envoy and sets it"
+        );
         // Written past the test harness's capture, so the run's log shows the suite did not run.
         let _ = writeln!(
             std::io::stderr(),

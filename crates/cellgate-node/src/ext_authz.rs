@@ -275,7 +275,7 @@ impl CheckService {
 
         let out = match shared.take_request(&ident) {
             Ok(()) => decide::decide(shared, &ident, &facts),
-            Err(refused) => refused,
+            Err(refused) => *refused,
         };
         if !out.allowed() {
             tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");

@@ -403,7 +403,7 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
         Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
         None => match shared.take_request(ident) {
             Ok(()) => decide::decide(&shared, ident, &facts),
-            Err(refused) => refused,
+            Err(refused) => *refused,
         },
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);

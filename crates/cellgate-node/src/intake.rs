@@ -235,10 +235,7 @@ enum Sniffed {
 
 /// Whether `first` (shorter than [`SNIFF_BYTES`]) may still become TLS or HTTP with more bytes.
 fn may_grow_into_tls_or_http(first: &[u8]) -> bool {
-    let tls = match first {
-        [0x16] | [0x16, 0x03] => true,
-        _ => false,
-    };
+    let tls = matches!(first, [0x16] | [0x16, 0x03]);
     tls || cellgate_tls::client_hello::HTTP_METHODS.iter().any(|m| {
         m.iter()
             .chain(std::iter::once(&b' '))

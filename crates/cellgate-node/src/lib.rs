@@ -100,7 +100,7 @@ impl Shared {
     }
 
     /// Takes one request from the cell's rate; a refusal (`cell_rate_limited`) when over it.
-    pub fn take_request(&self, ident: &decide::ConnIdentity) -> Result<(), decide::Outcome> {
+    pub fn take_request(&self, ident: &decide::ConnIdentity) -> Result<(), Box<decide::Outcome>> {
         let Some(entry) = self.cells.get(&ident.claims.cell_uid) else {
             return Ok(()); // the decision refuses an unknown cell itself
         };
@@ -118,7 +118,7 @@ impl Shared {
                 );
                 o.retry_after = Some(wait);
                 o.cell = Some(entry);
-                o
+                Box::new(o)
             })
     }
 

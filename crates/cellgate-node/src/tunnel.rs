@@ -155,7 +155,7 @@ async fn serve_l4<F, Fut>(
     // A new relay counts against the cell's request rate, like an HTTP request.
     let out = match shared.take_request(&ident) {
         Ok(()) => decide::decide(&shared, &ident, &facts),
-        Err(refused) => refused,
+        Err(refused) => *refused,
     };
     let rec = decide::audit_record(
         &shared,

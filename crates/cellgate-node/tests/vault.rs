@@ -42,6 +42,11 @@ impl Target {
                 Some(Target::Real { addr, token })
             }
             _ => {
+                // CI starts OpenBao (.ci/run): there, a missing server is a failure, not a pass.
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but VAULT_ADDR/VAULT_TOKEN are not set: .ci/run starts OpenBao and sets them"
+                );
                 // Written past the test harness's capture, so the run's log shows it did not run.
                 use std::io::Write as _;
                 let _ = writeln!(
@@ -69,6 +74,9 @@ impl Target {
 
     /// Seeds KV v2 `secret/<path>` through Vault's HTTP API (both targets).
     async fn put_kv(&self, path: &str, data: serde_json::Value) {
+        // The node installs the process's rustls provider when it builds its own Vault client;
+        // this client may be built first.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let settings = vaultrs::client::VaultClientSettingsBuilder::default()
             .address(self.addr())
             .token(self.root_token())
