@@ -30,3 +30,43 @@ pub fn bin(name: &str) -> PathBuf {
     );
     p
 }
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port free on 127.0.0.1 at the time of asking.
+///
+/// # Panics
+/// When no port can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Runs the `cellgate` CLI with `args` and returns its trimmed standard output.
+///
+/// # Panics
+/// When it cannot run or exits non-zero (with its standard error).
+pub fn cellgate(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("cellgate"))
+        .args(args)
+        .output()
+        .expect("cellgate");
+    assert!(
+        out.status.success(),
+        "cellgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -9,11 +9,11 @@
 //! machines that run the rest of the suite, where the node's ext_authz service is tested with
 //! CheckRequests shaped as Envoy fills them (crates/cellgate-node/tests/ext_authz.rs).
 
-use cellgate_e2e::{bin, workspace};
+use cellgate_e2e::{bin, cellgate, free_port, workspace, Kill};
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn envoy() -> Option<PathBuf> {
@@ -31,21 +31,6 @@ fn envoy() -> Option<PathBuf> {
         return None;
     };
     Some(PathBuf::from(path))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The bootstrap with its ports, socket path and SDS path moved to `dir`.
@@ -129,22 +114,10 @@ fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &st
     std::fs::create_dir_all(&cells).expect("cells dir");
     let cell = cell.replace("{up_port}", &up_port.to_string());
     std::fs::write(cells.join("cell.yaml"), &cell).expect("cell");
-    let run = |args: &[&str]| {
-        let out = Command::new(bin("cellgate"))
-            .args(args)
-            .output()
-            .expect("cellgate");
-        assert!(
-            out.status.success(),
-            "cellgate {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
-    run(&["keys", "init", "--out", &p("keys")]);
-    run(&["ca", "init", "--out", &p("ca")]);
-    let token = run(&[
+    cellgate(&["keys", "init", "--out", &p("keys")]);
+    cellgate(&["ca", "init", "--out", &p("ca")]);
+    let token = cellgate(&[
         "token",
         "issue",
         "--key",
@@ -319,6 +292,58 @@ spec:
     assert!(
         !out.starts_with("HTTP/1.1 200"),
         "forged PPv2 source: {out}"
+    );
+}
+
+#[test]
+fn real_envoy_ends_a_streamed_response_when_its_token_expires() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-exp, namespace: agents}
+spec:
+  capabilities:
+    - name: local
+      destinations: [{host: localhost, ports: [{up_port}]}]
+      http: {methods: [GET], paths: [\"/allowed/**\"]}
+";
+    let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
+    let d = st._dir.path();
+    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
+    let short = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        &p("keys/signing.key"),
+        "--cell",
+        &p("cells/cell.yaml"),
+        "--ttl",
+        "1s",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let started = Instant::now();
+    // Sixty events 300 ms apart (18 s) unless something ends the stream: the token's expiry
+    // (1 s plus the 5 s leeway) does.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &short,
+        &format!(
+            "GET /allowed/sse-long HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n",
+            st.up_port
+        ),
+    );
+    let elapsed = started.elapsed();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let events = r.matches("data: event").count();
+    assert!(
+        events < 60 && elapsed < Duration::from_secs(14),
+        "the stream outlived its token: {events} events in {elapsed:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "ended early: {elapsed:?}, {r}"
     );
 }
 

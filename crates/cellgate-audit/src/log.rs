@@ -209,8 +209,9 @@ impl AuditLog {
     /// # Caveats
     ///
     /// Must be called inside a tokio runtime. A crash in the middle of a write leaves an
-    /// incomplete last line, which is indistinguishable from truncation: the next open
-    /// refuses the file and an operator must move it aside.
+    /// incomplete last line: a record that was never synced, so never acknowledged. Open moves
+    /// it to `<log>.torn` and cuts it, and the chain resumes after the last complete record
+    /// (which the head anchor, written only after a sync, never names beyond).
     pub async fn open(
         path: impl AsRef<Path>,
         options: AuditOptions,
@@ -499,7 +500,24 @@ fn open_and_verify(path: &Path) -> Result<(File, VerifyReport), AuditError> {
         }
         Err(TryLockError::Error(e)) => return Err(open_err(e)),
     }
-    let report = verify_path(path).map_err(|e| match e {
+    let torn = cut_torn_tail(&file, path).map_err(open_err)?;
+    let verified = verify_path(path);
+    if let Some(torn) = &torn {
+        if verified.is_ok() {
+            tracing::warn!(
+                path = %path.display(),
+                torn_bytes = torn.len(),
+                "the audit log ended in an incomplete record (a crash during a write); it was never synced, so never acknowledged: moved to <log>.torn and cut"
+            );
+        } else {
+            // Not a crash's leftover (the head anchor names a record beyond the cut, or the
+            // rest is broken): the file is put back as it was, for the verifier's verdict.
+            let mut f = &file;
+            f.write_all(torn).map_err(open_err)?;
+            file.sync_all().map_err(open_err)?;
+        }
+    }
+    let report = verified.map_err(|e| match e {
         VerifyError::Io { path, source } => AuditError::Open { path, source },
         other => AuditError::Broken {
             path: path.to_owned(),
@@ -507,6 +525,63 @@ fn open_and_verify(path: &Path) -> Result<(File, VerifyReport), AuditError> {
         },
     })?;
     Ok((file, report))
+}
+
+/// How much of the log's end is read at a time while looking for its last complete line.
+const TAIL_CHUNK: u64 = 64 * 1024;
+
+/// A crash in the middle of a write leaves an incomplete last line: part of a batch whose
+/// `write` did not finish, so it was never synced and nothing waiting on it was answered (a
+/// denial is sent only after the sync, and the head anchor is replaced only after it). Those
+/// bytes are appended to `<log>.torn`, for inspection, and cut from the log, so the chain
+/// resumes after its last complete record. Returns the bytes cut, if any; the caller puts them
+/// back when the log does not verify without them (then they are not a crash's leftover).
+fn cut_torn_tail(file: &File, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt as _;
+    let len = file.metadata()?.len();
+    // The writer's handle is append-only: read through one of our own.
+    let reader = File::open(path)?;
+    let mut last = [0u8; 1];
+    if len == 0 {
+        return Ok(None);
+    }
+    reader.read_exact_at(&mut last, len.saturating_sub(1))?;
+    if last == [b'\n'] {
+        return Ok(None);
+    }
+    // The end of the last complete line: after the last newline, or the file's start.
+    let mut keep = 0u64;
+    let mut end = len;
+    let mut buf = vec![0u8; usize::try_from(TAIL_CHUNK).unwrap_or(65_536)];
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_CHUNK);
+        let n = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        reader.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            keep = start
+                .saturating_add(u64::try_from(i).unwrap_or(0))
+                .saturating_add(1);
+            break;
+        }
+        end = start;
+    }
+    let torn_len = len.saturating_sub(keep);
+    let mut torn = vec![0u8; usize::try_from(torn_len).unwrap_or(0)];
+    reader.read_exact_at(&mut torn, keep)?;
+    let mut torn_path = path.as_os_str().to_owned();
+    torn_path.push(".torn");
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(PathBuf::from(torn_path))?;
+    out.write_all(&torn)?;
+    out.write_all(b"\n")?;
+    out.sync_all()?;
+    file.set_len(keep)?;
+    file.sync_all()?;
+    Ok(Some(torn))
 }
 
 /// Replaces the head anchor atomically: temp file, rename.

@@ -657,3 +657,38 @@ async fn submit_durable_now_queues_at_the_call() {
         Err(AuditError::Closed)
     ));
 }
+
+#[tokio::test]
+async fn a_record_torn_by_a_crash_is_cut_and_the_chain_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_log(&path, 5).await;
+    let complete = fs::read(&path).unwrap();
+    // What a crash in the middle of the next batch's `write` leaves: part of a line, after
+    // the last sync (so the head anchor still names record 5).
+    let mut torn = complete.clone();
+    torn.extend_from_slice(b"{\"seq\":6,\"time\":\"2026-");
+    fs::write(&path, &torn).unwrap();
+    assert!(verify_path(&path).is_err(), "the torn line is not a record");
+    let (log, writer) = AuditLog::open(&path, quiet()).await.unwrap();
+    assert_eq!(log.stats().last_seq, 5);
+    log.submit(rec("after the crash")).unwrap();
+    log.close().await.unwrap();
+    writer.await.unwrap().unwrap();
+    assert_eq!(verify_path(&path).unwrap().records, 6);
+    assert!(fs::read(&path).unwrap().starts_with(&complete));
+    let kept = fs::read_to_string(dir.path().join("audit.jsonl.torn")).unwrap();
+    assert_eq!(
+        kept, "{\"seq\":6,\"time\":\"2026-\n",
+        "the torn bytes are kept aside"
+    );
+
+    // A record cut after it was synced (the head names it) is tampering, not a crash: refused,
+    // and the file is left exactly as found.
+    let synced = fs::read(&path).unwrap();
+    let cut = &synced[..synced.len() - 30];
+    fs::write(&path, cut).unwrap();
+    let err = AuditLog::open(&path, quiet()).await.unwrap_err();
+    assert!(matches!(err, AuditError::Broken { .. }), "{err}");
+    assert_eq!(fs::read(&path).unwrap(), cut, "the refused log was changed");
+}

@@ -99,6 +99,12 @@ impl Outcome {
         }
     }
 
+    /// The capability that granted (or would have), as the cell defines it.
+    pub fn granting_capability(&self) -> Option<&cellgate_api::model::Capability> {
+        let entry = self.cell.as_ref()?;
+        entry.cell.capability(self.capability.as_deref()?)
+    }
+
     /// The HTTP status of this outcome when it refuses: 429 for a rate, 403 otherwise.
     pub fn deny_status(&self) -> u16 {
         if self.retry_after.is_some() {

@@ -71,6 +71,10 @@ pub const TOKEN_METADATA_KEY: &str = "cellgate_token";
 /// from. The node refuses a check whose PPv2 source is not that peer (`source_mismatch`), as the
 /// intake does, and one without the header: a bootstrap that does not set it is not trusted.
 pub const DIRECT_PEER_HEADER: &str = "x-cellgate-direct-peer";
+/// Set on every allowed request to the milliseconds left until its token expires: Envoy's
+/// router ends the request then, a streamed response included (the bootstrap's routes have no
+/// timeout of their own). The connection manager removes `x-envoy-*` headers an agent sends.
+pub const ENVOY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
 /// Largest request body accepted in a `CheckRequest` (Envoy's `with_request_body`); bigger
 /// bodies are denied 413 without evaluating anything else.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -333,12 +337,24 @@ impl CheckService {
             }),
             dynamic_metadata: Some(dynamic_metadata(Some(&ident), &out)),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers,
                 headers_to_remove,
                 response_headers_to_add: vec![header(
                     crate::http::REQUEST_ID_HEADER,
                     &out.request_id,
                 )],
+                // Nothing outlives its token: Envoy's router ends the request (a streamed
+                // response included) when the token expires.
+                headers: headers
+                    .into_iter()
+                    .chain(std::iter::once(header(
+                        ENVOY_TIMEOUT_HEADER,
+                        &decide::expiry_deadline(&ident.claims)
+                            .saturating_duration_since(tokio::time::Instant::now())
+                            .as_millis()
+                            .max(1)
+                            .to_string(),
+                    )))
+                    .collect(),
                 ..Default::default()
             })),
         })

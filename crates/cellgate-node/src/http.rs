@@ -650,10 +650,7 @@ async fn forward(
     // a second, explicit `host` header is refused by some servers, nginx among them).
     parts.headers.remove(header::HOST);
     let internal = out
-        .cell
-        .as_ref()
-        .zip(out.capability.as_deref())
-        .and_then(|(e, name)| e.cell.capability(name))
+        .granting_capability()
         .is_some_and(|c| c.allow_internal_addresses);
     let client = shared.upstream.pick(upgrade, internal);
     let resp = client.request(Request::from_parts(parts, body)).await;

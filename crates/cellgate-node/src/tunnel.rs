@@ -170,10 +170,7 @@ async fn serve_l4<F, Fut>(
         return;
     }
     let internal = out
-        .cell
-        .as_ref()
-        .zip(out.capability.as_deref())
-        .and_then(|(e, name)| e.cell.capability(name))
+        .granting_capability()
         .is_some_and(|c| c.allow_internal_addresses);
     let (addrs, filtered_name) = match targets(shared.clone(), !internal).await {
         Ok(a) => a,

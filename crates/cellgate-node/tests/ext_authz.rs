@@ -912,6 +912,7 @@ async fn a_cells_request_rate_is_capped_with_429_in_envoy_mode() {
     .await;
     let mut c = client(env.addr).await;
     let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..10 {
         let r = check(&mut c, &Req::new(&env, "slow", "GET", "api.test", "/x")).await;
         statuses.push(if code(&r) == 0 {
@@ -928,7 +929,13 @@ async fn a_cells_request_rate_is_capped_with_429_in_envoy_mode() {
         });
     }
     let ok = statuses.iter().filter(|s| **s == 200).count();
-    assert!((3..=4).contains(&ok), "{statuses:?}");
+    // One second's worth (3), plus what refills (3 a second) while the checks are made.
+    let refilled = (started.elapsed().as_secs_f64() * 3.0).ceil() as usize;
+    assert!(
+        ok >= 3 && ok <= 3 + refilled,
+        "{statuses:?} in {:?}",
+        started.elapsed()
+    );
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"

@@ -150,7 +150,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// A real HTTP(S) server that records every request.
 ///
-/// Routes: `/sse` streams three server-sent events 300 ms apart; `/ws` answers a WebSocket
+/// Routes: `/sse` streams three server-sent events 300 ms apart (`…/sse-long`: sixty); `/ws` answers a WebSocket
 /// upgrade with 101 then echoes raw bytes; `/status/N` answers N; anything else answers 200 with
 /// a JSON description of the request. Request bodies are read whole and recorded.
 #[derive(Debug)]
@@ -288,9 +288,12 @@ async fn handle(
             return Ok(r);
         }
     }
-    if path == "/sse" {
-        let stream = futures_util::stream::unfold(0u32, |i| async move {
-            if i >= 3 {
+    // `/sse`: three events; any path ending in `/sse-long`: sixty (18 s), for streams that
+    // must be cut while they flow.
+    let events = if path.ends_with("/sse-long") { 60 } else { 3 };
+    if path == "/sse" || path.ends_with("/sse-long") {
+        let stream = futures_util::stream::unfold(0u32, move |i| async move {
+            if i >= events {
                 return None;
             }
             if i > 0 {
