@@ -93,10 +93,13 @@ fn tagged_request(envoy: SocketAddr, upstream: SocketAddr, token: &str, request:
     String::from_utf8_lossy(&out).to_string()
 }
 
+/// The secret file credentials inject.
+const SECRET: &str = "sk-envoy-e2e-0123456789";
+
 /// A running upstream, node and Envoy, torn down on drop.
 struct Stack {
-    _dir: tempfile::TempDir,
-    _procs: Vec<Kill>,
+    dir: tempfile::TempDir,
+    procs: Vec<Kill>,
     envoy: SocketAddr,
     upstream: SocketAddr,
     token: String,
@@ -109,6 +112,9 @@ struct Stack {
 fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &str) -> Stack {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
+    // A secret for cells with `credential.file: {name: api-key}`.
+    std::fs::create_dir_all(d.join("secrets")).expect("secrets dir");
+    std::fs::write(d.join("secrets/api-key"), format!("{SECRET}\n")).expect("secret");
     let up_port = free_port();
     let cells = d.join("cells");
     std::fs::create_dir_all(&cells).expect("cells dir");
@@ -133,7 +139,10 @@ fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &st
     let upstream_proc = Kill(
         Command::new(bin("cellgate-demo-upstream"))
             .args(["--plain", "--listen", &format!("127.0.0.1:{up_port}")])
-            .stdout(Stdio::null())
+            .args(["--log-header", "authorization"])
+            .stdout(Stdio::from(
+                std::fs::File::create(d.join("upstream.log")).expect("upstream log"),
+            ))
             .spawn()
             .expect("upstream"),
     );
@@ -148,6 +157,8 @@ fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &st
                 &p("ca"),
                 "--trust",
                 &p("keys/signing.pub"),
+                "--secrets",
+                &p("secrets"),
             ])
             .args([
                 "--audit",
@@ -193,8 +204,8 @@ fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &st
         "allowed GET through Envoy: {allowed}"
     );
     Stack {
-        _dir: dir,
-        _procs: vec![envoy_proc, node, upstream_proc],
+        dir,
+        procs: vec![node, envoy_proc, upstream_proc],
         envoy: envoy_addr,
         upstream,
         token,
@@ -308,7 +319,7 @@ spec:
       http: {methods: [GET], paths: [\"/allowed/**\"]}
 ";
     let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
-    let d = st._dir.path();
+    let d = st.dir.path();
     let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
     let short = cellgate(&[
         "token",
@@ -371,4 +382,115 @@ spec:
     );
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     assert!(r.contains("no_capability"), "{r}");
+}
+
+#[test]
+fn real_envoy_injects_credentials_and_refuses_foreign_or_expired_tokens_and_fails_closed() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-cred, namespace: agents}
+spec:
+  capabilities:
+    - name: api
+      destinations: [{host: localhost, ports: [{up_port}]}]
+      http: {methods: [GET], paths: [\"/allowed/**\"]}
+      credential:
+        file: {name: api-key}
+        inject: {header: Authorization, value: \"Bearer {{secret}}\"}
+";
+    let mut st = start_stack(envoy_bin, cell, "localhost", "/allowed/ready");
+    let d = st.dir.path().to_path_buf();
+    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
+    let get = |path: &str, extra: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost:{}\r\n{extra}Connection: close\r\n\r\n",
+            st.up_port
+        )
+    };
+
+    // The credential reaches the upstream in place of the agent's own header; the agent never
+    // sees it.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &get("/allowed/cred", "Authorization: Bearer agent-own\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.contains(SECRET), "the secret reached the agent: {r}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| l.contains("/allowed/cred")) {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream did not log the request: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        line.ends_with(&format!("authorization=Bearer {SECRET}")),
+        "{line}"
+    );
+
+    // A token of a cell this node does not know, and an expired one.
+    std::fs::write(
+        d.join("other.yaml"),
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: stranger, namespace: agents}\nspec: {}\n",
+    )
+    .expect("other cell");
+    let foreign = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        &p("keys/signing.key"),
+        "--cell",
+        &p("other.yaml"),
+        "--ttl",
+        "10m",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let r = tagged_request(st.envoy, st.upstream, &foreign, &get("/allowed/x", ""));
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("cell_unknown"),
+        "{r}"
+    );
+    let short = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        &p("keys/signing.key"),
+        "--cell",
+        &p("cells/cell.yaml"),
+        "--ttl",
+        "1s",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    std::thread::sleep(Duration::from_secs(7)); // 1 s, plus the verifier's 5 s leeway
+    let r = tagged_request(st.envoy, st.upstream, &short, &get("/allowed/x", ""));
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("token_expired"),
+        "{r}"
+    );
+    assert!(!r.contains(SECRET));
+
+    // The node gone (its ext_authz socket with it): Envoy fails closed.
+    drop(st.procs.remove(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = tagged_request(st.envoy, st.upstream, &st.token, &get("/allowed/after", ""));
+    assert!(
+        r.starts_with("HTTP/1.1 403") || r.starts_with("HTTP/1.1 503"),
+        "{r}"
+    );
+    assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
+    let log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+    assert!(
+        !log.contains("/allowed/after"),
+        "a request went through without the node: {log}"
+    );
 }
