@@ -222,6 +222,7 @@ metadata: {name: envoy-e2e, namespace: agents}
 spec:
   capabilities:
     - name: local
+      allowInternalAddresses: true
       destinations: [{host: localhost, ports: [{up_port}]}]
       http: {methods: [GET], paths: [\"/allowed/**\"]}
 ";
@@ -315,6 +316,7 @@ metadata: {name: envoy-exp, namespace: agents}
 spec:
   capabilities:
     - name: local
+      allowInternalAddresses: true
       destinations: [{host: localhost, ports: [{up_port}]}]
       http: {methods: [GET], paths: [\"/allowed/**\"]}
 ";
@@ -368,9 +370,24 @@ spec:
   capabilities:
     - name: addr
       destinations: [{cidr: 127.0.0.1/32, ports: [{up_port}]}]
+    - name: ssrf
+      destinations: [{host: localhost, ports: [{up_port}]}]
 ";
     let st = start_stack(envoy_bin, cell, "127.0.0.1", "/x");
     // Dialled to the allowed address, naming another host: Envoy would connect to the name.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &format!(
+            "GET /x HTTP/1.1\r\nHost: evil.test:{}\r\nConnection: close\r\n\r\n",
+            st.up_port
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("no_capability"), "{r}");
+    // A name its capability allows, which resolves to loopback: refused before Envoy connects
+    // anywhere (the node resolves, and Envoy connects only to the address the node pinned).
     let r = tagged_request(
         st.envoy,
         st.upstream,
@@ -381,7 +398,7 @@ spec:
         ),
     );
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
-    assert!(r.contains("no_capability"), "{r}");
+    assert!(r.contains("destination_forbidden"), "{r}");
 }
 
 #[test]
@@ -393,6 +410,7 @@ metadata: {name: envoy-cred, namespace: agents}
 spec:
   capabilities:
     - name: api
+      allowInternalAddresses: true
       destinations: [{host: localhost, ports: [{up_port}]}]
       http: {methods: [GET], paths: [\"/allowed/**\"]}
       credential:

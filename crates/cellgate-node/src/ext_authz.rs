@@ -21,8 +21,9 @@
 //! ## Answers
 //! | case | gRPC | `CheckResponse` |
 //! |---|---|---|
-//! | allow, shadow_deny | OK | `status` 0, `OkHttpResponse`: the credential in `headers` (`OVERWRITE_IF_EXISTS_OR_ADD`, replacing every value the agent sent), the token header (when configured) in `headers_to_remove`, the request id in `response_headers_to_add`; `dynamic_metadata` naming cell and capability |
-//! | deny (policy, token, pre-policy checks) | OK | `status` 7, `DeniedHttpResponse` 403 with the intake's JSON body |
+//! | allow, shadow_deny | OK | `status` 0, `OkHttpResponse`: in `headers` (`OVERWRITE_IF_EXISTS_OR_ADD`, replacing every value the agent sent) the pinned upstream address ([`UPSTREAM_HEADER`]), the credential, and the token's remaining life ([`ENVOY_TIMEOUT_HEADER`]); the token header (when configured) in `headers_to_remove`, the request id in `response_headers_to_add`; `dynamic_metadata` naming cell and capability |
+//! | deny (policy, token, pre-policy checks, forbidden destination) | OK | `status` 7, `DeniedHttpResponse` 403 with the intake's JSON body (429 with `Retry-After` over the cell's rate) |
+//! | destination does not resolve | OK | `status` 14, `DeniedHttpResponse` 502 |
 //! | body over [`MAX_BODY_BYTES`] | OK | `status` 7, `DeniedHttpResponse` 413 |
 //! | credential unavailable | OK | `status` 14, `DeniedHttpResponse` 503 |
 //! | audit unavailable, draining | `UNAVAILABLE` | none: Envoy with `failure_mode_allow: false` fails closed |
@@ -75,6 +76,10 @@ pub const DIRECT_PEER_HEADER: &str = "x-cellgate-direct-peer";
 /// router ends the request then, a streamed response included (the bootstrap's routes have no
 /// timeout of their own). The connection manager removes `x-envoy-*` headers an agent sends.
 pub const ENVOY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
+/// The request header Envoy's ORIGINAL_DST clusters route on (`use_http_header`): the node
+/// sets it on every allowed request to the address it resolved and checked, so Envoy connects
+/// there and nowhere else.
+pub const UPSTREAM_HEADER: &str = "x-envoy-original-dst-host";
 /// Largest request body accepted in a `CheckRequest` (Envoy's `with_request_body`); bigger
 /// bodies are denied 413 without evaluating anything else.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -288,12 +293,37 @@ impl CheckService {
                 .deny(Some(&ident), source, dst, &facts, out, status)
                 .await;
         }
+        // Where Envoy connects is decided here, as on the intake: the node resolves the host
+        // (filtered like the intake's), and Envoy's ORIGINAL_DST clusters connect to exactly
+        // that address, taken from UPSTREAM_HEADER (set below, replacing any value the agent
+        // sent). No second resolution can send the request elsewhere.
+        let pinned = match self.upstream_for(&facts, &out).await {
+            Ok(a) => a,
+            Err((reason, detail, status)) => {
+                let mut o = out.clone();
+                o.reason = reason.into();
+                o.reasons = vec![detail];
+                o.capability = None;
+                if status == 403 {
+                    o.result = Decision::Deny;
+                    return self.deny(Some(&ident), source, dst, &facts, o, 403).await;
+                }
+                o.result = Decision::Error;
+                let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &o);
+                let _ = decide::record(shared, rec).await;
+                let body = serde_json::json!({
+                    "error": "cellgate_upstream_error", "reason": reason, "request_id": out.request_id,
+                    "message": format!("the request was allowed but its destination cannot be reached: {reason}"),
+                });
+                return Ok(denied(CODE_UNAVAILABLE, status, Some(&ident), &o, body));
+            }
+        };
         let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &out);
         decide::record(shared, rec)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
 
-        let mut headers = Vec::new();
+        let mut headers = vec![header(UPSTREAM_HEADER, &pinned.to_string())];
         if let (Some(entry), Some(cap_name)) = (&out.cell, out.capability.as_deref()) {
             if let Some(cap) = entry.cell.capability(cap_name) {
                 match shared.credentials.injection(&entry.cell, cap).await {
@@ -358,6 +388,41 @@ impl CheckService {
                 ..Default::default()
             })),
         })
+    }
+
+    /// The address Envoy must connect to for an allowed request: the host resolved by the node
+    /// (`--resolve` first), refused when it is in the node's own reach unless the capability
+    /// allows internal addresses; the first address is pinned. Errors carry the reason label,
+    /// a detail and the HTTP status (403 for a forbidden destination, 502 otherwise).
+    async fn upstream_for(
+        &self,
+        facts: &Facts,
+        out: &Outcome,
+    ) -> Result<SocketAddr, (&'static str, String, i32)> {
+        let shared = &*self.shared;
+        let host = facts.host.as_deref().unwrap_or_default();
+        let filter = !out
+            .granting_capability()
+            .is_some_and(|c| c.allow_internal_addresses);
+        match crate::upstream::resolve_checked(&shared.config.resolve, host, facts.port, filter)
+            .await
+        {
+            // IPv4 first: one address is pinned.
+            Ok((addrs, _)) => addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or((
+                    "upstream_resolve_failed",
+                    format!("{host} has no address"),
+                    502,
+                )),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err((crate::upstream::DESTINATION_FORBIDDEN, e.to_string(), 403))
+            }
+            Err(e) => Err(("upstream_resolve_failed", e.to_string(), 502)),
+        }
     }
 
     /// Records a denial (durably, before answering) and builds its 403 (or `status`) answer.
@@ -625,7 +690,7 @@ fn request_facts(
     if let Err(deny) = canonical {
         return (facts, Some(deny));
     }
-    // Envoy's dynamic forward proxy connects to the port the authority names, or the scheme's
+    // Envoy connects (to the pinned address) on the port the authority names, or the scheme's
     // default when it names none: that is the port decided on, and it must be the one the agent
     // dialled (else a request dialled to an allowed port would be sent to another one).
     let upstream_port = port.unwrap_or(if tls { 443 } else { 80 });

@@ -266,15 +266,26 @@ async fn allow_injects_the_credential_for_envoy_to_set() {
             (hv.key.as_str(), hv.value.as_str(), h.append_action)
         })
         .collect();
+    let overwrite = HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
+    let pinned = format!("127.0.0.1:{}", env.f.https.addr.port());
     assert_eq!(
-        set,
-        vec![(
-            "authorization",
-            format!("Bearer {SECRET}").as_str(),
-            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
-        )],
+        set[..2],
+        [
+            // Where Envoy connects: the address the node resolved for api.test.
+            ("x-envoy-original-dst-host", pinned.as_str(), overwrite),
+            (
+                "authorization",
+                format!("Bearer {SECRET}").as_str(),
+                overwrite
+            ),
+        ],
         "the credential replaces whatever the agent sent"
     );
+    // The request ends with the token: 10 minutes (plus 5 s leeway) at most from now.
+    assert_eq!(set.len(), 3, "{set:?}");
+    assert_eq!(set[2].0, "x-envoy-upstream-rq-timeout-ms");
+    let ms: u64 = set[2].1.parse().unwrap();
+    assert!(ms > 590_000 && ms <= 605_000, "{ms}");
     // Envoy removes after it sets: the credential's own name must not be in the removals.
     assert_eq!(ok.headers_to_remove, vec![TOKEN_HEADER.to_string()]);
     assert_eq!(meta(&r, "cell").as_deref(), Some("agents/creds"));
@@ -299,7 +310,8 @@ async fn allow_injects_the_credential_for_envoy_to_set() {
         "Envoy forwards, not the node"
     );
 
-    // A capability without a credential: allowed, nothing to set; the typed TLV metadata form.
+    // A capability without a credential: allowed, no credential to set (only where to connect
+    // and for how long); the typed TLV metadata form.
     let mut req = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
     req.typed = true;
     let r = check(&mut c, &req).await;
@@ -307,7 +319,18 @@ async fn allow_injects_the_credential_for_envoy_to_set() {
     let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
         panic!("{r:?}")
     };
-    assert!(ok.headers.is_empty());
+    let keys: Vec<&str> = ok
+        .headers
+        .iter()
+        .map(|h| h.header.as_ref().unwrap().key.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "x-envoy-original-dst-host",
+            "x-envoy-upstream-rq-timeout-ms"
+        ]
+    );
     assert_eq!(meta(&r, "capability").as_deref(), Some("api"));
 
     // The secret is in no audit record and no metric; decisions are counted by front door.
