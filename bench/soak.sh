@@ -10,7 +10,7 @@
 #   - the audit log verifies.
 # Loopback only; bounded by `timeout`; kills what it started on exit. Not a CI test: a bench.
 # Needs release binaries (built unless SKIP_BUILD=1), nginx-light, nghttp2-client (h2load), and
-# a file-descriptor limit above 4 x CONNS (it raises its own soft limit).
+# a file-descriptor limit of 3 x CONNS per process (it raises its own limits; root may raise the hard one).
 #
 #   bench/soak.sh                          # 10 000 connections for 30 minutes
 #   CONNS=2000 DURATION=300 bench/soak.sh  # a quick one
@@ -32,7 +32,13 @@ for t in nginx h2load openssl python3; do
     echo "missing $t (apt-get install nginx-light nghttp2-client openssl python3)" >&2; exit 1; }
 done
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-need_fds=$((CONNS * 4 + 1024))
+# The connections are split over TAGGERS taggers (each holds two descriptors a connection, the
+# agent's and the node's) and as many h2load processes, so that no process needs more than
+# the hard limit allows (20 000 here, which an unprivileged sandbox cannot raise).
+TAGGERS="${TAGGERS:-$(( (CONNS + 7999) / 8000 ))}"
+per=$(( CONNS / TAGGERS ))
+need_fds=$(( (CONNS > per * 2 ? CONNS : per * 2) + 1024 ))
+[ "$(ulimit -Hn)" = unlimited ] || [ "$(ulimit -Hn)" -ge "$need_fds" ] || ulimit -Hn "$need_fds" 2>/dev/null || true
 ulimit -n "$need_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -ge "$need_fds" ] || { echo "file-descriptor limit $(ulimit -n) < $need_fds" >&2; exit 1; }
 
@@ -51,7 +57,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP_PORT="$(free_port)"; NODE_PORT="$(free_port)"; ADMIN_PORT="$(free_port)"; TAGGER_PORT="$(free_port)"
+UP_PORT="$(free_port)"; NODE_PORT="$(free_port)"; ADMIN_PORT="$(free_port)"
 
 (
   cd "$work"
@@ -113,9 +119,14 @@ CELLGATE_LOG=warn "$bin/cellgate-node" --listen "127.0.0.1:$NODE_PORT" --admin "
   --upstream-ca "$work/up-ca.pem" --resolve "$HOST:*:127.0.0.1" --max-connections "$((CONNS * 2))" \
   --http-idle-timeout 1h 2> "$work/node.log" &
 pids+=($!); node_pid=$!
-CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
-  --token-file "$work/token" --destination "127.0.0.1:$UP_PORT" 2> "$work/tagger.log" &
-pids+=($!); tagger_pid=$!
+tagger_pids=(); tagger_ports=()
+for t in $(seq 1 "$TAGGERS"); do
+  port="$(free_port)"
+  CELLGATE_LOG=warn "$bin/cellgate-tagger" --listen "127.0.0.1:$port" --node "127.0.0.1:$NODE_PORT" \
+    --token-file "$work/token" --destination "127.0.0.1:$UP_PORT" 2> "$work/tagger$t.log" &
+  pids+=($!); tagger_pids+=($!); tagger_ports+=("$port")
+done
+tagger_pid="${tagger_pids[0]}"
 for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
   sleep 0.1
@@ -129,24 +140,30 @@ sample() {
     "$(fds "$node_pid")" "$(fds "$tagger_pid")"
 }
 base_node_fds="$(fds "$node_pid")"; base_tagger_fds="$(fds "$tagger_pid")"
-echo "==> $CONNS connections for ${DURATION}s, ${RPS_PER_CONN} req/s each, through tagger and node"
+echo "==> $CONNS connections for ${DURATION}s, ${RPS_PER_CONN} req/s each, through $TAGGERS tagger(s) and the node (tagger columns: the first tagger)"
 printf '%7s  %9s %9s  %7s %7s\n' "t" "node KiB" "tagger KiB" "node fd" "tag fd" | tee "$work/samples.txt"
 sample "start" | tee -a "$work/samples.txt"
 # h2load's own threads share the load; -D bounds the run, timeout bounds h2load.
-threads=2
-timeout $((DURATION + 300)) h2load -t"$threads" -c"$CONNS" -m1 --rps="$RPS_PER_CONN" -D "$DURATION" \
-  --connect-to="127.0.0.1:$TAGGER_PORT" --alpn-list=h2 "https://$HOST:$UP_PORT/v1/ping" \
-  > "$work/h2load.txt" 2>&1 &
-load_pid=$!
+load_pids=()
+for t in $(seq 1 "$TAGGERS"); do
+  timeout $((DURATION + 300)) h2load -t1 -c"$per" -m1 --rps="$RPS_PER_CONN" -D "$DURATION" \
+    --connect-to="127.0.0.1:${tagger_ports[$((t - 1))]}" --npn-list=h2 "https://$HOST:$UP_PORT/v1/ping" \
+    > "$work/h2load$t.txt" 2>&1 &
+  load_pids+=($!)
+done
+load_pid="${load_pids[0]}"
 minute=0
 warm_rss=""
 while kill -0 "$load_pid" 2>/dev/null; do
-  sleep 60 & wait $! || true
+  for _ in $(seq 1 60); do kill -0 "$load_pid" 2>/dev/null || break; sleep 1; done
   minute=$((minute + 1))
   sample "${minute}m" | tee -a "$work/samples.txt"
   [ "$minute" = "$WARM_MIN" ] && warm_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
 done
-wait "$load_pid" || { echo "h2load failed:" >&2; cat "$work/h2load.txt" >&2; exit 1; }
+for t in $(seq 1 "$TAGGERS"); do
+  wait "${load_pids[$((t - 1))]}" || { echo "h2load $t failed:" >&2; cat "$work/h2load$t.txt" >&2; exit 1; }
+done
+cat "$work"/h2load[0-9]*.txt > "$work/h2load.txt"
 end_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
 sleep 5   # the connections close
 sample "after" | tee -a "$work/samples.txt"
@@ -154,8 +171,8 @@ cat "$work/h2load.txt" | grep -E "^(finished|requests:|status codes:|traffic:)" 
 
 fail=0
 read -r succeeded failed errored < <(awk '/^requests:/ {
-  for (i=1;i<=NF;i++) { if ($(i+1) ~ /^succeeded/) s=$i; if ($(i+1) ~ /^failed/) f=$i; if ($(i+1) ~ /^errored/) e=$i }
-  print s, f, e }' "$work/h2load.txt")
+  for (i=1;i<=NF;i++) { if ($(i+1) ~ /^succeeded/) s+=$i; if ($(i+1) ~ /^failed/) f+=$i; if ($(i+1) ~ /^errored/) e+=$i }
+  } END { print s+0, f+0, e+0 }' "$work/h2load.txt")
 echo "requests: $succeeded succeeded, $failed failed, $errored errored"
 [ "${failed:-1}" = 0 ] && [ "${errored:-1}" = 0 ] || { echo "FAIL: failed or errored requests"; fail=1; }
 if [ -n "$warm_rss" ]; then
