@@ -4,7 +4,8 @@
 # every few seconds (h2load --rps). Every minute it samples the node's and the tagger's RSS and
 # open file descriptors; at the end it checks that
 #   - h2load saw no failed and no errored request,
-#   - RSS at the end is within RSS_TOLERANCE (10 %) of RSS after the warm-up (minute WARM_MIN),
+#   - RSS at the last sample under load is within RSS_TOLERANCE (10 %) of RSS after the warm-up
+#     (minute WARM_MIN),
 #   - once the load has stopped and the connections are closed, the descriptors are back to what
 #     they were before the load (no leak),
 #   - the audit log verifies.
@@ -157,14 +158,17 @@ warm_rss=""
 while kill -0 "$load_pid" 2>/dev/null; do
   for _ in $(seq 1 60); do kill -0 "$load_pid" 2>/dev/null || break; sleep 1; done
   minute=$((minute + 1))
+  # Only samples taken while the load runs count: once h2load ends, its connections close
+  # and their memory is given back.
+  kill -0 "$load_pid" 2>/dev/null || break
   sample "${minute}m" | tee -a "$work/samples.txt"
   [ "$minute" = "$WARM_MIN" ] && warm_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
+  end_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
 done
 for t in $(seq 1 "$TAGGERS"); do
   wait "${load_pids[$((t - 1))]}" || { echo "h2load $t failed:" >&2; cat "$work/h2load$t.txt" >&2; exit 1; }
 done
 cat "$work"/h2load[0-9]*.txt > "$work/h2load.txt"
-end_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
 sleep 5   # the connections close
 sample "after" | tee -a "$work/samples.txt"
 cat "$work/h2load.txt" | grep -E "^(finished|requests:|status codes:|traffic:)" | tee "$work/h2load-summary.txt"
@@ -180,7 +184,7 @@ if [ -n "$warm_rss" ]; then
   for pair in "node $wn $en" "tagger $wt $et"; do
     read -r who w e <<<"$pair"
     pct=$(python3 -c "print(round(100*($e-$w)/$w,1))")
-    echo "$who RSS after ${WARM_MIN}m: ${w} KiB, at the end: ${e} KiB (${pct} %)"
+    echo "$who RSS after ${WARM_MIN}m: ${w} KiB, at the last sample under load: ${e} KiB (${pct} %)"
     python3 -c "import sys; sys.exit(0 if abs($e-$w) <= $w*$RSS_TOLERANCE/100 else 1)" || {
       echo "FAIL: $who RSS moved more than $RSS_TOLERANCE %"; fail=1; }
   done
