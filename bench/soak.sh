@@ -155,6 +155,7 @@ done
 load_pid="${load_pids[0]}"
 minute=0
 warm_rss=""
+end_rss=""
 while kill -0 "$load_pid" 2>/dev/null; do
   for _ in $(seq 1 60); do kill -0 "$load_pid" 2>/dev/null || break; sleep 1; done
   minute=$((minute + 1))
