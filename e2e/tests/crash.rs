@@ -152,7 +152,7 @@ fn sigkill_under_load_loses_no_denial_and_never_breaks_the_chain() {
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
-                        let path = if (i + c as u64) % 2 == 0 {
+                        let path = if (i + c as u64).is_multiple_of(2) {
                             format!("/ok/{round}/{c}/{i}")
                         } else {
                             format!("/secret/{round}/{c}/{i}")
