@@ -1147,6 +1147,71 @@ spec:
     }
 
     #[test]
+    fn tcp_capabilities_name_addresses_only_and_limits_are_positive() {
+        // A tcp capability with a CIDR destination and nothing else is fine, and normalized.
+        let tcp = GOOD.replace(
+            "      mode: shadow\n",
+            "      mode: shadow\n      protocol: tcp\n",
+        );
+        assert!(errs(&tcp).is_empty(), "{:?}", errs(&tcp));
+        let cell = parse_agent_cells(&tcp)
+            .unwrap()
+            .remove(0)
+            .to_model()
+            .unwrap();
+        assert_eq!(cell.capabilities[1].protocol, crate::model::Protocol::Tcp);
+        assert_eq!(cell.capabilities[0].protocol, crate::model::Protocol::Http);
+        // ... but not with hosts, HTTP rules or a TLS mode: those would be accepted and ignored.
+        let with_host = GOOD.replace(
+            "    - name: github-read\n",
+            "    - name: github-read\n      protocol: tcp\n",
+        );
+        let e = errs(&with_host);
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("spec.capabilities[0].destinations: a tcp capability")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("spec.capabilities[0].http: a tcp capability")),
+            "{e:?}"
+        );
+        let with_tls = tcp.replace(
+            "      protocol: tcp\n",
+            "      protocol: tcp\n      tls: intercept\n",
+        );
+        assert!(errs(&with_tls)
+            .iter()
+            .any(|e| e.starts_with("spec.capabilities[1].tls: a tcp capability")));
+        // Limits of zero are refused with their path; absent keys take the node's defaults.
+        for (limits, path) in [
+            ("{connections: 0}", "spec.limits.connections"),
+            ("{requestsPerSecond: 0}", "spec.limits.requestsPerSecond"),
+        ] {
+            let text = GOOD.replace(
+                "  role: researcher\n",
+                &format!("  role: researcher\n  limits: {limits}\n"),
+            );
+            assert!(
+                errs(&text).iter().any(|e| e.starts_with(path)),
+                "{:?}",
+                errs(&text)
+            );
+        }
+        let text = GOOD.replace(
+            "  role: researcher\n",
+            "  role: researcher\n  limits: {connections: 5}\n",
+        );
+        let cell = parse_agent_cells(&text)
+            .unwrap()
+            .remove(0)
+            .to_model()
+            .unwrap();
+        assert_eq!(cell.limits.and_then(|l| l.connections), Some(5));
+    }
+
+    #[test]
     fn credential_shape() {
         let text = GOOD.replace(
             "      mode: shadow\n",

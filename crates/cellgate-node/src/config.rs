@@ -784,6 +784,70 @@ mod tests {
     }
 
     #[test]
+    fn per_cell_ceilings_and_http_idle_timeout_from_flag_or_env_and_checked() {
+        let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]);
+        let cfg = NodeConfig::from_args_env(args.clone(), &env(&[])).unwrap();
+        assert_eq!(
+            (
+                cfg.cell_max_connections,
+                cfg.cell_requests_per_second,
+                cfg.http_idle_timeout
+            ),
+            (1024, 0, Duration::from_secs(300))
+        );
+        let cfg = NodeConfig::from_args_env(
+            args.clone(),
+            &env(&[
+                ("CELLGATE_CELL_MAX_CONNECTIONS", "64"),
+                ("CELLGATE_CELL_REQUESTS_PER_SECOND", "50"),
+                ("CELLGATE_HTTP_IDLE_TIMEOUT", "90s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.cell_max_connections,
+                cfg.cell_requests_per_second,
+                cfg.http_idle_timeout
+            ),
+            (64, 50, Duration::from_secs(90))
+        );
+        let flags = NodeArgs::parse_from([
+            "cellgate-node",
+            "--trust",
+            "k.pub",
+            "--cell-max-connections",
+            "8",
+            "--http-idle-timeout",
+            "1m",
+        ]);
+        let cfg =
+            NodeConfig::from_args_env(flags, &env(&[("CELLGATE_CELL_MAX_CONNECTIONS", "64")]))
+                .unwrap();
+        assert_eq!(cfg.cell_max_connections, 8, "the flag wins");
+        assert_eq!(cfg.http_idle_timeout, Duration::from_secs(60));
+        for (key, value, named) in [
+            (
+                "CELLGATE_CELL_MAX_CONNECTIONS",
+                "0",
+                "--cell-max-connections",
+            ),
+            (
+                "CELLGATE_CELL_MAX_CONNECTIONS",
+                "x",
+                "CELLGATE_CELL_MAX_CONNECTIONS",
+            ),
+            ("CELLGATE_HTTP_IDLE_TIMEOUT", "0s", "--http-idle-timeout"),
+            ("CELLGATE_HTTP_IDLE_TIMEOUT", "soon", "--http-idle-timeout"),
+        ] {
+            let e = NodeConfig::from_args_env(args.clone(), &env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn ext_authz_takes_tcp_or_unix() {
         let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]);
         let cfg = NodeConfig::from_args_env(
