@@ -282,9 +282,62 @@ pub struct BudgetSpec {
     /// The window, e.g. `1m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<String>,
-    /// Wall-clock lifetime, e.g. `2h`.
+    /// Wall-clock lifetime, e.g. `2h`, from the cell's first request through the node; then
+    /// every request is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<String>,
+    /// LLM tokens (input and output) the provider reports, over the cell's life or per `per`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenBudgetSpec>,
+    /// Money spent on LLM tokens (tokens times the node's price table), over the cell's life or
+    /// per `per`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<SpendBudgetSpec>,
+}
+
+/// `budget.tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenBudgetSpec {
+    /// Most tokens (input plus output).
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max: u64,
+    /// The window the maximum applies to, e.g. `24h`; absent: the cell's whole life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+}
+
+/// `budget.spend`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendBudgetSpec {
+    /// Most money, a decimal string with at most 6 decimals, e.g. `"25.00"`.
+    #[serde(default)]
+    pub max: String,
+    /// The window the maximum applies to, e.g. `30d`; absent: the cell's whole life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// The currency of `max` and of the node's price table; only `USD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+/// Parses a decimal amount (`"25"`, `"25.5"`, `"0.000001"`) into millionths.
+pub fn parse_micros(s: &str) -> Option<u64> {
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) || (s.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let mut f: u64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    for _ in frac.len()..6 {
+        f *= 10;
+    }
+    whole.checked_mul(1_000_000)?.checked_add(f)
 }
 
 /// `spec.limits`: per-cell ceilings on the node.
@@ -840,7 +893,31 @@ fn check_budget(b: &BudgetSpec, at: &str, err: &mut impl FnMut(String, String)) 
             "requestsPerWindow and window go together".into(),
         );
     }
-    for (field, v) in [("window", &b.window), ("lifetime", &b.lifetime)] {
+    if let Some(t) = &b.tokens {
+        if t.max == 0 {
+            err(format!("{at}.tokens.max"), "must be at least 1".into());
+        }
+    }
+    if let Some(sp) = &b.spend {
+        if parse_micros(&sp.max).is_none_or(|m| m == 0) {
+            err(
+                format!("{at}.spend.max"),
+                format!("{:?} is not a positive amount like \"25.00\" (at most 6 decimals)", sp.max),
+            );
+        }
+        if let Some(c) = sp.currency.as_deref().filter(|c| *c != "USD") {
+            err(
+                format!("{at}.spend.currency"),
+                format!("{c:?}: the node's price table is in USD, the only currency"),
+            );
+        }
+    }
+    for (field, v) in [
+        ("window", &b.window),
+        ("lifetime", &b.lifetime),
+        ("tokens.per", &b.tokens.as_ref().and_then(|t| t.per.clone())),
+        ("spend.per", &b.spend.as_ref().and_then(|t| t.per.clone())),
+    ] {
         if let Some(v) = v {
             if parse_duration(v).is_none() {
                 err(

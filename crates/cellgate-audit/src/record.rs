@@ -22,6 +22,8 @@ pub enum Decision {
     ShadowDeny,
     /// The request waits for, or was answered with, a human approval.
     Approval,
+    /// Not a request: an operator's action (a lockdown turned on or off).
+    Control,
 }
 
 impl Decision {
@@ -34,6 +36,7 @@ impl Decision {
             Decision::Error => "error",
             Decision::ShadowDeny => "shadow_deny",
             Decision::Approval => "approval",
+            Decision::Control => "control",
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - `cellgate audit verify FILE`: proves an audit log untouched, or names the first bad record.
 //! - `cellgate run -f CELL.yaml -- COMMAND`: local mode (see [`run`]).
 //! - `cellgate crd`: the CustomResourceDefinitions, as committed under `deploy/crds/`.
+//! - `cellgate lockdown on|off --reason TEXT [-n NS]`: the kill switch of a running node, through
+//!   its admin API (see [`admin`]).
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -20,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
+pub mod admin;
 pub mod kubectl;
 mod run;
 
@@ -59,6 +62,8 @@ enum Command {
     Suspend(kubectl::CellArgs),
     /// Resumes a suspended cell.
     Resume(kubectl::CellArgs),
+    /// The kill switch of a running node (local mode): `lockdown on|off --reason TEXT [-n NS]`.
+    Lockdown(admin::LockdownArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +218,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cellgate_api::crd::crds_yaml()?);
         }
         Command::Status(args) => return kubectl::block_on(kubectl::status(args)),
+        Command::Lockdown(args) => return kubectl::block_on(admin::lockdown(args)),
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),

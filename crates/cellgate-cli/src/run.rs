@@ -619,11 +619,48 @@ struct Summary {
     shadow: u64,
     by_capability: BTreeMap<String, (u64, u64, u64)>,
     deny_reasons: BTreeMap<String, u64>,
+    /// The last state of each budget seen in a record, by scope.
+    budgets: BTreeMap<String, serde_json::Value>,
+    lockdowns: Vec<String>,
+}
+
+/// One budget's state as a line: `requests 3/10, requestsPerWindow 1/2 (resets …)`.
+fn budget_line(state: &serde_json::Value) -> String {
+    let Some(m) = state.as_object() else {
+        return state.to_string();
+    };
+    m.iter()
+        .filter(|(k, _)| k.as_str() != "scope")
+        .map(|(k, v)| {
+            let get = |f: &str| v.get(f).map(|x| x.to_string().trim_matches('"').to_string());
+            let mut s = match (get("used"), get("max")) {
+                (Some(u), Some(m)) => format!("{k} {u}/{m}"),
+                _ => k.clone(),
+            };
+            if let Some(at) = get("resets_at").filter(|a| a != "null") {
+                s.push_str(&format!(" (resets {at})"));
+            }
+            if let Some(at) = get("ends_at") {
+                s.push_str(&format!(" (ends {at})"));
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Summary {
     fn add(&mut self, r: &cellgate_audit::Record) {
         use cellgate_audit::Decision;
+        if r.decision == Decision::Control {
+            self.lockdowns.push(format!("{} ({})", r.reason, r.reasons.join("; ")));
+            return;
+        }
+        for b in r.budget.as_ref().and_then(|b| b.as_array()).into_iter().flatten() {
+            if let Some(scope) = b.get("scope").and_then(|s| s.as_str()) {
+                self.budgets.insert(scope.to_string(), b.clone());
+            }
+        }
         let cap = r.capability.clone().unwrap_or_else(|| "(none)".into());
         let e = self.by_capability.entry(cap).or_default();
         match r.decision {
@@ -635,7 +672,7 @@ impl Summary {
                 self.shadow += 1;
                 e.2 += 1;
             }
-            Decision::Deny | Decision::Error | Decision::Approval => {
+            Decision::Deny | Decision::Error | Decision::Approval | Decision::Control => {
                 self.denied += 1;
                 e.1 += 1;
                 *self.deny_reasons.entry(r.reason.clone()).or_default() += 1;
@@ -653,6 +690,12 @@ impl Summary {
         }
         for (reason, n) in &self.deny_reasons {
             eprintln!("  denied {n} × {reason}");
+        }
+        for (scope, state) in &self.budgets {
+            eprintln!("  budget {scope}: {}", budget_line(state));
+        }
+        for l in &self.lockdowns {
+            eprintln!("  {l}");
         }
         eprintln!(
             "cellgate: audit log {} (check it: cellgate audit verify {})",

@@ -179,6 +179,8 @@ pub use cellgate_api::crd::ADMIN_TOKEN_HEADER;
 /// a request carrying the admin token (`--admin-token-file`). Without a token file it is open in
 /// local mode (the admin port is on loopback by default) and closed in Kubernetes mode, where
 /// the admin port is on the node's address.
+///
+/// `/lockdown` answers under the same rule.
 async fn audit_allowed(
     shared: &Shared,
     req: &Request<Incoming>,
@@ -292,10 +294,118 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz, /metrics or /audit?cell=NAMESPACE/NAME\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /lockdown or /audit?cell=NAMESPACE/NAME\n".into(),
         ),
     };
     reply(status, ctype, body)
+}
+
+/// Largest `/lockdown` request body, bytes.
+const MAX_LOCKDOWN_BODY: usize = 4096;
+
+/// `POST /lockdown` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockdownRequest {
+    /// `on` or `off`.
+    state: String,
+    /// One namespace; absent: node-wide.
+    #[serde(default)]
+    namespace: Option<String>,
+    /// Why (required).
+    reason: String,
+}
+
+/// `GET /lockdown`: what is in force. `POST /lockdown` (`{"state":"on"|"off","namespace":
+/// null|"NS","reason":"..."}`): sets or lifts one, durably, audited, and effective for every
+/// request and everything open as soon as it answers.
+async fn lockdown(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let json = |status, v: serde_json::Value| reply(status, "application/json", format!("{v}\n"));
+    match *req.method() {
+        http::Method::GET => {
+            return json(StatusCode::OK, serde_json::json!(shared.lockdown.state()));
+        }
+        http::Method::POST => {}
+        _ => {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET or POST /lockdown\n".into(),
+            )
+        }
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_LOCKDOWN_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    };
+    let ask: LockdownRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("bad /lockdown request: {e}\n"),
+            )
+        }
+    };
+    let on = match ask.state.as_str() {
+        "on" => true,
+        "off" => false,
+        other => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("state {other:?}: on or off\n"),
+            )
+        }
+    };
+    let by = format!("admin API from {peer}");
+    let state = match shared
+        .lockdown
+        .set(ask.namespace.as_deref(), on, &ask.reason, Some(by.clone()))
+    {
+        Ok(s) => s,
+        Err(e @ crate::lockdown::LockdownError::Reason) => {
+            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "lockdown not changed");
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n"));
+        }
+    };
+    // Open connections and streams re-check now.
+    shared.bump_generation();
+    let scope = ask
+        .namespace
+        .as_deref()
+        .map_or("every cell on the node".to_string(), |ns| format!("namespace {ns}"));
+    tracing::warn!(on, scope = %scope, reason = %ask.reason.trim(), by = %by, "lockdown changed");
+    let mut rec = cellgate_audit::Record::new(
+        &shared.config.node_name,
+        "admin",
+        "control",
+        cellgate_audit::Decision::Control,
+        if on { "lockdown_on" } else { "lockdown_off" },
+    );
+    rec.namespace = ask.namespace.clone();
+    rec.reasons = vec![
+        format!("lockdown {} for {scope}", if on { "on" } else { "off" }),
+        ask.reason.trim().to_string(),
+        by,
+    ];
+    if let Err(e) = crate::decide::record(&shared, rec).await {
+        // In force already: a lockdown is never undone because its record failed.
+        tracing::error!(error = %e, "lockdown record not written");
+    }
+    json(StatusCode::OK, serde_json::json!(state))
 }
 
 /// Starts the admin server on its own thread.
@@ -315,7 +425,7 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                     return;
                 };
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else {
+                    let Ok((stream, peer)) = listener.accept().await else {
                         continue;
                     };
                     let shared = shared.clone();
@@ -323,7 +433,12 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                         let svc = service_fn(move |req: Request<Incoming>| {
                             let shared = shared.clone();
                             async move {
-                                let r = if req.uri().path() == "/audit" {
+                                let r = if req.uri().path() == "/lockdown" {
+                                    match audit_allowed(&shared, &req).await {
+                                        Ok(()) => lockdown(shared, req, peer).await,
+                                        Err(refused) => refused,
+                                    }
+                                } else if req.uri().path() == "/audit" {
                                     match audit_allowed(&shared, &req).await {
                                         Ok(()) => {
                                             let q =

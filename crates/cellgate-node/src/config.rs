@@ -47,6 +47,12 @@ pub struct NodeArgs {
     /// Audit log file (hash-chained JSON lines) [env: CELLGATE_AUDIT] [default: cellgate-audit.jsonl]
     #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// State directory: the budget ledger and the lockdown survive restarts here [env: CELLGATE_STATE_DIR] [default: cellgate-state beside the audit log]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// LLM price table for spend budgets (YAML, USD per million tokens) [env: CELLGATE_PRICE_TABLE] [default: the shipped table]
+    #[arg(long)]
+    pub price_table: Option<PathBuf>,
     /// Extra CA bundle for upstream TLS, added to the system roots; repeatable [env: CELLGATE_UPSTREAM_CA]
     #[arg(long = "upstream-ca")]
     pub upstream_ca: Vec<PathBuf>,
@@ -278,6 +284,10 @@ pub struct NodeConfig {
     pub trust: Vec<PathBuf>,
     /// Audit log path.
     pub audit: PathBuf,
+    /// State directory (`None`: `cellgate-state` beside the audit log).
+    pub state_dir: Option<PathBuf>,
+    /// LLM price table (`None`: the shipped one).
+    pub price_table: Option<PathBuf>,
     /// Extra upstream CA files.
     pub upstream_ca: Vec<PathBuf>,
     /// Static resolution.
@@ -581,6 +591,8 @@ impl NodeConfig {
             trust: paths(args.trust, "CELLGATE_TRUST"),
             audit: path(args.audit, "CELLGATE_AUDIT")
                 .unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
+            state_dir: path(args.state_dir, "CELLGATE_STATE_DIR"),
+            price_table: path(args.price_table, "CELLGATE_PRICE_TABLE"),
             upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
             resolve,
             node_name,
@@ -608,6 +620,16 @@ impl NodeConfig {
         Ok(cfg)
     }
 
+    /// The state directory: `--state-dir`, else `cellgate-state` beside the audit log.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            self.audit
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join("cellgate-state")
+        })
+    }
+
     /// Defaults for everything, listening on loopback port 0 (tests use this).
     pub fn defaults() -> Self {
         Self {
@@ -620,6 +642,8 @@ impl NodeConfig {
             secrets_dir: None,
             trust: Vec::new(),
             audit: PathBuf::from("cellgate-audit.jsonl"),
+            state_dir: None,
+            price_table: None,
             upstream_ca: Vec::new(),
             resolve: Vec::new(),
             dns: None,

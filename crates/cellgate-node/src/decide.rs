@@ -75,6 +75,10 @@ pub struct Outcome {
     pub request_id: String,
     /// For a rate refusal: when to retry (HTTP 429 with `Retry-After`).
     pub retry_after: Option<std::time::Duration>,
+    /// The state of the budgets the request falls under, for its audit record.
+    pub budget: Option<serde_json::Value>,
+    /// The budget that refused it (HTTP 429).
+    pub exhausted: Option<crate::budget::Exhausted>,
 }
 
 impl Outcome {
@@ -96,6 +100,8 @@ impl Outcome {
             latency_us: 0,
             request_id: new_request_id(),
             retry_after: None,
+            budget: None,
+            exhausted: None,
         }
     }
 
@@ -105,9 +111,12 @@ impl Outcome {
         entry.cell.capability(self.capability.as_deref()?)
     }
 
-    /// The HTTP status of this outcome when it refuses: 429 for a rate, 403 otherwise.
+    /// The HTTP status of this outcome when it refuses: 429 for a rate or a budget, 503
+    /// when it could not be decided (a ledger that cannot be written), 403 otherwise.
     pub fn deny_status(&self) -> u16 {
-        if self.retry_after.is_some() {
+        if self.result == Decision::Error {
+            503
+        } else if self.retry_after.is_some() || self.exhausted.is_some() {
             429
         } else {
             403
@@ -222,6 +231,16 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             None,
         );
     };
+    // The kill switch: before anything else about the cell, and re-checked for what is open.
+    if let Some(lock) = shared.lockdown.applies(&entry.cell.namespace) {
+        let mut o = Outcome::deny(
+            "lockdown",
+            format!("the node is in lockdown since {}: {}", lock.since, lock.reason),
+            Some("every request is refused until operators lift the lockdown; do not retry".into()),
+        );
+        o.cell = Some(entry);
+        return o;
+    }
     // Kubernetes mode: tokens are not bound to an address; the source must still be a Running
     // pod of the cell on this node (re-checked here so a relay outliving its pod is closed).
     if shared.config.kubernetes
@@ -299,6 +318,8 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             latency_us: 0,
             request_id: new_request_id(),
             retry_after: None,
+            budget: None,
+            exhausted: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
@@ -312,13 +333,62 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             o
         }
     };
-    governance_gate(out)
+    out
 }
 
-/// Budgets and approvals are not enforced by this node yet: a request that one would govern is
-/// refused (`governance_unavailable`), never let through unmetered or unapproved. This holds in
-/// shadow mode too: shadow relaxes policy denials, not governance the node cannot apply.
-fn governance_gate(mut out: Outcome) -> Outcome {
+/// A new request, through every stage before the credential: the cell's rate, the decision
+/// (lockdown, identity, policy), then governance (approval, budgets). Re-checks of what is
+/// already open call [`decide`] alone: they are not new requests and spend no budget.
+pub async fn admit(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome {
+    let out = match shared.take_request(ident) {
+        Ok(()) => decide(shared, ident, facts),
+        Err(refused) => *refused,
+    };
+    govern(shared, facts, out).await
+}
+
+/// The budgets a request granted by `cap` falls under: the cell's, then the capability's.
+pub fn budget_scopes<'a>(
+    cell: &'a cellgate_api::model::Cell,
+    cap: Option<&'a cellgate_api::model::Capability>,
+) -> Vec<crate::budget::Scope<'a>> {
+    let mut v = Vec::new();
+    if let Some(spec) = &cell.budget {
+        v.push(crate::budget::Scope {
+            name: crate::budget::CELL_SCOPE,
+            spec,
+        });
+    }
+    if let Some(cap) = cap {
+        if let Some(spec) = &cap.budget {
+            v.push(crate::budget::Scope {
+                name: &cap.name,
+                spec,
+            });
+        }
+    }
+    v
+}
+
+/// Whether the node reads the responses of requests like `facts` (for LLM usage): HTTP through
+/// the intake, TLS intercepted. Envoy mode, TLS passthrough and raw relays cannot be metered.
+pub fn usage_meterable(facts: &Facts) -> bool {
+    facts.front_door == "intake" && matches!(facts.protocol, "http" | "https")
+}
+
+/// Unix time now, in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Approvals and budgets, on an allowed request. Approvals are not enforced by this node yet:
+/// a request that needs one is refused (`governance_unavailable`), never let through
+/// unapproved; so is a request under a token or spend budget that the node cannot meter. This
+/// holds in shadow mode too: shadow relaxes policy denials, not governance.
+async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
     if !out.allowed() {
         return out;
     }
@@ -329,26 +399,74 @@ fn governance_gate(mut out: Outcome) -> Outcome {
         .capability
         .as_deref()
         .and_then(|name| entry.cell.capability(name));
-    let what = if entry.cell.budget.is_some() {
-        Some("the cell has a budget (spec.budget)".to_string())
-    } else if let Some(cap) = cap.filter(|c| c.budget.is_some()) {
-        Some(format!("capability {} has a budget", cap.name))
-    } else {
-        cap.filter(|c| c.approval)
-            .map(|cap| format!("capability {} requires approval", cap.name))
+    let unavailable = |mut out: Outcome, what: String, hint: &str| {
+        out.result = Decision::Deny;
+        out.reason = "governance_unavailable".into();
+        out.reasons = vec![what];
+        out.hint = Some(hint.into());
+        out
     };
-    let Some(what) = what else {
+    if let Some(cap) = cap.filter(|c| c.approval) {
+        let what = format!("capability {} requires approval, which this node does not enforce yet: the request is refused rather than let through unapproved", cap.name);
+        return unavailable(
+            out,
+            what,
+            "remove the approval from the AgentCell, or run a node that enforces it",
+        );
+    }
+    let scopes = budget_scopes(&entry.cell, cap);
+    if scopes.is_empty() {
         return out;
-    };
-    out.result = cellgate_audit::Decision::Deny;
-    out.reason = "governance_unavailable".into();
-    out.reasons = vec![format!(
-        "{what}, which this node does not enforce yet: the request is refused rather than let through ungoverned"
-    )];
-    out.hint = Some(
-        "remove the budget or approval from the AgentCell, or run a node that enforces it".into(),
-    );
-    out
+    }
+    if scopes.iter().any(|s| crate::budget::meters_usage(s.spec)) && !usage_meterable(facts) {
+        let what = format!(
+            "a token or spend budget governs this request, and the node cannot read the usage of {} requests through the {} front door",
+            facts.protocol, facts.front_door
+        );
+        return unavailable(
+            out,
+            what,
+            "token and spend budgets need HTTP through the node's intake with TLS intercepted",
+        );
+    }
+    loop {
+        let now = now_ms();
+        match shared.ledger.take(&entry.cell.uid, &scopes, now) {
+            crate::budget::Take::Granted(state) => {
+                out.budget = Some(state);
+                return out;
+            }
+            crate::budget::Take::Exhausted(e) => {
+                let (limit, used) = e.amounts();
+                out.result = Decision::Deny;
+                out.reason = "budget_exhausted".into();
+                out.reasons = vec![format!(
+                    "the {} budget {} of {} is used up ({used} of {limit})",
+                    if e.scope == "cell" { "cell's" } else { "capability's" },
+                    e.budget,
+                    if e.scope == "cell" { entry.cell.key() } else { e.scope.clone() },
+                )];
+                out.hint = Some(match e.resets_at_ms {
+                    Some(_) => "the budget resets at resets_at; retry after the time in Retry-After".into(),
+                    None => "the budget is used up for the cell's life; ask its owners to raise it".into(),
+                });
+                out.retry_after = e.retry_after(now);
+                out.budget = Some(shared.ledger.state(&entry.cell.uid, &scopes));
+                out.exhausted = Some(e);
+                return out;
+            }
+            crate::budget::Take::Persist => {
+                if let Err(e) = shared.ledger.persist().await {
+                    tracing::error!(error = %e, "budget ledger unavailable; refusing");
+                    out.result = Decision::Error;
+                    out.reason = "budget_unavailable".into();
+                    out.reasons = vec!["the budget ledger cannot be written, so the request was not counted or sent".into()];
+                    out.hint = None;
+                    return out;
+                }
+            }
+        }
+    }
 }
 
 /// Builds the audit record of a decision.
@@ -388,6 +506,7 @@ pub fn audit_record(
     rec.capability = out.capability.clone();
     rec.reasons = reasons;
     rec.policy_version = out.policy_version.clone();
+    rec.budget = out.budget.clone();
     rec.latency_us = Some(out.latency_us);
     rec.request_id = Some(out.request_id.clone());
     rec
@@ -427,5 +546,6 @@ pub fn decision_label(d: Decision) -> &'static str {
         Decision::Error => "error",
         Decision::ShadowDeny => "shadow_deny",
         Decision::Approval => "approval",
+        Decision::Control => "control",
     }
 }

@@ -282,10 +282,7 @@ impl CheckService {
             facts.port = if facts.protocol == "https" { 443 } else { 80 };
         }
 
-        let out = match shared.take_request(&ident) {
-            Ok(()) => decide::decide(shared, &ident, &facts),
-            Err(refused) => *refused,
-        };
+        let out = decide::admit(shared, &ident, &facts).await;
         if !out.allowed() {
             tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");
             let status = i32::from(out.deny_status());

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use crate::decide::{self, ConnIdentity, Facts, Outcome};
-use crate::{tunnel, upstream, Shared};
+use crate::{tunnel, upstream, usage, Shared};
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -401,10 +401,7 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     let (facts, pre) = request_facts(&ctx, &req);
     let out = match pre {
         Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
-        None => match shared.take_request(ident) {
-            Ok(()) => decide::decide(&shared, ident, &facts),
-            Err(refused) => *refused,
-        },
+        None => decide::admit(&shared, ident, &facts).await,
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
     decided(shared, ctx, req, facts, out, generation)
@@ -500,6 +497,23 @@ pub(crate) fn deny_body(ident: Option<&ConnIdentity>, out: &Outcome) -> serde_js
         .hint
         .clone()
         .unwrap_or_else(|| default_hint(&out.reason).to_string());
+    if let Some(e) = &out.exhausted {
+        let (limit, used) = e.amounts();
+        return serde_json::json!({
+            "error": "cellgate_budget_exhausted",
+            "reason": out.reason,
+            "budget": e.budget,
+            "scope": e.scope,
+            "limit": limit,
+            "used": used,
+            "resets_at": e.resets_at_ms.map(crate::budget::rfc3339_ms),
+            "message": out.reasons.first().cloned().unwrap_or_default(),
+            "cell": cell,
+            "capability": out.capability,
+            "request_id": out.request_id,
+            "hint": hint,
+        });
+    }
     serde_json::json!({
         "error": "cellgate_denied",
         "reason": out.reason,
@@ -652,6 +666,13 @@ async fn forward(
     let internal = out
         .granting_capability()
         .is_some_and(|c| c.allow_internal_addresses);
+    // Token and spend budgets read the response: it must come uncompressed.
+    let meter = Meter::of(&shared, &out, &ctx.ident, &facts);
+    if meter.is_some() {
+        parts
+            .headers
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
     let client = shared.upstream.pick(upgrade, internal);
     let resp = client.request(Request::from_parts(parts, body)).await;
     let mut resp = match resp {
@@ -720,6 +741,10 @@ async fn forward(
                 }),
             );
         }
+        if let Some(m) = meter {
+            // What flows over a WebSocket cannot be metered: never counted as free.
+            m.charge(usage::Reading::Unreadable("WebSocket upgrade"));
+        }
         if let Some(agent_up) = agent_upgrade {
             let up = hyper::upgrade::on(&mut resp);
             let ident = ctx.ident.clone();
@@ -746,13 +771,177 @@ async fn forward(
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     let ident = ctx.ident.clone();
+    let reader = meter.map(|m| {
+        let get = |h| resp.headers().get(h).and_then(|v| v.to_str().ok());
+        let r = usage::UsageReader::new(get(header::CONTENT_TYPE), get(header::CONTENT_ENCODING));
+        (m, r)
+    });
     resp.map(|b| {
-        let body = b.map_err(|e| Box::new(e) as BoxError).boxed();
+        let mut body = b.map_err(|e| Box::new(e) as BoxError).boxed();
+        if let Some((meter, reader)) = reader {
+            body = Metered {
+                inner: body,
+                reader: Some(reader),
+                meter,
+            }
+            .boxed();
+        }
         if hyper::body::Body::is_end_stream(&body) {
             return body;
         }
         Rechecked::new(shared, ident, facts, out.request_id, generation, body).boxed()
     })
+}
+
+/// The budgets a response's LLM usage is counted against.
+struct Meter {
+    shared: Arc<Shared>,
+    ident: Arc<ConnIdentity>,
+    facts: Facts,
+    out: Outcome,
+}
+
+impl Meter {
+    /// A meter when a token or spend budget governs the request.
+    fn of(
+        shared: &Arc<Shared>,
+        out: &Outcome,
+        ident: &Arc<ConnIdentity>,
+        facts: &Facts,
+    ) -> Option<Self> {
+        let entry = out.cell.as_ref()?;
+        let scopes = decide::budget_scopes(&entry.cell, out.granting_capability());
+        scopes
+            .iter()
+            .any(|s| crate::budget::meters_usage(s.spec))
+            .then(|| Self {
+                shared: shared.clone(),
+                ident: ident.clone(),
+                facts: facts.clone(),
+                out: out.clone(),
+            })
+    }
+
+    /// Counts what a finished response reported, and audits it (reason `llm_usage`); usage
+    /// that could not be read uses the token and spend budgets up until they reset.
+    fn charge(self, reading: usage::Reading) {
+        let Some(entry) = self.out.cell.clone() else {
+            return;
+        };
+        let scopes = decide::budget_scopes(&entry.cell, self.out.granting_capability());
+        let now = decide::now_ms();
+        let (reason, detail) = match &reading {
+            usage::Reading::None => return,
+            usage::Reading::Reported(u) => {
+                let cost = self.shared.prices.cost_micros(u);
+                self.shared
+                    .ledger
+                    .add_usage(&entry.cell.uid, &scopes, u.total(), cost, now);
+                (
+                    "llm_usage",
+                    format!(
+                        "model {}: {} input and {} output tokens, {} USD",
+                        u.model.as_deref().unwrap_or("(unnamed)"),
+                        u.input,
+                        u.output,
+                        crate::budget::micros_text(cost)
+                    ),
+                )
+            }
+            usage::Reading::Unreadable(why) => {
+                self.shared
+                    .ledger
+                    .exhaust_usage(&entry.cell.uid, &scopes, now);
+                tracing::warn!(request.id = %self.out.request_id, why, "LLM usage unreadable: the token and spend budgets are used up until they reset");
+                (
+                    "llm_usage_unreadable",
+                    format!("usage of the response could not be read ({why}); the token and spend budgets it falls under are used up until they reset"),
+                )
+            }
+        };
+        let mut o = self.out.clone();
+        o.result = Decision::Control;
+        o.reason = reason.into();
+        o.reasons = vec![detail];
+        o.budget = Some(self.shared.ledger.state(&entry.cell.uid, &scopes));
+        let rec = decide::audit_record(
+            &self.shared,
+            Some(&self.ident),
+            self.ident.source,
+            self.ident.original_dst,
+            &self.facts,
+            &o,
+        );
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _ = decide::record(&shared, rec).await;
+        });
+    }
+}
+
+/// A response body whose LLM usage is read as it flows (never held back from the agent) and
+/// counted when it ends, or when it is dropped cut short.
+struct Metered {
+    inner: Body,
+    reader: Option<usage::UsageReader>,
+    meter: Meter,
+}
+
+impl Metered {
+    fn finish(&mut self, complete: bool) {
+        if let Some(r) = self.reader.take() {
+            let meter = Meter {
+                shared: self.meter.shared.clone(),
+                ident: self.meter.ident.clone(),
+                facts: self.meter.facts.clone(),
+                out: self.meter.out.clone(),
+            };
+            meter.charge(r.finish(complete));
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        let complete = hyper::body::Body::is_end_stream(&self.inner);
+        self.finish(complete);
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(r), Some(d)) = (this.reader.as_mut(), frame.data_ref()) {
+                    r.feed(d);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 type Changed = std::pin::Pin<

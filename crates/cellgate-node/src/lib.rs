@@ -10,10 +10,11 @@
 //! | listener | default | runtime |
 //! |---|---|---|
 //! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
-//! | admin (`/healthz`, `/readyz`, `/metrics`, `/audit`) | `127.0.0.1:15021` | admin thread |
+//! | admin (`/healthz`, `/readyz`, `/metrics`, `/audit`, `/lockdown`) | `127.0.0.1:15021` | admin thread |
 //! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
+pub mod budget;
 pub mod cells;
 pub mod config;
 pub mod credentials;
@@ -24,10 +25,12 @@ pub mod http;
 pub mod intake;
 pub mod kubernetes;
 pub mod limits;
+pub mod lockdown;
 pub mod metrics;
 pub mod policy_source;
 pub mod tunnel;
 pub mod upstream;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +74,12 @@ pub struct Shared {
     pub upstream: upstream::Upstream,
     /// Credentials injected at the boundary.
     pub credentials: credentials::Broker,
+    /// The budget ledger (in the state directory).
+    pub ledger: Arc<budget::Ledger>,
+    /// LLM prices, for spend budgets.
+    pub prices: usage::PriceTable,
+    /// The kill switch (in the state directory).
+    pub lockdown: lockdown::Lockdown,
     /// Audit log.
     pub audit: AuditLog,
     /// Metrics.
@@ -178,6 +187,9 @@ impl NodeHandle {
         if revoked + failed > 0 {
             tracing::info!(revoked, failed, "vault leases revoked at shutdown");
         }
+        if let Err(e) = self.shared.ledger.persist().await {
+            tracing::error!(error = %e, "budget ledger not written at shutdown");
+        }
         let _ = self.shared.audit.flush().await;
     }
 }
@@ -234,6 +246,13 @@ impl metrics::Gauges for ScrapedValues {
                 "cellgate_cells",
                 "Cells known to this node",
                 s.cells.len() as u64,
+                false,
+            ));
+            let lock = s.lockdown.state();
+            v.push((
+                "cellgate_lockdowns",
+                "Lockdowns in force: 1 for the node-wide one, 1 per locked namespace",
+                u64::from(lock.all.is_some()) + lock.namespaces.len() as u64,
                 false,
             ));
             if let Some(d) = s.dns.get() {
@@ -334,6 +353,16 @@ pub async fn run_with(
     );
     policy_source.poll(&policy);
     let upstream = upstream::Upstream::new(&config)?;
+    let state_dir = config.state_dir();
+    let ledger = Arc::new(budget::Ledger::open(&state_dir)?);
+    let lockdown = lockdown::Lockdown::open(&state_dir)?;
+    if let Some(l) = lockdown.state().all {
+        tracing::warn!(reason = %l.reason, since = %l.since, "starting in lockdown: every request is refused");
+    }
+    let prices = match &config.price_table {
+        Some(p) => usage::PriceTable::load(p).map_err(|e| anyhow::anyhow!("--price-table: {e}"))?,
+        None => usage::PriceTable::default_table(),
+    };
     let (generation, _) = watch::channel(0);
     let (draining, _) = watch::channel(false);
     let credentials =
@@ -350,6 +379,9 @@ pub async fn run_with(
         limits: Arc::default(),
         upstream,
         credentials,
+        ledger: ledger.clone(),
+        prices,
+        lockdown,
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
             minter: minter.clone(),
             audit: audit.clone(),
@@ -416,6 +448,7 @@ pub async fn run_with(
     }
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
+    tasks.spawn(ledger.flush_loop());
     // Admin traffic does not share a runtime with the data path.
     admin::spawn(shared.clone(), admin_listener)?;
     Ok(NodeHandle {

@@ -153,10 +153,7 @@ async fn serve_l4<F, Fut>(
     Fut: std::future::Future<Output = std::io::Result<(Vec<SocketAddr>, Option<String>)>>,
 {
     // A new relay counts against the cell's request rate, like an HTTP request.
-    let out = match shared.take_request(&ident) {
-        Ok(()) => decide::decide(&shared, &ident, &facts),
-        Err(refused) => *refused,
-    };
+    let out = decide::admit(&shared, &ident, &facts).await;
     let rec = decide::audit_record(
         &shared,
         Some(&ident),
