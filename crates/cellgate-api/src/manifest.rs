@@ -329,11 +329,18 @@ pub fn parse_micros(s: &str) -> Option<u64> {
     if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) || (s.contains('.') && frac.is_empty()) {
+    if frac.len() > 6
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || (s.contains('.') && frac.is_empty())
+    {
         return None;
     }
     let whole: u64 = whole.parse().ok()?;
-    let mut f: u64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let mut f: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
     for _ in frac.len()..6 {
         f *= 10;
     }
@@ -902,7 +909,10 @@ fn check_budget(b: &BudgetSpec, at: &str, err: &mut impl FnMut(String, String)) 
         if parse_micros(&sp.max).is_none_or(|m| m == 0) {
             err(
                 format!("{at}.spend.max"),
-                format!("{:?} is not a positive amount like \"25.00\" (at most 6 decimals)", sp.max),
+                format!(
+                    "{:?} is not a positive amount like \"25.00\" (at most 6 decimals)",
+                    sp.max
+                ),
             );
         }
         if let Some(c) = sp.currency.as_deref().filter(|c| *c != "USD") {

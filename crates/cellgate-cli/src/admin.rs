@@ -41,7 +41,9 @@ async fn call(
 ) -> anyhow::Result<(http::StatusCode, String)> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("connecting to the node's admin API at {admin} (is the node running? --admin)"))?;
+        .with_context(|| {
+            format!("connecting to the node's admin API at {admin} (is the node running? --admin)")
+        })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -86,7 +88,13 @@ pub async fn lockdown(args: LockdownArgs) -> anyhow::Result<ExitCode> {
     let scope = args
         .namespace
         .as_deref()
-        .map_or("every cell on the node".to_string(), |n| format!("namespace {n}"));
-    println!("lockdown {} for {scope}; in force now: {}", args.state, text.trim());
+        .map_or("every cell on the node".to_string(), |n| {
+            format!("namespace {n}")
+        });
+    println!(
+        "lockdown {} for {scope}; in force now: {}",
+        args.state,
+        text.trim()
+    );
     Ok(ExitCode::SUCCESS)
 }

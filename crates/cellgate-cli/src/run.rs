@@ -632,7 +632,10 @@ fn budget_line(state: &serde_json::Value) -> String {
     m.iter()
         .filter(|(k, _)| k.as_str() != "scope")
         .map(|(k, v)| {
-            let get = |f: &str| v.get(f).map(|x| x.to_string().trim_matches('"').to_string());
+            let get = |f: &str| {
+                v.get(f)
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+            };
             let mut s = match (get("used"), get("max")) {
                 (Some(u), Some(m)) => format!("{k} {u}/{m}"),
                 _ => k.clone(),
@@ -653,10 +656,17 @@ impl Summary {
     fn add(&mut self, r: &cellgate_audit::Record) {
         use cellgate_audit::Decision;
         if r.decision == Decision::Control {
-            self.lockdowns.push(format!("{} ({})", r.reason, r.reasons.join("; ")));
+            self.lockdowns
+                .push(format!("{} ({})", r.reason, r.reasons.join("; ")));
             return;
         }
-        for b in r.budget.as_ref().and_then(|b| b.as_array()).into_iter().flatten() {
+        for b in r
+            .budget
+            .as_ref()
+            .and_then(|b| b.as_array())
+            .into_iter()
+            .flatten()
+        {
             if let Some(scope) = b.get("scope").and_then(|s| s.as_str()) {
                 self.budgets.insert(scope.to_string(), b.clone());
             }

@@ -294,7 +294,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz, /metrics, /lockdown or /audit?cell=NAMESPACE/NAME\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /lockdown or /audit?cell=NAMESPACE/NAME\n"
+                .into(),
         ),
     };
     reply(status, ctype, body)
@@ -368,25 +369,32 @@ async fn lockdown(
         }
     };
     let by = format!("admin API from {peer}");
-    let state = match shared
-        .lockdown
-        .set(ask.namespace.as_deref(), on, &ask.reason, Some(by.clone()))
-    {
-        Ok(s) => s,
-        Err(e @ crate::lockdown::LockdownError::Reason) => {
-            return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "lockdown not changed");
-            return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n"));
-        }
-    };
+    let state =
+        match shared
+            .lockdown
+            .set(ask.namespace.as_deref(), on, &ask.reason, Some(by.clone()))
+        {
+            Ok(s) => s,
+            Err(e @ crate::lockdown::LockdownError::Reason) => {
+                return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "lockdown not changed");
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                );
+            }
+        };
     // Open connections and streams re-check now.
     shared.bump_generation();
     let scope = ask
         .namespace
         .as_deref()
-        .map_or("every cell on the node".to_string(), |ns| format!("namespace {ns}"));
+        .map_or("every cell on the node".to_string(), |ns| {
+            format!("namespace {ns}")
+        });
     tracing::warn!(on, scope = %scope, reason = %ask.reason.trim(), by = %by, "lockdown changed");
     let mut rec = cellgate_audit::Record::new(
         &shared.config.node_name,

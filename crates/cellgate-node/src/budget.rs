@@ -114,7 +114,10 @@ impl Exhausted {
     /// The amounts as the agent reads them (spend as a decimal string).
     pub fn amounts(&self) -> (serde_json::Value, serde_json::Value) {
         if self.budget == "spend" {
-            (micros_text(self.limit).into(), micros_text(self.used).into())
+            (
+                micros_text(self.limit).into(),
+                micros_text(self.used).into(),
+            )
         } else {
             (self.limit.into(), self.used.into())
         }
@@ -165,10 +168,7 @@ impl Limits {
             window: spec
                 .requests_per_window
                 .map(|n| (n, spec.window.as_deref().and_then(secs_to_ms).unwrap_or(1))),
-            lifetime_ms: spec
-                .lifetime
-                .as_deref()
-                .map(|l| secs_to_ms(l).unwrap_or(0)),
+            lifetime_ms: spec.lifetime.as_deref().map(|l| secs_to_ms(l).unwrap_or(0)),
             tokens: spec.tokens.as_ref().map(|t| (t.max, per(&t.per))),
             spend: spec
                 .spend
@@ -406,6 +406,19 @@ impl Ledger {
     /// # Errors
     /// When the file cannot be written; nothing is then granted against the new block.
     pub async fn persist(&self) -> Result<(), LedgerError> {
+        self.write_file(true).await
+    }
+
+    /// Writes the ledger as it is, reserving nothing ahead: for a clean shutdown, so a restart
+    /// resumes at exactly the counts used.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub async fn persist_exact(&self) -> Result<(), LedgerError> {
+        self.write_file(false).await
+    }
+
+    async fn write_file(&self, ahead: bool) -> Result<(), LedgerError> {
         let _one = self.write.lock().await;
         self.dirty.store(false, Ordering::Release);
         let (file, reserved) = {
@@ -416,11 +429,20 @@ impl Ledger {
                 let mut w = c.clone();
                 // The limits are not at hand here: reserve relative to what is used, by at
                 // least one request and by a share of the count so far.
-                w.requests = c.requests.saturating_add(reserve(c.requests.max(RESERVE_DIVISOR)));
-                w.window_requests = c
-                    .window_requests
-                    .saturating_add(reserve(c.window_requests.max(RESERVE_DIVISOR)));
-                reserved.push((key.clone(), w.requests, w.window_requests, w.window_start_ms));
+                if ahead {
+                    w.requests = c
+                        .requests
+                        .saturating_add(reserve(c.requests.max(RESERVE_DIVISOR)));
+                    w.window_requests = c
+                        .window_requests
+                        .saturating_add(reserve(c.window_requests.max(RESERVE_DIVISOR)));
+                }
+                reserved.push((
+                    key.clone(),
+                    w.requests,
+                    w.window_requests,
+                    w.window_start_ms,
+                ));
                 counters.push(w);
             }
             counters.sort_by(|a, b| (&a.cell, &a.scope).cmp(&(&b.cell, &b.scope)));
@@ -690,7 +712,10 @@ mod tests {
             spec: &s,
         }];
         assert!(matches!(take(&l, &scopes, 0).await, Take::Granted(_)));
-        assert!(matches!(take(&l, &scopes, 7_199_999).await, Take::Granted(_)));
+        assert!(matches!(
+            take(&l, &scopes, 7_199_999).await,
+            Take::Granted(_)
+        ));
         match take(&l, &scopes, 7_200_000).await {
             Take::Exhausted(e) => assert_eq!((e.budget, e.limit, e.used), ("lifetime", 7200, 7200)),
             t => panic!("{t:?}"),
@@ -729,7 +754,10 @@ mod tests {
             t => panic!("{t:?}"),
         }
         // A new hour: tokens reset, spend (no window) does not.
-        assert!(matches!(take(&l, &scopes, 3_600_000).await, Take::Granted(_)));
+        assert!(matches!(
+            take(&l, &scopes, 3_600_000).await,
+            Take::Granted(_)
+        ));
         l.add_usage("c1", &scopes, 1, 1_500_000, 3_600_001);
         match take(&l, &scopes, 3_600_002).await {
             Take::Exhausted(e) => {
@@ -740,10 +768,7 @@ mod tests {
         }
         // Unreadable usage is never free.
         let t = BudgetSpec {
-            tokens: Some(TokenBudgetSpec {
-                max: 10,
-                per: None,
-            }),
+            tokens: Some(TokenBudgetSpec { max: 10, per: None }),
             ..BudgetSpec::default()
         };
         let other = [Scope {
@@ -775,7 +800,10 @@ mod tests {
         while let Take::Granted(_) = take(&l, &scopes, 0).await {
             granted += 1;
         }
-        assert!(granted <= 1, "{granted} granted after a restart with 2 of 3 used");
+        assert!(
+            granted <= 1,
+            "{granted} granted after a restart with 2 of 3 used"
+        );
     }
 
     #[test]

@@ -235,7 +235,10 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
     if let Some(lock) = shared.lockdown.applies(&entry.cell.namespace) {
         let mut o = Outcome::deny(
             "lockdown",
-            format!("the node is in lockdown since {}: {}", lock.since, lock.reason),
+            format!(
+                "the node is in lockdown since {}: {}",
+                lock.since, lock.reason
+            ),
             Some("every request is refused until operators lift the lockdown; do not retry".into()),
         );
         o.cell = Some(entry);
@@ -442,13 +445,24 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
                 out.reason = "budget_exhausted".into();
                 out.reasons = vec![format!(
                     "the {} budget {} of {} is used up ({used} of {limit})",
-                    if e.scope == "cell" { "cell's" } else { "capability's" },
+                    if e.scope == "cell" {
+                        "cell's"
+                    } else {
+                        "capability's"
+                    },
                     e.budget,
-                    if e.scope == "cell" { entry.cell.key() } else { e.scope.clone() },
+                    if e.scope == "cell" {
+                        entry.cell.key()
+                    } else {
+                        e.scope.clone()
+                    },
                 )];
                 out.hint = Some(match e.resets_at_ms {
-                    Some(_) => "the budget resets at resets_at; retry after the time in Retry-After".into(),
-                    None => "the budget is used up for the cell's life; ask its owners to raise it".into(),
+                    Some(_) => {
+                        "the budget resets at resets_at; retry after the time in Retry-After".into()
+                    }
+                    None => "the budget is used up for the cell's life; ask its owners to raise it"
+                        .into(),
                 });
                 out.retry_after = e.retry_after(now);
                 out.budget = Some(shared.ledger.state(&entry.cell.uid, &scopes));

@@ -669,9 +669,10 @@ async fn forward(
     // Token and spend budgets read the response: it must come uncompressed.
     let meter = Meter::of(&shared, &out, &ctx.ident, &facts);
     if meter.is_some() {
-        parts
-            .headers
-            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     let client = shared.upstream.pick(upgrade, internal);
     let resp = client.request(Request::from_parts(parts, body)).await;

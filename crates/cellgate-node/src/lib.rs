@@ -187,7 +187,7 @@ impl NodeHandle {
         if revoked + failed > 0 {
             tracing::info!(revoked, failed, "vault leases revoked at shutdown");
         }
-        if let Err(e) = self.shared.ledger.persist().await {
+        if let Err(e) = self.shared.ledger.persist_exact().await {
             tracing::error!(error = %e, "budget ledger not written at shutdown");
         }
         let _ = self.shared.audit.flush().await;

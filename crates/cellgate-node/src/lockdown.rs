@@ -109,7 +109,9 @@ impl Lockdown {
             return None;
         }
         let s = self.state.read().unwrap_or_else(|p| p.into_inner());
-        s.all.clone().or_else(|| s.namespaces.get(namespace).cloned())
+        s.all
+            .clone()
+            .or_else(|| s.namespaces.get(namespace).cloned())
     }
 
     /// What is in force.
@@ -150,7 +152,8 @@ impl Lockdown {
                 next.namespaces.remove(ns);
             }
         }
-        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| LockdownError::Write(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&next).map_err(|e| LockdownError::Write(e.to_string()))?;
         crate::budget::write_atomically(&self.path, &bytes)
             .map_err(|e| LockdownError::Write(format!("{}: {e}", self.path.display())))?;
         self.any.store(next.any(), Ordering::Release);
@@ -183,7 +186,10 @@ mod tests {
         assert!(l.applies("a").is_some());
         l.set(Some("a"), false, "over", None).unwrap();
         assert!(!l.state().any());
-        assert!(matches!(l.set(None, true, "  ", None), Err(LockdownError::Reason)));
+        assert!(matches!(
+            l.set(None, true, "  ", None),
+            Err(LockdownError::Reason)
+        ));
     }
 
     #[test]

@@ -304,7 +304,10 @@ impl PriceTable {
             .map_err(|e| format!("{}: {e}", path.display()))?
             .len();
         if len > MAX_PRICE_TABLE_BYTES {
-            return Err(format!("{}: over {MAX_PRICE_TABLE_BYTES} bytes", path.display()));
+            return Err(format!(
+                "{}: over {MAX_PRICE_TABLE_BYTES} bytes",
+                path.display()
+            ));
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -328,8 +331,18 @@ impl PriceTable {
             return *p;
         }
         Price {
-            input: self.models.values().map(|p| p.input).max().unwrap_or(u64::MAX),
-            output: self.models.values().map(|p| p.output).max().unwrap_or(u64::MAX),
+            input: self
+                .models
+                .values()
+                .map(|p| p.input)
+                .max()
+                .unwrap_or(u64::MAX),
+            output: self
+                .models
+                .values()
+                .map(|p| p.output)
+                .max()
+                .unwrap_or(u64::MAX),
         }
     }
 
@@ -371,16 +384,25 @@ mod tests {
 
     #[test]
     fn json_bodies_of_each_provider() {
-        assert_eq!(read("application/json", &[OPENAI_CHAT]), reported("gpt-4o-2024-08-06", 19, 10));
+        assert_eq!(
+            read("application/json", &[OPENAI_CHAT]),
+            reported("gpt-4o-2024-08-06", 19, 10)
+        );
         // Split at any point, it reads the same.
         let (a, b) = OPENAI_RESPONSES.split_at(77);
         assert_eq!(
             read("application/json; charset=utf-8", &[a, b]),
             reported("gpt-4.1-2025-04-14", 36, 87)
         );
-        assert_eq!(read("application/json", &[ANTHROPIC]), reported("claude-sonnet-4-20250514", 2110, 503));
+        assert_eq!(
+            read("application/json", &[ANTHROPIC]),
+            reported("claude-sonnet-4-20250514", 2110, 503)
+        );
         // No usage: a model list, an error.
-        assert_eq!(read("application/json", &[r#"{"object":"list","data":[]}"#]), Reading::None);
+        assert_eq!(
+            read("application/json", &[r#"{"object":"list","data":[]}"#]),
+            Reading::None
+        );
         assert_eq!(read("text/plain", &["hello"]), Reading::None);
     }
 
@@ -392,7 +414,10 @@ mod tests {
             "12,\"completion_tokens\":3,\"total_tokens\":15}}\n\n",
             "data: [DONE]\n\n",
         ];
-        assert_eq!(read("text/event-stream", &frames), reported("gpt-4o-mini", 12, 3));
+        assert_eq!(
+            read("text/event-stream", &frames),
+            reported("gpt-4o-mini", 12, 3)
+        );
     }
 
     #[test]
@@ -402,7 +427,10 @@ mod tests {
             "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n",
             "event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":37,\"output_tokens\":11,\"total_tokens\":48}}}\r\n\r\n",
         ];
-        assert_eq!(read("text/event-stream", &frames), reported("gpt-4.1", 37, 11));
+        assert_eq!(
+            read("text/event-stream", &frames),
+            reported("gpt-4.1", 37, 11)
+        );
     }
 
     #[test]
@@ -413,7 +441,10 @@ mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
         ];
-        assert_eq!(read("text/event-stream", &frames), reported("claude-3-5-haiku-20241022", 25, 15));
+        assert_eq!(
+            read("text/event-stream", &frames),
+            reported("claude-3-5-haiku-20241022", 25, 15)
+        );
     }
 
     #[test]
@@ -436,7 +467,9 @@ mod tests {
         // An overlong SSE line is skipped, the usage after it still read.
         let mut long = UsageReader::new(Some("text/event-stream"), None);
         long.feed(&vec![b'x'; MAX_SSE_LINE + 10]);
-        long.feed(b"\ndata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n");
+        long.feed(
+            b"\ndata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n",
+        );
         assert_eq!(long.finish(true), reported("m", 1, 2));
     }
 
@@ -453,13 +486,28 @@ mod tests {
         };
         // 1M input at 2.50 + 100k output at 10.00 = 3.50.
         assert_eq!(t.cost_micros(&u("gpt-4o", 1_000_000, 100_000)), 3_500_000);
-        assert_eq!(t.cost_micros(&u("claude-sonnet-4-20250514", 1000, 1000)), 18_000);
+        assert_eq!(
+            t.cost_micros(&u("claude-sonnet-4-20250514", 1000, 1000)),
+            18_000
+        );
         // Rounded up: one token is never free.
         assert_eq!(t.cost_micros(&u("gpt-4o", 1, 0)), 3);
         // An unknown model is priced as the dearest.
-        assert_eq!(t.price(Some("mystery")), Price { input: 3_000_000, output: 15_000_000 });
-        assert!(PriceTable::parse("currency: EUR\nmodels: {a: {input: \"1\", output: \"1\"}}").is_err());
-        assert!(PriceTable::parse("models: {a: {input: \"x\", output: \"1\"}}").unwrap_err().contains("models.a.input"));
+        assert_eq!(
+            t.price(Some("mystery")),
+            Price {
+                input: 3_000_000,
+                output: 15_000_000
+            }
+        );
+        assert!(
+            PriceTable::parse("currency: EUR\nmodels: {a: {input: \"1\", output: \"1\"}}").is_err()
+        );
+        assert!(
+            PriceTable::parse("models: {a: {input: \"x\", output: \"1\"}}")
+                .unwrap_err()
+                .contains("models.a.input")
+        );
         assert!(PriceTable::parse("models: {}").is_err());
         // The shipped table parses.
         assert!(PriceTable::parse(DEFAULT_PRICES).is_ok());

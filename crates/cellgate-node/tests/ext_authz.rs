@@ -783,7 +783,7 @@ impl tower_service::Service<http::Uri> for UnixConnector {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approval_and_budget_fail_closed_in_envoy_mode() {
+async fn approvals_and_unmeterable_budgets_fail_closed_and_request_budgets_hold_in_envoy_mode() {
     let env = start().await;
     let port = env.f.https.addr.port();
     install_cell(&env.f, "gov", &governed_cell("gov", port, false)).await;
@@ -795,18 +795,19 @@ async fn approval_and_budget_fail_closed_in_envoy_mode() {
     )
     .await;
     assert_eq!(code(&ok), 0, "{ok:?}");
-    for (cell, path, cap) in [
-        ("gov", "/v1/approve/x", "approved"),
-        ("gov", "/v1/budget/x", "budgeted"),
-        ("gov", "/v1/shadow/x", "shadowed"),
-        ("govcell", "/v1/free/x", "free"),
+    // Approvals are not held yet; Envoy's responses are not read, so tokens cannot be metered.
+    for (path, cap, why) in [
+        ("/v1/approve/x", "approved", "requires approval"),
+        ("/v1/shadow/x", "shadowed", "requires approval"),
+        ("/llm/x", "metered", "cannot read the usage"),
     ] {
-        let r = check(&mut c, &Req::new(&env, cell, "GET", "api.test", path)).await;
-        assert_eq!(code(&r), 7, "{cell} {path}: {r:?}");
+        let r = check(&mut c, &Req::new(&env, "gov", "GET", "api.test", path)).await;
+        assert_eq!(code(&r), 7, "{path}: {r:?}");
         let (status, body) = denied(&r);
         assert_eq!(status, 403);
         assert_eq!(body["reason"], "governance_unavailable", "{body}");
         assert_eq!(body["capability"], cap, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{body}");
         let rid = body["request_id"].as_str().unwrap().to_string();
         let on_disk = std::fs::read_to_string(&env.f.audit).unwrap();
         assert!(
@@ -816,6 +817,27 @@ async fn approval_and_budget_fail_closed_in_envoy_mode() {
         let rec = env.f.wait_audit(|r| r["request_id"] == rid.as_str()).await;
         assert_eq!(rec["reason"], "governance_unavailable");
         assert_eq!(rec["front_door"], "ext_authz");
+    }
+    // A request budget: the capability's window (2), and the cell's total (3).
+    for (cell, path, allowed, budget, limit) in [
+        ("gov", "/v1/budget/x", 2, "requestsPerWindow", 2),
+        ("govcell", "/v1/free/x", 3, "requests", 3),
+    ] {
+        for i in 0..allowed {
+            let r = check(&mut c, &Req::new(&env, cell, "GET", "api.test", path)).await;
+            assert_eq!(code(&r), 0, "{cell} request {i}: {r:?}");
+        }
+        let r = check(&mut c, &Req::new(&env, cell, "GET", "api.test", path)).await;
+        assert_eq!(code(&r), 7, "{r:?}");
+        let (status, body) = denied(&r);
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"], "cellgate_budget_exhausted", "{body}");
+        assert_eq!(body["budget"], budget, "{body}");
+        assert_eq!(body["limit"], limit, "{body}");
+        let rid = body["request_id"].as_str().unwrap().to_string();
+        let rec = env.f.wait_audit(|r| r["request_id"] == rid.as_str()).await;
+        assert_eq!(rec["reason"], "budget_exhausted");
+        assert!(rec["budget"].is_array(), "{rec}");
     }
 }
 

@@ -311,6 +311,37 @@ async fn handle(
         );
         return Ok(r);
     }
+    // LLM-provider shapes for usage metering: 1000 input and 500 output tokens of `gpt-4o`
+    // (`claude-sonnet-4-20250514` for Anthropic) per response.
+    if let Some(kind) = path.strip_prefix("/llm/") {
+        let (ct, chunks): (&str, Vec<String>) = match kind {
+            "openai/chat" => ("application/json", vec![r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500}}"#.into()]),
+            "openai/stream" => ("text/event-stream", vec![
+                "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}],\"usage\":null}\n\n".into(),
+                "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000,\"completion_tokens\":500,\"total_tokens\":1500}}\n\n".into(),
+                "data: [DONE]\n\n".into(),
+            ]),
+            "openai/stream-without-usage" => ("text/event-stream", vec![
+                "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n".into(),
+                "data: [DONE]\n\n".into(),
+            ]),
+            "anthropic/stream" => ("text/event-stream", vec![
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-20250514\",\"usage\":{\"input_tokens\":1000,\"output_tokens\":1}}}\n\n".into(),
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":500}}\n\n".into(),
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+            ]),
+            _ => ("application/json", vec!["{\"object\":\"list\",\"data\":[]}".into()]),
+        };
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c)))),
+        );
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+        return Ok(r);
+    }
     if let Some(code) = path
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())

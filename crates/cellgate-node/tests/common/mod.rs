@@ -310,7 +310,7 @@ pub async fn tagged_connect_port(f: &Fixture, port: u16, cell: &str) -> TcpStrea
 /// on api.test at `port`; with `cell_budget`, the cell itself has a budget.
 pub fn governed_cell(name: &str, port: u16, cell_budget: bool) -> String {
     let budget = if cell_budget {
-        "  budget: {requests: 100}\n"
+        "  budget: {requests: 3}\n"
     } else {
         ""
     };
@@ -327,7 +327,11 @@ spec:
     - name: budgeted
       destinations: [{{host: api.test, ports: [{port}]}}]
       http: {{methods: [GET], paths: ["/v1/budget/**"]}}
-      budget: {{requestsPerWindow: 60, window: 1m}}
+      budget: {{requestsPerWindow: 2, window: 1m}}
+    - name: metered
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [GET], paths: ["/llm/**"]}}
+      budget: {{tokens: {{max: 1000}}}}
     - name: shadowed
       mode: shadow
       destinations: [{{host: api.test, ports: [{port}]}}]
