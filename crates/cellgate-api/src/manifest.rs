@@ -108,7 +108,7 @@ pub struct AgentCellSpec {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub capabilities: Vec<CapabilitySpec>,
-    /// A cell-wide budget (enforced by the budget ledger; see the budgets guide).
+    /// A cell-wide budget (enforced by the node's budget ledger; see docs/governance.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSpec>,
     /// Ceilings on what the cell may hold of its node; absent keys take the node's defaults.
