@@ -432,8 +432,14 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                     return;
                 };
+                // The admin port closes when a drain starts, like the data path's listeners.
+                let mut draining = shared.draining.subscribe();
                 loop {
-                    let Ok((stream, peer)) = listener.accept().await else {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        () = crate::until_draining(&mut draining) => return,
+                    };
+                    let Ok((stream, peer)) = accepted else {
                         continue;
                     };
                     let shared = shared.clone();
