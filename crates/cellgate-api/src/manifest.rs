@@ -369,7 +369,33 @@ pub struct ApprovalSpec {
     /// Whether each request needs approval.
     #[serde(default)]
     pub required: bool,
+    /// How long a request waits for a decision (hold), or an approval request stays open
+    /// (retry), e.g. `2m` (default 2m, at most 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// `hold` (default): the request waits for the decision. `retry`: it is answered at once
+    /// with 403 `approval_required` and an approval id; once approved, the same request (method,
+    /// host, path, body digest) from the same cell is allowed for the approval's validity and
+    /// number of uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ApprovalMode>,
 }
+
+/// `approval.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalMode {
+    /// The request waits (bounded by the timeout).
+    #[default]
+    Hold,
+    /// The request is refused with an approval id; the same request is allowed once approved.
+    Retry,
+}
+
+/// `approval.timeout` when absent, seconds.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u64 = 120;
+/// Longest `approval.timeout`, seconds.
+pub const MAX_APPROVAL_TIMEOUT_SECS: u64 = 3600;
 
 /// Capability names key the list (`x-kubernetes-list-map-keys`), so the schema requires them,
 /// while the lenient serde type still parses an object without one (the file path reports it).
@@ -773,6 +799,14 @@ impl AgentCell {
             if let Some(b) = &cap.budget {
                 check_budget(b, &format!("{at}.budget"), &mut err);
             }
+            if let Some(t) = cap.approval.as_ref().and_then(|a| a.timeout.as_deref()) {
+                if parse_duration(t).is_none_or(|s| s > MAX_APPROVAL_TIMEOUT_SECS) {
+                    err(
+                        format!("{at}.approval.timeout"),
+                        format!("{t:?} is not a duration of at most 1h (like 30s, 2m)"),
+                    );
+                }
+            }
             if cap.protocol == Some(crate::model::Protocol::Tcp) {
                 let tcp = |what: &str| {
                     format!("a tcp capability relays raw bytes to the dialled address: {what}")
@@ -871,6 +905,19 @@ impl AgentCell {
                 credential,
                 budget: cap.budget.clone(),
                 approval: cap.approval.as_ref().is_some_and(|a| a.required),
+                approval_policy: crate::model::ApprovalPolicy {
+                    mode: cap
+                        .approval
+                        .as_ref()
+                        .and_then(|a| a.mode)
+                        .unwrap_or_default(),
+                    timeout_secs: cap
+                        .approval
+                        .as_ref()
+                        .and_then(|a| a.timeout.as_deref())
+                        .and_then(parse_duration)
+                        .unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS),
+                },
             });
         }
         Ok(Cell {

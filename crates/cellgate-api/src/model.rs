@@ -150,7 +150,29 @@ pub struct Capability {
     pub budget: Option<BudgetSpec>,
     /// Whether requests need human approval.
     pub approval: bool,
+    /// How they wait for it (when `approval`).
+    pub approval_policy: ApprovalPolicy,
 }
+
+/// How a capability's requests wait for a human's approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApprovalPolicy {
+    /// Hold the request, or answer at once and allow the same request once approved.
+    pub mode: ApprovalMode,
+    /// How long a request (hold) or an approval request (retry) waits, seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for ApprovalPolicy {
+    fn default() -> Self {
+        Self {
+            mode: ApprovalMode::Hold,
+            timeout_secs: crate::manifest::DEFAULT_APPROVAL_TIMEOUT_SECS,
+        }
+    }
+}
+
+pub use crate::manifest::ApprovalMode;
 
 /// A destination: a host pattern or an address range, with ports.
 #[derive(Debug, Clone, PartialEq, Eq)]

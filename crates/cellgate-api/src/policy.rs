@@ -411,6 +411,7 @@ mod tests {
                 credential: None,
                 budget: None,
                 approval: true,
+                approval_policy: Default::default(),
             }],
         }
     }

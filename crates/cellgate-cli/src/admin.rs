@@ -23,12 +23,8 @@ pub struct LockdownArgs {
     /// Why: written to the audit log and shown to operators.
     #[arg(long)]
     pub reason: String,
-    /// The node's admin address.
-    #[arg(long, default_value = DEFAULT_ADMIN)]
-    pub admin: SocketAddr,
-    /// The node's admin token file (when the node runs with --admin-token-file).
-    #[arg(long, env = "CELLGATE_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Sends one request to the admin API and returns the status and body.
@@ -75,8 +71,8 @@ pub async fn lockdown(args: LockdownArgs) -> anyhow::Result<ExitCode> {
         "state": args.state, "namespace": args.namespace, "reason": args.reason,
     });
     let (status, text) = call(
-        args.admin,
-        args.admin_token_file.as_ref(),
+        args.admin.admin,
+        args.admin.admin_token_file.as_ref(),
         http::Method::POST,
         "/lockdown",
         Some(body),
@@ -95,6 +91,117 @@ pub async fn lockdown(args: LockdownArgs) -> anyhow::Result<ExitCode> {
         "lockdown {} for {scope}; in force now: {}",
         args.state,
         text.trim()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the node's admin API is.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The node's admin address.
+    #[arg(long, default_value = DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
+    /// The node's admin token file (when the node runs with --admin-token-file).
+    #[arg(long, env = "CELLGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// `cellgate approve ID`.
+#[derive(Debug, clap::Args)]
+pub struct ApproveArgs {
+    /// The approval id (`cellgate approvals` lists them).
+    pub id: String,
+    /// How long the approval of a retry-mode request stays valid.
+    #[arg(long = "for", default_value = "10m")]
+    pub valid_for: String,
+    /// How many times the approved request may be sent (retry mode).
+    #[arg(long, default_value_t = 1)]
+    pub uses: u32,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `cellgate deny ID --reason TEXT`.
+#[derive(Debug, clap::Args)]
+pub struct DenyArgs {
+    /// The approval id.
+    pub id: String,
+    /// Why: written to the audit log and told to the agent.
+    #[arg(long)]
+    pub reason: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Lists what waits for approval on the node.
+///
+/// # Errors
+/// When the node cannot be reached or refuses.
+pub async fn approvals(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let (status, text) = call(
+        args.admin,
+        args.admin_token_file.as_ref(),
+        http::Method::GET,
+        "/approvals",
+        None,
+    )
+    .await?;
+    if !status.is_success() {
+        bail!("the node refused: {status}: {}", text.trim());
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    if list.is_empty() {
+        println!("no request waits for approval");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} EXPIRES",
+        "ID", "CELL", "CAPABILITY", "MODE", "METHOD", "HOST/PATH"
+    );
+    for a in list {
+        let f = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+        println!(
+            "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} {}",
+            f("id"),
+            f("cell"),
+            f("capability"),
+            f("mode"),
+            f("method"),
+            format!("{}{}", f("host"), f("path")),
+            f("expires_at")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Approves or denies one pending approval.
+///
+/// # Errors
+/// When the node cannot be reached, or has no such approval pending.
+pub async fn decide(
+    id: &str,
+    admin: &AdminArgs,
+    body: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let (status, text) = call(
+        admin.admin,
+        admin.admin_token_file.as_ref(),
+        http::Method::POST,
+        &format!("/approvals/{id}"),
+        Some(body),
+    )
+    .await?;
+    if !status.is_success() {
+        bail!("the node refused: {status}: {}", text.trim());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    println!(
+        "{} {id}",
+        if v["approved"] == true {
+            "approved"
+        } else {
+            "denied"
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

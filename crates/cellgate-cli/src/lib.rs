@@ -9,6 +9,8 @@
 //! - `cellgate crd`: the CustomResourceDefinitions, as committed under `deploy/crds/`.
 //! - `cellgate lockdown on|off --reason TEXT [-n NS]`: the kill switch of a running node, through
 //!   its admin API (see [`admin`]).
+//! - `cellgate approvals`, `cellgate approve ID [--for 10m] [--uses 1]`, `cellgate deny ID --reason
+//!   TEXT`: requests held for a human on a running node (local mode).
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -64,6 +66,12 @@ enum Command {
     Resume(kubectl::CellArgs),
     /// The kill switch of a running node (local mode): `lockdown on|off --reason TEXT [-n NS]`.
     Lockdown(admin::LockdownArgs),
+    /// Requests waiting for a human's approval on a running node (local mode).
+    Approvals(admin::AdminArgs),
+    /// Approves a waiting request: `approve ID [--for 10m] [--uses 1]`.
+    Approve(admin::ApproveArgs),
+    /// Denies a waiting request: `deny ID --reason TEXT`.
+    Deny(admin::DenyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +227,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(args) => return kubectl::block_on(kubectl::status(args)),
         Command::Lockdown(args) => return kubectl::block_on(admin::lockdown(args)),
+        Command::Approvals(args) => return kubectl::block_on(admin::approvals(args)),
+        Command::Approve(a) => {
+            let body =
+                serde_json::json!({"decision": "approve", "for": a.valid_for, "uses": a.uses});
+            return kubectl::block_on(admin::decide(&a.id, &a.admin, body));
+        }
+        Command::Deny(a) => {
+            let body = serde_json::json!({"decision": "deny", "reason": a.reason});
+            return kubectl::block_on(admin::decide(&a.id, &a.admin, body));
+        }
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),

@@ -402,6 +402,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         loop {
             match records.recv().await {
                 Ok(r) => {
+                    if r.reason == "approval_requested" {
+                        let id = r
+                            .reasons
+                            .iter()
+                            .find_map(|x| x.strip_prefix("approval_id="))
+                            .unwrap_or("?");
+                        eprintln!(
+                            "cellgate: {} {}{} waits for approval {id} (capability {}): cellgate approve {id} | cellgate deny {id} --reason TEXT",
+                            r.method.as_deref().unwrap_or(""),
+                            r.host.as_deref().unwrap_or(""),
+                            r.path.as_deref().unwrap_or(""),
+                            r.capability.as_deref().unwrap_or(""),
+                        );
+                    }
                     if let Ok(mut s) = sink.lock() {
                         s.add(&r);
                     }
@@ -655,7 +669,7 @@ fn budget_line(state: &serde_json::Value) -> String {
 impl Summary {
     fn add(&mut self, r: &cellgate_audit::Record) {
         use cellgate_audit::Decision;
-        if r.decision == Decision::Control {
+        if r.decision == Decision::Control && r.reason.starts_with("lockdown") {
             self.lockdowns
                 .push(format!("{} ({})", r.reason, r.reasons.join("; ")));
             return;
@@ -670,6 +684,17 @@ impl Summary {
             if let Some(scope) = b.get("scope").and_then(|s| s.as_str()) {
                 self.budgets.insert(scope.to_string(), b.clone());
             }
+        }
+        if matches!(
+            r.reason.as_str(),
+            "approval_requested"
+                | "approval_granted"
+                | "approval_rejected"
+                | "llm_usage"
+                | "llm_usage_unreadable"
+        ) {
+            // Events about a request, not decisions: the request has its own record.
+            return;
         }
         let cap = r.capability.clone().unwrap_or_else(|| "(none)".into());
         let e = self.by_capability.entry(cap).or_default();

@@ -77,6 +77,7 @@ fn cell() -> Cell {
                 credential: None,
                 budget: None,
                 approval: false,
+                approval_policy: Default::default(),
             })
             .collect(),
     }

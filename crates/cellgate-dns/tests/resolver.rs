@@ -52,6 +52,7 @@ fn cell() -> Cell {
             credential: None,
             budget: None,
             approval: false,
+            approval_policy: Default::default(),
         }],
     }
 }

@@ -294,7 +294,7 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz, /metrics, /lockdown or /audit?cell=NAMESPACE/NAME\n"
+            "not found: try /healthz, /readyz, /metrics, /lockdown, /approvals or /audit?cell=NAMESPACE/NAME\n"
                 .into(),
         ),
     };
@@ -416,6 +416,148 @@ async fn lockdown(
     json(StatusCode::OK, serde_json::json!(state))
 }
 
+/// `POST /approvals/ID` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalDecision {
+    /// `approve` or `deny`.
+    decision: String,
+    /// Why (required to deny).
+    #[serde(default)]
+    reason: Option<String>,
+    /// How long an approval of a retry request stays valid (default 10m).
+    #[serde(default, rename = "for")]
+    valid_for: Option<String>,
+    /// How many times it may be used (default 1).
+    #[serde(default)]
+    uses: Option<u32>,
+}
+
+/// `GET /approvals`: what waits for a human. `POST /approvals/ID`
+/// (`{"decision":"approve"|"deny","reason":"…","for":"10m","uses":1}`): decides one, audited
+/// with the approver (in local mode, the admin API's caller).
+async fn approvals(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    use crate::approvals::Verdict;
+    use http_body_util::BodyExt as _;
+    let json = |status, v: serde_json::Value| reply(status, "application/json", format!("{v}\n"));
+    let text = |status, t: String| reply(status, "text/plain", format!("{t}\n"));
+    let now = crate::decide::now_ms();
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.strip_prefix("/approvals/")) {
+        (http::Method::GET, None) => {
+            return json(
+                StatusCode::OK,
+                serde_json::json!(shared.approvals.list(now)),
+            )
+        }
+        (http::Method::POST, Some(id)) if !id.is_empty() => {
+            let id = id.to_string();
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_LOCKDOWN_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            let ask: ApprovalDecision = match serde_json::from_slice(&body) {
+                Ok(a) => a,
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad decision: {e}")),
+            };
+            let by = format!("admin API from {peer}");
+            let reason = ask.reason.clone().unwrap_or_default().trim().to_string();
+            let verdict = match ask.decision.as_str() {
+                "approve" => Verdict::Approved { by: by.clone() },
+                "deny" if !reason.is_empty() => Verdict::Denied {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                },
+                "deny" => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "a reason is required to deny".into(),
+                    )
+                }
+                other => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("decision {other:?}: approve or deny"),
+                    )
+                }
+            };
+            let valid = match ask
+                .valid_for
+                .as_deref()
+                .map(cellgate_api::manifest::parse_duration)
+            {
+                None => 600,
+                Some(Some(v)) if v <= crate::approvals::MAX_VALIDITY_SECS => v,
+                Some(_) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "for: a duration of at most 24h, like 10m".into(),
+                    )
+                }
+            };
+            let uses = ask.uses.unwrap_or(1);
+            if uses == 0 || uses > crate::approvals::MAX_USES {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("uses: 1 to {}", crate::approvals::MAX_USES),
+                );
+            }
+            let approved = matches!(verdict, Verdict::Approved { .. });
+            let view = match shared.approvals.decide(&id, verdict, valid, uses, now) {
+                Ok(v) => v,
+                Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
+            };
+            let mut rec = cellgate_audit::Record::new(
+                &shared.config.node_name,
+                "admin",
+                "http",
+                cellgate_audit::Decision::Approval,
+                if approved {
+                    "approval_granted"
+                } else {
+                    "approval_rejected"
+                },
+            );
+            let (ns, name) = view.cell.split_once('/').unwrap_or(("", &view.cell));
+            rec.namespace = Some(ns.to_string());
+            rec.cell = Some(name.to_string());
+            rec.capability = Some(view.key.capability.clone());
+            rec.method = Some(view.key.method.clone());
+            rec.host = Some(view.key.host.clone());
+            rec.path = Some(view.key.path.clone());
+            rec.request_id = Some(view.request_id.clone());
+            rec.reasons = vec![
+                format!("approval_id={}", view.id),
+                format!("by {by}"),
+                if approved {
+                    format!("valid for {valid}s, {uses} use(s) (retry mode)")
+                } else {
+                    reason
+                },
+            ];
+            if let Err(e) = crate::decide::record(&shared, rec).await {
+                tracing::error!(error = %e, "approval decision record not written");
+            }
+            tracing::info!(approval = %view.id, approved, by = %by, "approval decided");
+            json(
+                StatusCode::OK,
+                serde_json::json!({"id": view.id, "approved": approved}),
+            )
+        }
+        _ => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /approvals, or POST /approvals/ID".into(),
+        ),
+    }
+}
+
 /// Starts the admin server on its own thread.
 ///
 /// # Errors
@@ -447,7 +589,13 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                         let svc = service_fn(move |req: Request<Incoming>| {
                             let shared = shared.clone();
                             async move {
-                                let r = if req.uri().path() == "/lockdown" {
+                                let path = req.uri().path().to_string();
+                                let r = if path == "/approvals" || path.starts_with("/approvals/") {
+                                    match audit_allowed(&shared, &req).await {
+                                        Ok(()) => approvals(shared, req, peer).await,
+                                        Err(refused) => refused,
+                                    }
+                                } else if path == "/lockdown" {
                                     match audit_allowed(&shared, &req).await {
                                         Ok(()) => lockdown(shared, req, peer).await,
                                         Err(refused) => refused,

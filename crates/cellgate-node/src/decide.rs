@@ -79,6 +79,11 @@ pub struct Outcome {
     pub budget: Option<serde_json::Value>,
     /// The budget that refused it (HTTP 429).
     pub exhausted: Option<crate::budget::Exhausted>,
+    /// Set by governance when the request needs a human's approval: the outcome is a refusal
+    /// until [`approve`] turns it into the decision (the result policy gave is kept here).
+    pub awaiting_approval: Option<(cellgate_api::model::ApprovalPolicy, Decision)>,
+    /// The approval a refusal is waiting for (`approval_required`).
+    pub approval_id: Option<String>,
 }
 
 impl Outcome {
@@ -102,6 +107,8 @@ impl Outcome {
             retry_after: None,
             budget: None,
             exhausted: None,
+            awaiting_approval: None,
+            approval_id: None,
         }
     }
 
@@ -323,6 +330,8 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             retry_after: None,
             budget: None,
             exhausted: None,
+            awaiting_approval: None,
+            approval_id: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
@@ -387,10 +396,12 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Approvals and budgets, on an allowed request. Approvals are not enforced by this node yet:
-/// a request that needs one is refused (`governance_unavailable`), never let through
-/// unapproved; so is a request under a token or spend budget that the node cannot meter. This
-/// holds in shadow mode too: shadow relaxes policy denials, not governance.
+/// Budgets, then approvals, on an allowed request. A token or spend budget the node cannot
+/// meter on this path is refused (`governance_unavailable`), never let through unmetered; so is
+/// a hold approval on a front door that cannot hold a request. A request that needs approval
+/// leaves here refused (`approval_required`) and marked for [`approve`], which only the front
+/// doors that can bind the request's body call: a front door that does not, refuses. All of
+/// this holds in shadow mode too: shadow relaxes policy denials, not governance.
 async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
     if !out.allowed() {
         return out;
@@ -410,17 +421,26 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
         out
     };
     if let Some(cap) = cap.filter(|c| c.approval) {
-        let what = format!("capability {} requires approval, which this node does not enforce yet: the request is refused rather than let through unapproved", cap.name);
-        return unavailable(
-            out,
-            what,
-            "remove the approval from the AgentCell, or run a node that enforces it",
-        );
+        if !matches!(facts.protocol, "http" | "https") {
+            let what = format!("capability {} requires approval of each request, and a {} connection has no request to approve", cap.name, facts.protocol);
+            return unavailable(
+                out,
+                what,
+                "approvals govern HTTP requests (TLS intercepted); not relays",
+            );
+        }
+        if cap.approval_policy.mode == cellgate_api::model::ApprovalMode::Hold
+            && facts.front_door != "intake"
+        {
+            let what = format!("capability {} holds requests for approval, which the {} front door cannot do (Envoy gives up on a check within its timeout)", cap.name, facts.front_door);
+            return unavailable(
+                out,
+                what,
+                "use approval mode: retry with Envoy, or send through the node's intake",
+            );
+        }
     }
     let scopes = budget_scopes(&entry.cell, cap);
-    if scopes.is_empty() {
-        return out;
-    }
     if scopes.iter().any(|s| crate::budget::meters_usage(s.spec)) && !usage_meterable(facts) {
         let what = format!(
             "a token or spend budget governs this request, and the node cannot read the usage of {} requests through the {} front door",
@@ -432,12 +452,12 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
             "token and spend budgets need HTTP through the node's intake with TLS intercepted",
         );
     }
-    loop {
+    while !scopes.is_empty() {
         let now = now_ms();
         match shared.ledger.take(&entry.cell.uid, &scopes, now) {
             crate::budget::Take::Granted(state) => {
                 out.budget = Some(state);
-                return out;
+                break;
             }
             crate::budget::Take::Exhausted(e) => {
                 let (limit, used) = e.amounts();
@@ -481,6 +501,169 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
             }
         }
     }
+    if let Some(cap) = cap.filter(|c| c.approval) {
+        out.awaiting_approval = Some((cap.approval_policy, out.result));
+        out.result = Decision::Deny;
+        out.reason = "approval_required".into();
+        out.reasons = vec![format!(
+            "capability {} requires a human's approval of each request",
+            cap.name
+        )];
+    }
+    out
+}
+
+/// Largest request body bound to an approval (its SHA-256 is part of what is approved); a
+/// larger one is refused.
+pub const APPROVAL_MAX_BODY: usize = 1024 * 1024;
+
+/// The approval stage: a request [`govern`] marked is held for a decision (mode `hold`) or
+/// answered at once with an approval id (mode `retry`), unless an earlier approval of the same
+/// request covers it. `body_digest` is the SHA-256 of the whole body; `None` when the front door
+/// could not read it, which refuses.
+pub async fn approve(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    facts: &Facts,
+    mut out: Outcome,
+    body_digest: Option<String>,
+) -> Outcome {
+    use crate::approvals::{ApprovalKey, Verdict};
+    let Some((policy, decided)) = out.awaiting_approval.take() else {
+        return out;
+    };
+    let (Some(entry), Some(cap)) = (out.cell.clone(), out.capability.clone()) else {
+        return out;
+    };
+    let Some(body_digest) = body_digest else {
+        out.reason = "governance_unavailable".into();
+        out.reasons = vec![format!(
+            "the request's body could not be read whole (at most {APPROVAL_MAX_BODY} bytes), so no approval could be bound to it"
+        )];
+        return out;
+    };
+    let path = match &facts.query {
+        Some(q) => format!("{}?{q}", facts.path.as_deref().unwrap_or("/")),
+        None => facts.path.clone().unwrap_or_else(|| "/".into()),
+    };
+    let key = ApprovalKey {
+        cell_uid: entry.cell.uid.clone(),
+        capability: cap.clone(),
+        method: facts.method.clone().unwrap_or_default(),
+        host: facts.host.clone().unwrap_or_default(),
+        path,
+        body_digest,
+    };
+    let retry = policy.mode == cellgate_api::model::ApprovalMode::Retry;
+    let now = now_ms();
+    if retry && shared.approvals.take_grant(&key, now) {
+        out.result = decided;
+        out.reason = "allowed".into();
+        out.reasons = vec!["approved earlier: the approval of this request has a use left".into()];
+        return out;
+    }
+    let asked = match shared.approvals.ask(
+        key,
+        entry.cell.key(),
+        retry,
+        policy.timeout_secs,
+        &out.request_id,
+        now,
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            out.reason = "approval_unavailable".into();
+            out.reasons = vec![e.to_string()];
+            return out;
+        }
+    };
+    if asked.new {
+        let mut o = out.clone();
+        o.result = Decision::Approval;
+        o.reason = "approval_requested".into();
+        o.reasons = vec![format!(
+            "approval {} requested ({} mode, {}s)",
+            asked.id,
+            if retry { "retry" } else { "hold" },
+            policy.timeout_secs
+        )];
+        o.approval_id = Some(asked.id.clone());
+        let rec = audit_record(
+            shared,
+            Some(ident),
+            ident.source,
+            ident.original_dst,
+            facts,
+            &o,
+        );
+        if record(shared, rec).await.is_err() {
+            shared.approvals.withdraw(&asked.id);
+            out.reason = "approval_unavailable".into();
+            out.reasons = vec!["the approval request could not be recorded".into()];
+            return out;
+        }
+    }
+    out.approval_id = Some(asked.id.clone());
+    if retry {
+        out.result = Decision::Approval;
+        out.hint = Some(format!(
+            "a human must approve this request ({}); retry the same request (same method, host, path and body) once approved",
+            asked.id
+        ));
+        return out;
+    }
+    // Hold: wait for the decision; a request that gives up withdraws its approval.
+    struct Withdraw<'a>(&'a Shared, &'a str, bool);
+    impl Drop for Withdraw<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                self.0.approvals.withdraw(self.1);
+            }
+        }
+    }
+    let mut guard = Withdraw(shared, &asked.id, true);
+    let mut verdict = asked.verdict;
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(policy.timeout_secs),
+        verdict.wait_for(Option::is_some),
+    )
+    .await;
+    let got = match waited {
+        Ok(Ok(v)) => v.clone(),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            out.reason = "approval_timeout".into();
+            out.reasons = vec![format!(
+                "approval {} was not decided within {}s",
+                asked.id, policy.timeout_secs
+            )];
+            return out;
+        }
+    };
+    guard.2 = false;
+    match got {
+        Some(Verdict::Approved { by }) => {
+            out.result = decided;
+            out.reason = "allowed".into();
+            out.reasons = vec![format!("approved by {by} ({})", asked.id)];
+        }
+        Some(Verdict::Denied { by, reason }) => {
+            out.reason = "approval_denied".into();
+            out.reasons = vec![format!("denied by {by} ({}): {reason}", asked.id)];
+        }
+        Some(Verdict::Withdrawn { reason }) => {
+            out.reason = "approval_unavailable".into();
+            out.reasons = vec![format!("approval {}: {reason}", asked.id)];
+        }
+        None => {
+            out.reason = "approval_unavailable".into();
+            out.reasons = vec![format!(
+                "approval {} was dropped before a decision",
+                asked.id
+            )];
+        }
+    }
+    out
 }
 
 /// Builds the audit record of a decision.
@@ -521,6 +704,9 @@ pub fn audit_record(
     rec.reasons = reasons;
     rec.policy_version = out.policy_version.clone();
     rec.budget = out.budget.clone();
+    if let Some(id) = &out.approval_id {
+        rec.reasons.push(format!("approval_id={id}"));
+    }
     rec.latency_us = Some(out.latency_us);
     rec.request_id = Some(out.request_id.clone());
     rec

@@ -283,6 +283,11 @@ impl CheckService {
         }
 
         let out = decide::admit(shared, &ident, &facts).await;
+        let out = if out.awaiting_approval.is_some() {
+            decide::approve(shared, &ident, &facts, out, whole_body_digest(&http)).await
+        } else {
+            out
+        };
         if !out.allowed() {
             tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");
             let status = i32::from(out.deny_status());
@@ -773,6 +778,36 @@ fn for_each_len_field(
         }
     }
     (i == end).then_some(())
+}
+
+/// The SHA-256 of the request's whole body as Envoy passed it, for binding an approval; `None`
+/// when Envoy passed part of it (`x-envoy-auth-partial-body: true`) or none of a body the
+/// request has (`with_request_body` not configured).
+fn whole_body_digest(http: &HttpRequest) -> Option<String> {
+    let partial = http
+        .headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let bytes: &[u8] = if http.raw_body.is_empty() {
+        http.body.as_bytes()
+    } else {
+        &http.raw_body
+    };
+    if partial {
+        return None;
+    }
+    if bytes.is_empty() {
+        let declared = http
+            .headers
+            .get("content-length")
+            .is_some_and(|v| v.trim() != "0")
+            || http.headers.contains_key("transfer-encoding")
+            || http.size > 0;
+        if declared {
+            return None;
+        }
+    }
+    Some(crate::approvals::body_digest(bytes))
 }
 
 /// Rewrites every `HttpRequest.body` that is not UTF-8 into `raw_body` (same wire type, a

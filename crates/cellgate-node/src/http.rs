@@ -404,15 +404,34 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
         None => decide::admit(&shared, ident, &facts).await,
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
-    decided(shared, ctx, req, facts, out, generation)
-        .instrument(span)
-        .await
+    async move {
+        if out.awaiting_approval.is_none() {
+            let req = req.map(http_body_util::Either::Left);
+            return decided(shared, ctx, req, facts, out, generation).await;
+        }
+        // An approval binds the body: read it whole (bounded), approve exactly it, send it.
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, decide::APPROVAL_MAX_BODY)
+            .collect()
+            .await
+            .ok()
+            .map(|b| b.to_bytes());
+        let digest = body.as_deref().map(crate::approvals::body_digest);
+        let out = decide::approve(&shared, &ctx.ident, &facts, out, digest).await;
+        let req = Request::from_parts(
+            parts,
+            http_body_util::Either::Right(Full::new(body.unwrap_or_default())),
+        );
+        decided(shared, ctx, req, facts, out, generation).await
+    }
+    .instrument(span)
+    .await
 }
 
 async fn decided(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
+    req: Request<upstream::UpBody>,
     facts: Facts,
     out: Outcome,
     generation: tokio::sync::watch::Receiver<u64>,
@@ -514,15 +533,19 @@ pub(crate) fn deny_body(ident: Option<&ConnIdentity>, out: &Outcome) -> serde_js
             "hint": hint,
         });
     }
-    serde_json::json!({
-        "error": "cellgate_denied",
+    let mut body = serde_json::json!({
+        "error": if out.reason == "approval_required" { "cellgate_approval_required" } else { "cellgate_denied" },
         "reason": out.reason,
         "message": out.reasons.first().cloned().unwrap_or_default(),
         "cell": cell,
         "capability": out.capability,
         "request_id": out.request_id,
         "hint": hint,
-    })
+    });
+    if let (Some(id), Some(m)) = (&out.approval_id, body.as_object_mut()) {
+        m.insert("approval_id".into(), id.clone().into());
+    }
+    body
 }
 
 fn default_hint(reason: &str) -> &'static str {
@@ -531,6 +554,8 @@ fn default_hint(reason: &str) -> &'static str {
         "cell_suspended" => "this cell is suspended; every request is refused until it is resumed",
         "token_revoked" | "token_expired" => "this cell's identity is no longer valid; the task must be restarted with a new token",
         "no_policy" => "the node has no valid policy and refuses everything; operators can see why on /readyz",
+        "approval_denied" => "a human denied this request; do not retry it unchanged",
+        "approval_timeout" => "no human decided on this request in time; it may be asked again later",
         _ => "the request was refused by the cell's boundary; do not retry it unchanged",
     }
 }
@@ -592,7 +617,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -609,7 +634,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 async fn forward(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,
-    mut req: Request<Incoming>,
+    mut req: Request<upstream::UpBody>,
     facts: Facts,
     out: Outcome,
     injected: Option<crate::credentials::Injected>,

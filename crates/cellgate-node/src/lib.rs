@@ -14,6 +14,7 @@
 //! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
+pub mod approvals;
 pub mod budget;
 pub mod cells;
 pub mod config;
@@ -80,6 +81,8 @@ pub struct Shared {
     pub prices: usage::PriceTable,
     /// The kill switch (in the state directory).
     pub lockdown: lockdown::Lockdown,
+    /// Requests held for, or answered with, a human's approval.
+    pub approvals: approvals::Approvals,
     /// Audit log.
     pub audit: AuditLog,
     /// Metrics.
@@ -158,6 +161,14 @@ impl NodeHandle {
     /// Starts a drain: accept loops stop, open connections get the grace period, then close.
     pub async fn shutdown(mut self) {
         self.shared.draining.send_replace(true);
+        // No decision can reach a held request any more: refuse them now (each is audited).
+        let held = self
+            .shared
+            .approvals
+            .deny_all("the node is shutting down; no decision can reach the request");
+        if held > 0 {
+            tracing::warn!(held, "requests waiting for approval refused at shutdown");
+        }
         let grace = self.shared.config.drain;
         let open =
             || self.shared.config.max_connections - self.shared.conn_limit.available_permits();
@@ -382,6 +393,7 @@ pub async fn run_with(
         ledger: ledger.clone(),
         prices,
         lockdown,
+        approvals: approvals::Approvals::default(),
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
             minter: minter.clone(),
             audit: audit.clone(),

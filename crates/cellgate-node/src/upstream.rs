@@ -199,7 +199,11 @@ impl tower_service::Service<Uri> for ResolvingConnector {
     }
 }
 
-type HttpClient = Client<HttpsConnector<ResolvingConnector>, Incoming>;
+/// A request body sent upstream: streamed from the agent, or held whole (a body bound to an
+/// approval, which must be exactly the one approved).
+pub type UpBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
+type HttpClient = Client<HttpsConnector<ResolvingConnector>, UpBody>;
 
 /// The pooled upstream clients: resolved addresses filtered ([`forbidden`]) by default, and
 /// unfiltered for capabilities with `allowInternalAddresses` (separate pools, so a connection
