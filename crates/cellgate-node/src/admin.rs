@@ -448,12 +448,10 @@ async fn approvals(
     let now = crate::decide::now_ms();
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.strip_prefix("/approvals/")) {
-        (http::Method::GET, None) => {
-            return json(
-                StatusCode::OK,
-                serde_json::json!(shared.approvals.list(now)),
-            )
-        }
+        (http::Method::GET, None) => json(
+            StatusCode::OK,
+            serde_json::json!(shared.approvals.list(now)),
+        ),
         (http::Method::POST, Some(id)) if !id.is_empty() => {
             let id = id.to_string();
             let body = match http_body_util::Limited::new(req.into_body(), MAX_LOCKDOWN_BODY)

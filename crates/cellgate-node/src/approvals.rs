@@ -320,8 +320,9 @@ mod tests {
         assert!(!a.take_grant(&key("/x"), 1_100));
         // Decided once.
         assert_eq!(
-            a.decide(&again.id, Verdict::Approved { by: "x".into() }, 1, 1, 200),
-            Err(ApprovalError::Unknown(again.id.clone()))
+            a.decide(&again.id, Verdict::Approved { by: "x".into() }, 1, 1, 200)
+                .unwrap_err(),
+            ApprovalError::Unknown(again.id.clone())
         );
     }
 

@@ -783,7 +783,7 @@ impl tower_service::Service<http::Uri> for UnixConnector {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approvals_and_unmeterable_budgets_fail_closed_and_request_budgets_hold_in_envoy_mode() {
+async fn governance_in_envoy_mode_retry_approvals_request_budgets_and_what_fails_closed() {
     let env = start().await;
     let port = env.f.https.addr.port();
     install_cell(&env.f, "gov", &governed_cell("gov", port, false)).await;
@@ -797,8 +797,8 @@ async fn approvals_and_unmeterable_budgets_fail_closed_and_request_budgets_hold_
     assert_eq!(code(&ok), 0, "{ok:?}");
     // Approvals are not held yet; Envoy's responses are not read, so tokens cannot be metered.
     for (path, cap, why) in [
-        ("/v1/approve/x", "approved", "requires approval"),
-        ("/v1/shadow/x", "shadowed", "requires approval"),
+        ("/v1/approve/x", "approved", "holds requests for approval"),
+        ("/v1/shadow/x", "shadowed", "holds requests for approval"),
         ("/llm/x", "metered", "cannot read the usage"),
     ] {
         let r = check(&mut c, &Req::new(&env, "gov", "GET", "api.test", path)).await;
@@ -818,6 +818,60 @@ async fn approvals_and_unmeterable_budgets_fail_closed_and_request_budgets_hold_
         assert_eq!(rec["reason"], "governance_unavailable");
         assert_eq!(rec["front_door"], "ext_authz");
     }
+    // Retry-mode approvals: bound to the body Envoy passes; without it, refused.
+    let mut post = Req::new(&env, "gov", "POST", "api.test", "/v1/retry/pay");
+    post.headers.push(("content-length", "11".into()));
+    let r = check(&mut c, &post).await;
+    let (_, body) = denied(&r);
+    assert_eq!(body["reason"], "governance_unavailable", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("body could not be read whole"),
+        "{body}"
+    );
+    post.raw_body = Some(b"{\"amount\":5}".to_vec());
+    let r = check(&mut c, &post).await;
+    let (status, body) = denied(&r);
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "cellgate_approval_required", "{body}");
+    let id = body["approval_id"].as_str().unwrap().to_string();
+    let pending = env
+        .f
+        .node()
+        .shared
+        .approvals
+        .list(cellgate_node::decide::now_ms());
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        pending[0].key.body_digest,
+        cellgate_node::approvals::body_digest(b"{\"amount\":5}")
+    );
+    env.f
+        .node()
+        .shared
+        .approvals
+        .decide(
+            &id,
+            cellgate_node::approvals::Verdict::Approved { by: "test".into() },
+            60,
+            1,
+            cellgate_node::decide::now_ms(),
+        )
+        .unwrap();
+    let mut other = Req::new(&env, "gov", "POST", "api.test", "/v1/retry/pay");
+    other.raw_body = Some(b"{\"amount\":9}".to_vec());
+    let r = check(&mut c, &other).await;
+    assert_eq!(
+        denied(&r).1["reason"],
+        "approval_required",
+        "another body is not approved"
+    );
+    let r = check(&mut c, &post).await;
+    assert_eq!(code(&r), 0, "the approved request: {r:?}");
+    let r = check(&mut c, &post).await;
+    assert_eq!(denied(&r).1["reason"], "approval_required", "one use");
     // A request budget: the capability's window (2), and the cell's total (3).
     for (cell, path, allowed, budget, limit) in [
         ("gov", "/v1/budget/x", 2, "requestsPerWindow", 2),

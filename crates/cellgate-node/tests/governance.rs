@@ -1,6 +1,6 @@
 //! Governance on the intake, through real sockets and TLS: budgets (requests, windows, LLM
 //! tokens and spend read from responses) counted exactly and kept across restarts, approvals
-//! refused while the node cannot hold them (`governance_unavailable`), and the lockdown.
+//! held for a human (hold and retry), and the lockdown.
 
 mod common;
 
@@ -39,13 +39,21 @@ spec:
   capabilities:
     - name: approved
       destinations: [{{host: api.test, ports: [{https}]}}]
-      http: {{methods: [GET], paths: ["/v1/approve/**"]}}
-      approval: {{required: true}}
+      http: {{methods: [GET, POST], paths: ["/v1/approve/**"]}}
+      approval: {{required: true, timeout: 30s}}
+    - name: quick
+      destinations: [{{host: api.test, ports: [{https}]}}]
+      http: {{methods: [POST], paths: ["/v1/quick/**"]}}
+      approval: {{required: true, timeout: 1s, mode: hold}}
+    - name: retried
+      destinations: [{{host: api.test, ports: [{https}]}}]
+      http: {{methods: [POST], paths: ["/v1/retry/**"]}}
+      approval: {{required: true, mode: retry, timeout: 5m}}
     - name: shadowed
       mode: shadow
       destinations: [{{host: api.test, ports: [{https}]}}]
       http: {{methods: [GET], paths: ["/v1/shadow/**"]}}
-      approval: {{required: true}}
+      approval: {{required: true, timeout: 1s}}
     - name: windowed
       destinations: [{{host: plain.test, ports: [{http}]}}]
       http: {{methods: [GET], paths: ["/w/**"]}}
@@ -85,31 +93,272 @@ async fn start() -> Fixture {
     f
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approvals_fail_closed_on_the_intake() {
-    let f = start().await;
-    let ok = get(&f, "gov", "/v1/free/x").await;
-    assert_eq!(ok.status, 200, "{}", ok.body);
-    assert_eq!(f.https.requests().len(), 1);
-    for (path, cap) in [("/v1/approve/x", "approved"), ("/v1/shadow/x", "shadowed")] {
-        let r = get(&f, "gov", path).await;
-        assert_eq!(r.status, 403, "{path}: {}", r.body);
-        let j = r.json();
-        assert_eq!(j["reason"], "governance_unavailable", "{j}");
-        assert_eq!(j["capability"], cap, "{j}");
-        assert!(
-            j["message"].as_str().unwrap().contains("requires approval"),
-            "{j}"
-        );
-        // Durable before the 403: on disk without a flush.
-        let rid = j["request_id"].as_str().unwrap().to_string();
-        let on_disk = std::fs::read_to_string(&f.audit).unwrap();
-        assert!(on_disk.contains(&rid), "denial not durable before the 403");
+/// One request over TLS through the node, with a body.
+async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
+    let tls = f.tls("api.test", &f.token("gov"), &[b"http/1.1"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("api.test:{}", f.https.addr.port()))
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// POST `body` to `path` on the node's admin port.
+async fn admin_post(f: &Fixture, path: &str, body: serde_json::Value) -> Resp {
+    let tcp = tokio::net::TcpStream::connect(f.node().admin_addr)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header("host", "admin")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Waits (bounded) until exactly one approval is pending, and returns it.
+async fn pending_one(f: &Fixture) -> serde_json::Value {
+    for _ in 0..200 {
+        let list = f.admin_get("/approvals").await.json();
+        if let Some(a) = list.as_array().filter(|l| l.len() == 1) {
+            return a[0].clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no pending approval");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_waits_for_a_human_and_goes_on_exactly_as_approved() {
+    let f = std::sync::Arc::new(start().await);
+    let held = {
+        let f = f.clone();
+        tokio::spawn(
+            async move { send(&f, "POST", "/v1/approve/deploy?env=prod", "{\"v\":2}").await },
+        )
+    };
+    let a = pending_one(&f).await;
+    assert_eq!(a["cell"], "agents/gov", "{a}");
     assert_eq!(
-        f.https.requests().len(),
-        1,
+        (a["capability"].as_str(), a["mode"].as_str()),
+        (Some("approved"), Some("hold"))
+    );
+    assert_eq!(
+        (a["method"].as_str(), a["host"].as_str()),
+        (Some("POST"), Some("api.test"))
+    );
+    assert_eq!(a["path"], "/v1/approve/deploy?env=prod");
+    assert_eq!(
+        a["body_digest"],
+        cellgate_node::approvals::body_digest(b"{\"v\":2}").as_str()
+    );
+    assert_eq!(a["body_digest"].as_str().unwrap().len(), 64);
+    assert!(f.https.requests().is_empty(), "sent before approval");
+    assert!(!held.is_finished());
+    let id = a["id"].as_str().unwrap().to_string();
+    let r = admin_post(
+        &f,
+        &format!("/approvals/{id}"),
+        serde_json::json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = f.https.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, b"{\"v\":2}", "the approved body, whole");
+    assert_eq!(seen[0].uri, "/v1/approve/deploy?env=prod");
+    // Three records: requested, decided (with the approver), and the request's own allow.
+    let asked = f.wait_audit(|r| r["reason"] == "approval_requested").await;
+    assert_eq!(asked["decision"], "approval");
+    let decided = f.wait_audit(|r| r["reason"] == "approval_granted").await;
+    assert!(
+        decided["reasons"]
+            .to_string()
+            .contains("by admin API from 127.0.0.1"),
+        "{decided}"
+    );
+    assert!(decided["reasons"].to_string().contains(&id), "{decided}");
+    let own = f
+        .wait_audit(|r| r["decision"] == "allow" && r["capability"] == "approved")
+        .await;
+    assert!(
+        own["reasons"].to_string().contains("approved by admin API"),
+        "{own}"
+    );
+    // Decided once.
+    let r = admin_post(
+        &f,
+        &format!("/approvals/{id}"),
+        serde_json::json!({"decision": "approve"}),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_refused_when_denied_or_when_nobody_decides() {
+    let f = std::sync::Arc::new(start().await);
+    let held = {
+        let f = f.clone();
+        tokio::spawn(async move { send(&f, "POST", "/v1/approve/drop", "x").await })
+    };
+    let id = pending_one(&f).await["id"].as_str().unwrap().to_string();
+    let r = admin_post(
+        &f,
+        &format!("/approvals/{id}"),
+        serde_json::json!({"decision": "deny"}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "a denial needs a reason: {}", r.body);
+    let r = admin_post(
+        &f,
+        &format!("/approvals/{id}"),
+        serde_json::json!({"decision": "deny", "reason": "not on a Friday"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 403);
+    let j = r.json();
+    assert_eq!(j["reason"], "approval_denied", "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains("not on a Friday"),
+        "{j}"
+    );
+    assert_eq!(j["approval_id"], id.as_str());
+    f.wait_audit(|r| r["reason"] == "approval_rejected").await;
+
+    // Nobody decides within the capability's 1s.
+    let r = send(&f, "POST", "/v1/quick/x", "y").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["reason"], "approval_timeout", "{}", r.body);
+    assert!(
+        f.admin_get("/approvals")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the expired approval is gone"
+    );
+    // Shadow mode relaxes policy, not approval.
+    let r = get(&f, "gov", "/v1/shadow/x").await;
+    assert_eq!(r.json()["reason"], "approval_timeout", "{}", r.body);
+    assert!(
+        f.https.requests().is_empty(),
         "nothing unapproved reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_mode_answers_at_once_and_allows_the_same_request_once_approved() {
+    let f = start().await;
+    let r = send(&f, "POST", "/v1/retry/pay", "{\"amount\":5}").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["error"], "cellgate_approval_required", "{j}");
+    assert_eq!(j["reason"], "approval_required");
+    let id = j["approval_id"].as_str().unwrap().to_string();
+    // The same request again names the same approval; nothing was sent.
+    let again = send(&f, "POST", "/v1/retry/pay", "{\"amount\":5}")
+        .await
+        .json();
+    assert_eq!(again["approval_id"], id.as_str());
+    assert_eq!(
+        f.admin_get("/approvals")
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let r = admin_post(
+        &f,
+        &format!("/approvals/{id}"),
+        serde_json::json!({"decision": "approve", "for": "10m", "uses": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Another body is another request: not covered.
+    let other = send(&f, "POST", "/v1/retry/pay", "{\"amount\":5000}").await;
+    assert_eq!(other.json()["reason"], "approval_required");
+    assert_ne!(other.json()["approval_id"], id.as_str());
+    let r = send(&f, "POST", "/v1/retry/pay", "{\"amount\":5}").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(f.https.requests().len(), 1);
+    assert_eq!(f.https.requests()[0].body, b"{\"amount\":5}");
+    // One use.
+    let r = send(&f, "POST", "/v1/retry/pay", "{\"amount\":5}").await;
+    assert_eq!(r.json()["reason"], "approval_required", "{}", r.body);
+    assert_eq!(f.https.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_when_the_node_stops_is_refused_and_audited() {
+    let mut f = start().await;
+    let tls = f.tls("api.test", &f.token("gov"), &[b"http/1.1"]).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/approve/x")
+        .header("host", format!("api.test:{}", f.https.addr.port()))
+        .body(http_body_util::Full::new(Bytes::from_static(b"z")))
+        .unwrap();
+    let held = tokio::spawn(sender.send_request(req));
+    pending_one(&f).await;
+    let node = f.node.take().unwrap();
+    let audit = f.audit.clone();
+    node.shutdown().await;
+    let resp = held.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 403);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["reason"], "approval_unavailable", "{j}");
+    let recs = audit_records(&audit);
+    assert!(
+        recs.iter().any(|r| r["reason"] == "approval_unavailable"),
+        "{recs:#?}"
     );
 }
 
@@ -425,8 +674,8 @@ async fn lockdown_refuses_everything_closes_what_is_open_and_lifts_exactly() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(get(&f, "demo", "/v1/a").await.status, 200);
     assert_eq!(
-        get(&f, "gov", "/v1/approve/x").await.json()["reason"],
-        "governance_unavailable"
+        send(&f, "POST", "/v1/retry/x", "").await.json()["reason"],
+        "approval_required"
     );
     assert_eq!(
         f.https_get("api.test", "api.test", "/v2/a", "GET")

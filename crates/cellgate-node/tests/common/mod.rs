@@ -328,6 +328,10 @@ spec:
       destinations: [{{host: api.test, ports: [{port}]}}]
       http: {{methods: [GET], paths: ["/v1/budget/**"]}}
       budget: {{requestsPerWindow: 2, window: 1m}}
+    - name: retried
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{methods: [POST], paths: ["/v1/retry/**"]}}
+      approval: {{required: true, mode: retry}}
     - name: metered
       destinations: [{{host: api.test, ports: [{port}]}}]
       http: {{methods: [GET], paths: ["/llm/**"]}}
