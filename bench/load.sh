@@ -18,6 +18,8 @@
 #   ONLY      a regex of run names to keep (e.g. ONLY=c1 for the latency runs only); the table
 #             shows only complete rows
 #   UPSTREAM=h1  the node talks HTTP/1.1 to nginx in the proxied runs (default: h2 when it works)
+#   BUDGET=1  the benchmarked capability carries a request budget (total and window), so the
+#             budget stage counts every request (compare with a run without it)
 #   PIN=1     split the CPUs: h2load and nginx on CPU 0, node and taggers on CPU 1 (taskset), so
 #             the proxy has a core of its own, as it would next to agents and upstreams that run
 #             elsewhere; the direct runs then get one core, the proxied runs two
@@ -176,6 +178,7 @@ spec:
       http:
         methods: [GET]
         paths: ["/v1/**"]
+${BUDGET:+      budget: {requests: 1000000000, requestsPerWindow: 1000000000, window: 1h\}}
 EOF
 "$bin/cellgate" token issue --key "$work/keys/signing.key" --cell "$work/cells/bench.yaml" \
   --ttl 15m --bind 127.0.0.1 > "$work/token"
