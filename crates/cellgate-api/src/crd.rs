@@ -34,6 +34,14 @@ pub const FINALIZER: &str = "cellgate.dev/token-revocation";
 /// ConfigMap (in the control plane's namespace) listing revoked token ids: key = `jti`, value = the
 /// token's expiry (RFC 3339). Nodes watch it; the operator prunes entries past their expiry.
 pub const REVOCATIONS_CONFIGMAP: &str = "cellgate-revocations";
+/// The ConfigMap (in the control namespace) holding the cluster's lockdowns: key
+/// [`LOCKDOWN_KEY_CLUSTER`] for every cell, `namespace.NS` ([`LOCKDOWN_KEY_NAMESPACE`]) for one
+/// namespace's; each value is JSON `{"reason","since","by"}`.
+pub const LOCKDOWN_CONFIGMAP: &str = "cellgate-lockdown";
+/// The lockdown key of a cluster-wide lockdown.
+pub const LOCKDOWN_KEY_CLUSTER: &str = "cluster";
+/// The prefix of a namespace's lockdown key.
+pub const LOCKDOWN_KEY_NAMESPACE: &str = "namespace.";
 /// Key of the token in the cell's token Secret; the tagger reads `/var/run/cellgate/token/token`.
 pub const TOKEN_SECRET_KEY: &str = "token";
 /// Annotation on the token Secret: the token's id (`jti`).

@@ -11,7 +11,8 @@ use http_body_util::{BodyExt as _, Full};
 /// The node's admin address `cellgate run` and `cellgate-node` use by default.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15021";
 
-/// `cellgate lockdown on|off`.
+/// `cellgate lockdown on|off`: one node through its admin API, or (`--cluster`, or as
+/// `kubectl cellgate` without `--admin`) every node of a cluster through the API server.
 #[derive(Debug, clap::Args)]
 pub struct LockdownArgs {
     /// `on` refuses every request of every cell (or of one namespace) at once; `off` lifts it.
@@ -23,8 +24,40 @@ pub struct LockdownArgs {
     /// Why: written to the audit log and shown to operators.
     #[arg(long)]
     pub reason: String,
+    /// Every node of the cluster (the `cellgate-lockdown` ConfigMap), not one node's admin API.
+    #[arg(long, conflicts_with = "admin")]
+    pub cluster: bool,
+    /// kubeconfig context (with --cluster).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Namespace the node DaemonSet runs in (with --cluster).
+    #[arg(long, default_value = "cellgate-system")]
+    pub control_namespace: String,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub admin: OptionalAdminArgs,
+}
+
+/// The admin address, optional: absent means the default node, or the cluster.
+#[derive(Debug, clap::Args)]
+pub struct OptionalAdminArgs {
+    /// The node's admin address (default 127.0.0.1:15021).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// The node's admin token file (when the node runs with --admin-token-file).
+    #[arg(long, env = "CELLGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Whether this process was started as the kubectl plugin.
+fn as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().starts_with("kubectl-cellgate"))
+        })
+        .unwrap_or(false)
 }
 
 /// Sends one request to the admin API and returns the status and body.
@@ -62,16 +95,41 @@ async fn call(
     Ok((status, String::from_utf8_lossy(&text).into_owned()))
 }
 
-/// Sets or lifts a lockdown on the node and prints what is in force.
+/// Sets or lifts a lockdown, on one node or on the cluster, and prints what is in force.
 ///
 /// # Errors
-/// When the node cannot be reached or refuses.
+/// When the node or the API server cannot be reached or refuses.
 pub async fn lockdown(args: LockdownArgs) -> anyhow::Result<ExitCode> {
+    let scope = args
+        .namespace
+        .as_deref()
+        .map_or("every cell".to_string(), |n| format!("namespace {n}"));
+    if args.cluster || (args.admin.admin.is_none() && as_kubectl_plugin()) {
+        let target = crate::kubectl::Target {
+            namespace: None,
+            context: args.context.clone(),
+        };
+        let (client, _) = crate::kubectl::connect(&target).await?;
+        let text = lockdown_cluster(
+            client,
+            &args.control_namespace,
+            args.namespace.as_deref(),
+            args.state == "on",
+            &args.reason,
+        )
+        .await?;
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let body = serde_json::json!({
         "state": args.state, "namespace": args.namespace, "reason": args.reason,
     });
+    let admin = args
+        .admin
+        .admin
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15021)));
     let (status, text) = call(
-        args.admin.admin,
+        admin,
         args.admin.admin_token_file.as_ref(),
         http::Method::POST,
         "/lockdown",
@@ -81,18 +139,98 @@ pub async fn lockdown(args: LockdownArgs) -> anyhow::Result<ExitCode> {
     if !status.is_success() {
         bail!("the node refused: {status}: {}", text.trim());
     }
-    let scope = args
-        .namespace
-        .as_deref()
-        .map_or("every cell on the node".to_string(), |n| {
-            format!("namespace {n}")
-        });
     println!(
-        "lockdown {} for {scope}; in force now: {}",
+        "lockdown {} for {scope} on the node at {admin}; in force now: {}",
         args.state,
         text.trim()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who the API server says we are (SelfSubjectReview), for the record of a change.
+async fn whoami(client: kube::Client) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: kube::Api<SelfSubjectReview> = kube::Api::all(client);
+    let review = api
+        .create(
+            &kube::api::PostParams::default(),
+            &SelfSubjectReview::default(),
+        )
+        .await
+        .context("asking the API server who we are (SelfSubjectReview)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("the API server did not name the caller"))
+}
+
+/// Sets (`on`) or lifts one lockdown in the cluster's `cellgate-lockdown` ConfigMap, recording
+/// the caller the API server names; every node watches it. Returns what to print.
+///
+/// # Errors
+/// When the API server refuses or cannot be reached; nothing is changed then.
+pub async fn lockdown_cluster(
+    client: kube::Client,
+    control_namespace: &str,
+    namespace: Option<&str>,
+    on: bool,
+    reason: &str,
+) -> anyhow::Result<String> {
+    use cellgate_api::crd::{LOCKDOWN_CONFIGMAP, LOCKDOWN_KEY_CLUSTER, LOCKDOWN_KEY_NAMESPACE};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let reason = reason.trim();
+    if reason.is_empty() {
+        bail!("--reason: a reason is required");
+    }
+    let by = whoami(client.clone()).await?;
+    let key = namespace.map_or(LOCKDOWN_KEY_CLUSTER.to_string(), |n| {
+        format!("{LOCKDOWN_KEY_NAMESPACE}{n}")
+    });
+    let value = serde_json::json!({
+        "reason": reason,
+        "since": cellgate_audit::format_rfc3339(std::time::SystemTime::now()),
+        "by": by,
+    })
+    .to_string();
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, control_namespace);
+    let exists = api
+        .get_opt(LOCKDOWN_CONFIGMAP)
+        .await
+        .with_context(|| format!("reading {control_namespace}/{LOCKDOWN_CONFIGMAP}"))?
+        .is_some();
+    let scope = namespace.map_or("every cell in the cluster".to_string(), |n| {
+        format!("namespace {n}")
+    });
+    match (exists, on) {
+        (false, false) => return Ok(format!("no lockdown for {scope}: nothing to lift")),
+        (false, true) => {
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": LOCKDOWN_CONFIGMAP, "namespace": control_namespace,
+                             "labels": {"app.kubernetes.io/part-of": "cellgate"}},
+                "data": {key.clone(): value},
+            }))?;
+            api.create(&kube::api::PostParams::default(), &cm)
+                .await
+                .context("creating the lockdown ConfigMap")?;
+        }
+        (true, _) => {
+            let patch = serde_json::json!({"data": {key.clone(): if on { serde_json::Value::from(value) } else { serde_json::Value::Null }}});
+            api.patch(
+                LOCKDOWN_CONFIGMAP,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .context("changing the lockdown ConfigMap")?;
+        }
+    }
+    Ok(format!(
+        "lockdown {} for {scope} (by {by}); every node applies it as its watch sees the change",
+        if on { "on" } else { "off" }
+    ))
 }
 
 /// Where the node's admin API is.

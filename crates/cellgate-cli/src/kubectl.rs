@@ -120,7 +120,7 @@ pub fn block_on(
 }
 
 /// A client from the kubeconfig (or the in-cluster config) and the namespace to use.
-async fn connect(target: &Target) -> anyhow::Result<(Client, String)> {
+pub(crate) async fn connect(target: &Target) -> anyhow::Result<(Client, String)> {
     // kube's rustls needs a process-wide crypto provider; ring is the one the workspace builds.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match &target.context {

@@ -405,3 +405,142 @@ async fn audit_of_a_cell_without_a_node_says_why() {
     assert!(err.to_string().contains("no pod on a node yet"), "{err}");
     server.await.expect("server");
 }
+
+fn review(user: &str) -> Value {
+    json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {},
+           "status": {"userInfo": {"username": user, "groups": ["system:authenticated"]}}})
+}
+
+const LOCKDOWN_URI: &str = "/api/v1/namespaces/cellgate-system/configmaps/cellgate-lockdown";
+
+#[tokio::test]
+async fn cluster_lockdown_records_the_caller_the_api_server_names() {
+    // No ConfigMap yet: created with the one entry, the caller from SelfSubjectReview.
+    let (kc, handle) = client();
+    let script = vec![
+        call(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews?",
+            Some(
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {}}),
+            ),
+            review("alice@example.com"),
+        ),
+        Call {
+            status: StatusCode::NOT_FOUND,
+            ..call(
+                Method::GET,
+                LOCKDOWN_URI,
+                None,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "metadata": {}}),
+            )
+        },
+        call(
+            Method::POST,
+            "/api/v1/namespaces/cellgate-system/configmaps?",
+            None,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cellgate-lockdown", "namespace": "cellgate-system"}}),
+        ),
+    ];
+    let served = tokio::spawn(serve_capture(handle, script));
+    let text = cellgate_cli::admin::lockdown_cluster(
+        kc,
+        "cellgate-system",
+        Some("agents"),
+        true,
+        "incident 12",
+    )
+    .await
+    .unwrap();
+    let (n, bodies) = served.await.unwrap();
+    assert_eq!(n, 3);
+    assert!(
+        text.contains("lockdown on for namespace agents (by alice@example.com)"),
+        "{text}"
+    );
+    let created = &bodies[2];
+    assert_eq!(created["metadata"]["name"], "cellgate-lockdown");
+    let entry: Value =
+        serde_json::from_str(created["data"]["namespace.agents"].as_str().unwrap()).unwrap();
+    assert_eq!(entry["reason"], "incident 12");
+    assert_eq!(entry["by"], "alice@example.com");
+    assert!(entry["since"].as_str().unwrap().ends_with('Z'));
+
+    // It exists: lifting is a merge patch removing exactly that key.
+    let (kc, handle) = client();
+    let script = vec![
+        call(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews?",
+            None,
+            review("bob"),
+        ),
+        call(
+            Method::GET,
+            LOCKDOWN_URI,
+            None,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cellgate-lockdown", "namespace": "cellgate-system"}, "data": {"cluster": "{}"}}),
+        ),
+        call(
+            Method::PATCH,
+            &format!("{LOCKDOWN_URI}?"),
+            Some(json!({"data": {"cluster": null}})),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cellgate-lockdown"}}),
+        ),
+    ];
+    let served = tokio::spawn(serve(handle, script));
+    let text =
+        cellgate_cli::admin::lockdown_cluster(kc, "cellgate-system", None, false, "resolved")
+            .await
+            .unwrap();
+    assert_eq!(served.await.unwrap(), 3);
+    assert!(
+        text.contains("lockdown off for every cell in the cluster (by bob)"),
+        "{text}"
+    );
+
+    // No caller named: nothing is changed.
+    let (kc, handle) = client();
+    let script = vec![call(
+        Method::POST,
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews?",
+        None,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {}, "status": {"userInfo": {}}}),
+    )];
+    let served = tokio::spawn(serve(handle, script));
+    let e = cellgate_cli::admin::lockdown_cluster(kc, "cellgate-system", None, true, "x")
+        .await
+        .unwrap_err();
+    assert_eq!(served.await.unwrap(), 1);
+    assert!(e.to_string().contains("did not name the caller"), "{e}");
+}
+
+/// As [`serve`], also returning each request's JSON body.
+async fn serve_capture(mut handle: Handle, script: Vec<Call>) -> (usize, Vec<Value>) {
+    let mut served = 0;
+    let mut bodies = Vec::new();
+    for expected in script {
+        let (request, send) = handle
+            .next_request()
+            .await
+            .unwrap_or_else(|| panic!("missing call: {} {}", expected.method, expected.uri));
+        assert_eq!(request.method(), expected.method, "call {served}");
+        assert_eq!(request.uri().to_string(), expected.uri, "call {served}");
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let got: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if let Some(want) = &expected.body {
+            assert_eq!(&got, want, "body of call {served} ({})", expected.uri);
+        }
+        bodies.push(got);
+        let answer = serde_json::to_vec(&expected.answer).expect("json");
+        send.send_response(
+            Response::builder()
+                .status(expected.status)
+                .header("content-type", "application/json")
+                .body(Body::from(answer))
+                .expect("response"),
+        );
+        served += 1;
+    }
+    (served, bodies)
+}

@@ -329,7 +329,11 @@ async fn lockdown(
     let json = |status, v: serde_json::Value| reply(status, "application/json", format!("{v}\n"));
     match *req.method() {
         http::Method::GET => {
-            return json(StatusCode::OK, serde_json::json!(shared.lockdown.state()));
+            let mut v = serde_json::json!(shared.lockdown.state());
+            if shared.config.kubernetes {
+                v["cluster"] = serde_json::json!(shared.lockdown.cluster_state());
+            }
+            return json(StatusCode::OK, v);
         }
         http::Method::POST => {}
         _ => {

@@ -1,6 +1,6 @@
 //! Kubernetes mode (`--kubernetes`): the node's state comes from the API server.
 //!
-//! Three watches, started by [`start`] with a [`kube::Client`] (inferred by [`crate::run`], a
+//! Four watches, started by [`start`] with a [`kube::Client`] (inferred by [`crate::run`], a
 //! mocked one in tests), feed the same internal model local mode builds from files:
 //!
 //! | watch | selector | feeds |
@@ -8,6 +8,7 @@
 //! | `AgentCell`, all namespaces (reflector) | none | [`crate::cells::CellStore`], one entry per event |
 //! | `Pod`, all namespaces (reflector) | label `cellgate.dev/cell`, field `spec.nodeName=<node>` | [`crate::Shared::pods`]: Running pod address → cell uid |
 //! | `ConfigMap` `cellgate-revocations` in `--control-namespace` | field `metadata.name=cellgate-revocations` | [`cellgate_identity::Verifier::revoke`] (keys are `jti`s) |
+//! | `ConfigMap` `cellgate-lockdown` in `--control-namespace` | field `metadata.name=cellgate-lockdown` | [`crate::lockdown::Lockdown::set_cluster`] (`cluster`, `namespace.NS`) |
 //!
 //! Each event is applied on its own: an AgentCell event rebuilds that one cell's entry
 //! ([`CellStore::upsert`](crate::cells::CellStore::upsert) / `remove`), never the compiled
@@ -39,7 +40,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cellgate_api::crd::{AgentCellResource, LABEL_CELL, NODE_FIELD_MANAGER, REVOCATIONS_CONFIGMAP};
+use cellgate_api::crd::{
+    AgentCellResource, LABEL_CELL, LOCKDOWN_CONFIGMAP, NODE_FIELD_MANAGER, REVOCATIONS_CONFIGMAP,
+};
 use cellgate_api::manifest::{local_uid, API_VERSION, KIND};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -58,7 +61,7 @@ pub struct KubeState {
     pub cells: Store<AgentCellResource>,
     /// The cell pods on this node.
     pub pods: Store<Pod>,
-    synced: [AtomicBool; 3],
+    synced: [AtomicBool; 4],
     /// Cell uid → the generation whose enforcement was written (or is being written).
     reported: Mutex<HashMap<String, i64>>,
 }
@@ -73,10 +76,11 @@ impl std::fmt::Debug for KubeState {
     }
 }
 
-const WATCHES: [&str; 3] = ["agentcells", "pods", "revocations"];
+const WATCHES: [&str; 4] = ["agentcells", "pods", "revocations", "lockdown"];
 const CELLS: usize = 0;
 const PODS: usize = 1;
 const REVOCATIONS: usize = 2;
+const LOCKDOWN: usize = 3;
 
 impl KubeState {
     /// The watches that have not completed their first list yet.
@@ -111,7 +115,7 @@ impl KubeState {
     }
 }
 
-/// Starts the three watches on `tasks` (aborted when the node shuts down).
+/// Starts the four watches on `tasks` (aborted when the node shuts down).
 pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task::JoinSet<()>) {
     let (cells, cells_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
@@ -128,11 +132,12 @@ pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task
     }
     tracing::info!(
         node = %shared.config.node_name, control_namespace = %shared.config.control_namespace,
-        "Kubernetes mode: watching agentcells, the cell pods on this node and the revocations"
+        "Kubernetes mode: watching agentcells, the cell pods on this node, the revocations and the lockdown"
     );
     tasks.spawn(watch_cells(shared.clone(), state.clone(), cells_writer));
     tasks.spawn(watch_pods(shared.clone(), state.clone(), pods_writer));
-    tasks.spawn(watch_revocations(shared.clone(), state));
+    tasks.spawn(watch_revocations(shared.clone(), state.clone()));
+    tasks.spawn(watch_lockdown(shared.clone(), state));
 }
 
 /// Whether `source` is the address of a Running pod of cell `cell_uid` on this node.
@@ -450,6 +455,97 @@ async fn watch_revocations(shared: Arc<Shared>, state: Arc<KubeState>) {
             Err(e) => {
                 tracing::warn!(error = %e, "revocations watch failed; retrying with backoff, enforcing the last state meanwhile");
             }
+        }
+    }
+}
+
+async fn watch_lockdown(shared: Arc<Shared>, state: Arc<KubeState>) {
+    let api: Api<ConfigMap> =
+        Api::namespaced(state.client.clone(), &shared.config.control_namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={LOCKDOWN_CONFIGMAP}"));
+    let events = watcher::watcher(api, config).default_backoff();
+    let mut events = std::pin::pin!(events);
+    // Whether the first list named the ConfigMap: a list without it lifts what was in force.
+    let mut listed = false;
+    while let Some(event) = events.next().await {
+        let next = match event {
+            Ok(Event::Init) => {
+                listed = false;
+                continue;
+            }
+            Ok(Event::InitApply(cm) | Event::Apply(cm)) => {
+                listed = true;
+                crate::lockdown::from_configmap_data(cm.data.iter().flatten())
+            }
+            Ok(Event::InitDone) => {
+                state.mark_synced(LOCKDOWN);
+                if listed {
+                    continue;
+                }
+                crate::lockdown::LockState::default()
+            }
+            // Deleting the ConfigMap lifts every cluster lockdown.
+            Ok(Event::Delete(_)) => crate::lockdown::LockState::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "lockdown watch failed; retrying with backoff, enforcing the last state meanwhile");
+                continue;
+            }
+        };
+        apply_cluster_lockdown(&shared, next).await;
+    }
+}
+
+/// Puts the cluster's lockdowns in force on this node: open connections re-check at once, and
+/// the change is audited (when it took effect here, and why).
+async fn apply_cluster_lockdown(shared: &Shared, next: crate::lockdown::LockState) {
+    let before = shared.lockdown.cluster_state();
+    if !shared.lockdown.set_cluster(next.clone()) {
+        return;
+    }
+    shared.bump_generation();
+    let mut changes: Vec<(Option<String>, Option<crate::lockdown::Lock>)> = Vec::new();
+    if before.all != next.all {
+        changes.push((None, next.all.clone()));
+    }
+    for ns in before.namespaces.keys().chain(next.namespaces.keys()) {
+        let (b, n) = (before.namespaces.get(ns), next.namespaces.get(ns));
+        if b != n
+            && !changes
+                .iter()
+                .any(|(c, _)| c.as_deref() == Some(ns.as_str()))
+        {
+            changes.push((Some(ns.clone()), n.cloned()));
+        }
+    }
+    for (ns, lock) in changes {
+        let scope = ns
+            .as_deref()
+            .map_or("every cell in the cluster".to_string(), |n| {
+                format!("namespace {n}")
+            });
+        tracing::warn!(on = lock.is_some(), scope = %scope, "cluster lockdown changed");
+        let mut rec = cellgate_audit::Record::new(
+            &shared.config.node_name,
+            "kubernetes",
+            "control",
+            cellgate_audit::Decision::Control,
+            if lock.is_some() {
+                "lockdown_on"
+            } else {
+                "lockdown_off"
+            },
+        );
+        rec.namespace = ns;
+        rec.reasons = match lock {
+            Some(l) => vec![
+                format!("cluster lockdown on for {scope}"),
+                l.reason,
+                format!("by {}", l.by.unwrap_or_default()),
+            ],
+            None => vec![format!("cluster lockdown off for {scope}")],
+        };
+        if let Err(e) = crate::decide::record(shared, rec).await {
+            tracing::error!(error = %e, "lockdown record not written");
         }
     }
 }

@@ -259,11 +259,14 @@ impl metrics::Gauges for ScrapedValues {
                 s.cells.len() as u64,
                 false,
             ));
-            let lock = s.lockdown.state();
+            let (lock, cluster) = (s.lockdown.state(), s.lockdown.cluster_state());
             v.push((
                 "cellgate_lockdowns",
-                "Lockdowns in force: 1 for the node-wide one, 1 per locked namespace",
-                u64::from(lock.all.is_some()) + lock.namespaces.len() as u64,
+                "Lockdowns in force, the node's and the cluster's: 1 for each node- or cluster-wide one, 1 per locked namespace",
+                u64::from(lock.all.is_some())
+                    + lock.namespaces.len() as u64
+                    + u64::from(cluster.all.is_some())
+                    + cluster.namespaces.len() as u64,
                 false,
             ));
             if let Some(d) = s.dns.get() {

@@ -68,12 +68,14 @@ pub enum LockdownError {
     Reason,
 }
 
-/// The node's lockdown state.
+/// The node's lockdown state: its own (admin API, persisted) and the cluster's (Kubernetes
+/// mode: the `cellgate-lockdown` ConfigMap, which the API server keeps). Either refuses.
 #[derive(Debug)]
 pub struct Lockdown {
     path: PathBuf,
     any: AtomicBool,
     state: RwLock<LockState>,
+    cluster: RwLock<LockState>,
 }
 
 impl Lockdown {
@@ -100,6 +102,7 @@ impl Lockdown {
             path,
             any: AtomicBool::new(state.any()),
             state: RwLock::new(state),
+            cluster: RwLock::new(LockState::default()),
         })
     }
 
@@ -108,10 +111,33 @@ impl Lockdown {
         if !self.any.load(Ordering::Acquire) {
             return None;
         }
-        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
-        s.all
+        let of = |s: &LockState| {
+            s.all
+                .clone()
+                .or_else(|| s.namespaces.get(namespace).cloned())
+        };
+        let local = of(&self.state.read().unwrap_or_else(|p| p.into_inner()));
+        local.or_else(|| of(&self.cluster.read().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// The cluster's lockdowns, as last read from the API server.
+    pub fn cluster_state(&self) -> LockState {
+        self.cluster
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .or_else(|| s.namespaces.get(namespace).cloned())
+    }
+
+    /// Replaces the cluster's lockdowns; returns whether they changed.
+    pub fn set_cluster(&self, next: LockState) -> bool {
+        let mut c = self.cluster.write().unwrap_or_else(|p| p.into_inner());
+        if *c == next {
+            return false;
+        }
+        *c = next;
+        let local = self.state.read().unwrap_or_else(|p| p.into_inner()).any();
+        self.any.store(local || c.any(), Ordering::Release);
+        true
     }
 
     /// What is in force.
@@ -156,10 +182,37 @@ impl Lockdown {
             serde_json::to_vec_pretty(&next).map_err(|e| LockdownError::Write(e.to_string()))?;
         crate::budget::write_atomically(&self.path, &bytes)
             .map_err(|e| LockdownError::Write(format!("{}: {e}", self.path.display())))?;
-        self.any.store(next.any(), Ordering::Release);
+        self.any
+            .store(next.any() || self.cluster_state().any(), Ordering::Release);
         *guard = next.clone();
         Ok(next)
     }
+}
+
+/// The cluster's lockdowns from the `cellgate-lockdown` ConfigMap's data: `cluster` and
+/// `namespace.NS` keys, JSON values. A value that cannot be read still locks its scope (with a
+/// reason saying so): a garbled lockdown is never read as none. Other keys are ignored.
+pub fn from_configmap_data<'a>(data: impl Iterator<Item = (&'a String, &'a String)>) -> LockState {
+    use cellgate_api::crd::{LOCKDOWN_KEY_CLUSTER, LOCKDOWN_KEY_NAMESPACE};
+    let mut s = LockState::default();
+    for (k, v) in data {
+        let lock = serde_json::from_str::<Lock>(v).unwrap_or_else(|e| Lock {
+            reason: format!("unreadable lockdown entry {k:?} ({e}); locked until it is fixed"),
+            since: String::new(),
+            by: None,
+        });
+        if k == LOCKDOWN_KEY_CLUSTER {
+            s.all = Some(lock);
+        } else if let Some(ns) = k
+            .strip_prefix(LOCKDOWN_KEY_NAMESPACE)
+            .filter(|n| !n.is_empty())
+        {
+            s.namespaces.insert(ns.to_string(), lock);
+        } else {
+            tracing::warn!(key = %k, "lockdown ConfigMap key is neither cluster nor namespace.NS; ignored");
+        }
+    }
+    s
 }
 
 #[cfg(test)]
@@ -190,6 +243,36 @@ mod tests {
             l.set(None, true, "  ", None),
             Err(LockdownError::Reason)
         ));
+    }
+
+    #[test]
+    fn the_clusters_lockdowns_add_to_the_nodes_and_garbled_ones_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Lockdown::open(dir.path()).unwrap();
+        let data: BTreeMap<String, String> = [
+            (
+                "namespace.agents".to_string(),
+                r#"{"reason":"r1","since":"t"}"#.to_string(),
+            ),
+            ("namespace.bots".to_string(), "{not json".to_string()),
+            ("other".to_string(), "x".to_string()),
+        ]
+        .into();
+        assert!(l.set_cluster(from_configmap_data(data.iter())));
+        assert_eq!(l.applies("agents").unwrap().reason, "r1");
+        assert!(l.applies("bots").unwrap().reason.contains("unreadable"));
+        assert!(l.applies("web").is_none());
+        assert!(
+            !l.set_cluster(from_configmap_data(data.iter())),
+            "unchanged"
+        );
+        assert!(l.set_cluster(LockState::default()));
+        assert!(l.applies("agents").is_none());
+        // The node's own and the cluster's are independent.
+        l.set(Some("web"), true, "local", None).unwrap();
+        l.set_cluster(from_configmap_data(data.iter()));
+        l.set_cluster(LockState::default());
+        assert!(l.applies("web").is_some());
     }
 
     #[test]

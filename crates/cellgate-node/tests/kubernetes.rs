@@ -860,3 +860,118 @@ async fn watch_event_to_first_denied_request_is_well_within_a_second() {
     );
     assert!(took[took.len() - 1] < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_lockdown_reaches_the_node_within_a_second_and_lifting_it_restores_access() {
+    let k = Kube::start(true).await;
+    // The watch: the lockdown ConfigMap by name in the control namespace, listed then watched.
+    for watch in [false, true] {
+        k.api
+            .wait_call(Duration::from_secs(5), |c| {
+                c.path() == format!("/api/v1/namespaces/{CONTROL_NS}/configmaps")
+                    && c.query().get("fieldSelector").map(String::as_str)
+                        == Some("metadata.name=cellgate-lockdown")
+                    && (c.query().get("watch").map(String::as_str) == Some("true")) == watch
+            })
+            .await;
+    }
+    k.api.watch_opened(Watched::ConfigMaps).await;
+    until(Duration::from_secs(3), async || {
+        k.get("/public/a").await.status == 200
+    })
+    .await;
+    let token = k.token();
+    let mut stream_conn = k
+        .connect_from(IpAddr::from([127, 0, 0, 1]), k.http.port(), &token)
+        .await;
+    stream_conn
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: plain.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = stream_conn.read(&mut first).await.unwrap();
+    assert!(n > 0);
+
+    // Another namespace's lockdown does not touch this cell.
+    assert!(k.api.send(
+        Watched::ConfigMaps,
+        "ADDED",
+        cellgate_node::kubernetes::contract::lockdown(CONTROL_NS, &[("namespace.other", "x")])
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(k.get("/public/a").await.status, 200);
+
+    // The cell's namespace: refused within a second of the event, the open stream closed.
+    let sent = std::time::Instant::now();
+    assert!(k.api.send(
+        Watched::ConfigMaps,
+        "MODIFIED",
+        cellgate_node::kubernetes::contract::lockdown(
+            CONTROL_NS,
+            &[
+                ("namespace.other", "x"),
+                ("namespace.agents", "incident 12")
+            ]
+        )
+    ));
+    until(Duration::from_secs(1), async || {
+        k.node.shared.lockdown.applies(NS).is_some()
+    })
+    .await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+    let r = k.get("/public/a").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["reason"], "lockdown");
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("incident 12"));
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 256];
+        loop {
+            match stream_conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the open stream outlived the lockdown");
+    let rec = k
+        .wait_audit(|r| r["reason"] == "lockdown_on" && r["namespace"] == NS)
+        .await;
+    assert_eq!(rec["decision"], "control");
+    assert!(
+        rec["reasons"].to_string().contains("alice@example.com"),
+        "{rec}"
+    );
+    let state = k.admin_get("/lockdown").await.json();
+    assert_eq!(
+        state["cluster"]["namespaces"]["agents"]["reason"], "incident 12",
+        "{state}"
+    );
+
+    // A garbled entry still locks; deleting the ConfigMap lifts every cluster lockdown.
+    let mut garbled =
+        cellgate_node::kubernetes::contract::lockdown(CONTROL_NS, &[("cluster", "y")]);
+    garbled["data"]["cluster"] = "{oops".into();
+    assert!(k.api.send(Watched::ConfigMaps, "MODIFIED", garbled.clone()));
+    until(Duration::from_secs(1), async || {
+        k.node
+            .shared
+            .lockdown
+            .applies("anything")
+            .is_some_and(|l| l.reason.contains("unreadable"))
+    })
+    .await;
+    assert!(k.api.send(Watched::ConfigMaps, "DELETED", garbled));
+    until(Duration::from_secs(1), async || {
+        k.get("/public/a").await.status == 200
+    })
+    .await;
+    k.wait_audit(|r| r["reason"] == "lockdown_off").await;
+}

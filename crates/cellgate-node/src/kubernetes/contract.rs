@@ -100,7 +100,12 @@ impl Call {
 struct State {
     calls: Vec<Call>,
     lists: HashMap<Watched, Vec<serde_json::Value>>,
-    watches: HashMap<Watched, tokio::sync::mpsc::UnboundedSender<Bytes>>,
+    /// Open watches: the collection, the `fieldSelector` (only `metadata.name=NAME`), the stream.
+    watches: Vec<(
+        Watched,
+        Option<String>,
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+    )>,
     objects: HashMap<(String, String), serde_json::Value>,
     resource_version: u64,
 }
@@ -216,7 +221,7 @@ impl ApiServer {
             if self
                 .state
                 .lock()
-                .map(|s| s.watches.contains_key(&what))
+                .map(|s| s.watches.iter().any(|(w, _, _)| *w == what))
                 .unwrap_or(false)
             {
                 return;
@@ -238,11 +243,20 @@ impl ApiServer {
         s.resource_version += 1;
         object["metadata"]["resourceVersion"] = s.resource_version.to_string().into();
         remember(&mut s, what, &object);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let mut line = serde_json::json!({"type": type_, "object": object}).to_string();
         line.push('\n');
-        s.watches
-            .get(&what)
-            .is_some_and(|tx| tx.send(Bytes::from(line)).is_ok())
+        let line = Bytes::from(line);
+        let mut taken = false;
+        for (w, selector, tx) in &s.watches {
+            if *w == what && selects(selector.as_deref(), &name) && tx.send(line.clone()).is_ok() {
+                taken = true;
+            }
+        }
+        taken
     }
 
     /// Every call so far, in order.
@@ -311,6 +325,22 @@ pub fn cell_pod(
     })
 }
 
+/// The lockdown ConfigMap: `cluster` (node-wide) and `namespace.NS` entries with `reason`.
+pub fn lockdown(namespace: &str, entries: &[(&str, &str)]) -> serde_json::Value {
+    let data: serde_json::Map<String, serde_json::Value> = entries
+        .iter()
+        .map(|(k, reason)| {
+            let v = serde_json::json!({"reason": reason, "since": "2026-12-02T08:00:00Z", "by": "alice@example.com"});
+            ((*k).to_string(), v.to_string().into())
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": cellgate_api::crd::LOCKDOWN_CONFIGMAP, "namespace": namespace},
+        "data": data,
+    })
+}
+
 /// The revocations ConfigMap listing `jtis` (value: an expiry).
 pub fn revocations(namespace: &str, jtis: &[&str]) -> serde_json::Value {
     let data: serde_json::Map<String, serde_json::Value> = jtis
@@ -338,6 +368,13 @@ fn remember(s: &mut State, what: Watched, o: &serde_json::Value) {
     }
 }
 
+/// Whether a `fieldSelector` (none, or `metadata.name=NAME`) selects an object named `name`.
+fn selects(selector: Option<&str>, name: &str) -> bool {
+    selector
+        .and_then(|f| f.strip_prefix("metadata.name="))
+        .is_none_or(|n| n == name)
+}
+
 fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
     let Ok(mut s) = state.lock() else {
         return json(500, &not_found(&call.uri));
@@ -347,7 +384,11 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
         if let Some(what) = Watched::of(&path) {
             if call.query().get("watch").map(String::as_str) == Some("true") {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-                s.watches.insert(what, tx);
+                let selector = call.query().get("fieldSelector").cloned();
+                // A watch re-opened with the same selector replaces the old one.
+                s.watches
+                    .retain(|(w, sel, _)| !(*w == what && *sel == selector));
+                s.watches.push((what, selector, tx));
                 let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                     let b = rx.recv().await?;
                     Some((Ok::<_, Infallible>(http_body::Frame::data(b)), rx))
@@ -359,7 +400,20 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
                     .unwrap_or_default();
             }
             let (api_version, kind) = what.list_kind();
-            let items = s.lists.get(&what).cloned().unwrap_or_default();
+            let selector = call.query().get("fieldSelector").cloned();
+            let items: Vec<serde_json::Value> = s
+                .lists
+                .get(&what)
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| {
+                    selects(
+                        selector.as_deref(),
+                        o["metadata"]["name"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect();
             let rv = s.resource_version.max(1).to_string();
             return json(
                 200,
