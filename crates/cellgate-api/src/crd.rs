@@ -114,6 +114,58 @@ pub struct AgentCellStatus {
     /// Written by the node proxy that hosts the cell's pod once it enforces a generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// Budget usage, written by the node proxy that hosts the cell's pod (at most every few
+    /// seconds while it changes); a node that takes the cell over starts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+}
+
+/// `status.usage`: what the cell's budgets have used, as its node's ledger counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// The node that counted.
+    pub node: String,
+    /// When (RFC 3339).
+    pub time: String,
+    /// One line for `kubectl get agentcells`, e.g. `requests 120/10000, tokens 3500/2000000`.
+    #[serde(default)]
+    pub summary: String,
+    /// Each budget: the cell's (`scope: cell`) and each capability's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetUsage>,
+}
+
+/// One budget's counters (absent: not limited by this budget).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetUsage {
+    /// `cell`, or the capability's name.
+    pub scope: String,
+    /// When the cell's first request was counted (unix milliseconds).
+    #[serde(default)]
+    pub started_ms: i64,
+    /// Requests over the cell's life.
+    #[serde(default)]
+    pub requests: u64,
+    /// Start of the current request window (unix milliseconds).
+    #[serde(default)]
+    pub window_start_ms: i64,
+    /// Requests in the current window.
+    #[serde(default)]
+    pub window_requests: u64,
+    /// Start of the current token window (unix milliseconds).
+    #[serde(default)]
+    pub tokens_start_ms: i64,
+    /// LLM tokens counted.
+    #[serde(default)]
+    pub tokens: u64,
+    /// Start of the current spend window (unix milliseconds).
+    #[serde(default)]
+    pub spend_start_ms: i64,
+    /// Spend counted, millionths of a US dollar.
+    #[serde(default)]
+    pub spend_micros: u64,
 }
 
 /// What the node proxy reports it enforces for a cell.

@@ -354,6 +354,16 @@ pub async fn status_one(client: Client, ns: &str, name: &str) -> anyhow::Result<
             let _ = writeln!(out, "  enforcement:  no node has reported yet");
         }
     }
+    if let Some(u) = &status.usage {
+        let _ = writeln!(
+            out,
+            "  budgets:      counted by node {} at {}",
+            u.node, u.time
+        );
+        for part in u.summary.split("; ").filter(|p| !p.is_empty()) {
+            let _ = writeln!(out, "    {part}");
+        }
+    }
     let _ = writeln!(out, "  conditions:");
     if status.conditions.is_empty() {
         let _ = writeln!(out, "    (none yet)");

@@ -269,12 +269,13 @@ async fn status_lists_cells_and_shows_one_in_detail() {
             None,
             list,
         ),
-        call(
-            Method::GET,
-            CELL_URI,
-            None,
-            cell(3, &["github"], true, Some(2)),
-        ),
+        call(Method::GET, CELL_URI, None, {
+            let mut c = cell(3, &["github"], true, Some(2));
+            c["status"]["usage"] = json!({"node": "node-a", "time": "2026-11-21T10:00:05Z",
+                "summary": "cell requests 120/10000; github requestsPerWindow 3/60",
+                "budgets": [{"scope": "cell", "requests": 120}]});
+            c
+        }),
     ];
     let server = tokio::spawn(serve(handle, script));
     let table = kubectl::status_table(client.clone(), Some("agents"))
@@ -306,6 +307,15 @@ async fn status_lists_cells_and_shows_one_in_detail() {
         "{detail}"
     );
     assert!(detail.contains("Enforced     False"), "{detail}");
+    assert!(
+        detail.contains("budgets:      counted by node node-a at 2026-11-21T10:00:05Z"),
+        "{detail}"
+    );
+    assert!(detail.contains("    cell requests 120/10000\n"), "{detail}");
+    assert!(
+        detail.contains("    github requestsPerWindow 3/60\n"),
+        "{detail}"
+    );
     assert!(detail.contains("github"), "{detail}");
     assert!(!detail.contains("slack"), "{detail}");
     assert_eq!(server.await.expect("server"), 2);

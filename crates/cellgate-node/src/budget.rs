@@ -187,6 +187,17 @@ fn reserve(limit: u64) -> u64 {
     (limit / RESERVE_DIVISOR).max(1)
 }
 
+/// Merges a reported window into ours: the later window wins; in the same window, the higher
+/// count.
+fn merge_window(start: &mut i64, used: &mut u64, their_start: i64, their_used: u64) {
+    if their_start > *start {
+        *start = their_start;
+        *used = their_used;
+    } else if their_start == *start {
+        *used = (*used).max(their_used);
+    }
+}
+
 /// Rolls a fixed window forward when it has ended.
 fn roll(start: &mut i64, used: &mut u64, len_ms: i64, now_ms: i64) {
     if now_ms.saturating_sub(*start) >= len_ms {
@@ -394,6 +405,86 @@ impl Ledger {
             }
         }
         self.dirty.store(true, Ordering::Release);
+    }
+
+    /// The counters of every budget of `cell`, as `status.usage` reports them.
+    pub fn usage_of(&self, cell: &str) -> Vec<cellgate_api::crd::BudgetUsage> {
+        let state = self.lock();
+        let mut v: Vec<_> = state
+            .values()
+            .filter(|c| c.cell == cell)
+            .map(|c| cellgate_api::crd::BudgetUsage {
+                scope: if c.scope == CELL_SCOPE {
+                    "cell".into()
+                } else {
+                    c.scope.clone()
+                },
+                started_ms: c.started_ms,
+                requests: c.requests,
+                window_start_ms: c.window_start_ms,
+                window_requests: c.window_requests,
+                tokens_start_ms: c.tokens_start_ms,
+                tokens: c.tokens,
+                spend_start_ms: c.spend_start_ms,
+                spend_micros: c.spend_micros,
+            })
+            .collect();
+        v.sort_by(|a, b| a.scope.cmp(&b.scope));
+        v
+    }
+
+    /// Starts `cell`'s counters from what a node reported (`status.usage`, e.g. the node that
+    /// hosted the cell before): each count becomes the higher of the two, the cell's start the
+    /// earlier, a window the later. Never gives budget back. Returns how many counters grew.
+    pub fn seed(&self, cell: &str, usage: &[cellgate_api::crd::BudgetUsage]) -> usize {
+        let mut state = self.lock();
+        let mut grew = 0;
+        for u in usage {
+            let scope = if u.scope == "cell" {
+                CELL_SCOPE.to_string()
+            } else {
+                u.scope.clone()
+            };
+            let c = state
+                .entry((cell.to_string(), scope.clone()))
+                .or_insert_with(|| Counter {
+                    cell: cell.to_string(),
+                    scope,
+                    started_ms: u.started_ms,
+                    window_start_ms: u.window_start_ms,
+                    tokens_start_ms: u.tokens_start_ms,
+                    spend_start_ms: u.spend_start_ms,
+                    ..Counter::default()
+                });
+            let before = c.clone();
+            c.started_ms = c.started_ms.min(u.started_ms);
+            c.requests = c.requests.max(u.requests);
+            merge_window(
+                &mut c.window_start_ms,
+                &mut c.window_requests,
+                u.window_start_ms,
+                u.window_requests,
+            );
+            merge_window(
+                &mut c.tokens_start_ms,
+                &mut c.tokens,
+                u.tokens_start_ms,
+                u.tokens,
+            );
+            merge_window(
+                &mut c.spend_start_ms,
+                &mut c.spend_micros,
+                u.spend_start_ms,
+                u.spend_micros,
+            );
+            if *c != before {
+                grew += 1;
+            }
+        }
+        if grew > 0 {
+            self.dirty.store(true, Ordering::Release);
+        }
+        grew
     }
 
     /// Whether usage was added since the last write.
@@ -822,6 +913,46 @@ mod tests {
             // The file is left as it was.
             assert_eq!(std::fs::read(&path).unwrap(), bad);
         }
+    }
+
+    #[tokio::test]
+    async fn a_cell_taken_over_starts_from_the_reported_usage_and_never_lower() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let s = spec();
+        let scopes = [Scope {
+            name: CELL_SCOPE,
+            spec: &s,
+        }];
+        assert!(matches!(take(&l, &scopes, 1_000).await, Take::Granted(_)));
+        let reported = vec![cellgate_api::crd::BudgetUsage {
+            scope: "cell".into(),
+            started_ms: 500,
+            requests: 4,
+            window_start_ms: 1_000,
+            window_requests: 2,
+            ..Default::default()
+        }];
+        assert_eq!(l.seed("c1", &reported), 1);
+        let u = l.usage_of("c1");
+        assert_eq!(
+            (u[0].requests, u[0].window_requests, u[0].started_ms),
+            (4, 2, 500)
+        );
+        // One more in this window (3), then the total (5) ends it.
+        assert!(matches!(take(&l, &scopes, 1_000).await, Take::Granted(_)));
+        assert!(matches!(take(&l, &scopes, 1_000).await, Take::Exhausted(_)));
+        // A lower report changes nothing.
+        let lower = vec![cellgate_api::crd::BudgetUsage {
+            scope: "cell".into(),
+            started_ms: 900,
+            requests: 1,
+            window_start_ms: 1_000,
+            window_requests: 1,
+            ..Default::default()
+        }];
+        assert_eq!(l.seed("c1", &lower), 0);
+        assert_eq!(l.usage_of("c1")[0].requests, 5);
     }
 
     #[test]

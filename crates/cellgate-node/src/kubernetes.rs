@@ -137,7 +137,121 @@ pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task
     tasks.spawn(watch_cells(shared.clone(), state.clone(), cells_writer));
     tasks.spawn(watch_pods(shared.clone(), state.clone(), pods_writer));
     tasks.spawn(watch_revocations(shared.clone(), state.clone()));
-    tasks.spawn(watch_lockdown(shared.clone(), state));
+    tasks.spawn(watch_lockdown(shared.clone(), state.clone()));
+    tasks.spawn(report_usage(shared.clone(), state));
+}
+
+/// How often the node writes `status.usage` of the cells it hosts, when it changed.
+pub const USAGE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// The field manager of `status.usage` (its own: a server-side apply by `cellgate-node` of
+/// `status.enforcement` alone would otherwise remove it).
+pub const USAGE_FIELD_MANAGER: &str = "cellgate-node-usage";
+
+/// Writes `status.usage` of every cell with a budget whose pod runs here, when it changed since
+/// the last write (rate-limited to one write per cell per [`USAGE_REPORT_EVERY`]). A failed
+/// write is logged and retried next time; enforcement never waits on it.
+async fn report_usage(shared: Arc<Shared>, state: Arc<KubeState>) {
+    let mut last: HashMap<String, Vec<cellgate_api::crd::BudgetUsage>> = HashMap::new();
+    let mut tick = tokio::time::interval(USAGE_REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (uid, entry) in shared.cells.snapshot().iter() {
+            let cell = &entry.cell;
+            let budgeted =
+                cell.budget.is_some() || cell.capabilities.iter().any(|c| c.budget.is_some());
+            if !budgeted || !state.has_pod_here(&cell.namespace, &cell.name) {
+                continue;
+            }
+            let budgets = shared.ledger.usage_of(uid);
+            if budgets.is_empty() || last.get(uid) == Some(&budgets) {
+                continue;
+            }
+            let all: Vec<crate::budget::Scope<'_>> = crate::decide::budget_scopes(cell, None)
+                .into_iter()
+                .chain(cell.capabilities.iter().filter_map(|c| {
+                    Some(crate::budget::Scope {
+                        name: &c.name,
+                        spec: c.budget.as_ref()?,
+                    })
+                }))
+                .collect();
+            let summary = usage_summary(&shared.ledger.state(uid, &all));
+            let body = usage_patch(
+                &shared.config.node_name,
+                &summary,
+                &budgets,
+                std::time::SystemTime::now(),
+            );
+            let api: Api<AgentCellResource> =
+                Api::namespaced(state.client.clone(), &cell.namespace);
+            let params = PatchParams::apply(USAGE_FIELD_MANAGER).force();
+            match api
+                .patch_status(&cell.name, &params, &Patch::Apply(&body))
+                .await
+            {
+                Ok(_) => {
+                    last.insert(uid.clone(), budgets);
+                }
+                Err(e) => {
+                    tracing::warn!(cell = %cell.key(), error = %e, "could not write status.usage; retrying");
+                }
+            }
+        }
+    }
+}
+
+/// One line of budget usage from the ledger's state documents:
+/// `cell requests 120/10000; api requestsPerWindow 3/60, tokens 3500/2000000`.
+pub fn usage_summary(state: &serde_json::Value) -> String {
+    state
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let scope = b["scope"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches("capability:");
+            let parts: Vec<String> = b
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.as_str() != "scope")
+                .map(|(k, v)| {
+                    let t = |f: &str| v[f].to_string().trim_matches('"').to_string();
+                    if v.get("used").is_some() {
+                        format!("{k} {}/{}", t("used"), t("max"))
+                    } else {
+                        format!("{k} until {}", t("ends_at"))
+                    }
+                })
+                .collect();
+            format!("{scope} {}", parts.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The server-side apply body of the node's `status.usage` write.
+pub fn usage_patch(
+    node: &str,
+    summary: &str,
+    budgets: &[cellgate_api::crd::BudgetUsage],
+    at: std::time::SystemTime,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "status": {
+            "usage": {
+                "node": node,
+                "time": cellgate_audit::format_rfc3339(at),
+                "summary": summary,
+                "budgets": budgets,
+            }
+        }
+    })
 }
 
 /// Whether `source` is the address of a Running pod of cell `cell_uid` on this node.
@@ -240,6 +354,13 @@ fn apply_cell(shared: &Arc<Shared>, state: &Arc<KubeState>, obj: &AgentCellResou
             let key = cell.key();
             let (generation, suspended, caps) =
                 (cell.generation, cell.suspended, cell.capabilities.len());
+            // A cell another node counted for: start from its reported usage (never lower).
+            if let Some(usage) = obj.status.as_ref().and_then(|s| s.usage.as_ref()) {
+                let grew = shared.ledger.seed(&uid, &usage.budgets);
+                if grew > 0 {
+                    tracing::info!(cell = %cell.key(), from = %usage.node, grew, "budget usage taken over from status.usage");
+                }
+            }
             let unchanged = shared.cells.get(&uid).is_some_and(|e| *e.cell == cell);
             if !unchanged {
                 shared.cells.upsert(cell);

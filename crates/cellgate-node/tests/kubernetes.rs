@@ -975,3 +975,57 @@ async fn a_cluster_lockdown_reaches_the_node_within_a_second_and_lifting_it_rest
     .await;
     k.wait_audit(|r| r["reason"] == "lockdown_off").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_a_cell_over_starts_from_its_reported_usage_and_reports_its_own() {
+    let k = Kube::start(false).await;
+    k.api.watch_opened(Watched::Pods).await;
+    k.api.watch_opened(Watched::AgentCells).await;
+    assert!(k.api.send(
+        Watched::Pods,
+        "ADDED",
+        cell_pod(NS, "demo", UID, NODE, "127.0.0.1", "Running")
+    ));
+    // The cell has a budget of 3 requests, 2 of them counted by the node that hosted it before.
+    let mut s = spec(k.http.port(), k.echo.port(), &[], false);
+    s["budget"] = serde_json::json!({"requests": 3});
+    let mut obj = agent_cell(NS, "demo", UID, 1, s);
+    obj["status"] = serde_json::json!({"usage": {"node": "node-old", "time": "2026-12-01T00:00:00Z",
+        "summary": "cell requests 2/3",
+        "budgets": [{"scope": "cell", "startedMs": 1, "requests": 2}]}});
+    assert!(k.api.send(Watched::AgentCells, "ADDED", obj));
+    until(Duration::from_secs(3), async || {
+        k.node.shared.cells.get(UID).is_some()
+    })
+    .await;
+    let r = k.get("/public/a").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = k.get("/public/a").await;
+    assert_eq!(
+        r.status, 429,
+        "the usage reported by the last node was not taken over: {}",
+        r.body
+    );
+    assert_eq!(r.json()["used"], 3);
+
+    // This node reports its count: its own field manager, the status only.
+    let patch = k
+        .api
+        .wait_call(Duration::from_secs(8), |c| {
+            c.method == http::Method::PATCH
+                && c.query().get("fieldManager").map(String::as_str) == Some("cellgate-node-usage")
+        })
+        .await;
+    assert_eq!(
+        patch.path(),
+        format!("/apis/cellgate.dev/v1alpha1/namespaces/{NS}/agentcells/demo/status")
+    );
+    assert_eq!(patch.query()["force"], "true");
+    let body: serde_json::Value = serde_json::from_slice(&patch.body).unwrap();
+    let usage = &body["status"]["usage"];
+    assert_eq!(usage["node"], NODE);
+    assert_eq!(usage["budgets"][0]["scope"], "cell");
+    assert_eq!(usage["budgets"][0]["requests"], 3, "{usage}");
+    assert_eq!(usage["summary"], "cell requests 3/3", "{usage}");
+    assert!(body["status"].get("enforcement").is_none(), "{body}");
+}

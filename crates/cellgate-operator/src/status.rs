@@ -287,7 +287,9 @@ pub fn compute(obs: &Observation<'_>) -> AgentCellStatus {
         node,
         pod_ip: ip,
         message,
+        // Written by the node (its own field managers), never by the operator.
         enforcement: None,
+        usage: None,
     }
 }
 
@@ -295,6 +297,7 @@ pub fn compute(obs: &Observation<'_>) -> AgentCellStatus {
 pub fn terminating(cell: &AgentCellResource) -> AgentCellStatus {
     let mut st = cell.status.clone().unwrap_or_default();
     st.enforcement = None;
+    st.usage = None;
     st.phase = Some(phase::TERMINATING.into());
     st.message = Some("deleted: revoking the cell's token".into());
     st
