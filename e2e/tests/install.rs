@@ -404,11 +404,29 @@ fn check_contract(docs: &[Value], ext_authz: bool) {
         let read_only = verbs
             .iter()
             .all(|v| ["get", "list", "watch"].contains(&v.as_str()));
+        // Writes: its status reports, and the AgentApprovals of the requests it holds.
         assert!(
-            read_only || (resources == ["agentcells/status"] && verbs == ["patch"]),
+            read_only
+                || (resources == ["agentcells/status"] && verbs == ["patch"])
+                || (resources == ["agentapprovals"]
+                    && verbs == ["create", "get", "list", "watch", "delete"]),
             "cellgate-node may {verbs:?} {resources:?}"
         );
     }
+    // Approvers read AgentApprovals and write only their status (the decision).
+    assert_eq!(
+        rules("ClusterRole", "cellgate-approver"),
+        [
+            (
+                vec!["agentapprovals".to_string()],
+                vec!["get".to_string(), "list".into(), "watch".into()]
+            ),
+            (
+                vec!["agentapprovals/status".to_string()],
+                vec!["patch".to_string()]
+            ),
+        ]
+    );
     for (resources, verbs) in rules("Role", "cellgate-node") {
         assert_eq!(resources, ["configmaps"]);
         assert_eq!(verbs, ["get", "list", "watch"]);

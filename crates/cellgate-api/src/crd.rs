@@ -238,11 +238,99 @@ impl AgentCellResource {
     }
 }
 
+/// Label on an `AgentApproval`: the node holding the request (its watch selects on it).
+pub const LABEL_NODE: &str = "cellgate.dev/node";
+
+/// A request held for a human's approval, created by the node that holds it (in the spirit of
+/// `CertificateSigningRequest`): `spec` says what exactly would be approved, `status.decision` is
+/// the human's answer (written by `kubectl cellgate approve|deny`). The node deletes the object
+/// once it is decided or no longer pending.
+#[derive(
+    kube::CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "cellgate.dev",
+    version = "v1alpha1",
+    kind = "AgentApproval",
+    root = "AgentApprovalResource",
+    namespaced,
+    status = "AgentApprovalStatus",
+    shortname = "aapr",
+    category = "cellgate",
+    doc = "A request of an AI agent's cell held for a human's approval.",
+    printcolumn = r#"{"name":"Cell","type":"string","jsonPath":".spec.cell"}"#,
+    printcolumn = r#"{"name":"Capability","type":"string","jsonPath":".spec.capability"}"#,
+    printcolumn = r#"{"name":"Method","type":"string","jsonPath":".spec.method"}"#,
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+    printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
+    printcolumn = r#"{"name":"Approved","type":"string","jsonPath":".status.conditions[?(@.type==\"Approved\")].status"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".spec.expiresAt"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentApprovalSpec {
+    /// The cell's name (in the object's namespace).
+    pub cell: String,
+    /// The capability that requires approval.
+    pub capability: String,
+    /// HTTP method.
+    pub method: String,
+    /// Host.
+    pub host: String,
+    /// Canonical path, with its query.
+    pub path: String,
+    /// SHA-256 of the request body (hex): an approval covers exactly this body.
+    pub body_digest: String,
+    /// `hold` or `retry`.
+    pub mode: String,
+    /// When the request asked (RFC 3339).
+    pub requested_at: String,
+    /// When a held request is refused, or a retry approval request forgotten (RFC 3339).
+    pub expires_at: String,
+    /// The node holding it.
+    pub node: String,
+    /// The request id of the request that asked (also in the audit log).
+    pub request_id: String,
+}
+
+/// `AgentApproval.status`: the human's decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentApprovalStatus {
+    /// `Approved` or `Denied` (status `True`), with who and why in the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The decision the node acts on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<ApprovalDecision>,
+}
+
+/// A human's decision on an `AgentApproval`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalDecision {
+    /// Approved (true) or denied.
+    pub approved: bool,
+    /// Who decided, as the API server named them (SelfSubjectReview) to `kubectl cellgate`.
+    pub by: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Why (required to deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long an approval of a retry request stays valid, e.g. `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for: Option<String>,
+    /// How many times the approved request may be sent (retry mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+}
+
 /// The custom resource definitions Cellgate installs.
 pub fn crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![AgentCellResource::crd()]
+    vec![AgentCellResource::crd(), AgentApprovalResource::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, as committed under `deploy/crds/`.

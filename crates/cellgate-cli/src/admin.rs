@@ -233,15 +233,47 @@ pub async fn lockdown_cluster(
     ))
 }
 
-/// Where the node's admin API is.
+/// Where approvals are decided: one node's admin API (local mode), or the cluster's
+/// `AgentApproval` objects (`--cluster`, or as `kubectl cellgate` without `--admin`).
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
-    /// The node's admin address.
-    #[arg(long, default_value = DEFAULT_ADMIN)]
-    pub admin: SocketAddr,
+    /// The node's admin address (local mode; default 127.0.0.1:15021).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
     /// The node's admin token file (when the node runs with --admin-token-file).
     #[arg(long, env = "CELLGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The cluster's AgentApprovals, not one node's admin API.
+    #[arg(long, conflicts_with = "admin")]
+    pub cluster: bool,
+    /// Namespace (with --cluster; default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// All namespaces (with --cluster, for `approvals`).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// kubeconfig context (with --cluster).
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+impl AdminArgs {
+    fn cluster_mode(&self) -> bool {
+        self.cluster || (self.admin.is_none() && as_kubectl_plugin())
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.admin
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15021)))
+    }
+
+    async fn client(&self) -> anyhow::Result<(kube::Client, String)> {
+        crate::kubectl::connect(&crate::kubectl::Target {
+            namespace: self.namespace.clone(),
+            context: self.context.clone(),
+        })
+        .await
+    }
 }
 
 /// `cellgate approve ID`.
@@ -271,58 +303,141 @@ pub struct DenyArgs {
     pub admin: AdminArgs,
 }
 
-/// Lists what waits for approval on the node.
+/// Lists what waits for approval, on the node or in the cluster.
 ///
 /// # Errors
-/// When the node cannot be reached or refuses.
+/// When the node or the API server cannot be reached or refuses.
 pub async fn approvals(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    let (status, text) = call(
-        args.admin,
-        args.admin_token_file.as_ref(),
-        http::Method::GET,
-        "/approvals",
-        None,
-    )
-    .await?;
-    if !status.is_success() {
-        bail!("the node refused: {status}: {}", text.trim());
-    }
-    let list: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-    if list.is_empty() {
-        println!("no request waits for approval");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} EXPIRES",
-        "ID", "CELL", "CAPABILITY", "MODE", "METHOD", "HOST/PATH"
-    );
-    for a in list {
-        let f = |k: &str| a[k].as_str().unwrap_or_default().to_string();
-        println!(
-            "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} {}",
-            f("id"),
-            f("cell"),
-            f("capability"),
-            f("mode"),
-            f("method"),
-            format!("{}{}", f("host"), f("path")),
-            f("expires_at")
-        );
-    }
+    let rows: Vec<[String; 8]> = if args.cluster_mode() {
+        let (client, ns) = args.client().await?;
+        let ns = (!args.all_namespaces).then_some(ns);
+        list_cluster_approvals(client, ns.as_deref()).await?
+    } else {
+        let (status, text) = call(
+            args.addr(),
+            args.admin_token_file.as_ref(),
+            http::Method::GET,
+            "/approvals",
+            None,
+        )
+        .await?;
+        if !status.is_success() {
+            bail!("the node refused: {status}: {}", text.trim());
+        }
+        let list: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        list.iter()
+            .map(|a| {
+                let f = |k: &str| a[k].as_str().unwrap_or_default().to_string();
+                [
+                    f("id"),
+                    f("cell"),
+                    f("capability"),
+                    f("mode"),
+                    f("method"),
+                    format!("{}{}", f("host"), f("path")),
+                    f("expires_at"),
+                    String::new(),
+                ]
+            })
+            .collect()
+    };
+    print!("{}", approvals_table(&rows));
     Ok(ExitCode::SUCCESS)
 }
 
-/// Approves or denies one pending approval.
+/// The table `approvals` prints.
+pub fn approvals_table(rows: &[[String; 8]]) -> String {
+    if rows.is_empty() {
+        return "no request waits for approval\n".into();
+    }
+    let mut out = format!(
+        "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} {:<32} DECIDED\n",
+        "ID", "CELL", "CAPABILITY", "MODE", "METHOD", "HOST/PATH", "EXPIRES"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<16} {:<24} {:<16} {:<6} {:<7} {:<40} {:<32} {}\n",
+            r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+        ));
+    }
+    out
+}
+
+/// The cluster's `AgentApproval`s (one namespace, or all).
 ///
 /// # Errors
-/// When the node cannot be reached, or has no such approval pending.
+/// When the API server refuses.
+pub async fn list_cluster_approvals(
+    client: kube::Client,
+    namespace: Option<&str>,
+) -> anyhow::Result<Vec<[String; 8]>> {
+    use cellgate_api::crd::AgentApprovalResource;
+    let api: kube::Api<AgentApprovalResource> = match namespace {
+        Some(ns) => kube::Api::namespaced(client, ns),
+        None => kube::Api::all(client),
+    };
+    let list = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .context("listing AgentApprovals")?;
+    Ok(list
+        .items
+        .iter()
+        .map(|a| {
+            let ns = a.metadata.namespace.clone().unwrap_or_default();
+            let decided = a
+                .status
+                .as_ref()
+                .and_then(|s| s.decision.as_ref())
+                .map(|d| {
+                    format!(
+                        "{} by {}",
+                        if d.approved { "approved" } else { "denied" },
+                        d.by
+                    )
+                })
+                .unwrap_or_default();
+            [
+                a.metadata.name.clone().unwrap_or_default(),
+                format!("{ns}/{}", a.spec.cell),
+                a.spec.capability.clone(),
+                a.spec.mode.clone(),
+                a.spec.method.clone(),
+                format!("{}{}", a.spec.host, a.spec.path),
+                a.spec.expires_at.clone(),
+                decided,
+            ]
+        })
+        .collect())
+}
+
+/// Approves or denies one pending approval, on the node or in the cluster.
+///
+/// # Errors
+/// When the node or the API server cannot be reached, or has no such approval pending.
 pub async fn decide(
     id: &str,
     admin: &AdminArgs,
     body: serde_json::Value,
 ) -> anyhow::Result<ExitCode> {
+    if admin.cluster_mode() {
+        let (client, ns) = admin.client().await?;
+        let approved = body["decision"] == "approve";
+        let text = decide_cluster(
+            client,
+            &ns,
+            id,
+            approved,
+            body["reason"].as_str(),
+            body["for"].as_str(),
+            body["uses"].as_u64().and_then(|u| u32::try_from(u).ok()),
+        )
+        .await?;
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let (status, text) = call(
-        admin.admin,
+        admin.addr(),
         admin.admin_token_file.as_ref(),
         http::Method::POST,
         &format!("/approvals/{id}"),
@@ -342,4 +457,67 @@ pub async fn decide(
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Decides an `AgentApproval`: the approver is who the API server says the caller is
+/// (SelfSubjectReview), never a flag; the decision goes to the status subresource, where the
+/// node holding the request reads it.
+///
+/// # Errors
+/// When the approval does not exist, is decided already, or the API server refuses.
+pub async fn decide_cluster(
+    client: kube::Client,
+    namespace: &str,
+    id: &str,
+    approved: bool,
+    reason: Option<&str>,
+    valid_for: Option<&str>,
+    uses: Option<u32>,
+) -> anyhow::Result<String> {
+    use cellgate_api::crd::AgentApprovalResource;
+    let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+    if !approved && reason.is_none() {
+        bail!("--reason: a reason is required to deny");
+    }
+    let by = whoami(client.clone()).await?;
+    let api: kube::Api<AgentApprovalResource> = kube::Api::namespaced(client, namespace);
+    let current = api
+        .get_opt(id)
+        .await
+        .with_context(|| format!("reading AgentApproval {namespace}/{id}"))?
+        .ok_or_else(|| anyhow::anyhow!("no AgentApproval {namespace}/{id} (decided and cleaned up, expired, or never asked)"))?;
+    if let Some(d) = current.status.as_ref().and_then(|s| s.decision.as_ref()) {
+        bail!(
+            "AgentApproval {namespace}/{id} was already {} by {}",
+            if d.approved { "approved" } else { "denied" },
+            d.by
+        );
+    }
+    let at = cellgate_audit::format_rfc3339(std::time::SystemTime::now());
+    let (type_, why) = if approved {
+        ("Approved", "ApprovedByUser")
+    } else {
+        ("Denied", "DeniedByUser")
+    };
+    let patch = serde_json::json!({"status": {
+        "decision": {"approved": approved, "by": by, "at": at, "reason": reason,
+                     "validFor": if approved { valid_for } else { None }, "uses": if approved { uses } else { None }},
+        "conditions": [{"type": type_, "status": "True", "reason": why,
+                        "message": format!("{} by {by}{}", type_.to_lowercase(), reason.map(|r| format!(": {r}")).unwrap_or_default()),
+                        "lastTransitionTime": at}],
+    }});
+    api.patch_status(
+        id,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .with_context(|| format!("deciding AgentApproval {namespace}/{id}"))?;
+    Ok(format!(
+        "{} {namespace}/{id} ({} {}{}) as {by}",
+        if approved { "approved" } else { "denied" },
+        current.spec.method,
+        current.spec.host,
+        current.spec.path
+    ))
 }

@@ -554,3 +554,118 @@ async fn serve_capture(mut handle: Handle, script: Vec<Call>) -> (usize, Vec<Val
     }
     (served, bodies)
 }
+
+fn approval(decision: Option<Value>) -> Value {
+    let mut a = json!({"apiVersion": "cellgate.dev/v1alpha1", "kind": "AgentApproval",
+        "metadata": {"name": "ap-1234", "namespace": "agents"},
+        "spec": {"cell": "triage", "capability": "deploy", "method": "POST", "host": "api.example.com",
+                 "path": "/v1/deploy", "bodyDigest": "ab", "mode": "hold", "requestedAt": "2026-12-02T08:00:00Z",
+                 "expiresAt": "2026-12-02T08:02:00Z", "node": "node-a", "requestId": "r1"}});
+    if let Some(d) = decision {
+        a["status"] = json!({"decision": d});
+    }
+    a
+}
+
+const APPROVAL_URI: &str = "/apis/cellgate.dev/v1alpha1/namespaces/agents/agentapprovals/ap-1234";
+
+#[tokio::test]
+async fn approvals_are_listed_and_decided_as_the_caller_the_api_server_names() {
+    let (kc, handle) = client();
+    let list = json!({"apiVersion": "cellgate.dev/v1alpha1", "kind": "AgentApprovalList", "metadata": {},
+                      "items": [approval(None)]});
+    let script = vec![call(
+        Method::GET,
+        "/apis/cellgate.dev/v1alpha1/agentapprovals?",
+        None,
+        list,
+    )];
+    let served = tokio::spawn(serve(handle, script));
+    let rows = cellgate_cli::admin::list_cluster_approvals(kc, None)
+        .await
+        .unwrap();
+    assert_eq!(served.await.unwrap(), 1);
+    let table = cellgate_cli::admin::approvals_table(&rows);
+    assert!(table.contains("ap-1234"), "{table}");
+    assert!(table.contains("agents/triage"), "{table}");
+    assert!(table.contains("api.example.com/v1/deploy"), "{table}");
+
+    // Approve: SelfSubjectReview, read it, patch the status with the caller's name.
+    let (kc, handle) = client();
+    let script = vec![
+        call(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews?",
+            None,
+            review("alice@example.com"),
+        ),
+        call(Method::GET, APPROVAL_URI, None, approval(None)),
+        call(
+            Method::PATCH,
+            &format!("{APPROVAL_URI}/status?"),
+            None,
+            approval(None),
+        ),
+    ];
+    let served = tokio::spawn(serve_capture(handle, script));
+    let text = cellgate_cli::admin::decide_cluster(
+        kc,
+        "agents",
+        "ap-1234",
+        true,
+        None,
+        Some("10m"),
+        Some(2),
+    )
+    .await
+    .unwrap();
+    let (n, bodies) = served.await.unwrap();
+    assert_eq!(n, 3);
+    assert!(
+        text.contains(
+            "approved agents/ap-1234 (POST api.example.com/v1/deploy) as alice@example.com"
+        ),
+        "{text}"
+    );
+    let d = &bodies[2]["status"]["decision"];
+    assert_eq!(d["approved"], true);
+    assert_eq!(d["by"], "alice@example.com");
+    assert_eq!(
+        (d["validFor"].as_str(), d["uses"].as_u64()),
+        (Some("10m"), Some(2))
+    );
+    assert_eq!(bodies[2]["status"]["conditions"][0]["type"], "Approved");
+
+    // Decided already: refused, nothing patched.
+    let (kc, handle) = client();
+    let script = vec![
+        call(
+            Method::POST,
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews?",
+            None,
+            review("bob"),
+        ),
+        call(
+            Method::GET,
+            APPROVAL_URI,
+            None,
+            approval(Some(
+                json!({"approved": false, "by": "carol", "at": "t", "reason": "no"}),
+            )),
+        ),
+    ];
+    let served = tokio::spawn(serve(handle, script));
+    let e = cellgate_cli::admin::decide_cluster(kc, "agents", "ap-1234", true, None, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(served.await.unwrap(), 2);
+    assert!(e.to_string().contains("already denied by carol"), "{e}");
+
+    // A denial needs a reason, before any call.
+    let (kc, _handle) = client();
+    let e =
+        cellgate_cli::admin::decide_cluster(kc, "agents", "ap-1234", false, Some(" "), None, None)
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("reason is required"), "{e}");
+}

@@ -516,38 +516,12 @@ async fn approvals(
                 Ok(v) => v,
                 Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
             };
-            let mut rec = cellgate_audit::Record::new(
-                &shared.config.node_name,
-                "admin",
-                "http",
-                cellgate_audit::Decision::Approval,
-                if approved {
-                    "approval_granted"
-                } else {
-                    "approval_rejected"
-                },
-            );
-            let (ns, name) = view.cell.split_once('/').unwrap_or(("", &view.cell));
-            rec.namespace = Some(ns.to_string());
-            rec.cell = Some(name.to_string());
-            rec.capability = Some(view.key.capability.clone());
-            rec.method = Some(view.key.method.clone());
-            rec.host = Some(view.key.host.clone());
-            rec.path = Some(view.key.path.clone());
-            rec.request_id = Some(view.request_id.clone());
-            rec.reasons = vec![
-                format!("approval_id={}", view.id),
-                format!("by {by}"),
-                if approved {
-                    format!("valid for {valid}s, {uses} use(s) (retry mode)")
-                } else {
-                    reason
-                },
-            ];
-            if let Err(e) = crate::decide::record(&shared, rec).await {
-                tracing::error!(error = %e, "approval decision record not written");
-            }
-            tracing::info!(approval = %view.id, approved, by = %by, "approval decided");
+            let detail = if approved {
+                format!("valid for {valid}s, {uses} use(s) (retry mode)")
+            } else {
+                reason
+            };
+            crate::approvals::record_decision(&shared, &view, "admin", approved, &by, detail).await;
             json(
                 StatusCode::OK,
                 serde_json::json!({"id": view.id, "approved": approved}),

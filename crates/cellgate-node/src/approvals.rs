@@ -200,6 +200,15 @@ impl Approvals {
         })
     }
 
+    /// The pending approval `id`, if it is pending.
+    pub fn view(&self, id: &str, now_ms: i64) -> Option<PendingView> {
+        let b = self.lock();
+        b.pending
+            .get(id)
+            .filter(|p| p.expires_ms > now_ms)
+            .map(|p| p.view.clone())
+    }
+
     /// Forgets a pending approval whose held request gave up (timeout, client gone).
     pub fn withdraw(&self, id: &str) -> Option<PendingView> {
         self.lock().pending.remove(id).map(|p| p.view)
@@ -257,6 +266,46 @@ impl Approvals {
         }
         n
     }
+}
+
+/// Audits a human's decision on a pending approval (`approval_granted` / `approval_rejected`,
+/// decision `approval`), naming the approver and the validity or the reason.
+pub async fn record_decision(
+    shared: &crate::Shared,
+    view: &PendingView,
+    front_door: &str,
+    approved: bool,
+    by: &str,
+    detail: String,
+) {
+    let mut rec = cellgate_audit::Record::new(
+        &shared.config.node_name,
+        front_door,
+        "http",
+        cellgate_audit::Decision::Approval,
+        if approved {
+            "approval_granted"
+        } else {
+            "approval_rejected"
+        },
+    );
+    let (ns, name) = view.cell.split_once('/').unwrap_or(("", &view.cell));
+    rec.namespace = Some(ns.to_string());
+    rec.cell = Some(name.to_string());
+    rec.capability = Some(view.key.capability.clone());
+    rec.method = Some(view.key.method.clone());
+    rec.host = Some(view.key.host.clone());
+    rec.path = Some(view.key.path.clone());
+    rec.request_id = Some(view.request_id.clone());
+    rec.reasons = vec![
+        format!("approval_id={}", view.id),
+        format!("by {by}"),
+        detail,
+    ];
+    if let Err(e) = crate::decide::record(shared, rec).await {
+        tracing::error!(error = %e, "approval decision record not written");
+    }
+    tracing::info!(approval = %view.id, approved, by = %by, "approval decided");
 }
 
 /// SHA-256 of a body, hex.

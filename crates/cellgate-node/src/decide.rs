@@ -602,6 +602,22 @@ pub async fn approve(
             out.reasons = vec!["the approval request could not be recorded".into()];
             return out;
         }
+        // In Kubernetes, approvers see it as an AgentApproval; no object, no approval.
+        if shared.config.kubernetes {
+            let published = match shared.approvals.view(&asked.id, now) {
+                Some(view) => crate::kubernetes::publish_approval(shared, &view).await,
+                None => Err("expired before it could be published".into()),
+            };
+            if let Err(e) = published {
+                tracing::warn!(approval = %asked.id, error = %e, "AgentApproval not created; refusing");
+                shared.approvals.withdraw(&asked.id);
+                out.reason = "approval_unavailable".into();
+                out.reasons = vec![format!(
+                    "the approval could not be published to the API server: {e}"
+                )];
+                return out;
+            }
+        }
     }
     out.approval_id = Some(asked.id.clone());
     if retry {

@@ -1,6 +1,6 @@
 //! Kubernetes mode (`--kubernetes`): the node's state comes from the API server.
 //!
-//! Four watches, started by [`start`] with a [`kube::Client`] (inferred by [`crate::run`], a
+//! Five watches, started by [`start`] with a [`kube::Client`] (inferred by [`crate::run`], a
 //! mocked one in tests), feed the same internal model local mode builds from files:
 //!
 //! | watch | selector | feeds |
@@ -9,6 +9,7 @@
 //! | `Pod`, all namespaces (reflector) | label `cellgate.dev/cell`, field `spec.nodeName=<node>` | [`crate::Shared::pods`]: Running pod address → cell uid |
 //! | `ConfigMap` `cellgate-revocations` in `--control-namespace` | field `metadata.name=cellgate-revocations` | [`cellgate_identity::Verifier::revoke`] (keys are `jti`s) |
 //! | `ConfigMap` `cellgate-lockdown` in `--control-namespace` | field `metadata.name=cellgate-lockdown` | [`crate::lockdown::Lockdown::set_cluster`] (`cluster`, `namespace.NS`) |
+//! | `AgentApproval`, all namespaces | label `cellgate.dev/node=<node>` | [`crate::approvals::Approvals::decide`] (`status.decision`), then the object is deleted |
 //!
 //! Each event is applied on its own: an AgentCell event rebuilds that one cell's entry
 //! ([`CellStore::upsert`](crate::cells::CellStore::upsert) / `remove`), never the compiled
@@ -61,7 +62,7 @@ pub struct KubeState {
     pub cells: Store<AgentCellResource>,
     /// The cell pods on this node.
     pub pods: Store<Pod>,
-    synced: [AtomicBool; 4],
+    synced: [AtomicBool; 5],
     /// Cell uid → the generation whose enforcement was written (or is being written).
     reported: Mutex<HashMap<String, i64>>,
 }
@@ -76,11 +77,12 @@ impl std::fmt::Debug for KubeState {
     }
 }
 
-const WATCHES: [&str; 4] = ["agentcells", "pods", "revocations", "lockdown"];
+const WATCHES: [&str; 5] = ["agentcells", "pods", "revocations", "lockdown", "approvals"];
 const CELLS: usize = 0;
 const PODS: usize = 1;
 const REVOCATIONS: usize = 2;
 const LOCKDOWN: usize = 3;
+const APPROVALS: usize = 4;
 
 impl KubeState {
     /// The watches that have not completed their first list yet.
@@ -115,7 +117,7 @@ impl KubeState {
     }
 }
 
-/// Starts the four watches on `tasks` (aborted when the node shuts down).
+/// Starts the five watches on `tasks` (aborted when the node shuts down).
 pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task::JoinSet<()>) {
     let (cells, cells_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
@@ -138,7 +140,156 @@ pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task
     tasks.spawn(watch_pods(shared.clone(), state.clone(), pods_writer));
     tasks.spawn(watch_revocations(shared.clone(), state.clone()));
     tasks.spawn(watch_lockdown(shared.clone(), state.clone()));
-    tasks.spawn(report_usage(shared.clone(), state));
+    tasks.spawn(report_usage(shared.clone(), state.clone()));
+    tasks.spawn(watch_approvals(shared.clone(), state));
+}
+
+/// Publishes a pending approval as an `AgentApproval` in the cell's namespace (named by the
+/// approval id, labelled with this node), for `kubectl cellgate approve|deny`.
+///
+/// # Errors
+/// When the API server does not take it: the request is then refused.
+pub async fn publish_approval(
+    shared: &Shared,
+    view: &crate::approvals::PendingView,
+) -> Result<(), String> {
+    use cellgate_api::crd::{AgentApprovalResource, AgentApprovalSpec, LABEL_NODE};
+    let state = shared
+        .kube
+        .get()
+        .ok_or_else(|| "the Kubernetes client is not started".to_string())?;
+    let (ns, name) = view.cell.split_once('/').unwrap_or(("default", &view.cell));
+    let mut obj = AgentApprovalResource::new(
+        &view.id,
+        AgentApprovalSpec {
+            cell: name.to_string(),
+            capability: view.key.capability.clone(),
+            method: view.key.method.clone(),
+            host: view.key.host.clone(),
+            path: view.key.path.clone(),
+            body_digest: view.key.body_digest.clone(),
+            mode: view.mode.to_string(),
+            requested_at: view.requested_at.clone(),
+            expires_at: view.expires_at.clone(),
+            node: shared.config.node_name.clone(),
+            request_id: view.request_id.clone(),
+        },
+    );
+    obj.metadata.namespace = Some(ns.to_string());
+    obj.metadata.labels = Some(
+        [
+            (LABEL_NODE.to_string(), shared.config.node_name.clone()),
+            (LABEL_CELL.to_string(), name.to_string()),
+        ]
+        .into(),
+    );
+    let api: Api<AgentApprovalResource> = Api::namespaced(state.client.clone(), ns);
+    api.create(&kube::api::PostParams::default(), &obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// How often decided or no longer pending `AgentApproval`s of this node are looked for and
+/// deleted (besides on every watch event).
+pub const APPROVAL_CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn watch_approvals(shared: Arc<Shared>, state: Arc<KubeState>) {
+    use cellgate_api::crd::{AgentApprovalResource, LABEL_NODE};
+    let selector = format!("{LABEL_NODE}={}", shared.config.node_name);
+    let api: Api<AgentApprovalResource> = Api::all(state.client.clone());
+    let events =
+        watcher::watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut tick = tokio::time::interval(APPROVAL_CLEANUP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                None => return,
+                Some(Ok(Event::InitApply(obj) | Event::Apply(obj))) => {
+                    settle_approval(&shared, &state, &obj).await;
+                }
+                Some(Ok(Event::InitDone)) => state.mark_synced(APPROVALS),
+                Some(Ok(Event::Init | Event::Delete(_))) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "approval watch failed; retrying with backoff (held requests time out meanwhile)");
+                }
+            },
+            _ = tick.tick() => {
+                let api: Api<AgentApprovalResource> = Api::all(state.client.clone());
+                match api.list(&kube::api::ListParams::default().labels(&selector)).await {
+                    Ok(list) => {
+                        for obj in list.items {
+                            settle_approval(&shared, &state, &obj).await;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "approval cleanup list failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Acts on one `AgentApproval` of this node: a decision is applied (and audited) if the approval
+/// is still pending here; an object decided, or no longer pending here (expired, withdrawn, from
+/// before a restart), is deleted.
+async fn settle_approval(
+    shared: &Shared,
+    state: &KubeState,
+    obj: &cellgate_api::crd::AgentApprovalResource,
+) {
+    use crate::approvals::Verdict;
+    use cellgate_api::crd::AgentApprovalResource;
+    let (Some(id), Some(ns)) = (obj.metadata.name.clone(), obj.metadata.namespace.clone()) else {
+        return;
+    };
+    let now = crate::decide::now_ms();
+    let pending = shared.approvals.view(&id, now);
+    let decision = obj.status.as_ref().and_then(|s| s.decision.clone());
+    if pending.is_some() && decision.is_none() {
+        return; // waits for a human
+    }
+    if let (Some(view), Some(d)) = (pending, decision) {
+        let by = format!("{} (Kubernetes)", d.by);
+        let valid = d
+            .valid_for
+            .as_deref()
+            .and_then(cellgate_api::manifest::parse_duration)
+            .unwrap_or(600)
+            .min(crate::approvals::MAX_VALIDITY_SECS);
+        let uses = d.uses.unwrap_or(1).clamp(1, crate::approvals::MAX_USES);
+        let reason = d.reason.clone().unwrap_or_default();
+        let verdict = if d.approved {
+            Verdict::Approved { by: by.clone() }
+        } else {
+            Verdict::Denied {
+                by: by.clone(),
+                reason: if reason.is_empty() {
+                    "denied".into()
+                } else {
+                    reason.clone()
+                },
+            }
+        };
+        if shared
+            .approvals
+            .decide(&id, verdict, valid, uses, now)
+            .is_ok()
+        {
+            let detail = if d.approved {
+                format!("valid for {valid}s, {uses} use(s) (retry mode)")
+            } else {
+                reason
+            };
+            crate::approvals::record_decision(shared, &view, "kubernetes", d.approved, &by, detail)
+                .await;
+        }
+    }
+    let api: Api<AgentApprovalResource> = Api::namespaced(state.client.clone(), &ns);
+    if let Err(e) = api.delete(&id, &kube::api::DeleteParams::default()).await {
+        tracing::debug!(approval = %id, error = %e, "could not delete a settled AgentApproval; retrying later");
+    }
 }
 
 /// How often the node writes `status.usage` of the cells it hosts, when it changed.

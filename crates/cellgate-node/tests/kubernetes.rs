@@ -1029,3 +1029,119 @@ async fn a_node_taking_a_cell_over_starts_from_its_reported_usage_and_reports_it
     assert_eq!(usage["summary"], "cell requests 3/3", "{usage}");
     assert!(body["status"].get("enforcement").is_none(), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_an_agent_approval_decided_through_the_api_server() {
+    let k = std::sync::Arc::new(Kube::start(false).await);
+    k.api.watch_opened(Watched::AgentCells).await;
+    k.api.watch_opened(Watched::AgentApprovals).await;
+    assert!(k.api.send(
+        Watched::Pods,
+        "ADDED",
+        cell_pod(NS, "demo", UID, NODE, "127.0.0.1", "Running")
+    ));
+    let mut s = spec(k.http.port(), k.echo.port(), &[], false);
+    s["capabilities"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+        "name": "gated", "destinations": [{"host": "plain.test", "ports": [k.http.port()]}],
+        "http": {"methods": ["GET"], "paths": ["/gated/**"]},
+        "approval": {"required": true, "timeout": "30s"}}));
+    assert!(k.api.send(
+        Watched::AgentCells,
+        "ADDED",
+        agent_cell(NS, "demo", UID, 1, s)
+    ));
+    until(Duration::from_secs(3), async || {
+        k.get("/public/a").await.status == 200
+    })
+    .await;
+
+    for (approved, path) in [(true, "/gated/deploy"), (false, "/gated/drop")] {
+        let held = {
+            let k = k.clone();
+            tokio::spawn(async move { k.get(path).await })
+        };
+        // The node creates the AgentApproval: what exactly would be approved, labelled with it.
+        let created = k
+            .api
+            .wait_call(Duration::from_secs(5), |c| {
+                c.method == http::Method::POST
+                    && c.path()
+                        == format!("/apis/cellgate.dev/v1alpha1/namespaces/{NS}/agentapprovals")
+                    && String::from_utf8_lossy(&c.body).contains(path)
+            })
+            .await;
+        let mut obj: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+        let id = obj["metadata"]["name"].as_str().unwrap().to_string();
+        assert_eq!(obj["metadata"]["labels"]["cellgate.dev/node"], NODE);
+        let spec = &obj["spec"];
+        assert_eq!(
+            (
+                spec["cell"].as_str(),
+                spec["capability"].as_str(),
+                spec["method"].as_str()
+            ),
+            (Some("demo"), Some("gated"), Some("GET"))
+        );
+        assert_eq!(
+            (spec["host"].as_str(), spec["path"].as_str()),
+            (Some("plain.test"), Some(path))
+        );
+        assert_eq!(
+            spec["bodyDigest"],
+            cellgate_node::approvals::body_digest(b"").as_str()
+        );
+        assert_eq!(
+            (spec["node"].as_str(), spec["mode"].as_str()),
+            (Some(NODE), Some("hold"))
+        );
+        assert!(!held.is_finished(), "answered before a decision");
+
+        // A human decides (kubectl cellgate approve|deny writes status.decision).
+        obj["metadata"]["namespace"] = NS.into();
+        obj["status"] = serde_json::json!({"decision": {"approved": approved,
+            "by": "alice@example.com", "at": "2026-12-02T08:00:00Z",
+            "reason": if approved { serde_json::Value::Null } else { "not today".into() }}});
+        assert!(k.api.send(Watched::AgentApprovals, "MODIFIED", obj));
+        let r = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .unwrap()
+            .unwrap();
+        if approved {
+            assert_eq!(r.status, 200, "{}", r.body);
+        } else {
+            assert_eq!(r.status, 403);
+            assert_eq!(r.json()["reason"], "approval_denied");
+            assert!(r.json()["message"].as_str().unwrap().contains("not today"));
+        }
+        let rec = k
+            .wait_audit(|r| {
+                r["reason"]
+                    == if approved {
+                        "approval_granted"
+                    } else {
+                        "approval_rejected"
+                    }
+            })
+            .await;
+        assert_eq!(rec["front_door"], "kubernetes");
+        assert!(
+            rec["reasons"]
+                .to_string()
+                .contains("alice@example.com (Kubernetes)"),
+            "{rec}"
+        );
+        // Decided: the object is cleaned up.
+        k.api
+            .wait_call(Duration::from_secs(5), |c| {
+                c.method == http::Method::DELETE
+                    && c.path()
+                        == format!(
+                            "/apis/cellgate.dev/v1alpha1/namespaces/{NS}/agentapprovals/{id}"
+                        )
+            })
+            .await;
+    }
+}

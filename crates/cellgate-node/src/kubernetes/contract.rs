@@ -37,6 +37,8 @@ pub enum Watched {
     Pods,
     /// ConfigMaps of one namespace.
     ConfigMaps,
+    /// AgentApprovals, all namespaces.
+    AgentApprovals,
 }
 
 impl Watched {
@@ -46,6 +48,9 @@ impl Watched {
         }
         if path == "/api/v1/pods" {
             return Some(Self::Pods);
+        }
+        if path == "/apis/cellgate.dev/v1alpha1/agentapprovals" {
+            return Some(Self::AgentApprovals);
         }
         let rest = path.strip_prefix("/api/v1/namespaces/")?;
         let (_, tail) = rest.split_once('/')?;
@@ -57,6 +62,7 @@ impl Watched {
             Self::AgentCells => ("cellgate.dev/v1alpha1", "AgentCellList"),
             Self::Pods => ("v1", "PodList"),
             Self::ConfigMaps => ("v1", "ConfigMapList"),
+            Self::AgentApprovals => ("cellgate.dev/v1alpha1", "AgentApprovalList"),
         }
     }
 }
@@ -422,6 +428,29 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
                     "metadata": {"resourceVersion": rv}, "items": items,
                 }),
             );
+        }
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ["apis", "cellgate.dev", "v1alpha1", "namespaces", ns, "agentapprovals", rest @ ..] =
+        segments.as_slice()
+    {
+        match (&call.method, rest) {
+            (&http::Method::POST, []) => {
+                let mut obj: serde_json::Value =
+                    serde_json::from_slice(&call.body).unwrap_or_default();
+                obj["metadata"]["namespace"] = (*ns).into();
+                s.resource_version += 1;
+                obj["metadata"]["resourceVersion"] = s.resource_version.to_string().into();
+                return json(201, &obj);
+            }
+            (&http::Method::DELETE, [name]) => {
+                return json(
+                    200,
+                    &serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Success", "details": {"name": name, "kind": "agentapprovals"}}),
+                );
+            }
+            _ => {}
         }
     }
     if call.method == http::Method::PATCH {
