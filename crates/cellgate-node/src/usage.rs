@@ -143,7 +143,8 @@ impl UsageReader {
             return;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" {
+        // Most events carry content, not usage: parse only those with a `"usage": {` in them.
+        if data == b"[DONE]" || !has_usage_object(data) {
             return;
         }
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
@@ -194,6 +195,20 @@ impl UsageReader {
             Kind::Other => Reading::None,
         }
     }
+}
+
+/// Whether `data` has a `"usage"` key whose value is an object (`"usage" : {`), by a byte scan.
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = rest.get(at + KEY.len()..).unwrap_or_default();
+        let mut after = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        if after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return true;
+        }
+    }
+    false
 }
 
 fn count(v: &serde_json::Value, key: &str) -> u64 {
@@ -471,6 +486,18 @@ mod tests {
             b"\ndata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n",
         );
         assert_eq!(long.finish(true), reported("m", 1, 2));
+    }
+
+    #[test]
+    fn usage_objects_are_found_by_their_bytes() {
+        assert!(has_usage_object(br#"{"usage":{"a":1}}"#));
+        assert!(has_usage_object(br#"{"x":1, "usage" :  { }}"#));
+        assert!(has_usage_object(
+            br#"{"usage":null,"message":{"usage":{"input_tokens":1}}}"#
+        ));
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(!has_usage_object(br#"{"text":"usage"}"#));
+        assert!(!has_usage_object(br#"{"usage""#));
     }
 
     #[test]
