@@ -1058,6 +1058,26 @@ async fn a_held_request_is_an_agent_approval_decided_through_the_api_server() {
     })
     .await;
 
+    // No AgentApproval, no approval: refused at once, audited.
+    k.api.refuse_approvals(true);
+    let r = k.get("/gated/x").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "approval_unavailable", "{}", r.body);
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("forbidden"),
+        "{}",
+        r.body
+    );
+    k.wait_audit(|r| r["reason"] == "approval_unavailable")
+        .await;
+    assert!(k
+        .node
+        .shared
+        .approvals
+        .list(cellgate_node::decide::now_ms())
+        .is_empty());
+    k.api.refuse_approvals(false);
+
     for (approved, path) in [(true, "/gated/deploy"), (false, "/gated/drop")] {
         let held = {
             let k = k.clone();

@@ -114,6 +114,9 @@ struct State {
     )>,
     objects: HashMap<(String, String), serde_json::Value>,
     resource_version: u64,
+    /// Refuse every create of an AgentApproval (403), as an API server without the CRD or the
+    /// grant would.
+    refuse_approvals: bool,
 }
 
 /// The scripted API server; dropping it stops answering.
@@ -263,6 +266,13 @@ impl ApiServer {
             }
         }
         taken
+    }
+
+    /// From now on, refuses (`true`) or takes every create of an AgentApproval.
+    pub fn refuse_approvals(&self, refuse: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            s.refuse_approvals = refuse;
+        }
     }
 
     /// Every call so far, in order.
@@ -435,6 +445,14 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
         segments.as_slice()
     {
         match (&call.method, rest) {
+            (&http::Method::POST, []) if s.refuse_approvals => {
+                return json(
+                    403,
+                    &serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "reason": "Forbidden", "code": 403,
+                        "message": "agentapprovals.cellgate.dev is forbidden"}),
+                );
+            }
             (&http::Method::POST, []) => {
                 let mut obj: serde_json::Value =
                     serde_json::from_slice(&call.body).unwrap_or_default();
