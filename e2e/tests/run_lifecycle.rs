@@ -279,3 +279,128 @@ fn a_credential_is_injected_at_the_boundary_and_never_seen_by_the_agent() {
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"capability\":\"web\"") && !audit.contains(SECRET));
 }
+
+#[test]
+fn a_held_request_is_approved_and_a_lockdown_refuses_in_a_real_cell() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut up = Command::new(bin("cellgate-demo-upstream"))
+        .args(["--names", "api.life", "--listen", "127.0.0.1:0", "--ca-out"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.strip_prefix("listening on ").unwrap().to_string();
+    let _up = Kill(up);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let admin = format!("127.0.0.1:{}", cellgate_e2e::free_port());
+    let cell = CELL.replace("PORT", &port)
+        + &format!("    - name: deploy\n      destinations: [{{host: api.life, ports: [{port}]}}]\n      http: {{methods: [POST], paths: [\"/v1/deploy\"]}}\n      approval: {{required: true, timeout: 30s}}\n");
+    // Allowed; held until approved; then (after the lockdown below) refused.
+    let script = format!(
+        "curl -sS https://api.life:{port}/v1/a; echo; curl -sS -X POST -d ship https://api.life:{port}/v1/deploy; echo; sleep 3; curl -sS https://api.life:{port}/v1/b; echo"
+    );
+    let child = run_cmd(
+        dir.path(),
+        &cell,
+        &[
+            "--upstream-ca",
+            dir.path().join("upstream-ca.pem").to_str().unwrap(),
+            "--resolve",
+            &format!("api.life:{port}:127.0.0.1"),
+            "--admin",
+            &admin,
+        ],
+        &["sh", "-c", &script],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut child = Kill(child);
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("cellgate"))
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The held request shows up; approve it, then lock everything down.
+    let mut id = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let (_, listed, _) = cli(&["approvals"]);
+            match listed
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().next())
+            {
+                Some(found) if found.starts_with("ap-") => {
+                    id = found.to_string();
+                    true
+                }
+                _ => false,
+            }
+        }),
+        "no request waited for approval"
+    );
+    let (code, said, err) = cli(&["approve", &id]);
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains(&format!("approved {id}")), "{said}");
+    let (code, said, err) = cli(&["lockdown", "on", "--reason", "drill"]);
+    assert_eq!(code, Some(0), "{said}{err}");
+    let out = child.0.wait_with_output_ref();
+    let agent = String::from_utf8_lossy(&out.0).into_owned();
+    let log = String::from_utf8_lossy(&out.1).into_owned();
+    let answers: Vec<&str> = agent.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(answers.len(), 3, "{agent}\n{log}");
+    assert!(answers[0].contains("\"uri\":\"/v1/a\""), "{agent}");
+    assert!(
+        answers[1].contains("\"uri\":\"/v1/deploy\""),
+        "the approved request: {agent}"
+    );
+    assert!(answers[2].contains("\"reason\":\"lockdown\""), "{agent}");
+    assert!(log.contains(&format!("waits for approval {id}")), "{log}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    for reason in [
+        "approval_requested",
+        "approval_granted",
+        "lockdown_on",
+        "\"lockdown\"",
+    ] {
+        assert!(audit.contains(reason), "{reason} not audited:\n{audit}");
+    }
+}
+
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> (Vec<u8>, Vec<u8>);
+}
+
+impl WaitOutput for Child {
+    /// Reads stdout and stderr to their end and reaps the child (bounded by the run itself).
+    fn wait_with_output_ref(&mut self) -> (Vec<u8>, Vec<u8>) {
+        use std::io::Read;
+        let mut err = self.stderr.take().unwrap();
+        let errs = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let mut out = Vec::new();
+        let _ = self.stdout.take().unwrap().read_to_end(&mut out);
+        let _ = self.wait();
+        (out, errs.join().unwrap())
+    }
+}

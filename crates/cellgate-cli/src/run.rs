@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Extra Rego policy packs.
     #[arg(long)]
     pub policies: Option<PathBuf>,
+    /// The node's admin API (for `cellgate lockdown`, `approvals`, `approve`, `deny`); when the
+    /// default port is taken, any free port (the run prints which).
+    #[arg(long, default_value = crate::admin::DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -392,9 +396,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(|r| cellgate_node::config::parse_resolve(r).map_err(anyhow::Error::msg))
         .collect::<Result<_, _>>()?;
     config.node_name = format!("local-{}", hostname());
+    // The default admin port may be taken (another `cellgate run`, a node): then any free one,
+    // printed below. An address given with --admin is used as given, or the run fails.
+    config.admin = if args.admin.to_string() == crate::admin::DEFAULT_ADMIN
+        && std::net::TcpListener::bind(args.admin).is_err()
+    {
+        SocketAddr::new(args.admin.ip(), 0)
+    } else {
+        args.admin
+    };
     config.drain = Duration::from_secs(1);
     config.validate()?;
     let node = cellgate_node::run(config).await?;
+    eprintln!(
+        "cellgate: the node's admin API is on {} (cellgate approvals|approve|deny|lockdown --admin {})",
+        node.admin_addr, node.admin_addr
+    );
     let mut records = node.shared.audit.subscribe();
     let summary = std::sync::Arc::new(std::sync::Mutex::new(Summary::default()));
     let sink = summary.clone();
