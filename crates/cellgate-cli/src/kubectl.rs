@@ -52,6 +52,9 @@ pub struct StatusArgs {
     /// All namespaces.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
+    /// Namespace the node DaemonSet runs in (where the lockdown ConfigMap is).
+    #[arg(long, default_value = "cellgate-system")]
+    pub control_namespace: String,
     #[command(flatten)]
     pub target: Target,
 }
@@ -155,11 +158,51 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         Some(namespace.as_str())
     };
     let text = match &args.cell {
-        Some(cell) => status_one(client, &namespace, cell).await?,
-        None => status_table(client, ns).await?,
+        Some(cell) => status_one(client.clone(), &namespace, cell).await?,
+        None => status_table(client.clone(), ns).await?,
     };
     print!("{text}");
+    print!(
+        "{}",
+        lockdown_status(client, &args.control_namespace).await?
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The cluster's lockdowns in force, one line each (empty when none).
+///
+/// # Errors
+/// When the API server refuses (a missing ConfigMap is no lockdown).
+pub async fn lockdown_status(client: Client, control_namespace: &str) -> anyhow::Result<String> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client, control_namespace);
+    let Some(cm) = api
+        .get_opt(crd::LOCKDOWN_CONFIGMAP)
+        .await
+        .with_context(|| format!("reading {control_namespace}/{}", crd::LOCKDOWN_CONFIGMAP))?
+    else {
+        return Ok(String::new());
+    };
+    let mut out = String::new();
+    for (key, value) in cm.data.iter().flatten() {
+        let scope = if key == crd::LOCKDOWN_KEY_CLUSTER {
+            "every cell in the cluster".to_string()
+        } else if let Some(ns) = key.strip_prefix(crd::LOCKDOWN_KEY_NAMESPACE) {
+            format!("namespace {ns}")
+        } else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(value).unwrap_or_default();
+        let f = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+        let _ = writeln!(
+            out,
+            "LOCKDOWN {scope}: {} (by {}, since {})",
+            f("reason"),
+            f("by"),
+            f("since")
+        );
+    }
+    Ok(out)
 }
 
 /// `revoke CELL CAPABILITY`.

@@ -669,3 +669,49 @@ async fn approvals_are_listed_and_decided_as_the_caller_the_api_server_names() {
             .unwrap_err();
     assert!(e.to_string().contains("reason is required"), "{e}");
 }
+
+#[tokio::test]
+async fn status_shows_the_lockdowns_in_force() {
+    let (kc, handle) = client();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cellgate-lockdown", "namespace": "cellgate-system"},
+        "data": {"cluster": "{\"reason\":\"drill\",\"since\":\"2026-12-02T08:00:00Z\",\"by\":\"alice\"}",
+                 "namespace.agents": "{\"reason\":\"runaway\",\"since\":\"t\",\"by\":\"bob\"}"}});
+    let served = tokio::spawn(serve(
+        handle,
+        vec![call(Method::GET, LOCKDOWN_URI, None, cm)],
+    ));
+    let text = kubectl::lockdown_status(kc, "cellgate-system")
+        .await
+        .unwrap();
+    assert_eq!(served.await.unwrap(), 1);
+    assert!(
+        text.contains(
+            "LOCKDOWN every cell in the cluster: drill (by alice, since 2026-12-02T08:00:00Z)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("LOCKDOWN namespace agents: runaway (by bob"),
+        "{text}"
+    );
+    // None: nothing printed.
+    let (kc, handle) = client();
+    let script = vec![Call {
+        status: StatusCode::NOT_FOUND,
+        ..call(
+            Method::GET,
+            LOCKDOWN_URI,
+            None,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "metadata": {}}),
+        )
+    }];
+    let served = tokio::spawn(serve(handle, script));
+    assert_eq!(
+        kubectl::lockdown_status(kc, "cellgate-system")
+            .await
+            .unwrap(),
+        ""
+    );
+    assert_eq!(served.await.unwrap(), 1);
+}
