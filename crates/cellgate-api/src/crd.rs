@@ -387,8 +387,30 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(
             cols,
-            ["Phase", "Capabilities", "Enforced", "Suspended", "Age"]
+            [
+                "Phase",
+                "Capabilities",
+                "Enforced",
+                "Usage",
+                "Suspended",
+                "Age"
+            ]
         );
+    }
+
+    #[test]
+    fn agent_approval_crd_is_namespaced_with_a_status() {
+        let crd = AgentApprovalResource::crd();
+        assert_eq!(crd.spec.names.kind, "AgentApproval");
+        assert_eq!(crd.spec.names.plural, "agentapprovals");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["aapr".to_string()]));
+        assert!(crd.spec.versions[0]
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
+        assert_eq!(crds().len(), 2);
     }
 
     #[test]

@@ -1008,12 +1008,16 @@ async fn a_node_taking_a_cell_over_starts_from_its_reported_usage_and_reports_it
     );
     assert_eq!(r.json()["used"], 3);
 
-    // This node reports its count: its own field manager, the status only.
+    // This node reports its count: its own field manager, the status only. (A report may come
+    // between the takeover and the requests, with the count taken over; the one after them
+    // carries 3.)
     let patch = k
         .api
-        .wait_call(Duration::from_secs(8), |c| {
+        .wait_call(Duration::from_secs(12), |c| {
             c.method == http::Method::PATCH
                 && c.query().get("fieldManager").map(String::as_str) == Some("cellgate-node-usage")
+                && serde_json::from_slice::<serde_json::Value>(&c.body)
+                    .is_ok_and(|b| b["status"]["usage"]["budgets"][0]["requests"] == 3)
         })
         .await;
     assert_eq!(
