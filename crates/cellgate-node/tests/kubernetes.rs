@@ -276,7 +276,8 @@ async fn watch_events_drive_every_decision_and_revocations_close_what_is_open() 
     let k = Kube::start(false).await;
 
     // The watches: AgentCells in all namespaces; cell pods on this node only; the revocations
-    // ConfigMap by name in the control namespace. Each listed, then watched.
+    // and lockdown ConfigMaps by name in the control namespace; this node's AgentApprovals.
+    // Each listed, then watched.
     let calls = k.api.calls();
     let find = |path: &str, watch: bool| {
         calls
@@ -302,13 +303,23 @@ async fn watch_events_drive_every_decision_and_revocations_close_what_is_open() 
         let p = find("/api/v1/pods", watch);
         assert_eq!(p.query()["labelSelector"], "cellgate.dev/cell");
         assert_eq!(p.query()["fieldSelector"], format!("spec.nodeName={NODE}"));
-        let r = find(
-            &format!("/api/v1/namespaces/{CONTROL_NS}/configmaps"),
-            watch,
-        );
+        // Two ConfigMaps there, each by name: the revocations and the lockdown.
+        for name in ["cellgate-revocations", "cellgate-lockdown"] {
+            assert!(
+                calls.iter().any(|c| {
+                    c.path() == format!("/api/v1/namespaces/{CONTROL_NS}/configmaps")
+                        && c.query().get("fieldSelector").map(String::as_str)
+                            == Some(format!("metadata.name={name}").as_str())
+                        && (c.query().get("watch").map(String::as_str) == Some("true")) == watch
+                }),
+                "no {} of {name}: {calls:#?}",
+                if watch { "watch" } else { "list" }
+            );
+        }
+        let a = find("/apis/cellgate.dev/v1alpha1/agentapprovals", watch);
         assert_eq!(
-            r.query()["fieldSelector"],
-            "metadata.name=cellgate-revocations"
+            a.query()["labelSelector"],
+            format!("cellgate.dev/node={NODE}")
         );
     }
     assert_eq!(k.admin_get("/readyz").await.status, 200);
