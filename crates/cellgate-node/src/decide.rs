@@ -728,6 +728,28 @@ pub fn audit_record(
     rec
 }
 
+/// Records `out` for something already under way (a response stream cut, usage counted), off
+/// the caller's path: nothing waits on it, and a failure is logged by [`record`].
+pub fn record_in_background(
+    shared: &Arc<Shared>,
+    ident: &ConnIdentity,
+    facts: &Facts,
+    out: &Outcome,
+) {
+    let rec = audit_record(
+        shared,
+        Some(ident),
+        ident.source,
+        ident.original_dst,
+        facts,
+        out,
+    );
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _ = record(&shared, rec).await;
+    });
+}
+
 /// Why a decision could not be recorded; the caller fails closed.
 #[derive(Debug, thiserror::Error)]
 #[error("audit unavailable: {0}")]

@@ -890,18 +890,7 @@ impl Meter {
         o.reason = reason.into();
         o.reasons = vec![detail];
         o.budget = Some(self.shared.ledger.state(&entry.cell.uid, &scopes));
-        let rec = decide::audit_record(
-            &self.shared,
-            Some(&self.ident),
-            self.ident.source,
-            self.ident.original_dst,
-            &self.facts,
-            &o,
-        );
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let _ = decide::record(&shared, rec).await;
-        });
+        decide::record_in_background(&self.shared, &self.ident, &self.facts, &o);
     }
 }
 
@@ -1043,18 +1032,7 @@ impl Rechecked {
         out.reason = "revoked".into();
         out.request_id = self.request_id.clone();
         tracing::info!(request.id = %self.request_id, reason = %out.reason, "cutting a response stream its authorization no longer allows");
-        let rec = decide::audit_record(
-            &self.shared,
-            Some(&self.ident),
-            self.ident.source,
-            self.ident.original_dst,
-            &self.facts,
-            &out,
-        );
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let _ = decide::record(&shared, rec).await;
-        });
+        decide::record_in_background(&self.shared, &self.ident, &self.facts, &out);
         false
     }
 }

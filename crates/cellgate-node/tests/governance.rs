@@ -555,30 +555,7 @@ async fn a_stream_that_reports_no_usage_is_never_free() {
 
 /// POST `body` to `/lockdown` on the node's admin port.
 async fn lockdown(f: &Fixture, body: serde_json::Value) -> Resp {
-    let tcp = tokio::net::TcpStream::connect(f.node().admin_addr)
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post("/lockdown")
-        .header("host", "admin")
-        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    admin_post(f, "/lockdown", body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
