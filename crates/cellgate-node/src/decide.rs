@@ -750,6 +750,19 @@ pub fn record_in_background(
     });
 }
 
+/// The 503 body when a capability's credential could not be obtained (both front doors). Why
+/// it failed (a backend's error, a path, a status) is in the audit record and the node's log,
+/// never in what the agent reads.
+pub fn credential_unavailable_body(capability: &str, request_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "error": "cellgate_credential_unavailable",
+        "reason": "credential_unavailable",
+        "capability": capability,
+        "request_id": request_id,
+        "message": format!("the credential of capability {capability} could not be obtained, so the request was not sent; operators find why in the audit record of this request id"),
+    })
+}
+
 /// Why a decision could not be recorded; the caller fails closed.
 #[derive(Debug, thiserror::Error)]
 #[error("audit unavailable: {0}")]

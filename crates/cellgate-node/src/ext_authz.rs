@@ -347,10 +347,7 @@ impl CheckService {
                         let rec =
                             decide::audit_record(shared, Some(&ident), source, dst, &facts, &o);
                         let _ = decide::record(shared, rec).await;
-                        let body = serde_json::json!({
-                            "error": "cellgate_credential_unavailable", "capability": cap.name,
-                            "reason": e.to_string(), "request_id": out.request_id,
-                        });
+                        let body = decide::credential_unavailable_body(&cap.name, &out.request_id);
                         return Ok(denied(CODE_UNAVAILABLE, 503, Some(&ident), &o, body));
                     }
                 }

@@ -445,13 +445,13 @@ async fn decided(
         &facts,
         &out,
     );
-    if let Err(e) = decide::record(&shared, rec).await {
+    if decide::record(&shared, rec).await.is_err() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &out.request_id,
             serde_json::json!({
                 "error": "cellgate_unavailable", "reason": "audit_unavailable", "request_id": out.request_id,
-                "message": "the decision could not be recorded, so the request was not sent", "detail": e.to_string(),
+                "message": "the decision could not be recorded, so the request was not sent",
             }),
         );
     }
@@ -482,9 +482,7 @@ async fn decided(
                     return json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &out.request_id,
-                        serde_json::json!({
-                            "error": "cellgate_credential_unavailable", "capability": cap.name, "reason": e.to_string(), "request_id": out.request_id,
-                        }),
+                        crate::decide::credential_unavailable_body(&cap.name, &out.request_id),
                     );
                 }
             }

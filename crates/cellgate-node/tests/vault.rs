@@ -194,7 +194,17 @@ async fn kv_v2_token_auth(target: Target) {
     let j = r.json();
     assert_eq!(j["error"], "cellgate_credential_unavailable");
     assert_eq!(j["capability"], "gh");
-    assert!(j["reason"].as_str().unwrap().contains("nope"), "{j}");
+    // Why is for operators (the audit record), not for the agent.
+    assert_eq!(j["reason"], "credential_unavailable", "{j}");
+    assert!(
+        !r.body.contains("nope") && !r.body.contains("secret/data"),
+        "{j}"
+    );
+    let rid = j["request_id"].as_str().unwrap().to_string();
+    let rec = f
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(rec["reasons"].to_string().contains("nope"), "{rec}");
     assert_eq!(f.https.requests().len(), before);
 }
 
@@ -231,7 +241,12 @@ async fn refused_token_is_a_503(target: Target) {
     assert_eq!(r.status, 503, "{}", r.body);
     let j = r.json();
     assert_eq!(j["error"], "cellgate_credential_unavailable");
-    assert!(j["reason"].as_str().unwrap().contains("403"), "{j}");
+    assert!(!r.body.contains("403"), "{j}");
+    let rid = j["request_id"].as_str().unwrap().to_string();
+    let rec = f
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(rec["reasons"].to_string().contains("403"), "{rec}");
     assert!(f.https.requests().is_empty(), "never forwarded");
     f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "kv")
         .await;
@@ -335,7 +350,15 @@ async fn kubernetes_auth_logs_in_and_logs_in_again_when_refused() {
     .await;
     let r = call(&f2, "k").await;
     assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("invalid role name"), "{}", r.body);
+    assert!(!r.body.contains("invalid role name"), "{}", r.body);
+    let rid = r.json()["request_id"].as_str().unwrap().to_string();
+    let rec = f2
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(
+        rec["reasons"].to_string().contains("invalid role name"),
+        "{rec}"
+    );
 }
 
 // ---- dynamic secrets and leases ----
@@ -490,9 +513,28 @@ async fn unreachable_slow_and_refusing_vault_are_503s_and_recovery_is_automatic(
         let j = r.json();
         assert_eq!(j["error"], "cellgate_credential_unavailable");
         assert_eq!(j["capability"], "gh");
-        let reason = j["reason"].as_str().unwrap().to_string();
-        assert!(reason.contains(needle), "{reason:?} should say {needle:?}");
+        assert_eq!(j["reason"], "credential_unavailable");
+        assert!(
+            !r.body.contains(needle),
+            "the agent read the backend's error: {j}"
+        );
         assert!(!r.body.contains(SECRET));
+        j["request_id"].as_str().unwrap().to_string()
+    };
+    // Why it failed is in the request's audit record.
+    let why = |rid: String, needle: &'static str| {
+        let f = &f;
+        async move {
+            let rec = f
+                .wait_audit(|r| {
+                    r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable"
+                })
+                .await;
+            assert!(
+                rec["reasons"].to_string().contains(needle),
+                "{rec} should say {needle:?}"
+            );
+        }
     };
 
     // Slow past the timeout.
@@ -504,7 +546,8 @@ async fn unreachable_slow_and_refusing_vault_are_503s_and_recovery_is_automatic(
     )
     .await;
     let t0 = std::time::Instant::now();
-    expect_503(call(&f, "s").await, "within");
+    let rid = expect_503(call(&f, "s").await, "within");
+    why(rid, "within").await;
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     // Other capabilities keep working meanwhile.
     let r = f
@@ -517,9 +560,11 @@ async fn unreachable_slow_and_refusing_vault_are_503s_and_recovery_is_automatic(
 
     // Sealed (503 from Vault), refusing (403).
     vault.set_fault(Fault::Sealed);
-    expect_503(call(&f, "s").await, "sealed");
+    let rid = expect_503(call(&f, "s").await, "sealed");
+    why(rid, "sealed").await;
     vault.set_fault(Fault::Refusing);
-    expect_503(call(&f, "s").await, "403");
+    let rid = expect_503(call(&f, "s").await, "403");
+    why(rid, "403").await;
     f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "s")
         .await;
 
@@ -553,7 +598,15 @@ async fn unreachable_slow_and_refusing_vault_are_503s_and_recovery_is_automatic(
         .unwrap();
     let r = send_h1(tls, req).await;
     assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("cannot reach vault"), "{}", r.body);
+    assert!(!r.body.contains("cannot reach vault"), "{}", r.body);
+    let rid = r.json()["request_id"].as_str().unwrap().to_string();
+    let rec = f2
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(
+        rec["reasons"].to_string().contains("cannot reach vault"),
+        "{rec}"
+    );
     assert!(f2.https.requests().is_empty());
 }
 
