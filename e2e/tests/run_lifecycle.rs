@@ -301,7 +301,9 @@ fn a_held_request_is_approved_and_a_lockdown_refuses_in_a_real_cell() {
     let _up = Kill(up);
     let port = addr.rsplit(':').next().unwrap().to_string();
     let admin = format!("127.0.0.1:{}", cellgate_e2e::free_port());
-    let cell = CELL.replace("PORT", &port)
+    let cell = CELL
+        .replace("PORT", &port)
+        .replace("spec:\n", "spec:\n  budget: {requests: 100}\n")
         + &format!("    - name: deploy\n      destinations: [{{host: api.life, ports: [{port}]}}]\n      http: {{methods: [POST], paths: [\"/v1/deploy\"]}}\n      approval: {{required: true, timeout: 30s}}\n");
     // Allowed; held until approved; then (after the lockdown below) refused.
     let script = format!(
@@ -373,6 +375,9 @@ fn a_held_request_is_approved_and_a_lockdown_refuses_in_a_real_cell() {
     );
     assert!(answers[2].contains("\"reason\":\"lockdown\""), "{agent}");
     assert!(log.contains(&format!("waits for approval {id}")), "{log}");
+    // The run's summary shows the budget: two requests counted (the lockdown refused the third
+    // before any budget).
+    assert!(log.contains("budget cell: requests 2/100"), "{log}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     for reason in [
         "approval_requested",

@@ -398,13 +398,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.node_name = format!("local-{}", hostname());
     // The default admin port may be taken (another `cellgate run`, a node): then any free one,
     // printed below. An address given with --admin is used as given, or the run fails.
-    config.admin = if args.admin.to_string() == crate::admin::DEFAULT_ADMIN
-        && std::net::TcpListener::bind(args.admin).is_err()
-    {
-        SocketAddr::new(args.admin.ip(), 0)
-    } else {
-        args.admin
-    };
+    config.admin = args.admin;
+    config.admin_any_port_if_taken = args.admin.to_string() == crate::admin::DEFAULT_ADMIN;
     config.drain = Duration::from_secs(1);
     config.validate()?;
     let node = cellgate_node::run(config).await?;

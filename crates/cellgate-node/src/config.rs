@@ -270,6 +270,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Admin address.
     pub admin: SocketAddr,
+    /// When `admin`'s port is taken, bind any free port on its address instead of failing
+    /// (`cellgate run`, which prints the address; never set by the node's flags).
+    pub admin_any_port_if_taken: bool,
     /// Cells directory.
     pub cells_dir: Option<PathBuf>,
     /// Policy packs directory.
@@ -583,6 +586,7 @@ impl NodeConfig {
             pods,
             listen,
             admin,
+            admin_any_port_if_taken: false,
             cells_dir: path(args.cells, "CELLGATE_CELLS"),
             policies_dir: path(args.policies, "CELLGATE_POLICIES"),
             base_policy_dir: path(args.base_policy, "CELLGATE_BASE_POLICY"),
@@ -635,6 +639,7 @@ impl NodeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_any_port_if_taken: false,
             cells_dir: None,
             policies_dir: None,
             base_policy_dir: None,

@@ -337,6 +337,19 @@ pub async fn run_with(
             "--kubernetes: no Kubernetes client configuration (in-cluster service account or KUBECONFIG)",
         )?),
     };
+    // The admin port first: when it is taken (and the caller allows), any free port, decided
+    // before anything else is opened.
+    let admin_listener = match std::net::TcpListener::bind(config.admin) {
+        Ok(l) => l,
+        Err(e) if config.admin_any_port_if_taken && e.kind() == std::io::ErrorKind::AddrInUse => {
+            std::net::TcpListener::bind(SocketAddr::new(config.admin.ip(), 0))
+                .with_context(|| format!("binding the admin endpoint on {}", config.admin.ip()))?
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("binding the admin endpoint on {}", config.admin)))
+        }
+    };
     let verifier = Verifier::new(&load_trust(&config.trust)?);
     let ca = match &config.ca_dir {
         Some(dir) => cellgate_tls::ca::Ca::load(dir)
@@ -424,8 +437,7 @@ pub async fn run_with(
     let intake_listener = tokio::net::TcpListener::bind(shared.config.listen)
         .await
         .with_context(|| format!("binding the intake on {}", shared.config.listen))?;
-    let admin_listener = std::net::TcpListener::bind(shared.config.admin)
-        .with_context(|| format!("binding the admin endpoint on {}", shared.config.admin))?;
+
     let intake_addr = intake_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     tracing::info!(
