@@ -257,13 +257,17 @@ impl DnsHandler {
         }
 
         let address_query = matches!(qtype, RecordType::A | RecordType::AAAA);
-        let allowed = asked.plain && !cell.suspended && cell.allows_host(&asked.host);
-        if !allowed {
-            let why = if cell.suspended {
-                "the cell is suspended".to_string()
-            } else {
-                format!("no capability of {} names this host", cell.key())
-            };
+        let decided = if asked.plain {
+            self.cells.may_resolve(
+                cell,
+                asker.source.ip().to_canonical(),
+                &asked.host,
+                &qtype.to_string(),
+            )
+        } else {
+            Err("the name is not a plain host name".to_string())
+        };
+        if let Err(why) = decided {
             if address_query {
                 bump(&self.stats.nxdomain);
                 self.record(asker, Some(&asked), "dns_name_not_allowed", why);

@@ -48,6 +48,20 @@ pub use server::{serve, DnsServer, MAX_TCP_QUERY, MAX_UDP_IN_FLIGHT, MAX_UDP_QUE
 pub trait Cells: Send + Sync + 'static {
     /// The cell whose pod has this source address, if any (cells are told apart by source address).
     fn cell_for(&self, source: IpAddr) -> Option<Arc<cellgate_api::model::Cell>>;
+
+    /// Whether `cell` may learn the addresses of `host` (`qtype` as asked, e.g. `A`), decided by
+    /// the same engine as every other request (the node: the policy's `dns` branch, layers and
+    /// lockdown included). `Err` says why not. This crate has no host matcher of its own.
+    ///
+    /// # Errors
+    /// The reason the name is refused.
+    fn may_resolve(
+        &self,
+        cell: &cellgate_api::model::Cell,
+        source: IpAddr,
+        host: &str,
+        qtype: &str,
+    ) -> Result<(), String>;
 }
 
 /// The node's resolution of names it has decided to answer.

@@ -63,6 +63,16 @@ impl Cells for FakeCells {
     fn cell_for(&self, source: IpAddr) -> Option<Arc<Cell>> {
         self.0.get(&source).cloned()
     }
+    // A stand-in for the node's policy engine: the cell's host destinations.
+    fn may_resolve(&self, cell: &Cell, _: IpAddr, host: &str, _: &str) -> Result<(), String> {
+        if !cell.suspended && cell.allows_host(host) {
+            Ok(())
+        } else if cell.suspended {
+            Err("the cell is suspended".into())
+        } else {
+            Err(format!("no capability of {} names this host", cell.key()))
+        }
+    }
 }
 
 #[derive(Default)]

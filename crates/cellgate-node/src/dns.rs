@@ -30,6 +30,64 @@ impl cellgate_dns::Cells for NodeCells {
             .cloned()?;
         shared.cells.get(&uid).map(|e| e.cell.clone())
     }
+
+    /// The same engine as every request: the lockdown, then the policy's `dns` branch (with its
+    /// layers), for the cell's identity as the node knows it (a DNS query carries no token).
+    fn may_resolve(
+        &self,
+        cell: &Cell,
+        source: IpAddr,
+        host: &str,
+        qtype: &str,
+    ) -> Result<(), String> {
+        use cellgate_api::policy::{AddrDoc, CellDoc, IdentityDoc, InputDoc, RequestDoc};
+        let shared = self.0.upgrade().ok_or("the node is shutting down")?;
+        let entry = shared
+            .cells
+            .get(&cell.uid)
+            .ok_or_else(|| format!("cell {} is not known to this node", cell.key()))?;
+        if let Some(lock) = shared.lockdown.applies(&cell.namespace) {
+            return Err(format!("lockdown: {}", lock.reason));
+        }
+        let policy = shared
+            .policy
+            .current()
+            .ok_or("this node has no valid policy and denies everything")?;
+        let input = InputDoc {
+            version: cellgate_api::policy::INPUT_VERSION.into(),
+            time_ns: crate::decide::now_ms().saturating_mul(1_000_000),
+            front_door: "dns".into(),
+            source: AddrDoc {
+                address: source.to_canonical().to_string(),
+                port: 0,
+            },
+            identity: IdentityDoc {
+                jti: String::new(),
+                cell_uid: cell.uid.clone(),
+                namespace: cell.namespace.clone(),
+                name: cell.name.clone(),
+                role: cell.role.clone(),
+            },
+            cell: CellDoc::default(),
+            request: RequestDoc {
+                protocol: "dns".into(),
+                host: Some(host.to_string()),
+                port: 53,
+                sni: None,
+                method: None,
+                path: None,
+                query: None,
+                headers: Default::default(),
+                destination: AddrDoc::default(),
+                dns_type: Some(qtype.to_string()),
+            },
+        };
+        match policy.evaluate_with_cell(&input, &entry.value) {
+            Ok(d) if d.allow => Ok(()),
+            Ok(d) => Err(d.reasons.first().cloned().unwrap_or(d.reason)),
+            Err(e) => Err(format!("policy evaluation failed: {e}")),
+        }
+    }
 }
 
 impl cellgate_dns::Resolve for NodeResolve {

@@ -75,3 +75,84 @@ async fn cells_resolve_only_what_they_may_reach() {
     let m = f.admin_get("/metrics").await.body;
     assert!(m.contains("cellgate_dns_refused_total 1"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_is_decided_by_the_same_engine_layers_and_lockdown_included() {
+    let f = Fixture::start_with(|c| {
+        c.dns = Some("127.0.0.1:0".parse().unwrap());
+        c.pods
+            .push(("127.0.0.1".parse().unwrap(), "agents".into(), "demo".into()));
+    })
+    .await;
+    let dns = f.node().dns_addr.unwrap();
+    assert_eq!(
+        ask(dns, "api.test.", RecordType::A)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::NoError
+    );
+    // A policy layer that denies the name for DNS: the capability still names it, the layer wins.
+    std::fs::write(
+        f.policies_dir.join("no-dns.rego"),
+        "package cellgate.layers.nodns\nimport rego.v1\n\ndeny contains {\"reason\": \"no_lookup\", \"message\": \"api.test is not looked up by name\"} if {\n  input.request.protocol == \"dns\"\n  input.request.host == \"api.test\"\n}\n",
+    )
+    .unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if ask(dns, "api.test.", RecordType::A)
+            .await
+            .metadata
+            .response_code
+            == ResponseCode::NXDomain
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the layer's deny did not reach DNS");
+    let rec = f
+        .wait_audit(|r| r["front_door"] == "dns" && r["host"] == "api.test")
+        .await;
+    assert!(
+        rec["reasons"].to_string().contains("not looked up by name"),
+        "{rec}"
+    );
+    // HTTP to it is unaffected (the layer is about DNS only).
+    assert_eq!(
+        f.https_get("api.test", "api.test", "/v1/a", "GET")
+            .await
+            .status,
+        200
+    );
+
+    // The lockdown refuses names too.
+    std::fs::remove_file(f.policies_dir.join("no-dns.rego")).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if ask(dns, "api.test.", RecordType::A)
+            .await
+            .metadata
+            .response_code
+            == ResponseCode::NoError
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back);
+    f.node()
+        .shared
+        .lockdown
+        .set(None, true, "drill", None)
+        .unwrap();
+    assert_eq!(
+        ask(dns, "api.test.", RecordType::A)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+}
