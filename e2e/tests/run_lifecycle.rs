@@ -305,9 +305,9 @@ fn a_held_request_is_approved_and_a_lockdown_refuses_in_a_real_cell() {
         .replace("PORT", &port)
         .replace("spec:\n", "spec:\n  budget: {requests: 100}\n")
         + &format!("    - name: deploy\n      destinations: [{{host: api.life, ports: [{port}]}}]\n      http: {{methods: [POST], paths: [\"/v1/deploy\"]}}\n      approval: {{required: true, timeout: 30s}}\n");
-    // Allowed; held until approved; then (after the lockdown below) refused.
+    // Allowed; held until approved; then (after the lockdown below) refused, from the name on.
     let script = format!(
-        "curl -sS https://api.life:{port}/v1/a; echo; curl -sS -X POST -d ship https://api.life:{port}/v1/deploy; echo; sleep 3; curl -sS https://api.life:{port}/v1/b; echo"
+        "curl -sS https://api.life:{port}/v1/a; echo; curl -sS -X POST -d ship https://api.life:{port}/v1/deploy; echo; sleep 3; curl -sS https://api.life:{port}/v1/b || echo refused $?; echo"
     );
     let child = run_cmd(
         dir.path(),
@@ -373,17 +373,18 @@ fn a_held_request_is_approved_and_a_lockdown_refuses_in_a_real_cell() {
         answers[1].contains("\"uri\":\"/v1/deploy\""),
         "the approved request: {agent}"
     );
-    assert!(answers[2].contains("\"reason\":\"lockdown\""), "{agent}");
+    // Under lockdown the cell cannot even resolve the name (curl: 6, could not resolve host).
+    assert_eq!(answers[2], "refused 6", "{agent}\n{log}");
     assert!(log.contains(&format!("waits for approval {id}")), "{log}");
     // The run's summary shows the budget: two requests counted (the lockdown refused the third
-    // before any budget).
+    // before it was even sent).
     assert!(log.contains("budget cell: requests 2/100"), "{log}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     for reason in [
         "approval_requested",
         "approval_granted",
         "lockdown_on",
-        "\"lockdown\"",
+        "lockdown: drill",
     ] {
         assert!(audit.contains(reason), "{reason} not audited:\n{audit}");
     }
