@@ -93,20 +93,16 @@ async fn start() -> Fixture {
     f
 }
 
-/// One request over TLS through the node, with a body.
-async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
-    let tls = f.tls("api.test", &f.token("gov"), &[b"http/1.1"]).await;
+/// One HTTP/1.1 request with a body over `io`; the answer read whole.
+async fn send_on<S>(io: S, req: http::Request<http_body_util::Full<Bytes>>) -> Resp
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("api.test:{}", f.https.addr.port()))
-        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
-        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
@@ -121,32 +117,28 @@ async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
     }
 }
 
+/// One request over TLS through the node, with a body.
+async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
+    let tls = f.tls("api.test", &f.token("gov"), &[b"http/1.1"]).await;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("api.test:{}", f.https.addr.port()))
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    send_on(tls, req).await
+}
+
 /// POST `body` to `path` on the node's admin port.
 async fn admin_post(f: &Fixture, path: &str, body: serde_json::Value) -> Resp {
     let tcp = tokio::net::TcpStream::connect(f.node().admin_addr)
         .await
         .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
     let req = http::Request::post(path)
         .header("host", "admin")
         .body(http_body_util::Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    send_on(tcp, req).await
 }
 
 /// Waits (bounded) until exactly one approval is pending, and returns it.
