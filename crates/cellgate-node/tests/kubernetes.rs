@@ -278,45 +278,42 @@ async fn watch_events_drive_every_decision_and_revocations_close_what_is_open() 
     // The watches: AgentCells in all namespaces; cell pods on this node only; the revocations
     // and lockdown ConfigMaps by name in the control namespace; this node's AgentApprovals.
     // Each listed, then watched.
-    let calls = k.api.calls();
-    let find = |path: &str, watch: bool| {
-        calls
-            .iter()
-            .find(|c| {
-                c.path() == path
+    // Waited for, not read once: a watch opens only after its list is applied.
+    let find = async |path: String, watch: bool, selector: Option<(&str, String)>| {
+        k.api
+            .wait_call(Duration::from_secs(5), |c| {
+                c.method == http::Method::GET
+                    && c.path() == path
                     && (c.query().get("watch").map(String::as_str) == Some("true")) == watch
+                    && selector
+                        .as_ref()
+                        .is_none_or(|(key, v)| c.query().get(*key) == Some(v))
             })
-            .unwrap_or_else(|| {
-                panic!(
-                    "no {} of {path}: {calls:#?}",
-                    if watch { "watch" } else { "list" }
-                )
-            })
-            .clone()
+            .await
     };
     for watch in [false, true] {
-        let c = find("/apis/cellgate.dev/v1alpha1/agentcells", watch);
-        assert_eq!(c.method, http::Method::GET);
+        let c = find("/apis/cellgate.dev/v1alpha1/agentcells".into(), watch, None).await;
         assert!(
             !c.query().contains_key("labelSelector") && !c.query().contains_key("fieldSelector")
         );
-        let p = find("/api/v1/pods", watch);
+        let p = find("/api/v1/pods".into(), watch, None).await;
         assert_eq!(p.query()["labelSelector"], "cellgate.dev/cell");
         assert_eq!(p.query()["fieldSelector"], format!("spec.nodeName={NODE}"));
         // Two ConfigMaps there, each by name: the revocations and the lockdown.
         for name in ["cellgate-revocations", "cellgate-lockdown"] {
-            assert!(
-                calls.iter().any(|c| {
-                    c.path() == format!("/api/v1/namespaces/{CONTROL_NS}/configmaps")
-                        && c.query().get("fieldSelector").map(String::as_str)
-                            == Some(format!("metadata.name={name}").as_str())
-                        && (c.query().get("watch").map(String::as_str) == Some("true")) == watch
-                }),
-                "no {} of {name}: {calls:#?}",
-                if watch { "watch" } else { "list" }
-            );
+            find(
+                format!("/api/v1/namespaces/{CONTROL_NS}/configmaps"),
+                watch,
+                Some(("fieldSelector", format!("metadata.name={name}"))),
+            )
+            .await;
         }
-        let a = find("/apis/cellgate.dev/v1alpha1/agentapprovals", watch);
+        let a = find(
+            "/apis/cellgate.dev/v1alpha1/agentapprovals".into(),
+            watch,
+            None,
+        )
+        .await;
         assert_eq!(
             a.query()["labelSelector"],
             format!("cellgate.dev/node={NODE}")
