@@ -848,7 +848,7 @@ impl Meter {
 
     /// Counts what a finished response reported, and audits it (reason `llm_usage`); usage
     /// that could not be read uses the token and spend budgets up until they reset.
-    fn charge(self, reading: usage::Reading) {
+    fn charge(&self, reading: usage::Reading) {
         let Some(entry) = self.out.cell.clone() else {
             return;
         };
@@ -903,13 +903,7 @@ struct Metered {
 impl Metered {
     fn finish(&mut self, complete: bool) {
         if let Some(r) = self.reader.take() {
-            let meter = Meter {
-                shared: self.meter.shared.clone(),
-                ident: self.meter.ident.clone(),
-                facts: self.meter.facts.clone(),
-                out: self.meter.out.clone(),
-            };
-            meter.charge(r.finish(complete));
+            self.meter.charge(r.finish(complete));
         }
     }
 }
