@@ -298,28 +298,32 @@ impl Ledger {
     /// Counts one request of `cell` against every budget in `scopes`, or refuses it; never
     /// counts a request some budget refuses.
     pub fn take(&self, cell: &str, scopes: &[Scope<'_>], now_ms: i64) -> Take {
+        // Each budget's limits and ledger key, once per request.
+        let scopes: Vec<(Limits, (String, String), &str)> = scopes
+            .iter()
+            .map(|s| {
+                let key = (cell.to_string(), s.name.to_string());
+                (Limits::of(s.spec), key, s.name)
+            })
+            .collect();
         let mut state = self.lock();
         // Check every budget first, count only when all of them allow.
-        for s in scopes {
-            let limits = Limits::of(s.spec);
-            let c = state
-                .entry((cell.to_string(), s.name.to_string()))
-                .or_insert_with(|| Counter {
-                    cell: cell.to_string(),
-                    scope: s.name.to_string(),
-                    started_ms: now_ms,
-                    window_start_ms: now_ms,
-                    tokens_start_ms: now_ms,
-                    spend_start_ms: now_ms,
-                    ..Counter::default()
-                });
-            if let Some(e) = exhausted(c, &limits, s.name, now_ms) {
+        for (limits, key, name) in &scopes {
+            let c = state.entry(key.clone()).or_insert_with(|| Counter {
+                cell: key.0.clone(),
+                scope: key.1.clone(),
+                started_ms: now_ms,
+                window_start_ms: now_ms,
+                tokens_start_ms: now_ms,
+                spend_start_ms: now_ms,
+                ..Counter::default()
+            });
+            if let Some(e) = exhausted(c, limits, name, now_ms) {
                 return Take::Exhausted(e);
             }
         }
-        for s in scopes {
-            let limits = Limits::of(s.spec);
-            let Some(c) = state.get(&(cell.to_string(), s.name.to_string())) else {
+        for (limits, key, _) in &scopes {
+            let Some(c) = state.get(key) else {
                 return Take::Persist;
             };
             let short = !c.on_disk
@@ -332,12 +336,11 @@ impl Ledger {
             }
         }
         let mut doc = Vec::with_capacity(scopes.len());
-        for s in scopes {
-            let limits = Limits::of(s.spec);
-            if let Some(c) = state.get_mut(&(cell.to_string(), s.name.to_string())) {
+        for (limits, key, name) in &scopes {
+            if let Some(c) = state.get_mut(key) {
                 c.requests = c.requests.saturating_add(1);
                 c.window_requests = c.window_requests.saturating_add(1);
-                doc.push(state_doc(c, &limits, s.name));
+                doc.push(state_doc(c, limits, name));
             }
         }
         Take::Granted(serde_json::Value::Array(doc))
