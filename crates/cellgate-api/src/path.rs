@@ -171,6 +171,18 @@ pub enum PathError {
 }
 
 impl PathError {
+    /// Every label [`PathError::reason`] gives.
+    pub const LABELS: &'static [&'static str] = &[
+        "path_too_long",
+        "path_not_origin_form",
+        "path_malformed_escape",
+        "path_control_character",
+        "path_backslash",
+        "path_encoded_slash",
+        "path_invalid_character",
+        "path_dot_segment_parameters",
+    ];
+
     /// Stable label for audit records and metrics (see the table in the module documentation).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -786,6 +798,7 @@ mod tests {
                 .validate()
                 .unwrap_or_else(|err| panic!("{}: {err}", e.reason()));
             assert!(e.reason().starts_with("path_"));
+            assert!(PathError::LABELS.contains(&e.reason()), "{}", e.reason());
         }
     }
 

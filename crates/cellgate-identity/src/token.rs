@@ -140,6 +140,19 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every label [`TokenError::reason`] gives.
+    pub const LABELS: &'static [&'static str] = &[
+        "token_malformed",
+        "token_bad_signature",
+        "token_unknown_key",
+        "token_wrong_audience",
+        "token_expired",
+        "token_not_yet_valid",
+        "token_revoked",
+        "cell_unknown",
+        "source_not_bound",
+    ];
+
     /// The stable label for audit records and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -393,6 +406,27 @@ mod tests {
         assert_eq!(v.verify(&t, NOW + 1).unwrap(), c);
         check_binding(&c, "10.0.0.2".parse().unwrap()).unwrap();
         check_binding(&c, "::ffff:10.0.0.2".parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn labels_are_exactly_the_reasons() {
+        let s = String::new;
+        let all = [
+            TokenError::Malformed(s()),
+            TokenError::BadSignature(s()),
+            TokenError::UnknownKey(s()),
+            TokenError::WrongAudience(s()),
+            TokenError::Expired { exp: 0, now: 0 },
+            TokenError::NotYetValid { nbf: 0, now: 0 },
+            TokenError::Revoked(s()),
+            TokenError::UnknownCell(s()),
+            TokenError::SourceNotBound {
+                source_addr: s(),
+                bound: s(),
+            },
+        ];
+        let got: Vec<&str> = all.iter().map(TokenError::reason).collect();
+        assert_eq!(got, TokenError::LABELS);
     }
 
     #[test]

@@ -1,8 +1,16 @@
-//! One decision: the facts of a request, the cell and token behind its connection, the policy.
+//! One decision pipeline for both front doors (the tagged intake and Envoy's ext_authz):
 //!
-//! Everything the node refuses before policy (fronting, CONNECT, a revoked or expired token) and
-//! everything policy decides goes through [`decide`] and then [`record`], so each decision has
-//! exactly one audit record and one metric sample with the same reason label.
+//! ```text
+//! admission (token, cell, source binding: the front door's own, or a refusal)
+//!   → admit: rate → decide (lockdown, identity re-check, Rego) → govern (approval, budgets)
+//!   → approve (when marked: hold or retry, bound to the body's digest)
+//!   → conclude: credential → commit (the audit record; durable before a refusal is sent)
+//!   → the wire (crate::answer: an HTTP answer or a CheckResponse, from the one JSON body)
+//! ```
+//!
+//! Everything the node refuses before policy (fronting, CONNECT, a revoked or expired token)
+//! enters the same pipeline as an [`Outcome::deny`] and leaves through [`conclude`], so each
+//! decision has exactly one audit record and one metric sample with the same [`Reason`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +22,7 @@ use cellgate_audit::{Decision, Record};
 use cellgate_identity::Claims;
 
 use crate::cells::CellEntry;
+pub use crate::reason::Reason;
 use crate::Shared;
 
 /// Who is on a connection: verified once when it is accepted.
@@ -57,8 +66,8 @@ pub struct Facts {
 pub struct Outcome {
     /// allow, deny, shadow_deny
     pub result: Decision,
-    /// Short label.
-    pub reason: String,
+    /// Why, as a stable label.
+    pub reason: Reason,
     /// Details.
     pub reasons: Vec<String>,
     /// A hint for the agent.
@@ -93,10 +102,10 @@ impl Outcome {
     }
 
     /// A denial decided by the node itself, before or without policy.
-    pub fn deny(reason: &str, detail: impl Into<String>, hint: Option<String>) -> Self {
+    pub fn deny(reason: Reason, detail: impl Into<String>, hint: Option<String>) -> Self {
         Self {
             result: Decision::Deny,
-            reason: reason.into(),
+            reason,
             reasons: vec![detail.into()],
             hint,
             capability: None,
@@ -112,22 +121,25 @@ impl Outcome {
         }
     }
 
+    /// This outcome turned into a refusal (`Deny`) or a failure (`Error`) for `reason`, keeping
+    /// what is known of the request (cell, capability, request id, budgets).
+    pub fn refused(mut self, result: Decision, reason: Reason, detail: impl Into<String>) -> Self {
+        self.result = result;
+        self.reason = reason;
+        self.reasons = vec![detail.into()];
+        self.hint = None;
+        self
+    }
+
     /// The capability that granted (or would have), as the cell defines it.
     pub fn granting_capability(&self) -> Option<&cellgate_api::model::Capability> {
         let entry = self.cell.as_ref()?;
         entry.cell.capability(self.capability.as_deref()?)
     }
 
-    /// The HTTP status of this outcome when it refuses: 429 for a rate or a budget, 503
-    /// when it could not be decided (a ledger that cannot be written), 403 otherwise.
+    /// The HTTP status of this outcome when it refuses ([`Reason::http_status`]).
     pub fn deny_status(&self) -> u16 {
-        if self.result == Decision::Error {
-            503
-        } else if self.retry_after.is_some() || self.exhausted.is_some() {
-            429
-        } else {
-            403
-        }
+        self.reason.http_status(self.result)
     }
 
     /// `Retry-After` in whole seconds (at least 1), for a rate refusal.
@@ -171,7 +183,7 @@ pub async fn record_expired_close(
     what: &str,
 ) {
     let mut out = Outcome::deny(
-        "token_expired",
+        Reason::TokenExpired,
         format!(
             "open {what} closed: token {} expired at {}",
             ident.claims.jti, ident.claims.exp
@@ -180,15 +192,7 @@ pub async fn record_expired_close(
     );
     out.cell = shared.cells.get(&ident.claims.cell_uid);
     tracing::info!(what, "closing what an expired token had open");
-    let rec = audit_record(
-        shared,
-        Some(ident),
-        ident.source,
-        ident.original_dst,
-        facts,
-        &out,
-    );
-    let _ = record(shared, rec).await;
+    let _ = commit(shared, ident.into(), facts, &out).await;
 }
 
 fn now_ns() -> i64 {
@@ -196,6 +200,88 @@ fn now_ns() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
+}
+
+/// A refusal at admission: the outcome to record, and the identity when the token verified.
+#[derive(Debug)]
+pub struct Unadmitted {
+    /// The verified identity, when the token was good and something after it failed.
+    pub ident: Option<ConnIdentity>,
+    /// The refusal.
+    pub out: Outcome,
+}
+
+/// Admission, the same for both front doors: the token verified (`verified`, or why not), the
+/// cell it names known to this node, and `source` bound to it (in Kubernetes mode a Running pod
+/// of the cell on this node, from the pod watch; otherwise the token's `pod_addr`). A bound
+/// token outside Kubernetes also tells the DNS listener which cell its address is.
+///
+/// # Errors
+/// The refusal, to record and answer (or close the connection on).
+pub fn identify(
+    shared: &Shared,
+    verified: Result<Claims, cellgate_identity::token::TokenError>,
+    source: SocketAddr,
+    dst: SocketAddr,
+) -> Result<ConnIdentity, Box<Unadmitted>> {
+    let refused = |ident: Option<ConnIdentity>, reason: Reason, detail: String| {
+        Box::new(Unadmitted {
+            ident,
+            out: Outcome::deny(reason, detail, None),
+        })
+    };
+    let claims = match verified {
+        Ok(c) => c,
+        Err(e) => return Err(refused(None, Reason::from_label(e.reason()), e.to_string())),
+    };
+    let ident = ConnIdentity {
+        claims,
+        source,
+        original_dst: dst,
+    };
+    let claims = &ident.claims;
+    if shared.cells.get(&claims.cell_uid).is_none() {
+        let detail = format!(
+            "cell {}/{} ({}) is not known to this node",
+            claims.namespace, claims.name, claims.cell_uid
+        );
+        return Err(refused(Some(ident), Reason::CellUnknown, detail));
+    }
+    if shared.config.kubernetes {
+        // Kubernetes tokens are not bound to an address: the pod watch says which addresses
+        // are this cell's pods on this node, and alone maps addresses to cells.
+        if !crate::kubernetes::source_is_cell_pod(shared, source.ip(), &claims.cell_uid) {
+            let detail = format!(
+                "source address {} is not a running pod of cell {}/{} on this node",
+                source.ip().to_canonical(),
+                claims.namespace,
+                claims.name
+            );
+            return Err(refused(Some(ident), Reason::SourceNotBound, detail));
+        }
+        return Ok(ident);
+    }
+    if let Err(e) = cellgate_identity::token::check_binding(claims, source.ip()) {
+        let (reason, detail) = (Reason::from_label(e.reason()), e.to_string());
+        return Err(refused(Some(ident), reason, detail));
+    }
+    if let Some(bound) = claims
+        .pod_addr
+        .as_deref()
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+    {
+        let known = shared
+            .pods
+            .read()
+            .map(|p| p.get(&bound) == Some(&claims.cell_uid))
+            .unwrap_or(true);
+        if !known {
+            if let Ok(mut pods) = shared.pods.write() {
+                pods.insert(bound, claims.cell_uid.clone());
+            }
+        }
+    }
+    Ok(ident)
 }
 
 /// Decides a request of `ident` with `facts`. Never does I/O.
@@ -216,21 +302,21 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
     // revoked, and the cell removed: re-check on every request.
     if shared.verifier.is_revoked(&claims.jti) {
         return Outcome::deny(
-            "token_revoked",
+            Reason::TokenRevoked,
             format!("token {} was revoked", claims.jti),
             None,
         );
     }
     if cellgate_identity::token::is_past_expiry(claims.exp, now_secs()) {
         return Outcome::deny(
-            "token_expired",
+            Reason::TokenExpired,
             format!("token expired at {}", claims.exp),
             Some("the cell's token expired; a new one is issued by the control plane".into()),
         );
     }
     let Some(entry) = shared.cells.get(&claims.cell_uid) else {
         return Outcome::deny(
-            "cell_unknown",
+            Reason::CellUnknown,
             format!(
                 "cell {}/{} ({}) is not known to this node",
                 claims.namespace, claims.name, claims.cell_uid
@@ -241,7 +327,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
     // The kill switch: before anything else about the cell, and re-checked for what is open.
     if let Some(lock) = shared.lockdown.applies(&entry.cell.namespace) {
         let mut o = Outcome::deny(
-            "lockdown",
+            Reason::Lockdown,
             format!(
                 "the node is in lockdown since {}: {}",
                 lock.since, lock.reason
@@ -257,7 +343,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         && !crate::kubernetes::source_is_cell_pod(shared, ident.source.ip(), &claims.cell_uid)
     {
         let mut o = Outcome::deny(
-            "source_not_bound",
+            Reason::SourceNotBound,
             format!(
                 "source address {} is not a running pod of cell {}/{} on this node",
                 ident.source.ip().to_canonical(),
@@ -271,7 +357,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
     }
     let Some(policy) = shared.policy.current() else {
         let mut o = Outcome::deny(
-            "no_policy",
+            Reason::NoPolicy,
             "this node has no valid policy and denies everything",
             None,
         );
@@ -319,7 +405,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
                 "shadow_deny" if d.allow => Decision::ShadowDeny,
                 _ => Decision::Deny,
             },
-            reason: d.reason,
+            reason: Reason::from_label(&d.reason),
             reasons: d.reasons,
             hint: d.hint,
             capability: d.capability,
@@ -336,7 +422,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
             let mut o = Outcome::deny(
-                "policy_error",
+                Reason::PolicyError,
                 format!("policy evaluation failed: {e}"),
                 None,
             );
@@ -413,10 +499,8 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
         .capability
         .as_deref()
         .and_then(|name| entry.cell.capability(name));
-    let unavailable = |mut out: Outcome, what: String, hint: &str| {
-        out.result = Decision::Deny;
-        out.reason = "governance_unavailable".into();
-        out.reasons = vec![what];
+    let unavailable = |out: Outcome, what: String, hint: &str| {
+        let mut out = out.refused(Decision::Deny, Reason::GovernanceUnavailable, what);
         out.hint = Some(hint.into());
         out
     };
@@ -462,7 +546,7 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
             crate::budget::Take::Exhausted(e) => {
                 let (limit, used) = e.amounts();
                 out.result = Decision::Deny;
-                out.reason = "budget_exhausted".into();
+                out.reason = Reason::BudgetExhausted;
                 out.reasons = vec![format!(
                     "the {} budget {} of {} is used up ({used} of {limit})",
                     if e.scope == "cell" {
@@ -492,11 +576,11 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
             crate::budget::Take::Persist => {
                 if let Err(e) = shared.ledger.persist().await {
                     tracing::error!(error = %e, "budget ledger unavailable; refusing");
-                    out.result = Decision::Error;
-                    out.reason = "budget_unavailable".into();
-                    out.reasons = vec!["the budget ledger cannot be written, so the request was not counted or sent".into()];
-                    out.hint = None;
-                    return out;
+                    return out.refused(
+                        Decision::Error,
+                        Reason::BudgetUnavailable,
+                        format!("the budget ledger cannot be written ({e}), so the request was not counted or sent"),
+                    );
                 }
             }
         }
@@ -504,7 +588,7 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
     if let Some(cap) = cap.filter(|c| c.approval) {
         out.awaiting_approval = Some((cap.approval_policy, out.result));
         out.result = Decision::Deny;
-        out.reason = "approval_required".into();
+        out.reason = Reason::ApprovalRequired;
         out.reasons = vec![format!(
             "capability {} requires a human's approval of each request",
             cap.name
@@ -536,7 +620,7 @@ pub async fn approve(
         return out;
     };
     let Some(body_digest) = body_digest else {
-        out.reason = "governance_unavailable".into();
+        out.reason = Reason::GovernanceUnavailable;
         out.reasons = vec![format!(
             "the request's body could not be read whole (at most {APPROVAL_MAX_BODY} bytes), so no approval could be bound to it"
         )];
@@ -558,7 +642,7 @@ pub async fn approve(
     let now = now_ms();
     if retry && shared.approvals.take_grant(&key, now) {
         out.result = decided;
-        out.reason = "allowed".into();
+        out.reason = Reason::Allowed;
         out.reasons = vec!["approved earlier: the approval of this request has a use left".into()];
         return out;
     }
@@ -572,7 +656,7 @@ pub async fn approve(
     ) {
         Ok(a) => a,
         Err(e) => {
-            out.reason = "approval_unavailable".into();
+            out.reason = Reason::ApprovalUnavailable;
             out.reasons = vec![e.to_string()];
             return out;
         }
@@ -580,7 +664,7 @@ pub async fn approve(
     if asked.new {
         let mut o = out.clone();
         o.result = Decision::Approval;
-        o.reason = "approval_requested".into();
+        o.reason = Reason::ApprovalRequested;
         o.reasons = vec![format!(
             "approval {} requested ({} mode, {}s)",
             asked.id,
@@ -588,17 +672,9 @@ pub async fn approve(
             policy.timeout_secs
         )];
         o.approval_id = Some(asked.id.clone());
-        let rec = audit_record(
-            shared,
-            Some(ident),
-            ident.source,
-            ident.original_dst,
-            facts,
-            &o,
-        );
-        if record(shared, rec).await.is_err() {
+        if commit(shared, ident.into(), facts, &o).await.is_err() {
             shared.approvals.withdraw(&asked.id);
-            out.reason = "approval_unavailable".into();
+            out.reason = Reason::ApprovalUnavailable;
             out.reasons = vec!["the approval request could not be recorded".into()];
             return out;
         }
@@ -611,7 +687,7 @@ pub async fn approve(
             if let Err(e) = published {
                 tracing::warn!(approval = %asked.id, error = %e, "AgentApproval not created; refusing");
                 shared.approvals.withdraw(&asked.id);
-                out.reason = "approval_unavailable".into();
+                out.reason = Reason::ApprovalUnavailable;
                 out.reasons = vec![format!(
                     "the approval could not be published to the API server: {e}"
                 )];
@@ -648,7 +724,7 @@ pub async fn approve(
         Ok(Ok(v)) => v.clone(),
         Ok(Err(_)) => None,
         Err(_) => {
-            out.reason = "approval_timeout".into();
+            out.reason = Reason::ApprovalTimeout;
             out.reasons = vec![format!(
                 "approval {} was not decided within {}s",
                 asked.id, policy.timeout_secs
@@ -660,19 +736,19 @@ pub async fn approve(
     match got {
         Some(Verdict::Approved { by }) => {
             out.result = decided;
-            out.reason = "allowed".into();
+            out.reason = Reason::Allowed;
             out.reasons = vec![format!("approved by {by} ({})", asked.id)];
         }
         Some(Verdict::Denied { by, reason }) => {
-            out.reason = "approval_denied".into();
+            out.reason = Reason::ApprovalDenied;
             out.reasons = vec![format!("denied by {by} ({}): {reason}", asked.id)];
         }
         Some(Verdict::Withdrawn { reason }) => {
-            out.reason = "approval_unavailable".into();
+            out.reason = Reason::ApprovalUnavailable;
             out.reasons = vec![format!("approval {}: {reason}", asked.id)];
         }
         None => {
-            out.reason = "approval_unavailable".into();
+            out.reason = Reason::ApprovalUnavailable;
             out.reasons = vec![format!(
                 "approval {} was dropped before a decision",
                 asked.id
@@ -682,15 +758,31 @@ pub async fn approve(
     out
 }
 
+/// Who a decision is about: the verified identity when there is one (none for a refusal before
+/// the token was verified), and the connection's addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// The verified identity.
+    pub ident: Option<&'a ConnIdentity>,
+    /// The agent's address.
+    pub source: SocketAddr,
+    /// What the agent dialled.
+    pub dst: SocketAddr,
+}
+
+impl<'a> From<&'a ConnIdentity> for Subject<'a> {
+    fn from(ident: &'a ConnIdentity) -> Self {
+        Self {
+            ident: Some(ident),
+            source: ident.source,
+            dst: ident.original_dst,
+        }
+    }
+}
+
 /// Builds the audit record of a decision.
-pub fn audit_record(
-    shared: &Shared,
-    ident: Option<&ConnIdentity>,
-    source: SocketAddr,
-    dst: SocketAddr,
-    facts: &Facts,
-    out: &Outcome,
-) -> Record {
+pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outcome) -> Record {
+    let Subject { ident, source, dst } = who;
     let (cell, namespace) = match (&out.cell, ident) {
         (Some(e), _) => (Some(e.cell.name.clone()), Some(e.cell.namespace.clone())),
         (None, Some(i)) => (
@@ -706,7 +798,7 @@ pub fn audit_record(
         facts.front_door,
         facts.protocol,
         out.result,
-        &out.reason,
+        out.reason.as_str(),
     );
     rec.cell = cell;
     rec.namespace = namespace;
@@ -736,31 +828,11 @@ pub fn record_in_background(
     facts: &Facts,
     out: &Outcome,
 ) {
-    let rec = audit_record(
-        shared,
-        Some(ident),
-        ident.source,
-        ident.original_dst,
-        facts,
-        out,
-    );
+    let rec = audit_record(shared, ident.into(), facts, out);
     let shared = shared.clone();
     tokio::spawn(async move {
         let _ = record(&shared, rec).await;
     });
-}
-
-/// The 503 body when a capability's credential could not be obtained (both front doors). Why
-/// it failed (a backend's error, a path, a status) is in the audit record and the node's log,
-/// never in what the agent reads.
-pub fn credential_unavailable_body(capability: &str, request_id: &str) -> serde_json::Value {
-    serde_json::json!({
-        "error": "cellgate_credential_unavailable",
-        "reason": "credential_unavailable",
-        "capability": capability,
-        "request_id": request_id,
-        "message": format!("the credential of capability {capability} could not be obtained, so the request was not sent; operators find why in the audit record of this request id"),
-    })
 }
 
 /// Why a decision could not be recorded; the caller fails closed.
@@ -787,6 +859,96 @@ pub async fn record(shared: &Shared, rec: Record) -> Result<(), AuditFailed> {
         tracing::error!(error = %e, "audit record could not be written; failing closed");
         AuditFailed(e.to_string())
     })
+}
+
+/// Builds the audit record of `out` and writes it ([`record`]).
+///
+/// # Errors
+/// When the record could not be written or queued: a request must then be refused.
+pub async fn commit(
+    shared: &Shared,
+    who: Subject<'_>,
+    facts: &Facts,
+    out: &Outcome,
+) -> Result<(), AuditFailed> {
+    record(shared, audit_record(shared, who, facts, out)).await
+}
+
+/// Where a decided request goes.
+#[derive(Debug)]
+pub enum Concluded {
+    /// Allowed and recorded: send it, with the capability's credential when it has one.
+    Forward(Outcome, Option<crate::credentials::Injected>),
+    /// Refused (or failed) and recorded, durably: answer with [`crate::answer::of`].
+    Answer(Outcome),
+}
+
+/// The last stages of the pipeline, the same for both front doors: the credential of an
+/// allowed HTTP request (never sent without it: `credential_unavailable`), then the commit of
+/// the one audit record of the request. A record that cannot be written refuses the request
+/// (`audit_unavailable`).
+pub async fn conclude(
+    shared: &Shared,
+    who: Subject<'_>,
+    facts: &Facts,
+    mut out: Outcome,
+) -> Concluded {
+    let mut injected = None;
+    if out.allowed() && matches!(facts.protocol, "http" | "https") {
+        if let Some(entry) = out.cell.clone() {
+            let cap = out
+                .capability
+                .as_deref()
+                .and_then(|n| entry.cell.capability(n));
+            let got = match cap {
+                Some(cap) => shared.credentials.injection(&entry.cell, cap).await,
+                None => Ok(None),
+            };
+            match got {
+                Ok(i) => injected = i,
+                Err(e) => {
+                    out = out.refused(
+                        Decision::Error,
+                        Reason::CredentialUnavailable,
+                        e.to_string(),
+                    );
+                }
+            }
+        }
+    }
+    if let Err(e) = commit(shared, who, facts, &out).await {
+        return Concluded::Answer(out.refused(Decision::Error, Reason::AuditUnavailable, e.0));
+    }
+    if out.allowed() {
+        Concluded::Forward(out, injected)
+    } else {
+        tracing::info!(reason = %out.reason, request.id = %out.request_id, front_door = facts.front_door, "refused");
+        Concluded::Answer(out)
+    }
+}
+
+/// Records a failure after an allow (an upstream that cannot be reached, a forbidden resolved
+/// address) and returns its outcome for the answer.
+pub async fn after_allow(
+    shared: &Shared,
+    who: Subject<'_>,
+    facts: &Facts,
+    out: &Outcome,
+    reason: Reason,
+    detail: String,
+) -> Outcome {
+    let result = if reason == Reason::DestinationForbidden {
+        Decision::Deny
+    } else {
+        Decision::Error
+    };
+    tracing::info!(reason = %reason, detail = %detail, "refused after the decision");
+    let mut o = out.clone().refused(result, reason, detail);
+    if o.reason == Reason::DestinationForbidden {
+        o.hint = Some("this name resolves into the node's own reach (loopback, link-local, cloud metadata, the node itself); a capability must set allowInternalAddresses to reach such an address".into());
+    }
+    let _ = commit(shared, who, facts, &o).await;
+    o
 }
 
 /// The metric label of a decision.

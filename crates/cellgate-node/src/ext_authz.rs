@@ -58,7 +58,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
 use crate::config::ListenAddr;
-use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::decide::{self, Concluded, ConnIdentity, Facts, Outcome, Reason, Subject};
 use crate::Shared;
 
 /// The gRPC service name (also the name reported by gRPC health checking).
@@ -197,7 +197,7 @@ impl CheckService {
 
         let Some(source) = source else {
             let out = Outcome::deny(
-                "source_unknown",
+                Reason::SourceUnknown,
                 "the CheckRequest names no source address",
                 None,
             );
@@ -208,7 +208,6 @@ impl CheckService {
                     dst,
                     &facts,
                     out,
-                    403,
                 )
                 .await;
         };
@@ -229,129 +228,82 @@ impl CheckService {
                     "Envoy passed no {DIRECT_PEER_HEADER} header: the connection's peer is unknown (see docs/envoy.md, trust boundary)"
                 ),
             };
-            let out = Outcome::deny("source_mismatch", detail, None);
-            return self.deny(None, source, dst, &facts, out, 403).await;
+            let out = Outcome::deny(Reason::SourceMismatch, detail, None);
+            return self.deny(None, source, dst, &facts, out).await;
         }
         let Some(token) = token else {
             let out = Outcome::deny(
-                "token_missing",
+                Reason::TokenMissing,
                 "no cell token: Envoy passed no proxy_protocol TLV 0xE0 metadata",
                 None,
             );
-            return self.deny(None, source, dst, &facts, out, 403).await;
+            return self.deny(None, source, dst, &facts, out).await;
         };
-        let claims = match self.tokens.verify(shared, &token, decide::now_secs()) {
-            Ok(c) => c,
-            Err(e) => {
-                let out = Outcome::deny(e.reason(), e.to_string(), None);
-                return self.deny(None, source, dst, &facts, out, 403).await;
+        let verified = self.tokens.verify(shared, &token, decide::now_secs());
+        let ident = match decide::identify(shared, verified, source, dst) {
+            Ok(i) => i,
+            Err(r) => {
+                let (ident, out) = (r.ident, r.out);
+                return self.deny(ident.as_ref(), source, dst, &facts, out).await;
             }
         };
-        let ident = ConnIdentity {
-            claims,
-            source,
-            original_dst: dst,
-        };
-        if shared.cells.get(&ident.claims.cell_uid).is_none() {
-            let detail = format!(
-                "cell {}/{} ({}) is not known to this node",
-                ident.claims.namespace, ident.claims.name, ident.claims.cell_uid
-            );
-            let out = Outcome::deny("cell_unknown", detail, None);
-            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
-        }
-        if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, source.ip()) {
-            let out = Outcome::deny(e.reason(), e.to_string(), None);
-            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
-        }
-        remember_pod(shared, &ident.claims);
         if let Some((reason, detail, hint)) = pre {
             let out = Outcome::deny(reason, detail, hint);
-            return self.deny(Some(&ident), source, dst, &facts, out, 403).await;
+            return self.deny(Some(&ident), source, dst, &facts, out).await;
         }
         let body_len = http.raw_body.len().max(http.body.len());
         if body_len > MAX_BODY_BYTES {
             let out = Outcome::deny(
-                "body_too_large",
+                Reason::BodyTooLarge,
                 format!("request body of {body_len} bytes is over the {MAX_BODY_BYTES} byte limit of ext_authz checks"),
                 Some("lower with_request_body.max_request_bytes in Envoy, or send a smaller body".into()),
             );
-            return self.deny(Some(&ident), source, dst, &facts, out, 413).await;
+            return self.deny(Some(&ident), source, dst, &facts, out).await;
         }
         if facts.port == 0 {
             facts.port = if facts.protocol == "https" { 443 } else { 80 };
         }
 
         let out = decide::admit(shared, &ident, &facts).await;
-        let out = if out.awaiting_approval.is_some() {
+        let mut out = if out.awaiting_approval.is_some() {
             decide::approve(shared, &ident, &facts, out, whole_body_digest(&http)).await
         } else {
             out
         };
-        if !out.allowed() {
-            tracing::info!(reason = %out.reason, request.id = %out.request_id, "denied (ext_authz)");
-            let status = i32::from(out.deny_status());
-            return self
-                .deny(Some(&ident), source, dst, &facts, out, status)
-                .await;
-        }
         // Where Envoy connects is decided here, as on the intake: the node resolves the host
         // (filtered like the intake's), and Envoy's ORIGINAL_DST clusters connect to exactly
         // that address, taken from UPSTREAM_HEADER (set below, replacing any value the agent
         // sent). No second resolution can send the request elsewhere.
-        let pinned = match self.upstream_for(&facts, &out).await {
-            Ok(a) => a,
-            Err((reason, detail, status)) => {
-                let mut o = out.clone();
-                o.reason = reason.into();
-                o.reasons = vec![detail];
-                o.capability = None;
-                if status == 403 {
-                    o.result = Decision::Deny;
-                    return self.deny(Some(&ident), source, dst, &facts, o, 403).await;
+        let mut pinned = None;
+        if out.allowed() {
+            match self.upstream_for(&facts, &out).await {
+                Ok(a) => pinned = Some(a),
+                Err((reason, detail)) => {
+                    let result = if reason == Reason::DestinationForbidden {
+                        Decision::Deny
+                    } else {
+                        Decision::Error
+                    };
+                    out = out.refused(result, reason, detail);
                 }
-                o.result = Decision::Error;
-                let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &o);
-                let _ = decide::record(shared, rec).await;
-                let body = serde_json::json!({
-                    "error": "cellgate_upstream_error", "reason": reason, "request_id": out.request_id,
-                    "message": format!("the request was allowed but its destination cannot be reached: {reason}"),
-                });
-                return Ok(denied(CODE_UNAVAILABLE, status, Some(&ident), &o, body));
             }
+        }
+        let (out, injected) = match decide::conclude(shared, (&ident).into(), &facts, out).await {
+            Concluded::Forward(out, injected) => (out, injected),
+            Concluded::Answer(out) => return Ok(denied(Some(&ident), &out)),
         };
-        let rec = decide::audit_record(shared, Some(&ident), source, dst, &facts, &out);
-        decide::record(shared, rec)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-
+        let pinned = pinned.ok_or_else(|| Status::internal("an allowed request has no address"))?;
         let mut headers = vec![header(UPSTREAM_HEADER, &pinned.to_string())];
-        if let (Some(entry), Some(cap_name)) = (&out.cell, out.capability.as_deref()) {
-            if let Some(cap) = entry.cell.capability(cap_name) {
-                match shared.credentials.injection(&entry.cell, cap).await {
-                    Ok(Some(i)) => headers.push(HeaderValueOption {
-                        header: Some(HeaderValue {
-                            key: i.name.as_str().to_string(),
-                            value: String::from_utf8_lossy(i.value.as_bytes()).into_owned(),
-                            raw_value: Vec::new(),
-                        }),
-                        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                        ..Default::default()
-                    }),
-                    Ok(None) => {}
-                    Err(e) => {
-                        let mut o = out.clone();
-                        o.result = Decision::Error;
-                        o.reason = "credential_unavailable".into();
-                        o.reasons = vec![e.to_string()];
-                        let rec =
-                            decide::audit_record(shared, Some(&ident), source, dst, &facts, &o);
-                        let _ = decide::record(shared, rec).await;
-                        let body = decide::credential_unavailable_body(&cap.name, &out.request_id);
-                        return Ok(denied(CODE_UNAVAILABLE, 503, Some(&ident), &o, body));
-                    }
-                }
-            }
+        if let Some(i) = injected {
+            headers.push(HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: i.name.as_str().to_string(),
+                    value: String::from_utf8_lossy(i.value.as_bytes()).into_owned(),
+                    raw_value: Vec::new(),
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            });
         }
         let headers_to_remove = shared
             .config
@@ -392,12 +344,12 @@ impl CheckService {
     /// The address Envoy must connect to for an allowed request: the host resolved by the node
     /// (`--resolve` first), refused when it is in the node's own reach unless the capability
     /// allows internal addresses; the first address is pinned. Errors carry the reason label,
-    /// a detail and the HTTP status (403 for a forbidden destination, 502 otherwise).
+    /// and a detail.
     async fn upstream_for(
         &self,
         facts: &Facts,
         out: &Outcome,
-    ) -> Result<SocketAddr, (&'static str, String, i32)> {
+    ) -> Result<SocketAddr, (Reason, String)> {
         let shared = &*self.shared;
         let host = facts.host.as_deref().unwrap_or_default();
         let filter = !out
@@ -413,18 +365,18 @@ impl CheckService {
                 .or(addrs.first())
                 .copied()
                 .ok_or((
-                    "upstream_resolve_failed",
+                    Reason::UpstreamResolveFailed,
                     format!("{host} has no address"),
-                    502,
                 )),
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                Err((crate::upstream::DESTINATION_FORBIDDEN, e.to_string(), 403))
+                Err((Reason::DestinationForbidden, e.to_string()))
             }
-            Err(e) => Err(("upstream_resolve_failed", e.to_string(), 502)),
+            Err(e) => Err((Reason::UpstreamResolveFailed, e.to_string())),
         }
     }
 
-    /// Records a denial (durably, before answering) and builds its 403 (or `status`) answer.
+    /// A refusal before the pipeline's decision (admission, the request's shape): recorded
+    /// (durably, before answering) and answered like every other.
     async fn deny(
         &self,
         ident: Option<&ConnIdentity>,
@@ -432,15 +384,12 @@ impl CheckService {
         dst: SocketAddr,
         facts: &Facts,
         out: Outcome,
-        status: i32,
     ) -> Result<CheckResponse, Status> {
-        let shared = &*self.shared;
-        let rec = decide::audit_record(shared, ident, source, dst, facts, &out);
-        decide::record(shared, rec)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let body = crate::http::deny_body(ident, &out);
-        Ok(denied(CODE_PERMISSION_DENIED, status, ident, &out, body))
+        let who = Subject { ident, source, dst };
+        match decide::conclude(&self.shared, who, facts, out).await {
+            Concluded::Answer(out) => Ok(denied(ident, &out)),
+            Concluded::Forward(..) => Err(Status::internal("a refusal concluded as allowed")),
+        }
     }
 }
 
@@ -456,36 +405,32 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
-fn denied(
-    code: i32,
-    http_status: i32,
-    ident: Option<&ConnIdentity>,
-    out: &Outcome,
-    body: serde_json::Value,
-) -> CheckResponse {
-    let mut text = body.to_string();
-    text.push('\n');
+/// The answer to a refused request ([`crate::answer`]) as Envoy sends it. The gRPC status
+/// says whether the node refused (`PERMISSION_DENIED`) or could not complete the request
+/// (`UNAVAILABLE`); Envoy sends the HTTP answer either way.
+fn denied(ident: Option<&ConnIdentity>, out: &Outcome) -> CheckResponse {
+    let answer = crate::answer::of(ident, out);
+    let code = if out.result == Decision::Error {
+        CODE_UNAVAILABLE
+    } else {
+        CODE_PERMISSION_DENIED
+    };
     CheckResponse {
         status: Some(rpc::Status {
             code,
-            message: out.reason.clone(),
+            message: out.reason.to_string(),
             details: Vec::new(),
         }),
         dynamic_metadata: Some(dynamic_metadata(ident, out)),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus { code: http_status }),
-            headers: [
-                header("content-type", "application/json"),
-                header("cache-control", "no-store"),
-                header(crate::http::REQUEST_ID_HEADER, &out.request_id),
-            ]
-            .into_iter()
-            .chain(
-                out.retry_after_secs()
-                    .map(|s| header("retry-after", &s.to_string())),
-            )
-            .collect(),
-            body: text,
+            status: Some(HttpStatus {
+                code: i32::from(answer.status),
+            }),
+            headers: answer
+                .headers(&out.request_id)
+                .map(|(k, v)| header(k, &v))
+                .collect(),
+            body: answer.text(),
         })),
     }
 }
@@ -515,7 +460,7 @@ fn dynamic_metadata(ident: Option<&ConnIdentity>, out: &Outcome) -> Struct {
         "decision",
         Some(decide::decision_label(out.result).to_string()),
     );
-    put("reason", Some(out.reason.clone()));
+    put("reason", Some(out.reason.to_string()));
     put("request_id", Some(out.request_id.clone()));
     put("policy_version", out.policy_version.clone());
     Struct { fields }
@@ -569,29 +514,6 @@ fn peer_addr(p: &Peer) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-fn remember_pod(shared: &Shared, claims: &Claims) {
-    // In Kubernetes mode the pod watch alone maps addresses to cells.
-    if shared.config.kubernetes {
-        return;
-    }
-    if let Some(bound) = claims
-        .pod_addr
-        .as_deref()
-        .and_then(|a| a.parse::<IpAddr>().ok())
-    {
-        let known = shared
-            .pods
-            .read()
-            .map(|p| p.get(&bound) == Some(&claims.cell_uid))
-            .unwrap_or(true);
-        if !known {
-            if let Ok(mut pods) = shared.pods.write() {
-                pods.insert(bound, claims.cell_uid.clone());
-            }
-        }
-    }
-}
-
 use crate::http::{check_authority, PreDeny};
 
 /// The facts of the request Envoy describes, and the reason to refuse it before policy (the
@@ -635,7 +557,7 @@ fn request_facts(
     let canonical = match cellgate_api::path::canonicalize(&path) {
         Ok(c) if c == path => Ok(()),
         Ok(c) => Err((
-            "path_not_canonical",
+            Reason::PathNotCanonical,
             format!("path {path:?} is not in canonical form ({c:?}); Envoy would forward it as it is"),
             Some("check Envoy's path normalization (normalize_path, merge_slashes) against docs/envoy.md".into()),
         )),
@@ -668,7 +590,7 @@ fn request_facts(
         return (
             facts,
             Some((
-                "missing_host",
+                Reason::MissingHost,
                 "the request names no host".into(),
                 Some("send a Host header".into()),
             )),
@@ -705,7 +627,7 @@ fn request_facts(
             return (
                 facts,
                 Some((
-                    "authority_port_mismatch",
+                    Reason::AuthorityPortMismatch,
                     detail,
                     Some("name the port in the Host header".into()),
                 )),

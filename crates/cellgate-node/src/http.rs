@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
-use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::decide::{self, Concluded, ConnIdentity, Facts, Outcome, Reason};
 use crate::{tunnel, upstream, usage, Shared};
 
 /// Error type of response bodies.
@@ -80,16 +80,8 @@ pub async fn serve_intercepted(
                 front_door: "intake",
                 ..Facts::default()
             };
-            let out = Outcome::deny("tls_mint_failed", e.to_string(), None);
-            let rec = decide::audit_record(
-                &shared,
-                Some(&ident),
-                ident.source,
-                ident.original_dst,
-                &facts,
-                &out,
-            );
-            let _ = decide::record(&shared, rec).await;
+            let out = Outcome::deny(Reason::TlsMintFailed, e.to_string(), None);
+            let _ = decide::commit(&shared, (&*ident).into(), &facts, &out).await;
             return;
         }
     };
@@ -212,7 +204,7 @@ pub(crate) fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// A refusal decided before policy: reason label, detail, hint for the agent.
-pub(crate) type PreDeny = (&'static str, String, Option<String>);
+pub(crate) type PreDeny = (Reason, String, Option<String>);
 
 /// The checks both front doors (intake and ext_authz) make of a request's authority: it parses
 /// as a host (recorded in `facts.host`), the method is not CONNECT, and the host is the TLS SNI
@@ -224,12 +216,16 @@ pub(crate) fn check_authority(
     facts: &mut Facts,
 ) -> Result<Option<u16>, PreDeny> {
     let Some((host, port)) = split_authority(authority) else {
-        return Err(("bad_host", format!("{authority:?} is not a host"), None));
+        return Err((
+            Reason::BadHost,
+            format!("{authority:?} is not a host"),
+            None,
+        ));
     };
     facts.host = Some(host.clone());
     if is_connect {
         return Err((
-            "connect_not_allowed",
+            Reason::ConnectNotAllowed,
             format!("CONNECT to {authority} refused: tunnels would bypass per-request decisions"),
             Some("send the request directly to the destination; the cell's boundary decides each request".into()),
         ));
@@ -237,7 +233,7 @@ pub(crate) fn check_authority(
     if let Some(sni) = sni {
         if host != sni {
             return Err((
-                "sni_host_mismatch",
+                Reason::SniHostMismatch,
                 format!("TLS SNI {sni} but Host {host}: domain fronting is refused"),
                 Some("use the same host name for the connection and the request".into()),
             ));
@@ -249,7 +245,7 @@ pub(crate) fn check_authority(
 /// The refusal of a path that has no unambiguous canonical form.
 pub(crate) fn path_refusal(e: &cellgate_api::path::PathError) -> PreDeny {
     (
-        e.reason(),
+        Reason::from_label(e.reason()),
         e.to_string(),
         Some("send the path in its plain form: no dot segments with parameters, no encoded / or \\, no control characters".into()),
     )
@@ -268,7 +264,7 @@ pub(crate) fn check_upgrade<'a>(
     for v in values.by_ref() {
         let Some(v) = v else {
             return Err((
-                "upgrade_not_allowed",
+                Reason::UpgradeNotAllowed,
                 "the Upgrade header is not valid text".into(),
                 None,
             ));
@@ -277,7 +273,7 @@ pub(crate) fn check_upgrade<'a>(
             let name = token.split('/').next().unwrap_or_default();
             if !name.eq_ignore_ascii_case(WEBSOCKET) {
                 return Err((
-                    "upgrade_not_allowed",
+                    Reason::UpgradeNotAllowed,
                     format!("Upgrade {token:?} refused: only WebSocket upgrades are relayed"),
                     Some(
                         "send the request without Upgrade; HTTP/2 is negotiated with TLS ALPN"
@@ -322,14 +318,18 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
         (_, Some(Err(_))) => {
             return (
                 facts,
-                Some(("bad_host", "the Host header is not valid text".into(), None)),
+                Some((
+                    Reason::BadHost,
+                    "the Host header is not valid text".into(),
+                    None,
+                )),
             )
         }
         (Some(u), Some(Ok(h))) if !u.eq_ignore_ascii_case(h) => {
             return (
                 facts,
                 Some((
-                    "host_mismatch",
+                    Reason::HostMismatch,
                     format!("request target authority {u} disagrees with Host {h}"),
                     None,
                 )),
@@ -341,7 +341,7 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
             return (
                 facts,
                 Some((
-                    "missing_host",
+                    Reason::MissingHost,
                     "the request names no host".into(),
                     Some("send a Host header".into()),
                 )),
@@ -379,7 +379,7 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
             return (
                 facts,
                 Some((
-                    "authority_port_mismatch",
+                    Reason::AuthorityPortMismatch,
                     format!("Host names port {p} but the connection is to port {dst_port}"),
                     None,
                 )),
@@ -388,14 +388,18 @@ fn request_facts(ctx: &ConnCtx, req: &Request<Incoming>) -> (Facts, Option<PreDe
     } else if default_port != dst_port && uri_auth.is_none() && host_header.is_none() {
         return (
             facts,
-            Some(("missing_host", "the request names no host".into(), None)),
+            Some((
+                Reason::MissingHost,
+                "the request names no host".into(),
+                None,
+            )),
         );
     }
     (facts, None)
 }
 
 async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
-    let ident = &ctx.ident;
+    let ident = &ctx.ident.clone();
     // Subscribed before deciding: a change between the decision and the response is seen.
     let generation = shared.generation.subscribe();
     let (facts, pre) = request_facts(&ctx, &req);
@@ -405,176 +409,45 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
     async move {
-        if out.awaiting_approval.is_none() {
-            let req = req.map(http_body_util::Either::Left);
-            return decided(shared, ctx, req, facts, out, generation).await;
+        let (out, req) = if out.awaiting_approval.is_none() {
+            (out, req.map(http_body_util::Either::Left))
+        } else {
+            // An approval binds the body: read it whole (bounded), approve exactly it, send it.
+            let (parts, body) = req.into_parts();
+            let body = http_body_util::Limited::new(body, decide::APPROVAL_MAX_BODY)
+                .collect()
+                .await
+                .ok()
+                .map(|b| b.to_bytes());
+            let digest = body.as_deref().map(crate::approvals::body_digest);
+            let out = decide::approve(&shared, &ctx.ident, &facts, out, digest).await;
+            let body = http_body_util::Either::Right(Full::new(body.unwrap_or_default()));
+            (out, Request::from_parts(parts, body))
+        };
+        match decide::conclude(&shared, (&**ident).into(), &facts, out).await {
+            Concluded::Forward(out, injected) => {
+                forward(shared, ctx.clone(), req, facts, out, injected, generation).await
+            }
+            Concluded::Answer(out) => refusal(Some(ident), &out),
         }
-        // An approval binds the body: read it whole (bounded), approve exactly it, send it.
-        let (parts, body) = req.into_parts();
-        let body = http_body_util::Limited::new(body, decide::APPROVAL_MAX_BODY)
-            .collect()
-            .await
-            .ok()
-            .map(|b| b.to_bytes());
-        let digest = body.as_deref().map(crate::approvals::body_digest);
-        let out = decide::approve(&shared, &ctx.ident, &facts, out, digest).await;
-        let req = Request::from_parts(
-            parts,
-            http_body_util::Either::Right(Full::new(body.unwrap_or_default())),
-        );
-        decided(shared, ctx, req, facts, out, generation).await
     }
     .instrument(span)
     .await
 }
 
-async fn decided(
-    shared: Arc<Shared>,
-    ctx: Arc<ConnCtx>,
-    req: Request<upstream::UpBody>,
-    facts: Facts,
-    out: Outcome,
-    generation: tokio::sync::watch::Receiver<u64>,
-) -> Response<Body> {
-    let ident = &ctx.ident;
-    let rec = decide::audit_record(
-        &shared,
-        Some(ident),
-        ident.source,
-        ident.original_dst,
-        &facts,
-        &out,
-    );
-    if decide::record(&shared, rec).await.is_err() {
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &out.request_id,
-            serde_json::json!({
-                "error": "cellgate_unavailable", "reason": "audit_unavailable", "request_id": out.request_id,
-                "message": "the decision could not be recorded, so the request was not sent",
-            }),
-        );
-    }
-    if !out.allowed() {
-        tracing::info!(reason = %out.reason, "denied");
-        return deny_response(ident, &out);
-    }
-    let mut injected = None;
-    if let (Some(entry), Some(cap_name)) = (&out.cell, out.capability.as_deref()) {
-        if let Some(cap) = entry.cell.capability(cap_name) {
-            match shared.credentials.injection(&entry.cell, cap).await {
-                Ok(i) => injected = i,
-                Err(e) => {
-                    // Never forwarded without its credential.
-                    let mut o = out.clone();
-                    o.result = Decision::Error;
-                    o.reason = "credential_unavailable".into();
-                    o.reasons = vec![e.to_string()];
-                    let rec = decide::audit_record(
-                        &shared,
-                        Some(ident),
-                        ident.source,
-                        ident.original_dst,
-                        &facts,
-                        &o,
-                    );
-                    let _ = decide::record(&shared, rec).await;
-                    return json_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &out.request_id,
-                        crate::decide::credential_unavailable_body(&cap.name, &out.request_id),
-                    );
-                }
-            }
-        }
-    }
-    forward(shared, ctx.clone(), req, facts, out, injected, generation).await
-}
-
-/// The 403 every denial gets: written so an agent (often an LLM) understands what was refused.
-fn deny_response(ident: &ConnIdentity, out: &Outcome) -> Response<Body> {
-    let status = StatusCode::from_u16(out.deny_status()).unwrap_or(StatusCode::FORBIDDEN);
-    let mut r = json_response(status, &out.request_id, deny_body(Some(ident), out));
-    if let Some(secs) = out.retry_after_secs() {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    r
-}
-
-/// The JSON body of a denial (also sent by the ext_authz front door); `cell` is null when no
-/// verified identity is known.
-pub(crate) fn deny_body(ident: Option<&ConnIdentity>, out: &Outcome) -> serde_json::Value {
-    let cell = out
-        .cell
-        .as_ref()
-        .map(|e| e.cell.key())
-        .or_else(|| ident.map(|i| format!("{}/{}", i.claims.namespace, i.claims.name)));
-    let hint = out
-        .hint
-        .clone()
-        .unwrap_or_else(|| default_hint(&out.reason).to_string());
-    if let Some(e) = &out.exhausted {
-        let (limit, used) = e.amounts();
-        return serde_json::json!({
-            "error": "cellgate_budget_exhausted",
-            "reason": out.reason,
-            "budget": e.budget,
-            "scope": e.scope,
-            "limit": limit,
-            "used": used,
-            "resets_at": e.resets_at_ms.map(crate::budget::rfc3339_ms),
-            "message": out.reasons.first().cloned().unwrap_or_default(),
-            "cell": cell,
-            "capability": out.capability,
-            "request_id": out.request_id,
-            "hint": hint,
-        });
-    }
-    let mut body = serde_json::json!({
-        "error": if out.reason == "approval_required" { "cellgate_approval_required" } else { "cellgate_denied" },
-        "reason": out.reason,
-        "message": out.reasons.first().cloned().unwrap_or_default(),
-        "cell": cell,
-        "capability": out.capability,
-        "request_id": out.request_id,
-        "hint": hint,
-    });
-    if let (Some(id), Some(m)) = (&out.approval_id, body.as_object_mut()) {
-        m.insert("approval_id".into(), id.clone().into());
-    }
-    body
-}
-
-fn default_hint(reason: &str) -> &'static str {
-    match reason {
-        "no_capability" => "this cell has no capability for that destination; ask its owners to add one to the AgentCell",
-        "cell_suspended" => "this cell is suspended; every request is refused until it is resumed",
-        "token_revoked" | "token_expired" => "this cell's identity is no longer valid; the task must be restarted with a new token",
-        "no_policy" => "the node has no valid policy and refuses everything; operators can see why on /readyz",
-        "approval_denied" => "a human denied this request; do not retry it unchanged",
-        "approval_timeout" => "no human decided on this request in time; it may be asked again later",
-        _ => "the request was refused by the cell's boundary; do not retry it unchanged",
-    }
-}
-
-fn json_response(status: StatusCode, request_id: &str, body: serde_json::Value) -> Response<Body> {
-    let mut text = body.to_string();
-    text.push('\n');
+/// The answer to a refused request ([`crate::answer`]), as an HTTP response.
+fn refusal(ident: Option<&ConnIdentity>, out: &Outcome) -> Response<Body> {
+    let answer = crate::answer::of(ident, out);
     let mut r = Response::new(
-        Full::new(Bytes::from(text))
+        Full::new(Bytes::from(answer.text()))
             .map_err(|never| match never {})
             .boxed(),
     );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert(REQUEST_ID_HEADER, v);
+    *r.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::FORBIDDEN);
+    for (name, value) in answer.headers(&out.request_id) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(name, v);
+        }
     }
     r
 }
@@ -674,11 +547,10 @@ async fn forward(
     {
         Ok(u) => u,
         Err(e) => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &out.request_id,
-                serde_json::json!({"error": "cellgate_bad_request", "reason": "bad_uri", "message": e.to_string(), "request_id": out.request_id}),
-            )
+            let who = (&*ctx.ident).into();
+            let o = decide::after_allow(&shared, who, &facts, &out, Reason::BadUri, e.to_string())
+                .await;
+            return refusal(Some(&ctx.ident), &o);
         }
     };
     // The client picks HTTP/2 or HTTP/1.1 per upstream by ALPN.
@@ -702,35 +574,12 @@ async fn forward(
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => {
+            // Nothing was sent. A forbidden address is a refusal like any other (403, durable
+            // before the answer); anything else a failure of the upstream (502).
             let reason = upstream::classify(&e);
-            let detail = error_chain(&e);
-            if reason == upstream::DESTINATION_FORBIDDEN {
-                // Nothing was sent: a refusal like any other, durable before the 403.
-                let mut o = out.clone();
-                o.result = Decision::Deny;
-                o.reason = reason.into();
-                o.reasons = vec![detail];
-                o.hint = Some("this name resolves into the node's own reach (loopback, link-local, cloud metadata, the node itself); a capability must set allowInternalAddresses to reach such an address".into());
-                let rec = decide::audit_record(
-                    &shared,
-                    Some(&ctx.ident),
-                    ctx.ident.source,
-                    ctx.ident.original_dst,
-                    &facts,
-                    &o,
-                );
-                let _ = decide::record(&shared, rec).await;
-                return deny_response(&ctx.ident, &o);
-            }
-            tunnel::upstream_error(&shared, &ctx.ident, &facts, reason, detail.clone()).await;
-            return json_response(
-                StatusCode::BAD_GATEWAY,
-                &out.request_id,
-                serde_json::json!({
-                    "error": "cellgate_upstream_error", "reason": reason, "host": host, "request_id": out.request_id,
-                    "message": format!("the request was allowed but the upstream failed: {reason}"),
-                }),
-            );
+            let who = (&*ctx.ident).into();
+            let o = decide::after_allow(&shared, who, &facts, &out, reason, error_chain(&e)).await;
+            return refusal(Some(&ctx.ident), &o);
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -748,22 +597,10 @@ async fn forward(
             );
         if !accepted {
             let detail = "the upstream switched protocols to something other than the WebSocket upgrade requested".to_string();
-            tunnel::upstream_error(
-                &shared,
-                &ctx.ident,
-                &facts,
-                "upstream_upgrade_refused",
-                detail,
-            )
-            .await;
-            return json_response(
-                StatusCode::BAD_GATEWAY,
-                &out.request_id,
-                serde_json::json!({
-                    "error": "cellgate_upstream_error", "reason": "upstream_upgrade_refused", "host": host, "request_id": out.request_id,
-                    "message": "the upstream answered 101 Switching Protocols to something other than a WebSocket upgrade; it was not relayed",
-                }),
-            );
+            let who = (&*ctx.ident).into();
+            let reason = Reason::UpstreamUpgradeRefused;
+            let o = decide::after_allow(&shared, who, &facts, &out, reason, detail).await;
+            return refusal(Some(&ctx.ident), &o);
         }
         if let Some(m) = meter {
             // What flows over a WebSocket cannot be metered: never counted as free.
@@ -862,7 +699,7 @@ impl Meter {
                     .ledger
                     .add_usage(&entry.cell.uid, &scopes, u.total(), cost, now);
                 (
-                    "llm_usage",
+                    Reason::LlmUsage,
                     format!(
                         "model {}: {} input and {} output tokens, {} USD",
                         u.model.as_deref().unwrap_or("(unnamed)"),
@@ -878,14 +715,14 @@ impl Meter {
                     .exhaust_usage(&entry.cell.uid, &scopes, now);
                 tracing::warn!(request.id = %self.out.request_id, why, "LLM usage unreadable: the token and spend budgets are used up until they reset");
                 (
-                    "llm_usage_unreadable",
+                    Reason::LlmUsageUnreadable,
                     format!("usage of the response could not be read ({why}); the token and spend budgets it falls under are used up until they reset"),
                 )
             }
         };
         let mut o = self.out.clone();
         o.result = Decision::Control;
-        o.reason = reason.into();
+        o.reason = reason;
         o.reasons = vec![detail];
         o.budget = Some(self.shared.ledger.state(&entry.cell.uid, &scopes));
         decide::record_in_background(&self.shared, &self.ident, &self.facts, &o);
@@ -1021,7 +858,7 @@ impl Rechecked {
                 self.facts.protocol, out.reason
             ),
         );
-        out.reason = "revoked".into();
+        out.reason = Reason::Revoked;
         out.request_id = self.request_id.clone();
         tracing::info!(request.id = %self.request_id, reason = %out.reason, "cutting a response stream its authorization no longer allows");
         decide::record_in_background(&self.shared, &self.ident, &self.facts, &out);

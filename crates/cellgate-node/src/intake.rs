@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use crate::decide::{self, ConnIdentity, Facts, Outcome};
+use crate::decide::{self, ConnIdentity, Facts, Outcome, Reason};
 use crate::{http, tunnel, Shared};
 
 /// How many bytes are peeked to tell the protocol apart.
@@ -62,21 +62,38 @@ async fn refuse(
     peer: SocketAddr,
     src: SocketAddr,
     dst: SocketAddr,
-    reason: &str,
+    reason: Reason,
     detail: String,
 ) {
-    tracing::info!(peer = %peer, src.addr = %src, dst.addr = %dst, reason, detail = %detail, "connection refused");
-    shared.metrics.connection(reason);
+    let out = Outcome::deny(reason, detail, None);
+    refused(shared, ident, peer, src, dst, out).await;
+}
+
+/// [`refuse`] with the refusal's outcome.
+async fn refused(
+    shared: &Shared,
+    ident: Option<&ConnIdentity>,
+    peer: SocketAddr,
+    src: SocketAddr,
+    dst: SocketAddr,
+    out: Outcome,
+) {
+    let detail = out.reasons.first().map(String::as_str).unwrap_or_default();
+    tracing::info!(peer = %peer, src.addr = %src, dst.addr = %dst, reason = %out.reason, detail, "connection refused");
+    shared.metrics.connection(out.reason.as_str());
     let facts = Facts {
         protocol: "tcp",
         port: dst.port(),
         front_door: "intake",
         ..Facts::default()
     };
-    let out = Outcome::deny(reason, detail, None);
-    let rec = decide::audit_record(shared, ident, src, dst, &facts, &out);
+    let who = decide::Subject {
+        ident,
+        source: src,
+        dst,
+    };
     // A failure is logged inside; the connection is closed either way.
-    let _ = decide::record(shared, rec).await;
+    let _ = decide::commit(shared, who, &facts, &out).await;
 }
 
 async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
@@ -89,7 +106,16 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            return refuse(&shared, None, peer, peer, peer, e.reason(), e.to_string()).await
+            return refuse(
+                &shared,
+                None,
+                peer,
+                peer,
+                peer,
+                Reason::from_label(e.reason()),
+                e.to_string(),
+            )
+            .await
         }
         Err(_) => {
             return refuse(
@@ -98,7 +124,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
                 peer,
                 peer,
                 peer,
-                "ppv2_timeout",
+                Reason::Ppv2Timeout,
                 format!(
                     "no complete PPv2 header within {:?}",
                     shared.config.header_timeout
@@ -113,82 +139,25 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // header) from elsewhere: the token's address binding must hold for the real peer too.
     if peer.ip().to_canonical() != src.ip().to_canonical() {
         let detail = format!("the PPv2 source {src} is not the connection's peer {peer}");
-        return refuse(&shared, None, peer, src, dst, "source_mismatch", detail).await;
-    }
-    let claims = match shared.verifier.verify(&header.token, decide::now_secs()) {
-        Ok(c) => c,
-        Err(e) => return refuse(&shared, None, peer, src, dst, e.reason(), e.to_string()).await,
-    };
-    let ident = ConnIdentity {
-        claims,
-        source: src,
-        original_dst: dst,
-    };
-    if shared.cells.get(&ident.claims.cell_uid).is_none() {
-        let detail = format!(
-            "cell {}/{} ({}) is not known to this node",
-            ident.claims.namespace, ident.claims.name, ident.claims.cell_uid
-        );
         return refuse(
             &shared,
-            Some(&ident),
+            None,
             peer,
             src,
             dst,
-            "cell_unknown",
+            Reason::SourceMismatch,
             detail,
         )
         .await;
     }
-    if shared.config.kubernetes
-        && !crate::kubernetes::source_is_cell_pod(&shared, src.ip(), &ident.claims.cell_uid)
-    {
-        // Kubernetes tokens are not bound to an address: the pod watch says which addresses
-        // are this cell's pods on this node.
-        let detail = format!(
-            "source address {} is not a running pod of cell {}/{} on this node",
-            src.ip().to_canonical(),
-            ident.claims.namespace,
-            ident.claims.name
-        );
-        return refuse(
-            &shared,
-            Some(&ident),
-            peer,
-            src,
-            dst,
-            "source_not_bound",
-            detail,
-        )
-        .await;
-    }
-    if let Err(e) = cellgate_identity::token::check_binding(&ident.claims, src.ip()) {
-        return refuse(
-            &shared,
-            Some(&ident),
-            peer,
-            src,
-            dst,
-            e.reason(),
-            e.to_string(),
-        )
-        .await;
-    }
-    // In Kubernetes mode the pod watch alone maps addresses to cells.
-    if let Some(bound) = ident
-        .claims
-        .pod_addr
-        .as_deref()
-        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-        .filter(|_| !shared.config.kubernetes)
-    {
-        // A verified, bound token tells the DNS listener which cell this address is.
-        if let Ok(mut pods) = shared.pods.write() {
-            if pods.get(&bound) != Some(&ident.claims.cell_uid) {
-                pods.insert(bound, ident.claims.cell_uid.clone());
-            }
+    let verified = shared.verifier.verify(&header.token, decide::now_secs());
+    let ident = match decide::identify(&shared, verified, src, dst) {
+        Ok(i) => i,
+        Err(r) => {
+            let (ident, out) = (r.ident, r.out);
+            return refused(&shared, ident.as_ref(), peer, src, dst, out).await;
         }
-    }
+    };
     // The cell's share of the node: one cell never takes every connection slot.
     let ceilings = shared
         .cells
@@ -206,7 +175,7 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
             peer,
             src,
             dst,
-            "cell_connection_limit",
+            Reason::CellConnectionLimit,
             detail,
         )
         .await;
@@ -304,7 +273,7 @@ async fn dispatch(shared: Arc<Shared>, stream: TcpStream, ident: ConnIdentity) {
                 src,
                 src,
                 dst,
-                "first_bytes_incomplete",
+                Reason::FirstBytesIncomplete,
                 detail,
             )
             .await;
@@ -329,7 +298,7 @@ async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
                 src,
                 src,
                 dst,
-                e.reason(),
+                Reason::from_label(e.reason()),
                 e.to_string(),
             )
             .await;
@@ -342,7 +311,7 @@ async fn tls(shared: Arc<Shared>, mut stream: TcpStream, ident: ConnIdentity) {
                 src,
                 src,
                 dst,
-                "tls_hello_timeout",
+                Reason::TlsHelloTimeout,
                 "no complete ClientHello in time".into(),
             )
             .await;

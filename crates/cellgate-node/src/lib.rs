@@ -3,8 +3,9 @@
 //! Start reading at [`run`]: it loads keys, cells, policy and the CA, opens the audit log, binds
 //! the intake and admin listeners and returns a [`NodeHandle`] with their addresses. The data
 //! path of one connection is in [`intake`] (PPv2, token, protocol detection), [`http`] (per-request
-//! decisions and forwarding) and [`tunnel`] (opaque byte relays); [`decide`] is the one place a
-//! decision and its audit record are made. In Kubernetes mode (`--kubernetes`) cells, pod
+//! decisions and forwarding) and [`tunnel`] (opaque byte relays); [`decide`] is the one pipeline
+//! a decision and its audit record go through, for both front doors, with its reasons in
+//! [`reason`] and its one mapping to the wire in [`answer`]. In Kubernetes mode (`--kubernetes`) cells, pod
 //! addresses and revocations come from the API server through [`kubernetes`] instead of files.
 //!
 //! | listener | default | runtime |
@@ -14,6 +15,7 @@
 //! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
+pub mod answer;
 pub mod approvals;
 pub mod budget;
 pub mod cells;
@@ -29,6 +31,7 @@ pub mod limits;
 pub mod lockdown;
 pub mod metrics;
 pub mod policy_source;
+pub mod reason;
 pub mod tunnel;
 pub mod upstream;
 pub mod usage;
@@ -121,7 +124,7 @@ impl Shared {
             .request(&ident.claims.cell_uid, rate)
             .map_err(|wait| {
                 let mut o = decide::Outcome::deny(
-                    "cell_rate_limited",
+                    decide::Reason::CellRateLimited,
                     format!(
                         "cell {} is over its {rate} requests per second",
                         entry.cell.key()

@@ -60,10 +60,9 @@ pub async fn relay<A, B>(
                 if !out.allowed() {
                     let mut out = out;
                     out.reasons.insert(0, format!("open {} connection closed: {}", facts.protocol, out.reason));
-                    out.reason = "revoked".into();
+                    out.reason = decide::Reason::Revoked;
                     tracing::info!(reason = %out.reason, "closing a relay its authorization no longer allows");
-                    let rec = decide::audit_record(&shared, Some(ident), ident.source, ident.original_dst, facts, &out);
-                    let _ = decide::record(&shared, rec).await;
+                    let _ = decide::commit(&shared, ident.into(), facts, &out).await;
                     return;
                 }
             }
@@ -154,36 +153,20 @@ async fn serve_l4<F, Fut>(
 {
     // A new relay counts against the cell's request rate, like an HTTP request.
     let out = decide::admit(&shared, &ident, &facts).await;
-    let rec = decide::audit_record(
-        &shared,
-        Some(&ident),
-        ident.source,
-        ident.original_dst,
-        &facts,
-        &out,
-    );
-    if decide::record(&shared, rec).await.is_err() || !out.allowed() {
+    let out = match decide::conclude(&shared, (&ident).into(), &facts, out).await {
+        decide::Concluded::Forward(out, _) => out,
         // Nothing is forwarded; the agent sees the connection close.
-        return;
-    }
+        decide::Concluded::Answer(_) => return,
+    };
     let internal = out
         .granting_capability()
         .is_some_and(|c| c.allow_internal_addresses);
     let (addrs, filtered_name) = match targets(shared.clone(), !internal).await {
         Ok(a) => a,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return forbidden(&shared, &ident, &facts, out, e).await;
+            return after_allow(&shared, &ident, &facts, &out, e).await;
         }
-        Err(e) => {
-            return upstream_error(
-                &shared,
-                &ident,
-                &facts,
-                "upstream_resolve_failed",
-                e.to_string(),
-            )
-            .await
-        }
+        Err(e) => return after_allow(&shared, &ident, &facts, &out, e).await,
     };
     let connected = crate::upstream::connect_any(&addrs, shared.config.connect_timeout)
         .await
@@ -194,18 +177,9 @@ async fn serve_l4<F, Fut>(
     let mut up = match connected {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return forbidden(&shared, &ident, &facts, out, e).await;
+            return after_allow(&shared, &ident, &facts, &out, e).await;
         }
-        Err(e) => {
-            return upstream_error(
-                &shared,
-                &ident,
-                &facts,
-                "upstream_connect_failed",
-                e.to_string(),
-            )
-            .await
-        }
+        Err(e) => return after_allow(&shared, &ident, &facts, &out, e).await,
     };
     if !prefix.is_empty() && up.write_all(&prefix).await.is_err() {
         return;
@@ -213,50 +187,18 @@ async fn serve_l4<F, Fut>(
     relay(shared, stream, up, &ident, &facts).await;
 }
 
-/// A resolved address the node never connects to for a name: a denial (durable), and the
-/// agent sees the connection close with nothing sent.
-async fn forbidden(
+/// A relay that cannot be opened after its allow: a resolved address the node never connects
+/// to for a name (`destination_forbidden`, a denial), or an upstream that cannot be resolved or
+/// reached. Recorded; the agent sees the connection close with nothing sent.
+async fn after_allow(
     shared: &Shared,
     ident: &ConnIdentity,
     facts: &Facts,
-    mut out: decide::Outcome,
+    out: &decide::Outcome,
     e: std::io::Error,
 ) {
-    out.result = cellgate_audit::Decision::Deny;
-    out.reason = crate::upstream::DESTINATION_FORBIDDEN.into();
-    out.reasons = vec![e.to_string()];
-    tracing::info!(reason = %out.reason, detail = %e, "denied");
-    let rec = decide::audit_record(
-        shared,
-        Some(ident),
-        ident.source,
-        ident.original_dst,
-        facts,
-        &out,
-    );
-    let _ = decide::record(shared, rec).await;
-}
-
-/// Audits an upstream failure after an allow.
-pub async fn upstream_error(
-    shared: &Shared,
-    ident: &ConnIdentity,
-    facts: &Facts,
-    reason: &str,
-    detail: String,
-) {
-    tracing::info!(reason, detail = %detail, "upstream failed");
-    let mut out = decide::Outcome::deny(reason, detail, None);
-    out.result = cellgate_audit::Decision::Error;
-    let rec = decide::audit_record(
-        shared,
-        Some(ident),
-        ident.source,
-        ident.original_dst,
-        facts,
-        &out,
-    );
-    let _ = decide::record(shared, rec).await;
+    let reason = crate::upstream::classify(&e);
+    decide::after_allow(shared, ident.into(), facts, out, reason, e.to_string()).await;
 }
 
 /// When the last byte moved on a connection, either way.

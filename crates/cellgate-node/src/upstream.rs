@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::config::{NodeConfig, ResolveEntry};
+use crate::reason::Reason;
 
 /// Connects to the node-resolved address of a URI's host and port.
 #[derive(Debug, Clone)]
@@ -280,10 +281,11 @@ impl Upstream {
     }
 }
 
-/// A stable label for an upstream failure (for the 502 body, the audit record and metrics).
-pub fn classify(err: &(dyn std::error::Error + 'static)) -> &'static str {
+/// Why an upstream could not be reached (for the 502 body, the audit record and metrics), or
+/// `destination_forbidden` for an address the node never connects to for a name.
+pub fn classify(err: &(dyn std::error::Error + 'static)) -> Reason {
     if let Some(label) = cellgate_tls::upstream::classify_error(err) {
-        return label;
+        return Reason::from_label(label);
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -292,15 +294,15 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> &'static str {
                 std::io::ErrorKind::PermissionDenied
                     if io.to_string().starts_with(DESTINATION_FORBIDDEN) =>
                 {
-                    DESTINATION_FORBIDDEN
+                    Reason::DestinationForbidden
                 }
-                std::io::ErrorKind::NotFound => "upstream_resolve_failed",
-                std::io::ErrorKind::TimedOut => "upstream_timeout",
-                std::io::ErrorKind::ConnectionRefused => "upstream_connect_refused",
-                _ => "upstream_connect_failed",
+                std::io::ErrorKind::NotFound => Reason::UpstreamResolveFailed,
+                std::io::ErrorKind::TimedOut => Reason::UpstreamTimeout,
+                std::io::ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
+                _ => Reason::UpstreamConnectFailed,
             };
         }
         cur = e.source();
     }
-    "upstream_error"
+    Reason::UpstreamError
 }

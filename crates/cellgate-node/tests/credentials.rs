@@ -82,7 +82,7 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
     assert_eq!(j["capability"], "llm");
     assert_eq!(j["reason"], "credential_unavailable");
     assert!(
-        !r.body.contains("api-key") && !r.body.contains("No such file"),
+        !r.body.contains("could not provide") && !r.body.contains("not found"),
         "{j}"
     );
     assert_eq!(
@@ -90,8 +90,20 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
         1,
         "nothing forwarded without its credential"
     );
-    f.wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "nocreds")
+    let rec = f
+        .wait_audit(|r| r["reason"] == "credential_unavailable" && r["cell"] == "nocreds")
         .await;
+    // One request, one record: the failure, never an allow before it.
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["request_id"], j["request_id"]);
+    assert!(
+        rec["reasons"].to_string().contains("could not provide"),
+        "the audit record says why: {rec}"
+    );
+    let _ = f.node().shared.audit.flush().await;
+    let rid = j["request_id"].as_str().unwrap();
+    let records = std::fs::read_to_string(&f.audit).unwrap();
+    assert_eq!(records.matches(rid).count(), 1, "{records}");
 
     // The secret appears in no audit record and no metric.
     let _ = f.node().shared.audit.flush().await;

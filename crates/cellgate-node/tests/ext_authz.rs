@@ -542,6 +542,15 @@ async fn credential_outage_is_a_503_and_never_an_allow() {
         .await;
     assert_eq!(rec["decision"], "error");
     assert_eq!(rec["front_door"], "ext_authz");
+    // Why is in the record, never in the answer; and it is the request's only record.
+    assert!(!j.to_string().contains("could not provide"), "{j}");
+    assert!(
+        rec["reasons"].to_string().contains("could not provide"),
+        "{rec}"
+    );
+    let _ = env.f.node().shared.audit.flush().await;
+    let records = std::fs::read_to_string(&env.f.audit).unwrap();
+    assert_eq!(records.matches(rid.as_str()).count(), 1, "{records}");
 }
 
 /// A client that sends pre-encoded bytes, for requests prost cannot build (a `body` string that

@@ -121,6 +121,18 @@ pub enum ParseError {
 }
 
 impl ParseError {
+    /// Every label [`ParseError::reason`] gives.
+    pub const LABELS: &'static [&'static str] = &[
+        "ppv2_missing",
+        "ppv2_v1_unsupported",
+        "ppv2_truncated",
+        "ppv2_malformed",
+        "ppv2_local_command",
+        "ppv2_too_large",
+        "ppv2_no_token",
+        "ppv2_io",
+    ];
+
     /// Short stable snake_case label for audit records and metrics. Never changes once released.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -179,6 +191,7 @@ mod tests {
         ];
         for (err, label) in cases {
             assert_eq!(err.reason(), label, "{err}");
+            assert!(ParseError::LABELS.contains(&label), "{label} not in LABELS");
             let message = err.to_string();
             assert_eq!(
                 message,

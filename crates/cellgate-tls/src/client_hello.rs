@@ -89,6 +89,14 @@ pub enum HelloError {
 }
 
 impl HelloError {
+    /// Every label [`HelloError::reason`] gives.
+    pub const LABELS: &'static [&'static str] = &[
+        "tls_hello_malformed",
+        "tls_hello_too_large",
+        "tls_hello_truncated",
+        "tls_hello_io",
+    ];
+
     /// Short stable label for audit records and metrics.
     #[must_use]
     pub fn reason(&self) -> &'static str {
@@ -565,6 +573,20 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn labels_are_exactly_the_reasons() {
+        let all = [
+            HelloError::Malformed(String::new()),
+            HelloError::TooLarge(String::new()),
+            HelloError::Incomplete { have: 0, needed: 1 },
+            HelloError::Truncated { have: 0 },
+            HelloError::Io(io::Error::other("x")),
+        ];
+        let mut got: Vec<&str> = all.iter().map(HelloError::reason).collect();
+        got.dedup();
+        assert_eq!(got, HelloError::LABELS);
+    }
 
     /// A ClientHello as a real rustls client sends it.
     pub(crate) fn rustls_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {

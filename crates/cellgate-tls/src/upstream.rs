@@ -145,6 +145,15 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<&'stati
     None
 }
 
+/// Every label [`classify_error`] gives.
+pub const CERT_LABELS: &[&str] = &[
+    "upstream_cert_expired",
+    "upstream_cert_not_yet_valid",
+    "upstream_cert_name_mismatch",
+    "upstream_cert_unknown_issuer",
+    "upstream_cert_invalid",
+];
+
 fn cert_label(err: &CertificateError) -> &'static str {
     match err {
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
@@ -215,5 +224,14 @@ mod tests {
 
         assert_eq!(classify_error(&rustls::Error::DecryptError), None);
         assert_eq!(classify_error(&io::Error::other("plain")), None);
+        for label in [
+            classify_error(&io),
+            classify_error(&expired),
+            classify_error(&name),
+            classify_error(&other),
+            classify_error(&nested),
+        ] {
+            assert!(CERT_LABELS.contains(&label.unwrap()));
+        }
     }
 }
