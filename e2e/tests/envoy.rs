@@ -178,6 +178,11 @@ fn start_stack(envoy_bin: PathBuf, cell: &str, ready_host: &str, ready_path: &st
             .arg(&config)
             .args(["--log-level", "warn", "--base-id"])
             .arg(listen.to_string())
+            .args(["--file-flush-interval-msec", "100"])
+            // The access log (stdout): the tests read it.
+            .stdout(Stdio::from(
+                std::fs::File::create(d.join("envoy.log")).expect("envoy log"),
+            ))
             .spawn()
             .expect("envoy"),
     );
@@ -510,5 +515,112 @@ spec:
     assert!(
         !log.contains("/allowed/after"),
         "a request went through without the node: {log}"
+    );
+}
+
+/// Waits up to 5 s for a line of `file` (in the stack's directory) that `pred` accepts.
+fn wait_line(dir: &Path, file: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| pred(l)) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no such line in {file}: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn real_envoy_cuts_a_streamed_response_and_refuses_a_pending_one_when_the_cell_is_revoked() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-rev, namespace: agents}
+spec:
+  capabilities:
+    - name: local
+      allowInternalAddresses: true
+      destinations: [{host: localhost, ports: [{up_port}]}]
+      http: {methods: [GET], paths: [\"/allowed/**\"]}
+";
+    let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
+    let d = st.dir.path().to_path_buf();
+    let get = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n",
+            st.up_port
+        )
+    };
+    // A response with a length passes through ext_proc untouched.
+    let r = tagged_request(st.envoy, st.upstream, &st.token, &get("/allowed/plain"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("/allowed/plain"), "{r}");
+
+    // A stream of sixty events (18 s), and a request whose answer takes 2 s.
+    let (envoy, upstream, token) = (st.envoy, st.upstream, st.token.clone());
+    let (sse_req, slow_req) = (get("/allowed/sse-long"), get("/allowed/slow"));
+    let started = Instant::now();
+    let stream = std::thread::spawn(move || {
+        let r = tagged_request(envoy, upstream, &token, &sse_req);
+        (r, started.elapsed())
+    });
+    let token = st.token.clone();
+    let slow = std::thread::spawn(move || tagged_request(envoy, upstream, &token, &slow_req));
+    // Both are under way (the stream has sent a few events), then the cell is suspended.
+    std::thread::sleep(Duration::from_millis(1200));
+    let cell_file = d.join("cells/cell.yaml");
+    let text = std::fs::read_to_string(&cell_file).expect("cell");
+    std::fs::write(
+        &cell_file,
+        text.replace("spec:\n", "spec:\n  suspended: true\n"),
+    )
+    .expect("suspend");
+    let revoked_at = started.elapsed();
+
+    let (r, elapsed) = stream.join().expect("stream thread");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let events = r.matches("data: event").count();
+    assert!(
+        events >= 2,
+        "the stream did not flow before the revocation: {r}"
+    );
+    assert!(
+        events < 20 && elapsed < revoked_at + Duration::from_secs(3),
+        "the stream outlived its revocation: {events} events in {elapsed:?} (revoked at {revoked_at:?})"
+    );
+    // Cut, not ended: the chunked body has no last chunk.
+    assert!(!r.ends_with("0\r\n\r\n"), "the stream ended cleanly: {r}");
+
+    // The pending request's answer is replaced: 403 revoked, with the node's JSON body.
+    let s = slow.join().expect("slow thread");
+    assert!(s.starts_with("HTTP/1.1 403"), "{s}");
+    assert!(s.contains("\"reason\":\"revoked\""), "{s}");
+    assert!(s.contains("cellgate_denied"), "{s}");
+    // The upstream did answer it: what it sent never reached the agent.
+    assert!(!s.contains("/allowed/slow\""), "{s}");
+
+    // The node recorded both, and Envoy's access log names the stream as cut.
+    let rec = wait_line(&d, "audit.jsonl", |l| {
+        l.contains("\"reason\":\"revoked\"") && l.contains("/allowed/sse-long")
+    });
+    assert!(rec.contains("\"front_door\":\"ext_authz\""), "{rec}");
+    assert!(rec.contains("response stream closed (Envoy)"), "{rec}");
+    wait_line(&d, "audit.jsonl", |l| {
+        l.contains("\"reason\":\"revoked\"") && l.contains("/allowed/slow")
+    });
+    let access = wait_line(&d, "envoy.log", |l| l.contains("/allowed/sse-long"));
+    assert!(access.contains("\"status\":200"), "{access}");
+    // Envoy names why it reset the stream: the node's ext_proc answer (gRPC 7, "revoked").
+    assert!(
+        access.contains("ext_proc_error_gRPC_error_7{revoked"),
+        "{access}"
+    );
+
+    // Nothing of the cell passes now.
+    let r = tagged_request(st.envoy, st.upstream, &st.token, &get("/allowed/after"));
+    assert!(
+        r.starts_with("HTTP/1.1 403") && r.contains("cell_suspended"),
+        "{r}"
     );
 }

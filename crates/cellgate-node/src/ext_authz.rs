@@ -26,7 +26,11 @@
 //! | destination does not resolve | OK | `status` 14, `DeniedHttpResponse` 502 |
 //! | body over [`MAX_BODY_BYTES`] | OK | `status` 7, `DeniedHttpResponse` 413 |
 //! | credential unavailable | OK | `status` 14, `DeniedHttpResponse` 503 |
-//! | audit unavailable, draining | `UNAVAILABLE` | none: Envoy with `failure_mode_allow: false` fails closed |
+//! | audit unavailable | OK | `status` 14, `DeniedHttpResponse` 503 (`audit_unavailable`) |
+//! | draining | `UNAVAILABLE` | none: Envoy with `failure_mode_allow: false` fails closed |
+//!
+//! Every `DeniedHttpResponse` is [`crate::answer::of`] the outcome, as on the intake. An allowed
+//! request is kept for [`crate::ext_proc`], which watches its response.
 //!
 //! The credential's header is deliberately *not* listed in `headers_to_remove`: Envoy applies
 //! removals after sets, so listing it would strip the credential just injected.
@@ -293,6 +297,8 @@ impl CheckService {
             Concluded::Answer(out) => return Ok(denied(Some(&ident), &out)),
         };
         let pinned = pinned.ok_or_else(|| Status::internal("an allowed request has no address"))?;
+        // Its response is watched through ext_proc: revoked, it is cut.
+        shared.guards.keep(&out.request_id, &ident, &facts);
         let mut headers = vec![header(UPSTREAM_HEADER, &pinned.to_string())];
         if let Some(i) = injected {
             headers.push(HeaderValueOption {
@@ -905,7 +911,8 @@ pub async fn bind(shared: &Arc<Shared>, addr: &ListenAddr) -> anyhow::Result<Ser
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health)
-        .add_service(CheckService::new(shared.clone()));
+        .add_service(CheckService::new(shared.clone()))
+        .add_service(crate::ext_proc::ProcessService::server(shared.clone()));
     let mut draining = shared.draining.subscribe();
     let signal = async move {
         crate::until_draining(&mut draining).await;

@@ -24,6 +24,7 @@ pub mod credentials;
 pub mod decide;
 pub mod dns;
 pub mod ext_authz;
+pub mod ext_proc;
 pub mod http;
 pub mod intake;
 pub mod kubernetes;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub lockdown: lockdown::Lockdown,
     /// Requests held for, or answered with, a human's approval.
     pub approvals: approvals::Approvals,
+    /// Requests ext_authz allowed, until their responses start ([`ext_proc`]).
+    pub guards: ext_proc::Guards,
     /// Audit log.
     pub audit: AuditLog,
     /// Metrics.
@@ -413,6 +416,7 @@ pub async fn run_with(
         prices,
         lockdown,
         approvals: approvals::Approvals::default(),
+        guards: ext_proc::Guards::default(),
         metrics: metrics::Metrics::new(Arc::new(ScrapedValues {
             minter: minter.clone(),
             audit: audit.clone(),

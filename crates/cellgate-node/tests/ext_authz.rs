@@ -1092,3 +1092,258 @@ async fn a_ppv2_source_that_is_not_the_physical_peer_is_refused() {
         .wait_audit(|r| r["reason"] == "source_mismatch" && r["front_door"] == "ext_authz")
         .await;
 }
+
+// ---- ext_proc: the node's handle on the responses Envoy streams ----
+
+mod ext_proc_stream {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        processing_request, processing_response, HttpBody, HttpHeaders, ProcessingRequest,
+        ProcessingResponse,
+    };
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    /// ext_authz's dynamic metadata as Envoy forwards it to ext_proc.
+    fn metadata(request_id: &str, decision: &str) -> Metadata {
+        let s = |v: &str| Value {
+            kind: Some(Kind::StringValue(v.into())),
+        };
+        Metadata {
+            filter_metadata: [(
+                "envoy.filters.http.ext_authz".to_string(),
+                Struct {
+                    fields: [
+                        ("request_id".to_string(), s(request_id)),
+                        ("decision".to_string(), s(decision)),
+                    ]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn response_headers(md: Metadata, pairs: &[(&str, &str)]) -> ProcessingRequest {
+        ProcessingRequest {
+            metadata_context: Some(md),
+            request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: pairs
+                        .iter()
+                        .map(|(k, v)| HeaderValue {
+                            key: (*k).into(),
+                            raw_value: v.as_bytes().to_vec(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+                end_of_stream: false,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn chunk(data: &str) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(processing_request::Request::ResponseBody(HttpBody {
+                body: data.as_bytes().to_vec(),
+                end_of_stream: false,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// One ext_proc conversation: what Envoy sends, and what the node answers.
+    struct Conversation {
+        tx: mpsc::Sender<ProcessingRequest>,
+        rx: tonic::Streaming<ProcessingResponse>,
+    }
+
+    impl Conversation {
+        async fn open(addr: SocketAddr) -> Self {
+            let mut c = ExternalProcessorClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            let rx = c
+                .process(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            Self { tx, rx }
+        }
+
+        async fn say(&mut self, m: ProcessingRequest) -> Result<ProcessingResponse, tonic::Status> {
+            self.tx.send(m).await.unwrap();
+            self.next().await
+        }
+
+        async fn next(&mut self) -> Result<ProcessingResponse, tonic::Status> {
+            tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+                .await
+                .expect("the node answers")
+                .map(|m| m.expect("a message"))
+        }
+    }
+
+    async fn allowed_id(env: &Env, c: &mut AuthorizationClient<Channel>) -> String {
+        let r = check(c, &Req::new(env, "creds", "GET", "api.test", "/v1/models")).await;
+        assert_eq!(code(&r), 0, "{r:?}");
+        meta(&r, "request_id").unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_cuts_what_envoy_streams_and_refuses_what_has_not_started() {
+        let env = start().await;
+        let mut c = client(env.addr).await;
+        let streaming = allowed_id(&env, &mut c).await;
+        let pending = allowed_id(&env, &mut c).await;
+        let sized = allowed_id(&env, &mut c).await;
+
+        // A response with a length: passed, nothing more asked.
+        let mut conv = Conversation::open(env.addr).await;
+        let r = conv
+            .say(response_headers(
+                metadata(&sized, "allow"),
+                &[(":status", "200"), ("content-length", "2")],
+            ))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                r.response,
+                Some(processing_response::Response::ResponseHeaders(_))
+            ),
+            "{r:?}"
+        );
+        assert!(r.mode_override.is_none(), "{r:?}");
+
+        // A stream: its body is asked for, and each chunk passed on unchanged.
+        let mut sse = Conversation::open(env.addr).await;
+        let r = sse
+            .say(response_headers(
+                metadata(&streaming, "allow"),
+                &[(":status", "200"), ("content-type", "text/event-stream")],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.mode_override.as_ref().map(|m| m.response_body_mode),
+            Some(1),
+            "STREAMED: {r:?}"
+        );
+        let r = sse.say(chunk("data: event 0\n\n")).await.unwrap();
+        match r.response {
+            Some(processing_response::Response::ResponseBody(b)) => {
+                assert!(b.response.is_none_or(|c| c.body_mutation.is_none()));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The cell is suspended: the stream ends with an error (Envoy resets the response).
+        let file = env.f.cells_dir.join("creds.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replace("spec:\n", "spec:\n  suspended: true\n")).unwrap();
+        let err = sse.next().await.expect_err("the stream is cut");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert_eq!(err.message(), "revoked");
+        let rec = env
+            .f
+            .wait_audit(|x| x["request_id"] == streaming.as_str() && x["reason"] == "revoked")
+            .await;
+        assert_eq!(rec["front_door"], "ext_authz");
+        assert!(
+            rec["reasons"].to_string().contains("cell_suspended"),
+            "{rec}"
+        );
+
+        // The response that had not started yet is replaced by a 403.
+        let mut late = Conversation::open(env.addr).await;
+        let r = late
+            .say(response_headers(
+                metadata(&pending, "allow"),
+                &[(":status", "200"), ("content-length", "2")],
+            ))
+            .await
+            .unwrap();
+        let Some(processing_response::Response::ImmediateResponse(i)) = r.response else {
+            panic!("not refused: {r:?}");
+        };
+        assert_eq!(i.status.unwrap().code, 403);
+        let body: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        assert_eq!(body["reason"], "revoked");
+        assert_eq!(body["request_id"], pending.as_str());
+        env.f
+            .wait_audit(|x| x["request_id"] == pending.as_str() && x["reason"] == "revoked")
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_what_ext_authz_allowed_reaches_the_agent() {
+        let env = start().await;
+        let mut c = client(env.addr).await;
+        // Envoy's own answers (a refusal by the node, or before it) pass unchanged.
+        for md in [metadata("whatever", "deny"), Metadata::default()] {
+            let mut conv = Conversation::open(env.addr).await;
+            let r = conv
+                .say(response_headers(md, &[(":status", "403")]))
+                .await
+                .unwrap();
+            assert!(
+                matches!(
+                    r.response,
+                    Some(processing_response::Response::ResponseHeaders(_))
+                ),
+                "{r:?}"
+            );
+        }
+        // A response claiming an allow the node never gave: refused.
+        let mut conv = Conversation::open(env.addr).await;
+        let r = conv
+            .say(response_headers(
+                metadata("0123456789abcdef0123456789abcdef", "allow"),
+                &[(":status", "200")],
+            ))
+            .await
+            .unwrap();
+        let Some(processing_response::Response::ImmediateResponse(i)) = r.response else {
+            panic!("not refused: {r:?}");
+        };
+        assert_eq!(i.status.unwrap().code, 403);
+        // An id is good for one response only.
+        let id = allowed_id(&env, &mut c).await;
+        let mut first = Conversation::open(env.addr).await;
+        let r = first
+            .say(response_headers(
+                metadata(&id, "allow"),
+                &[(":status", "200"), ("content-length", "0")],
+            ))
+            .await
+            .unwrap();
+        assert!(matches!(
+            r.response,
+            Some(processing_response::Response::ResponseHeaders(_))
+        ));
+        let mut again = Conversation::open(env.addr).await;
+        let r = again
+            .say(response_headers(
+                metadata(&id, "allow"),
+                &[(":status", "200")],
+            ))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                r.response,
+                Some(processing_response::Response::ImmediateResponse(_))
+            ),
+            "{r:?}"
+        );
+    }
+}

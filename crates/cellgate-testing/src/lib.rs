@@ -150,7 +150,8 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// A real HTTP(S) server that records every request.
 ///
-/// Routes: `/sse` streams three server-sent events 300 ms apart (`…/sse-long`: sixty); `/ws` answers a WebSocket
+/// Routes: `/sse` streams three server-sent events 300 ms apart (`…/sse-long`: sixty); a path
+/// ending in `/slow` is answered after 2 s; `/ws` answers a WebSocket
 /// upgrade with 101 then echoes raw bytes; `/status/N` answers N; anything else answers 200 with
 /// a JSON description of the request. Request bodies are read whole and recorded.
 #[derive(Debug)]
@@ -287,6 +288,10 @@ async fn handle(
                 .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
             return Ok(r);
         }
+    }
+    // Any path ending in `/slow`: the answer comes after 2 s (a decision can change meanwhile).
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     // `/sse`: three events; any path ending in `/sse-long`: sixty (18 s), for streams that
     // must be cut while they flow.
