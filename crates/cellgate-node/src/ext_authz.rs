@@ -647,63 +647,9 @@ fn request_facts(
 // ---------------------------------------------------------------------------------------------
 // gRPC plumbing: the generated server decodes with prost, which refuses a `body` string that is
 // not UTF-8 (Envoy sends the bytes as they came unless `pack_as_bytes` is set). This codec
-// decodes such a request by reading that field as `raw_body`.
+// decodes such a request by reading that field as `raw_body` ([`wire`]).
 
-/// Field numbers on the way to `HttpRequest.body`.
-const PATH_TO_HTTP: [u32; 3] = [1, 4, 2]; // CheckRequest.attributes, .request, .http
-const HTTP_BODY: u32 = 11;
-const HTTP_RAW_BODY: u32 = 12;
-
-fn read_varint(b: &[u8], i: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i)?;
-        *i += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// Calls `f(tag_start, tag_len, value_start, value_end)` for each length-delimited field
-/// `field` of the message in `b[start..end]`.
-fn for_each_len_field(
-    b: &[u8],
-    start: usize,
-    end: usize,
-    field: u32,
-    f: &mut dyn FnMut(usize, usize, usize, usize),
-) -> Option<()> {
-    let mut i = start;
-    while i < end {
-        let tag_start = i;
-        let key = read_varint(b, &mut i)?;
-        let tag_len = i - tag_start;
-        let (num, wt) = ((key >> 3) as u32, key & 7);
-        match wt {
-            0 => {
-                read_varint(b, &mut i)?;
-            }
-            1 => i += 8,
-            5 => i += 4,
-            2 => {
-                let len = usize::try_from(read_varint(b, &mut i)?).ok()?;
-                let vs = i;
-                i = i.checked_add(len)?;
-                if i > end {
-                    return None;
-                }
-                if num == field {
-                    f(tag_start, tag_len, vs, i);
-                }
-            }
-            _ => return None,
-        }
-    }
-    (i == end).then_some(())
-}
+mod wire;
 
 /// The SHA-256 of the request's whole body as Envoy passed it, for binding an approval; `None`
 /// when Envoy passed part of it (`x-envoy-auth-partial-body: true`) or none of a body the
@@ -735,31 +681,6 @@ fn whole_body_digest(http: &HttpRequest) -> Option<String> {
     Some(crate::approvals::body_digest(bytes))
 }
 
-/// Rewrites every `HttpRequest.body` that is not UTF-8 into `raw_body` (same wire type, a
-/// one-byte tag either way, so no length changes). Returns whether anything changed.
-fn body_to_raw(b: &mut [u8]) -> bool {
-    let mut spans = vec![(0, b.len())];
-    for field in PATH_TO_HTTP {
-        let mut next = Vec::new();
-        for (s, e) in spans {
-            let _ = for_each_len_field(b, s, e, field, &mut |_, _, vs, ve| next.push((vs, ve)));
-        }
-        spans = next;
-    }
-    let mut tags = Vec::new();
-    for (s, e) in spans {
-        let _ = for_each_len_field(b, s, e, HTTP_BODY, &mut |ts, tl, vs, ve| {
-            if tl == 1 && std::str::from_utf8(&b[vs..ve]).is_err() {
-                tags.push(ts);
-            }
-        });
-    }
-    for t in &tags {
-        b[*t] = ((HTTP_RAW_BODY << 3) | 2) as u8;
-    }
-    !tags.is_empty()
-}
-
 /// Decodes a `CheckRequest`, tolerating a non-UTF-8 `body`.
 ///
 /// # Errors
@@ -769,7 +690,7 @@ pub fn decode_check_request(bytes: Bytes) -> Result<CheckRequest, Status> {
         Ok(r) => Ok(r),
         Err(first) => {
             let mut v = bytes.to_vec();
-            if body_to_raw(&mut v) {
+            if wire::body_to_raw(&mut v) {
                 if let Ok(r) = CheckRequest::decode(v.as_slice()) {
                     return Ok(r);
                 }
