@@ -793,3 +793,111 @@ spec:
     assert!(access.contains("\"status\":101"), "{access}");
     wait_line(&d, "upstream.log", |l| l.contains("seen GET /ws"));
 }
+
+/// Opens a WebSocket through Envoy with `token`; returns the stream after the 101.
+fn websocket(st: &Stack, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(st.envoy).expect("connect envoy");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let src: SocketAddr = "127.0.0.1:40002".parse().expect("addr");
+    s.write_all(&cellgate_proxy_protocol::encode(src, st.upstream, token).expect("PPv2"))
+        .expect("header");
+    s.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            st.up_port
+        )
+        .as_bytes(),
+    )
+    .expect("upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// Pings through `s` every 300 ms until the connection is closed; returns how long it stayed
+/// open (at most `limit`).
+fn ping_until_closed(s: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut echo = [0u8; 4];
+    while started.elapsed() < limit {
+        if s.write_all(b"ping").is_err() {
+            break;
+        }
+        match s.read_exact(&mut echo) {
+            Ok(()) => assert_eq!(&echo, b"ping"),
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn real_envoy_closes_a_websocket_when_its_token_expires_and_when_the_cell_is_revoked() {
+    let Some(envoy_bin) = envoy() else { return };
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-ws, namespace: agents}
+spec:
+  capabilities:
+    - name: local
+      allowInternalAddresses: true
+      destinations: [{host: localhost, ports: [{up_port}]}]
+      http: {methods: [GET], paths: [\"/allowed/**\", \"/ws\"]}
+";
+    let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
+    let d = st.dir.path().to_path_buf();
+    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
+
+    // A token of 1 s: the WebSocket closes at its expiry (plus the verifier's 5 s leeway).
+    let short = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        &p("keys/signing.key"),
+        "--cell",
+        &p("cells/cell.yaml"),
+        "--ttl",
+        "1s",
+        "--bind",
+        "127.0.0.1",
+    ]);
+    let mut ws = websocket(&st, &short);
+    let open = ping_until_closed(&mut ws, Duration::from_secs(20));
+    assert!(
+        open >= Duration::from_secs(3) && open < Duration::from_secs(10),
+        "the WebSocket outlived its token (or closed early): {open:?}"
+    );
+    wait_line(&d, "audit.jsonl", |l| {
+        l.contains("\"reason\":\"token_expired\"") && l.contains("\"path\":\"/ws\"")
+    });
+
+    // A revocation (the cell suspended) closes one that is open.
+    let mut ws = websocket(&st, &st.token);
+    let mut echo = [0u8; 4];
+    ws.write_all(b"ping").expect("ping");
+    ws.read_exact(&mut echo).expect("echo");
+    let cell_file = d.join("cells/cell.yaml");
+    let text = std::fs::read_to_string(&cell_file).expect("cell");
+    std::fs::write(
+        &cell_file,
+        text.replace("spec:\n", "spec:\n  suspended: true\n"),
+    )
+    .expect("suspend");
+    let open = ping_until_closed(&mut ws, Duration::from_secs(20));
+    assert!(
+        open < Duration::from_secs(3),
+        "the WebSocket outlived its revocation: {open:?}"
+    );
+    let rec = wait_line(&d, "audit.jsonl", |l| {
+        l.contains("\"reason\":\"revoked\"") && l.contains("\"path\":\"/ws\"")
+    });
+    assert!(rec.contains("cell_suspended"), "{rec}");
+}

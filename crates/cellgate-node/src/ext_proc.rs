@@ -11,7 +11,7 @@
 //! 2. re-decides it ([`crate::decide::decide`]): a request revoked while it waited for its
 //!    response is answered 403 (`revoked`) instead of the response;
 //! 3. for a response without a length (SSE, chunked, an HTTP/2 stream without
-//!    `content-length`), asks Envoy to stream the body through it (`mode_override`
+//!    `content-length`) or an upgrade (a WebSocket's `101`), asks Envoy to stream the body through it (`mode_override`
 //!    `STREAMED`), passes every chunk on unchanged, and re-decides at every change of cells,
 //!    policy or revocations: when the decision no longer allows the request, the node records
 //!    `revoked` and ends the gRPC stream with an error, which makes Envoy reset the response
@@ -313,16 +313,22 @@ async fn revoke(shared: &Shared, g: &Guarded, rid: &str, mut out: Outcome) -> Ou
     out
 }
 
-/// Whether a response streams: not ended with its headers, and no length announced.
+/// Whether a response streams: not ended with its headers, and no length announced; an
+/// upgrade (`101`, a WebSocket) always does: what follows is the upgraded connection's bytes.
 fn streams(h: &HttpHeaders) -> bool {
     if h.end_of_stream {
         return false;
     }
     let Some(map) = &h.headers else { return true };
-    !map.headers.iter().any(|hv| {
-        hv.key.eq_ignore_ascii_case("content-length")
-            || (hv.key == ":status" && header_text(hv) == "101")
-    })
+    let upgraded = map
+        .headers
+        .iter()
+        .any(|hv| hv.key == ":status" && header_text(hv) == "101");
+    upgraded
+        || !map
+            .headers
+            .iter()
+            .any(|hv| hv.key.eq_ignore_ascii_case("content-length"))
 }
 
 fn header_text(hv: &HeaderValue) -> String {
@@ -424,7 +430,10 @@ mod tests {
             false
         )));
         assert!(!streams(&hdrs(&[(":status", "204")], true)));
-        assert!(!streams(&hdrs(&[(":status", "101")], false)));
+        assert!(streams(&hdrs(
+            &[(":status", "101"), ("content-length", "0")],
+            false
+        )));
     }
 
     fn md(ns: &str, pairs: &[(&str, &str)]) -> Metadata {
