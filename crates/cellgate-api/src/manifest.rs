@@ -163,6 +163,73 @@ pub struct CapabilitySpec {
     /// Whether a human must approve requests of this capability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalSpec>,
+    /// Read request bodies (bounded) and give the JSON to the policy as `input.request.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<InspectSpec>,
+    /// Govern an MCP server (Streamable HTTP) at these destinations: which tools, resources and
+    /// prompts the agent may use and see. Implies reading request bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpSpec>,
+}
+
+/// `inspect`: request bodies in policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InspectSpec {
+    /// Parse the body as JSON for `input.request.json` (the only form read today).
+    #[serde(default)]
+    pub json: bool,
+    /// Largest body read, bytes (default 65536, at most 1048576).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_bytes: Option<u32>,
+    /// A body over `maxBytes`: `deny` (default: refused, `body_too_large`) or `skip` (decided
+    /// without `input.request.json`, forwarded whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_oversize: Option<OnOversize>,
+}
+
+/// `inspect.onOversize`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOversize {
+    /// Refuse the request.
+    #[default]
+    Deny,
+    /// Decide without the body.
+    Skip,
+}
+
+/// `inspect.maxBytes` when absent.
+pub const DEFAULT_INSPECT_BYTES: u32 = 65_536;
+/// Largest `inspect.maxBytes`.
+pub const MAX_INSPECT_BYTES: u32 = 1_048_576;
+
+/// `mcp`: what an MCP server's client may use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpSpec {
+    /// Tools (`tools/call`, `tools/list`), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<McpRuleSpec>,
+    /// Resources (`resources/read`, `resources/subscribe`, `resources/list`), by URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<McpRuleSpec>,
+    /// Prompts (`prompts/get`, `prompts/list`), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<McpRuleSpec>,
+}
+
+/// Globs (`*` any run of characters, `?` one) naming what is allowed and what is not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpRuleSpec {
+    /// What may be used; absent: everything not denied. `[]`: nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// What may not, whatever `allow` says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// One destination of a capability: exactly one of `host` or `cidr`.
@@ -800,6 +867,57 @@ impl AgentCell {
             if let Some(b) = &cap.budget {
                 check_budget(b, &format!("{at}.budget"), &mut err);
             }
+            if let Some(i) = &cap.inspect {
+                if !i.json {
+                    err(
+                        format!("{at}.inspect.json"),
+                        "inspect reads JSON bodies only: set json: true".into(),
+                    );
+                }
+                if i.max_bytes.is_some_and(|m| m == 0 || m > MAX_INSPECT_BYTES) {
+                    err(
+                        format!("{at}.inspect.maxBytes"),
+                        format!("must be 1..={MAX_INSPECT_BYTES}"),
+                    );
+                }
+            }
+            if cap.inspect.is_some() || cap.mcp.is_some() {
+                let what = if cap.mcp.is_some() { "mcp" } else { "inspect" };
+                if cap.tls == Some(TlsMode::Passthrough) {
+                    err(
+                        format!("{at}.{what}"),
+                        "bodies are read only with TLS interception; passthrough never decrypts"
+                            .into(),
+                    );
+                }
+                if cap.protocol == Some(crate::model::Protocol::Tcp) {
+                    err(
+                        format!("{at}.{what}"),
+                        "a tcp capability relays raw bytes; no request body is read".into(),
+                    );
+                }
+            }
+            if let Some(m) = &cap.mcp {
+                for (kind, rule) in [
+                    ("tools", &m.tools),
+                    ("resources", &m.resources),
+                    ("prompts", &m.prompts),
+                ] {
+                    let Some(rule) = rule else { continue };
+                    let globs = rule.allow.iter().flatten().map(|g| ("allow", g));
+                    for (k, (list, g)) in globs
+                        .chain(rule.deny.iter().map(|g| ("deny", g)))
+                        .enumerate()
+                    {
+                        if g.is_empty() || g.len() > 256 {
+                            err(
+                                format!("{at}.mcp.{kind}.{list}[{k}]"),
+                                "a glob is 1 to 256 characters".into(),
+                            );
+                        }
+                    }
+                }
+            }
             if let Some(t) = cap.approval.as_ref().and_then(|a| a.timeout.as_deref()) {
                 if parse_duration(t).is_none_or(|s| s > MAX_APPROVAL_TIMEOUT_SECS) {
                     err(
@@ -906,6 +1024,29 @@ impl AgentCell {
                 credential,
                 budget: cap.budget.clone(),
                 approval: cap.approval.as_ref().is_some_and(|a| a.required),
+                inspect: match (&cap.inspect, &cap.mcp) {
+                    (Some(i), _) => Some(crate::model::Inspect {
+                        max_bytes: i.max_bytes.unwrap_or(DEFAULT_INSPECT_BYTES),
+                        on_oversize: i.on_oversize.unwrap_or_default(),
+                    }),
+                    // MCP messages are small; one that is not read whole is refused.
+                    (None, Some(_)) => Some(crate::model::Inspect {
+                        max_bytes: MAX_INSPECT_BYTES,
+                        on_oversize: OnOversize::Deny,
+                    }),
+                    (None, None) => None,
+                },
+                mcp: cap.mcp.as_ref().map(|m| {
+                    let rule = |r: &Option<McpRuleSpec>| crate::model::McpRule {
+                        allow: r.as_ref().and_then(|r| r.allow.clone()),
+                        deny: r.as_ref().map(|r| r.deny.clone()).unwrap_or_default(),
+                    };
+                    crate::model::McpRules {
+                        tools: rule(&m.tools),
+                        resources: rule(&m.resources),
+                        prompts: rule(&m.prompts),
+                    }
+                }),
                 approval_policy: crate::model::ApprovalPolicy {
                     mode: cap
                         .approval

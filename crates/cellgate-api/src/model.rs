@@ -152,6 +152,80 @@ pub struct Capability {
     pub approval: bool,
     /// How they wait for it (when `approval`).
     pub approval_policy: ApprovalPolicy,
+    /// Request bodies read for the policy (and for `mcp`, which implies it).
+    pub inspect: Option<Inspect>,
+    /// MCP governance.
+    pub mcp: Option<McpRules>,
+}
+
+/// How a capability's request bodies are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspect {
+    /// Largest body read, bytes.
+    pub max_bytes: u32,
+    /// What a larger body gets.
+    pub on_oversize: crate::manifest::OnOversize,
+}
+
+/// What an MCP client may use, per kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct McpRules {
+    /// Tools, by name.
+    pub tools: McpRule,
+    /// Resources, by URI.
+    pub resources: McpRule,
+    /// Prompts, by name.
+    pub prompts: McpRule,
+}
+
+/// Allow and deny globs (`*`, `?`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct McpRule {
+    /// `None`: everything not denied.
+    pub allow: Option<Vec<String>>,
+    /// Denied whatever `allow` says.
+    pub deny: Vec<String>,
+}
+
+impl McpRule {
+    /// Whether `name` may be used and seen.
+    pub fn allows(&self, name: &str) -> bool {
+        let allowed = self
+            .allow
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|g| glob_match(g, name)));
+        allowed && !self.deny.iter().any(|g| glob_match(g, name))
+    }
+}
+
+/// `*` matches any run of characters (`/` included), `?` one character; everything else itself.
+pub fn glob_match(glob: &str, text: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
+    // Iterative matching with one backtrack point for the last `*`.
+    let (mut gi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match g.get(gi) {
+            Some('*') => {
+                star = Some((gi, ti));
+                gi += 1;
+            }
+            Some(c) if *c == '?' || Some(c) == t.get(ti) => {
+                gi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sg, st)) => {
+                    gi = sg + 1;
+                    ti = st + 1;
+                    star = Some((sg, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    g.get(gi..)
+        .is_some_and(|rest| rest.iter().all(|c| *c == '*'))
 }
 
 /// How a capability's requests wait for a human's approval.

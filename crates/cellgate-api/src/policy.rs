@@ -206,6 +206,10 @@ pub struct RequestDoc {
     pub destination: AddrDoc,
     /// DNS question type (`A`, `AAAA`, ...) for `dns` requests.
     pub dns_type: Option<String>,
+    /// The request body parsed as JSON, for capabilities that `inspect` bodies (or govern MCP);
+    /// absent otherwise, and when the body was not JSON or over the capability's bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
 }
 
 /// The decision, read from `data.cellgate.authz.decision`.
@@ -412,6 +416,8 @@ mod tests {
                 budget: None,
                 approval: true,
                 approval_policy: Default::default(),
+                inspect: None,
+                mcp: None,
             }],
         }
     }

@@ -88,6 +88,8 @@ fn cell() -> Cell {
                 budget: None,
                 approval: false,
                 approval_policy: Default::default(),
+                inspect: None,
+                mcp: None,
             })
             .collect(),
     }

@@ -67,6 +67,18 @@ pub fn of(ident: Option<&ConnIdentity>, out: &Outcome) -> Answer {
         .clone()
         .filter(|_| !reason.detail_is_internal())
         .unwrap_or_else(|| reason.default_hint().to_string());
+    if let Some(refused) = &out.mcp {
+        let data = serde_json::json!({
+            "cell": cell,
+            "capability": out.capability,
+            "request_id": out.request_id,
+        });
+        return Answer {
+            status: 200,
+            retry_after: None,
+            body: crate::mcp::error_response(refused, &data),
+        };
+    }
     let mut body = serde_json::json!({
         "error": reason.error_code(out.result),
         "reason": reason.as_str(),

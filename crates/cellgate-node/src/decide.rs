@@ -59,6 +59,10 @@ pub struct Facts {
     pub front_door: &'static str,
     /// DNS query type.
     pub dns_type: Option<String>,
+    /// The body as JSON, for capabilities that read it ([`crate::inspect`]).
+    pub json: Option<serde_json::Value>,
+    /// Whether the body was longer than the bound it was read to.
+    pub body_oversize: bool,
 }
 
 /// The outcome of one decision.
@@ -93,6 +97,12 @@ pub struct Outcome {
     pub awaiting_approval: Option<(cellgate_api::model::ApprovalPolicy, Decision)>,
     /// The approval a refusal is waiting for (`approval_required`).
     pub approval_id: Option<String>,
+    /// MCP calls refused (answered with a JSON-RPC error).
+    pub mcp: Option<Arc<crate::mcp::Refused>>,
+    /// MCP lists whose answers are filtered.
+    pub mcp_lists: Vec<crate::mcp::Kind>,
+    /// Written to the audit record after `reasons` (e.g. the MCP session).
+    pub notes: Vec<String>,
 }
 
 impl Outcome {
@@ -118,6 +128,9 @@ impl Outcome {
             exhausted: None,
             awaiting_approval: None,
             approval_id: None,
+            mcp: None,
+            mcp_lists: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -395,10 +408,11 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
                 port: ident.original_dst.port(),
             },
             dns_type: facts.dns_type.clone(),
+            json: facts.json.clone(),
         },
     };
     let version = policy.version().to_string();
-    let out = match policy.evaluate_with_cell(&input, &entry.value) {
+    let mut out = match policy.evaluate_with_cell(&input, &entry.value) {
         Ok(d) => Outcome {
             result: match d.outcome.as_str() {
                 "allow" if d.allow => Decision::Allow,
@@ -418,6 +432,9 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             exhausted: None,
             awaiting_approval: None,
             approval_id: None,
+            mcp: None,
+            mcp_lists: Vec::new(),
+            notes: Vec::new(),
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
@@ -431,7 +448,69 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             o
         }
     };
+    if out.allowed() {
+        content(&mut out, facts);
+    }
     out
+}
+
+/// The content stage, for capabilities that read bodies: a body over the bound, and MCP calls
+/// the capability's rules do not allow. In shadow mode a refusal is recorded (`shadow_deny`)
+/// and the request goes through.
+fn content(out: &mut Outcome, facts: &Facts) {
+    let Some(entry) = out.cell.clone() else {
+        return;
+    };
+    let Some(cap) = out
+        .capability
+        .as_deref()
+        .and_then(|n| entry.cell.capability(n))
+    else {
+        return;
+    };
+    let shadow = cap.mode == cellgate_api::model::Mode::Shadow;
+    let refuse = |out: &mut Outcome, reason: Reason, detail: String| {
+        out.result = if shadow {
+            Decision::ShadowDeny
+        } else {
+            Decision::Deny
+        };
+        out.reason = reason;
+        out.reasons = vec![detail];
+        out.hint = None;
+    };
+    let Some(inspect) = cap.inspect else {
+        return;
+    };
+    if facts.body_oversize
+        && (cap.mcp.is_some() || inspect.on_oversize == cellgate_api::manifest::OnOversize::Deny)
+    {
+        let detail = format!(
+            "the request body is over the {} bytes capability {} reads",
+            inspect.max_bytes, cap.name
+        );
+        return refuse(out, Reason::BodyTooLarge, detail);
+    }
+    let Some(rules) = &cap.mcp else {
+        return;
+    };
+    if facts.method.as_deref() != Some("POST") {
+        return;
+    }
+    match crate::mcp::check(rules, facts.json.as_ref()) {
+        crate::mcp::Checked::Pass(lists) => out.mcp_lists = lists,
+        crate::mcp::Checked::Refused(r) => {
+            refuse(out, r.reason(), r.detail());
+            if !shadow {
+                out.mcp = Some(r);
+            }
+        }
+        crate::mcp::Checked::Malformed(why) => refuse(
+            out,
+            Reason::McpMalformed,
+            format!("capability {} governs an MCP server: {why}", cap.name),
+        ),
+    }
 }
 
 /// A new request, through every stage before the credential: the cell's rate, the decision
@@ -504,6 +583,17 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
         out.hint = Some(hint.into());
         out
     };
+    if let Some(cap) = cap.filter(|c| c.inspect.is_some() && facts.front_door != "intake") {
+        let what = format!(
+            "capability {} reads request bodies (inspect or mcp), which the {} front door does not",
+            cap.name, facts.front_door
+        );
+        return unavailable(
+            out,
+            what,
+            "body inspection and MCP governance are enforced on the node's intake",
+        );
+    }
     if let Some(cap) = cap.filter(|c| c.approval) {
         if !matches!(facts.protocol, "http" | "https") {
             let what = format!("capability {} requires approval of each request, and a {} connection has no request to approve", cap.name, facts.protocol);
@@ -815,6 +905,7 @@ pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outc
     if let Some(id) = &out.approval_id {
         rec.reasons.push(format!("approval_id={id}"));
     }
+    rec.reasons.extend(out.notes.iter().cloned());
     rec.latency_us = Some(out.latency_us);
     rec.request_id = Some(out.request_id.clone());
     rec

@@ -80,6 +80,7 @@ impl cellgate_dns::Cells for NodeCells {
                 headers: Default::default(),
                 destination: AddrDoc::default(),
                 dns_type: Some(qtype.to_string()),
+                json: None,
             },
         };
         match policy.evaluate_with_cell(&input, &entry.value) {

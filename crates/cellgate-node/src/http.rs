@@ -402,26 +402,98 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     let ident = &ctx.ident.clone();
     // Subscribed before deciding: a change between the decision and the response is seen.
     let generation = shared.generation.subscribe();
-    let (facts, pre) = request_facts(&ctx, &req);
+    let (mut facts, pre) = request_facts(&ctx, &req);
+    let (parts, incoming) = req.into_parts();
+    let mut body = http_body_util::Either::Left(incoming);
+    // What was read of the body before deciding: the bytes, and whether there were more.
+    let mut read: Option<(Bytes, bool)> = None;
     let out = match pre {
         Some((reason, detail, hint)) => Outcome::deny(reason, detail, hint),
-        None => decide::admit(&shared, ident, &facts).await,
+        None => {
+            // A capability that could grant this request reads bodies: read to its bound.
+            let bound = shared.cells.get(&ident.claims.cell_uid).and_then(|e| {
+                let dst = ident.original_dst.ip();
+                crate::inspect::bound(&e.cell, facts.host.as_deref(), facts.port, dst)
+            });
+            match read_body(&mut body, bound).await {
+                Ok(r) => {
+                    if let Some((head, oversize)) = &r {
+                        facts.body_oversize = *oversize;
+                        facts.json = (!oversize)
+                            .then(|| serde_json::from_slice(head).ok())
+                            .flatten();
+                    }
+                    read = r;
+                    decide::admit(&shared, ident, &facts).await
+                }
+                Err(e) => Outcome::deny(Reason::BodyUnreadable, e.to_string(), None),
+            }
+        }
     };
-    let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %req.method(), host = ?facts.host, path = ?facts.path);
+    let mut out = out;
+    // The MCP session the request belongs to, in its audit record.
+    if out.granting_capability().is_some_and(|c| c.mcp.is_some()) {
+        if let Some(s) = parts
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            let s: String = s.chars().take(128).collect();
+            out.notes.push(format!("mcp_session={s}"));
+        }
+    }
+    handle_decided(shared, ctx, parts, body, read, facts, out, generation).await
+}
+
+/// Reads the body to `bound` (when some capability inspects it and there is a body).
+async fn read_body(
+    body: &mut upstream::UpBody,
+    bound: Option<usize>,
+) -> Result<Option<(Bytes, bool)>, hyper::Error> {
+    let Some(max) = bound else { return Ok(None) };
+    let http_body_util::Either::Left(incoming) = std::mem::replace(
+        body,
+        http_body_util::Either::Right(crate::inspect::ReadBody::default()),
+    ) else {
+        return Ok(None);
+    };
+    if hyper::body::Body::is_end_stream(&incoming) {
+        *body = http_body_util::Either::Left(incoming);
+        return Ok(Some((Bytes::new(), false)));
+    }
+    let r = crate::inspect::read(incoming, max).await?;
+    *body = http_body_util::Either::Right(r.body);
+    Ok(Some((r.head, r.oversize)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_decided(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    parts: http::request::Parts,
+    mut body: upstream::UpBody,
+    read: Option<(Bytes, bool)>,
+    facts: Facts,
+    out: Outcome,
+    generation: tokio::sync::watch::Receiver<u64>,
+) -> Response<Body> {
+    let ident = &ctx.ident.clone();
+    let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %parts.method, host = ?facts.host, path = ?facts.path);
     async move {
         let (out, req) = if out.awaiting_approval.is_none() {
-            (out, req.map(http_body_util::Either::Left))
+            (out, Request::from_parts(parts, body))
         } else {
             // An approval binds the body: read it whole (bounded), approve exactly it, send it.
-            let (parts, body) = req.into_parts();
-            let body = http_body_util::Limited::new(body, decide::APPROVAL_MAX_BODY)
-                .collect()
-                .await
-                .ok()
-                .map(|b| b.to_bytes());
-            let digest = body.as_deref().map(crate::approvals::body_digest);
+            let whole = match read {
+                Some((head, false)) => Some(head),
+                Some((_, true)) => None,
+                None => match read_body(&mut body, Some(decide::APPROVAL_MAX_BODY)).await {
+                    Ok(Some((head, false))) => Some(head),
+                    _ => None,
+                },
+            };
+            let digest = whole.as_deref().map(crate::approvals::body_digest);
             let out = decide::approve(&shared, &ctx.ident, &facts, out, digest).await;
-            let body = http_body_util::Either::Right(Full::new(body.unwrap_or_default()));
             (out, Request::from_parts(parts, body))
         };
         match decide::conclude(&shared, (&**ident).into(), &facts, out).await {
@@ -561,9 +633,10 @@ async fn forward(
     let internal = out
         .granting_capability()
         .is_some_and(|c| c.allow_internal_addresses);
-    // Token and spend budgets read the response: it must come uncompressed.
+    // Token and spend budgets and MCP list filtering read the response: it must come
+    // uncompressed.
     let meter = Meter::of(&shared, &out, &ctx.ident, &facts);
-    if meter.is_some() {
+    if meter.is_some() || !out.mcp_lists.is_empty() {
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -637,8 +710,21 @@ async fn forward(
         let r = usage::UsageReader::new(get(header::CONTENT_TYPE), get(header::CONTENT_ENCODING));
         (m, r)
     });
+    // An MCP list's answer shows only what the capability's rules allow.
+    let listed = mcp_filter(&out).and_then(|f| {
+        let ct = resp.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
+        let sse = ct.starts_with("text/event-stream");
+        (sse || ct.starts_with("application/json")).then_some((f, sse))
+    });
+    if listed.is_some() {
+        // Rewritten: the length changes.
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     resp.map(|b| {
         let mut body = b.map_err(|e| Box::new(e) as BoxError).boxed();
+        if let Some((filter, sse)) = listed {
+            body = McpFiltered::new(body, filter, sse).boxed();
+        }
         if let Some((meter, reader)) = reader {
             body = Metered {
                 inner: body,
@@ -652,6 +738,155 @@ async fn forward(
         }
         Rechecked::new(shared, ident, facts, out.request_id, generation, body).boxed()
     })
+}
+
+/// The filter of an MCP list's answer, when the request asked for a list of an MCP capability.
+fn mcp_filter(out: &Outcome) -> Option<crate::mcp::Filter> {
+    if out.mcp_lists.is_empty() {
+        return None;
+    }
+    let rules = out.granting_capability()?.mcp.clone()?;
+    Some(crate::mcp::Filter::new(
+        Arc::new(rules),
+        out.mcp_lists.clone(),
+    ))
+}
+
+/// Largest MCP list answer (a JSON body, or one SSE event) the node filters; a larger one is
+/// cut, never passed unfiltered.
+const MCP_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// An MCP answer with its lists filtered ([`crate::mcp::Filter`]): a JSON body is read whole
+/// (bounded) and rewritten; an SSE stream is rewritten event by event as it flows.
+struct McpFiltered {
+    inner: Body,
+    filter: crate::mcp::Filter,
+    sse: bool,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl McpFiltered {
+    fn new(inner: Body, filter: crate::mcp::Filter, sse: bool) -> Self {
+        Self {
+            inner,
+            filter,
+            sse,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// The complete SSE events in the buffer, filtered, each with its blank line.
+    fn events(&mut self, all: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let end = find_event_end(&self.buf);
+            let Some((at, sep)) = end.or(if all && !self.buf.is_empty() {
+                Some((self.buf.len(), 0))
+            } else {
+                None
+            }) else {
+                break;
+            };
+            let event: Vec<u8> = self.buf.drain(..at + sep).collect();
+            let text = String::from_utf8_lossy(&event[..at]);
+            out.extend_from_slice(self.filter.event(&text).as_bytes());
+            out.extend_from_slice(&event[at..]);
+            if sep == 0 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Where the first SSE event in `b` ends: its length and the length of the blank line after.
+fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl hyper::body::Body for McpFiltered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => {
+                        this.buf.extend_from_slice(&d);
+                        if this.sse {
+                            let out = this.events(false);
+                            if this.buf.len() > MCP_MAX_MESSAGE {
+                                this.ended = true;
+                                return Poll::Ready(Some(Err(
+                                    "an MCP event over the bound the node filters".into(),
+                                )));
+                            }
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                                    Bytes::from(out),
+                                ))));
+                            }
+                        } else if this.buf.len() > MCP_MAX_MESSAGE {
+                            this.ended = true;
+                            return Poll::Ready(Some(Err(
+                                "an MCP answer over the bound the node filters".into(),
+                            )));
+                        }
+                    }
+                    // Trailers: what is buffered goes first.
+                    Err(frame) => {
+                        let rest = if this.sse {
+                            this.events(true)
+                        } else {
+                            let whole = std::mem::take(&mut this.buf);
+                            this.filter.json(&whole).unwrap_or(whole)
+                        };
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        this.ended = true;
+                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
+                    }
+                },
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let rest = if this.sse {
+                        this.events(true)
+                    } else {
+                        let whole = std::mem::take(&mut this.buf);
+                        // Not JSON: nothing a list could hide in; passed as it came.
+                        this.filter.json(&whole).unwrap_or(whole)
+                    };
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
 }
 
 /// The budgets a response's LLM usage is counted against.

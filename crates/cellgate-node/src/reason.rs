@@ -170,6 +170,19 @@ reasons! {
     PathNotCanonical = "path_not_canonical",
     /// The canonical request could not be written as a URI (400).
     BadUri = "bad_uri",
+    /// The request body could not be read (the agent went away mid-body).
+    BodyUnreadable = "body_unreadable",
+
+    // Content (docs/mcp.md).
+    /// An MCP tool the capability does not allow (a JSON-RPC error, HTTP 200).
+    McpToolDenied = "mcp_tool_denied",
+    /// An MCP resource the capability does not allow (a JSON-RPC error, HTTP 200).
+    McpResourceDenied = "mcp_resource_denied",
+    /// An MCP prompt the capability does not allow (a JSON-RPC error, HTTP 200).
+    McpPromptDenied = "mcp_prompt_denied",
+    /// A request to an MCP capability that is not a JSON-RPC message the rules can be applied
+    /// to (400).
+    McpMalformed = "mcp_malformed",
 
     // Governance (docs/governance.md).
     /// A lockdown applies.
@@ -285,7 +298,9 @@ impl Reason {
         match self {
             Self::BudgetExhausted | Self::CellRateLimited => 429,
             Self::BodyTooLarge => 413,
-            Self::BadUri => 400,
+            Self::BadUri | Self::BodyUnreadable | Self::McpMalformed => 400,
+            // Answered in the protocol the client speaks: a JSON-RPC error.
+            Self::McpToolDenied | Self::McpResourceDenied | Self::McpPromptDenied => 200,
             r if r.is_upstream() => 502,
             _ if result == Decision::Error => 503,
             _ => 403,

@@ -200,9 +200,10 @@ impl tower_service::Service<Uri> for ResolvingConnector {
     }
 }
 
-/// A request body sent upstream: streamed from the agent, or held whole (a body bound to an
-/// approval, which must be exactly the one approved).
-pub type UpBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+/// A request body sent upstream: streamed from the agent, or read (in part or whole) before the
+/// decision and sent on as it was ([`crate::inspect`]: a body a capability inspects, or one
+/// bound to an approval, which must be exactly the one approved).
+pub type UpBody = http_body_util::Either<Incoming, crate::inspect::ReadBody>;
 
 type HttpClient = Client<HttpsConnector<ResolvingConnector>, UpBody>;
 

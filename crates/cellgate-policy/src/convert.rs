@@ -58,6 +58,7 @@ struct Keys {
     headers: Value,
     destination: Value,
     dns_type: Value,
+    json: Value,
     derived: Value,
     hosts: Value,
     wildcards: Value,
@@ -113,6 +114,7 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     headers: "headers".into(),
     destination: "destination".into(),
     dns_type: "dns_type".into(),
+    json: "json".into(),
     derived: "derived".into(),
     hosts: "hosts".into(),
     wildcards: "wildcards".into(),
@@ -244,6 +246,15 @@ fn capability(c: &CapabilityDoc, ports: &[Value]) -> Value {
 }
 
 fn request(r: &RequestDoc) -> Value {
+    let k = &*KEYS;
+    let mut v = request_fields(r);
+    if let (Some(json), Ok(map)) = (&r.json, v.as_object_mut()) {
+        map.insert(k.json.clone(), Value::from(json.clone()));
+    }
+    v
+}
+
+fn request_fields(r: &RequestDoc) -> Value {
     let k = &*KEYS;
     object([
         (&k.protocol, s(&r.protocol)),

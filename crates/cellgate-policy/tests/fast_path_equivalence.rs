@@ -176,6 +176,7 @@ fn input(rng: &mut Rng, n: usize) -> InputDoc {
                 port: 443,
             },
             dns_type: None,
+            json: None,
         },
     };
     aim(rng, &caps, &mut doc.request);

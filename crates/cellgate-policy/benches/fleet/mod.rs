@@ -171,6 +171,7 @@ pub fn request(doc: &CellDoc, n: u64, deny: bool, with_cell: bool) -> InputDoc {
                 port: 443,
             },
             dns_type: None,
+            json: None,
         },
     }
 }
