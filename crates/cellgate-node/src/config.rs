@@ -107,7 +107,7 @@ pub struct NodeArgs {
     /// Vault address for `credential.vault` capabilities, http(s)://HOST:PORT [env: CELLGATE_VAULT_ADDR]
     #[arg(long)]
     pub vault_addr: Option<String>,
-    /// Vault authentication: kubernetes or token [env: CELLGATE_VAULT_AUTH] [default: kubernetes]
+    /// Vault authentication: kubernetes, approle or token [env: CELLGATE_VAULT_AUTH] [default: kubernetes]
     #[arg(long)]
     pub vault_auth: Option<String>,
     /// Vault role for Kubernetes auth [env: CELLGATE_VAULT_ROLE] [default: cellgate-node]
@@ -122,6 +122,18 @@ pub struct NodeArgs {
     /// File holding a Vault token, for --vault-auth token [env: CELLGATE_VAULT_TOKEN_FILE]
     #[arg(long)]
     pub vault_token_file: Option<PathBuf>,
+    /// File holding the AppRole role id, for --vault-auth approle [env: CELLGATE_VAULT_APPROLE_ROLE_ID_FILE]
+    #[arg(long)]
+    pub vault_approle_role_id_file: Option<PathBuf>,
+    /// File holding the AppRole secret id, for --vault-auth approle [env: CELLGATE_VAULT_APPROLE_SECRET_ID_FILE]
+    #[arg(long)]
+    pub vault_approle_secret_id_file: Option<PathBuf>,
+    /// Vault AppRole auth mount [env: CELLGATE_VAULT_APPROLE_MOUNT] [default: approle]
+    #[arg(long)]
+    pub vault_approle_mount: Option<String>,
+    /// How long a Vault secret without a lease (KV v2) is reused before Vault is read again [env: CELLGATE_VAULT_KV_TTL] [default: 30s]
+    #[arg(long)]
+    pub vault_kv_ttl: Option<String>,
     /// Read `credential.secret` capabilities from the Kubernetes API [env: CELLGATE_K8S_SECRETS]
     #[arg(long)]
     pub k8s_secrets: bool,
@@ -153,6 +165,21 @@ fn credential_backends(
                 invalid(
                     "--credential-timeout",
                     format!("{t:?} is not a duration like 2s"),
+                )
+            })?;
+    }
+    if let Some(t) = args
+        .vault_kv_ttl
+        .clone()
+        .or_else(|| get("CELLGATE_VAULT_KV_TTL"))
+    {
+        c.vault_kv_ttl = cellgate_api::manifest::parse_duration(&t)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--vault-kv-ttl",
+                    format!("{t:?} is not a duration like 30s"),
                 )
             })?;
     }
@@ -201,10 +228,37 @@ fn credential_backends(
                     )
                 })?,
         },
+        "approle" => VaultAuth::AppRole {
+            role_id_file: args
+                .vault_approle_role_id_file
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_APPROLE_ROLE_ID_FILE").map(PathBuf::from))
+                .ok_or_else(|| {
+                    invalid(
+                        "--vault-approle-role-id-file",
+                        "--vault-auth approle needs a role-id file",
+                    )
+                })?,
+            secret_id_file: args
+                .vault_approle_secret_id_file
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_APPROLE_SECRET_ID_FILE").map(PathBuf::from))
+                .ok_or_else(|| {
+                    invalid(
+                        "--vault-approle-secret-id-file",
+                        "--vault-auth approle needs a secret-id file",
+                    )
+                })?,
+            mount: args
+                .vault_approle_mount
+                .clone()
+                .or_else(|| get("CELLGATE_VAULT_APPROLE_MOUNT"))
+                .unwrap_or_else(|| "approle".into()),
+        },
         other => {
             return Err(invalid(
                 "--vault-auth",
-                format!("{other:?}: expected kubernetes or token"),
+                format!("{other:?}: expected kubernetes, approle or token"),
             ))
         }
     };
@@ -941,6 +995,114 @@ mod tests {
         )
         .unwrap();
         assert!(!cfg.kubernetes);
+    }
+
+    #[test]
+    fn vault_approle_and_kv_ttl_from_flags_or_env_and_checked() {
+        use crate::credentials::VaultAuth;
+        let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub"]);
+        let cfg = NodeConfig::from_args_env(args.clone(), &env(&[])).unwrap();
+        assert_eq!(cfg.credentials.vault, None);
+        assert_eq!(cfg.credentials.vault_kv_ttl, Duration::from_secs(30));
+        let cfg = NodeConfig::from_args_env(
+            args.clone(),
+            &env(&[
+                ("CELLGATE_VAULT_ADDR", "http://vault:8200"),
+                ("CELLGATE_VAULT_AUTH", "approle"),
+                ("CELLGATE_VAULT_APPROLE_ROLE_ID_FILE", "/run/vault/role-id"),
+                (
+                    "CELLGATE_VAULT_APPROLE_SECRET_ID_FILE",
+                    "/run/vault/secret-id",
+                ),
+                ("CELLGATE_VAULT_KV_TTL", "5s"),
+            ]),
+        )
+        .unwrap();
+        let vault = cfg.credentials.vault.unwrap();
+        assert_eq!(vault.addr, "http://vault:8200");
+        assert_eq!(
+            vault.auth,
+            VaultAuth::AppRole {
+                role_id_file: "/run/vault/role-id".into(),
+                secret_id_file: "/run/vault/secret-id".into(),
+                mount: "approle".into(),
+            }
+        );
+        assert_eq!(cfg.credentials.vault_kv_ttl, Duration::from_secs(5));
+        let flags = NodeArgs::parse_from([
+            "cellgate-node",
+            "--trust",
+            "k.pub",
+            "--vault-addr",
+            "https://vault:8200",
+            "--vault-auth",
+            "approle",
+            "--vault-approle-role-id-file",
+            "/a/role",
+            "--vault-approle-secret-id-file",
+            "/a/secret",
+            "--vault-approle-mount",
+            "nodes",
+            "--vault-kv-ttl",
+            "1m",
+        ]);
+        let cfg = NodeConfig::from_args_env(
+            flags,
+            &env(&[
+                ("CELLGATE_VAULT_APPROLE_MOUNT", "other"),
+                ("CELLGATE_VAULT_KV_TTL", "5s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.credentials.vault.unwrap().auth,
+            VaultAuth::AppRole {
+                role_id_file: "/a/role".into(),
+                secret_id_file: "/a/secret".into(),
+                mount: "nodes".into(),
+            },
+            "the flags win"
+        );
+        assert_eq!(cfg.credentials.vault_kv_ttl, Duration::from_secs(60));
+        let approle = [
+            ("CELLGATE_VAULT_ADDR", "http://vault:8200"),
+            ("CELLGATE_VAULT_AUTH", "approle"),
+            ("CELLGATE_VAULT_APPROLE_ROLE_ID_FILE", "/r"),
+            ("CELLGATE_VAULT_APPROLE_SECRET_ID_FILE", "/s"),
+        ];
+        for (drop, named) in [
+            (
+                "CELLGATE_VAULT_APPROLE_ROLE_ID_FILE",
+                "--vault-approle-role-id-file",
+            ),
+            (
+                "CELLGATE_VAULT_APPROLE_SECRET_ID_FILE",
+                "--vault-approle-secret-id-file",
+            ),
+        ] {
+            let pairs: Vec<_> = approle
+                .iter()
+                .filter(|(k, _)| *k != drop)
+                .copied()
+                .collect();
+            let e = NodeConfig::from_args_env(args.clone(), &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "without {drop}: {e}");
+        }
+        for (key, value, named) in [
+            ("CELLGATE_VAULT_AUTH", "userpass", "approle"),
+            ("CELLGATE_VAULT_KV_TTL", "0s", "--vault-kv-ttl"),
+            ("CELLGATE_VAULT_KV_TTL", "soon", "--vault-kv-ttl"),
+        ] {
+            let mut pairs = approle.to_vec();
+            pairs.retain(|(k, _)| *k != key);
+            pairs.push((key, value));
+            let e = NodeConfig::from_args_env(args.clone(), &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
     }
 
     #[test]

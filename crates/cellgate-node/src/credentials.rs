@@ -10,7 +10,8 @@
 //! forwarded without its credential; the next request tries again, so recovery is automatic.
 //!
 //! Leases of dynamic secrets are renewed when a request finds them past half their life, replaced
-//! shortly before they end, and revoked when the cell or the capability goes away
+//! shortly before they end or the Vault token that created them ends, and revoked when the cell
+//! or the capability goes away
 //! ([`Broker::watch_cells`]) or the capability's credential changes.
 //!
 //! Secrets are held in [`Secret`], whose `Debug` prints nothing; they never reach audit records,
@@ -34,7 +35,8 @@ use http::{HeaderName, HeaderValue};
 pub use k8s::KubeSecrets;
 pub use vault::{VaultAuth, VaultBackend, VaultConfig};
 
-/// How long a fetched secret is reused before the backend is asked again.
+/// How long a fetched secret without a lease is reused before the backend is asked again (files,
+/// Kubernetes Secrets, and Vault reads unless `--vault-kv-ttl` says otherwise).
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 /// Default bound on one backend call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -100,6 +102,9 @@ pub struct BackendConfig {
     pub k8s_secrets: bool,
     /// Bound on one backend call.
     pub timeout: Duration,
+    /// How long a Vault secret without a lease (KV v2, KV v1) is reused before Vault is read
+    /// again (`--vault-kv-ttl`): a secret rotated in Vault is injected at most this long after.
+    pub vault_kv_ttl: Duration,
 }
 
 impl Default for BackendConfig {
@@ -108,6 +113,7 @@ impl Default for BackendConfig {
             vault: None,
             k8s_secrets: false,
             timeout: DEFAULT_TIMEOUT,
+            vault_kv_ttl: CACHE_TTL,
         }
     }
 }
@@ -137,6 +143,7 @@ pub struct Broker {
     vault: Option<Arc<VaultBackend>>,
     kube: Option<KubeSecrets>,
     timeout: Duration,
+    vault_kv_ttl: Duration,
     slots: Mutex<HashMap<(String, String), Slot>>,
 }
 
@@ -147,6 +154,7 @@ impl std::fmt::Debug for Broker {
             .field("vault", &self.vault)
             .field("kube", &self.kube.is_some())
             .field("timeout", &self.timeout)
+            .field("vault_kv_ttl", &self.vault_kv_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -157,11 +165,6 @@ impl Default for Broker {
     }
 }
 
-/// How long before a lease ends the broker stops using it.
-fn lease_margin(d: Duration) -> Duration {
-    (d / 5).min(Duration::from_secs(30))
-}
-
 impl Broker {
     /// A broker reading file credentials from `secrets_dir`.
     pub fn new(secrets_dir: Option<PathBuf>) -> Self {
@@ -170,6 +173,7 @@ impl Broker {
             vault: None,
             kube: None,
             timeout: DEFAULT_TIMEOUT,
+            vault_kv_ttl: CACHE_TTL,
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -182,7 +186,9 @@ impl Broker {
         secrets_dir: Option<PathBuf>,
         config: &BackendConfig,
     ) -> anyhow::Result<Self> {
-        let mut b = Self::new(secrets_dir).with_timeout(config.timeout);
+        let mut b = Self::new(secrets_dir)
+            .with_timeout(config.timeout)
+            .with_vault_kv_ttl(config.vault_kv_ttl);
         if let Some(v) = &config.vault {
             b = b.with_vault(v.clone())?;
         }
@@ -198,6 +204,12 @@ impl Broker {
     /// Bounds every backend call by `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Reuses a Vault secret without a lease for `ttl` before reading it again.
+    pub fn with_vault_kv_ttl(mut self, ttl: Duration) -> Self {
+        self.vault_kv_ttl = ttl;
         self
     }
 
@@ -293,18 +305,13 @@ impl Broker {
                 return Ok(c.secret.clone());
             }
             if let (Some(l), Some(v)) = (c.lease.as_mut(), self.vault.as_ref()) {
-                let margin = lease_margin(l.duration);
-                if l.renewable && now + margin < l.expires {
+                if l.renewal_helps() && now + l.margin() < l.usable_until() {
                     match v.renew(l).await {
                         Ok(d) if d > Duration::ZERO => {
                             let now = Instant::now();
                             l.expires = now + d;
                             l.duration = d;
-                            c.fresh_until = if d / 2 > lease_margin(d) {
-                                now + d / 2
-                            } else {
-                                now + d - lease_margin(d)
-                            };
+                            c.fresh_until = l.fresh_until(now);
                             tracing::debug!(path = %l.path, granted = ?d, "vault lease renewed");
                             return Ok(c.secret.clone());
                         }
@@ -314,10 +321,12 @@ impl Broker {
                         }
                     }
                 }
-                if Instant::now() + margin < l.expires {
+                // Past this, the lease or the token that created it is about to end (Vault
+                // revokes a token's leases with it): replace it rather than serve it.
+                let last = l.usable_until().checked_sub(l.margin());
+                if let Some(last) = last.filter(|last| Instant::now() < *last) {
                     // Still valid: keep serving it, try renewing again in a few seconds.
-                    c.fresh_until =
-                        (Instant::now() + Duration::from_secs(5)).min(l.expires - margin);
+                    c.fresh_until = (Instant::now() + Duration::from_secs(5)).min(last);
                     return Ok(c.secret.clone());
                 }
             }
@@ -331,9 +340,9 @@ impl Broker {
             Ok(Ok(f)) => {
                 let now = Instant::now();
                 let fresh_until = match &f.lease {
+                    None if source.vault.is_some() => now + self.vault_kv_ttl,
                     None => now + CACHE_TTL,
-                    Some(l) if l.renewable => now + l.duration / 2,
-                    Some(l) => now + l.duration - lease_margin(l.duration),
+                    Some(l) => l.fresh_until(now),
                 };
                 let secret = f.secret.clone();
                 let old = st.cached.replace(Cached {

@@ -1,8 +1,11 @@
-//! The Vault backend through a real node: KV v2 with token and Kubernetes auth, dynamic secrets
-//! with leases (cached, renewed, revoked), failures answered 503 and recovered from, and
-//! single-flight refresh. Each scenario runs against the in-process Vault contract server
-//! (`credentials::vault_contract`); the `real_vault_*` tests run the token-auth scenarios against
-//! a real Vault when `VAULT_ADDR` and `VAULT_TOKEN` are set (see docs/credentials.md).
+//! The Vault backend through a real node: KV v2 with token, Kubernetes and AppRole auth, a KV
+//! secret rotated in Vault, dynamic secrets with leases (cached, renewed, revoked), failures
+//! answered 503 and recovered from, and single-flight refresh. Each scenario runs against the
+//! in-process Vault contract server (`credentials::vault_contract`); the `real_vault_*` tests run
+//! the token-auth, AppRole and rotation scenarios against a real Vault or OpenBao when
+//! `VAULT_ADDR` and `VAULT_TOKEN` (a root token) are set (see docs/credentials.md). Scenarios
+//! that need a server of their own (sealed, restarted) or a secrets engine with leases are in
+//! `tests/openbao.rs`.
 
 mod common;
 
@@ -10,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cellgate_node::credentials::vault_contract::{Fault, VaultContract};
+use cellgate_node::credentials::vault_contract::{api, Fault, VaultContract};
 use cellgate_node::credentials::{VaultAuth, VaultConfig};
 use common::*;
 use http::Method;
@@ -86,6 +89,181 @@ impl Target {
         vaultrs::kv2::set(&client, "secret", path, &data)
             .await
             .unwrap();
+    }
+
+    /// An AppRole on an auth mount of its own whose tokens (lease `token_ttl_s`) may read
+    /// `secret/data/<path>`: on a real server, enabled, given a policy and a role with the root
+    /// token, and its role id and a new secret id read back, as an operator would.
+    async fn approle(&self, path: &str, token_ttl_s: u64) -> AppRole {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mount = format!("cellgate-approle-{id}");
+        match self {
+            Target::Contract(c) => {
+                c.set_token_ttl(token_ttl_s);
+                let (role_id, secret_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+                c.allow_approle(
+                    "cellgate-node",
+                    &role_id.to_string(),
+                    &secret_id.to_string(),
+                );
+                AppRole {
+                    mount,
+                    role_id: role_id.to_string(),
+                    secret_id: secret_id.to_string(),
+                }
+            }
+            Target::Real { addr, token } => {
+                let ok = |(status, body): (u16, serde_json::Value), what: &str| {
+                    assert!((200..300).contains(&status), "{what}: {status} {body}");
+                    body
+                };
+                let policy = format!("cellgate-test-{id}");
+                ok(
+                    api(
+                        addr,
+                        token,
+                        "POST",
+                        &format!("sys/auth/{mount}"),
+                        Some(serde_json::json!({"type": "approle"})),
+                    )
+                    .await,
+                    "enable approle",
+                );
+                let hcl = format!("path \"secret/data/{path}\" {{ capabilities = [\"read\"] }}");
+                ok(
+                    api(
+                        addr,
+                        token,
+                        "PUT",
+                        &format!("sys/policies/acl/{policy}"),
+                        Some(serde_json::json!({"policy": hcl})),
+                    )
+                    .await,
+                    "write the policy",
+                );
+                ok(
+                    api(
+                        addr,
+                        token,
+                        "POST",
+                        &format!("auth/{mount}/role/cellgate-node"),
+                        Some(serde_json::json!({
+                            "token_policies": [policy],
+                            "token_ttl": format!("{token_ttl_s}s"),
+                            "token_max_ttl": "1h",
+                        })),
+                    )
+                    .await,
+                    "create the role",
+                );
+                let role_id = ok(
+                    api(
+                        addr,
+                        token,
+                        "GET",
+                        &format!("auth/{mount}/role/cellgate-node/role-id"),
+                        None,
+                    )
+                    .await,
+                    "read the role id",
+                )["data"]["role_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let secret_id = ok(
+                    api(
+                        addr,
+                        token,
+                        "POST",
+                        &format!("auth/{mount}/role/cellgate-node/secret-id"),
+                        None,
+                    )
+                    .await,
+                    "create a secret id",
+                )["data"]["secret_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                AppRole {
+                    mount,
+                    role_id,
+                    secret_id,
+                }
+            }
+        }
+    }
+
+    /// Removes what [`Target::approle`] made on a real server (the auth mount with its tokens).
+    async fn remove_approle(&self, ar: &AppRole) {
+        if let Target::Real { addr, token } = self {
+            let (status, body) = api(
+                addr,
+                token,
+                "DELETE",
+                &format!("sys/auth/{}", ar.mount),
+                None,
+            )
+            .await;
+            assert!((200..300).contains(&status), "{status} {body}");
+            let policy = ar.mount.replace("cellgate-approle-", "cellgate-test-");
+            let (status, body) = api(
+                addr,
+                token,
+                "DELETE",
+                &format!("sys/policies/acl/{policy}"),
+                None,
+            )
+            .await;
+            assert!((200..300).contains(&status), "{status} {body}");
+        }
+    }
+
+    /// Revokes every token an AppRole login on `mount` issued (contract: every token but root).
+    async fn revoke_logins(&self, mount: &str) {
+        match self {
+            Target::Contract(c) => c.revoke_tokens(),
+            Target::Real { addr, token } => {
+                let (status, body) = api(
+                    addr,
+                    token,
+                    "PUT",
+                    &format!("sys/leases/revoke-prefix/auth/{mount}/login"),
+                    None,
+                )
+                .await;
+                assert!((200..300).contains(&status), "{status} {body}");
+            }
+        }
+    }
+}
+
+/// What a node needs to log in with AppRole.
+struct AppRole {
+    mount: String,
+    role_id: String,
+    secret_id: String,
+}
+
+/// The leases of the tokens AppRole logins on `mount` hold, as the real server lists them
+/// (`LIST /v1/sys/leases/lookup/auth/<mount>/login/`): one per login not yet expired or revoked.
+async fn login_leases(addr: &str, token: &str, mount: &str) -> std::collections::BTreeSet<String> {
+    let (status, body) = api(
+        addr,
+        token,
+        "LIST",
+        &format!("sys/leases/lookup/auth/{mount}/login/"),
+        None,
+    )
+    .await;
+    match status {
+        404 => Default::default(),
+        200 => body["data"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect(),
+        _ => panic!("listing the login leases: {status} {body}"),
     }
 }
 
@@ -261,6 +439,319 @@ async fn refused_token_is_a_503_contract() {
 async fn real_vault_refused_token_is_a_503() {
     if let Some(t) = Target::real() {
         refused_token_is_a_503(t).await;
+    }
+}
+
+// ---- AppRole auth ----
+
+/// A node logging in with AppRole: the login's shape, a new login at two thirds of the token's
+/// lease and another when Vault refuses the token (403), then a refused login and a missing
+/// role-id file answered 503 without anything forwarded.
+async fn approle_auth(target: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("cellgate-test/{}", uuid::Uuid::new_v4().simple());
+    target
+        .put_kv(&path, serde_json::json!({"token": SECRET}))
+        .await;
+    // Tokens live 6 s: the node logs in again after 4 s.
+    let ar = target.approle(&path, 6).await;
+    let role_id_file = dir.path().join("role-id");
+    let secret_id_file = dir.path().join("secret-id");
+    std::fs::write(&role_id_file, format!("{}\n", ar.role_id)).unwrap();
+    std::fs::write(&secret_id_file, format!("{}\n", ar.secret_id)).unwrap();
+    let approle = |role_id_file: PathBuf, secret_id_file: PathBuf| VaultConfig {
+        addr: target.addr(),
+        auth: VaultAuth::AppRole {
+            role_id_file,
+            secret_id_file,
+            mount: ar.mount.clone(),
+        },
+    };
+    let login_path = format!("/v1/auth/{}/login", ar.mount);
+    let read_path = format!("/v1/secret/data/{path}");
+    let leases = || async {
+        match &target {
+            Target::Real { addr, token } => login_leases(addr, token, &ar.mount).await,
+            Target::Contract(_) => Default::default(),
+        }
+    };
+    // The calls the node makes, after the test's own seeding.
+    let seeded = match &target {
+        Target::Contract(c) => c.calls().len(),
+        Target::Real { .. } => 0,
+    };
+    let f = node_with(
+        approle(role_id_file.clone(), secret_id_file.clone()),
+        Duration::from_secs(2),
+    )
+    .await;
+    let port = f.https.addr.port();
+    let vault_path = format!("secret/data/{path}");
+    add_cell(&f, "ar", vault_cell("ar", port, &vault_path, "token")).await;
+    let r = call(&f, "ar").await;
+    // The login happened before this.
+    let logged_in = std::time::Instant::now();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec![format!("Bearer {SECRET}")]);
+    let first = leases().await;
+    match &target {
+        Target::Contract(c) => {
+            let calls = &c.calls()[seeded..];
+            assert_eq!(calls.len(), 2, "{calls:?}");
+            assert_eq!(calls[0].method, Method::POST);
+            assert_eq!(calls[0].path, login_path);
+            assert_eq!(
+                calls[0].body,
+                serde_json::json!({"role_id": ar.role_id, "secret_id": ar.secret_id}),
+                "the files' contents, without their newline"
+            );
+            assert_eq!(calls[0].token, None);
+            assert_eq!(calls[1].path, read_path);
+            assert!(
+                calls[1]
+                    .token
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("hvs.approle"),
+                "the login's client_token is used"
+            );
+        }
+        Target::Real { .. } => assert_eq!(first.len(), 1, "one login: {first:?}"),
+    }
+
+    // Past two thirds of the token's lease, the next read logs in first.
+    tokio::time::sleep(Duration::from_millis(4300).saturating_sub(logged_in.elapsed())).await;
+    add_cell(&f, "ar2", vault_cell("ar2", port, &vault_path, "token")).await;
+    let r = call(&f, "ar2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec![format!("Bearer {SECRET}")]);
+    let second = leases().await;
+    match &target {
+        Target::Contract(c) => {
+            assert_eq!(c.count(&Method::POST, &login_path), 2);
+            let tokens: Vec<_> = c
+                .calls()
+                .into_iter()
+                .filter(|c| c.method == Method::GET && c.path == read_path)
+                .map(|c| c.token.unwrap())
+                .collect();
+            assert_eq!(tokens.len(), 2);
+            assert_ne!(tokens[0], tokens[1], "the second read used the new token");
+        }
+        Target::Real { .. } => assert!(
+            second.difference(&first).count() == 1,
+            "a new login before the token ended: {first:?} then {second:?}"
+        ),
+    }
+
+    // Vault no longer accepts the node's token: the read is refused (403), the node logs in
+    // again and reads the rotated value.
+    target.revoke_logins(&ar.mount).await;
+    target
+        .put_kv(&path, serde_json::json!({"token": "rotated-approle-value"}))
+        .await;
+    add_cell(&f, "ar3", vault_cell("ar3", port, &vault_path, "token")).await;
+    let r = call(&f, "ar3").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        last_auth(&f),
+        vec!["Bearer rotated-approle-value".to_string()]
+    );
+    match &target {
+        Target::Contract(c) => {
+            assert_eq!(c.count(&Method::POST, &login_path), 3);
+            let reads: Vec<_> = c
+                .calls()
+                .into_iter()
+                .filter(|c| c.method == Method::GET && c.path == read_path)
+                .collect();
+            assert_eq!(reads.len(), 4, "the refused read and its retry");
+            assert_eq!(reads[2].token, reads[1].token, "refused with the old token");
+            assert_ne!(reads[3].token, reads[2].token, "retried with the new one");
+        }
+        Target::Real { .. } => {
+            let third = leases().await;
+            assert_eq!(
+                third.len(),
+                1,
+                "only the new login's token is alive: {third:?}"
+            );
+            assert!(
+                third.is_disjoint(&second),
+                "a new login after the refusal: {second:?} then {third:?}"
+            );
+        }
+    }
+    drop(f);
+
+    // A secret id Vault does not accept: 503, never forwarded, Vault's reason in the audit.
+    let wrong_secret = dir.path().join("wrong-secret-id");
+    std::fs::write(&wrong_secret, "00000000-0000-0000-0000-000000000000\n").unwrap();
+    let f2 = node_with(
+        approle(role_id_file.clone(), wrong_secret),
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f2,
+        "ar",
+        vault_cell("ar", f2.https.addr.port(), &vault_path, "token"),
+    )
+    .await;
+    let r = call(&f2, "ar").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"], "cellgate_credential_unavailable");
+    assert!(!r.body.contains("secret ID"), "{}", r.body);
+    let rid = r.json()["request_id"].as_str().unwrap().to_string();
+    let rec = f2
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(
+        rec["reasons"]
+            .to_string()
+            .contains("invalid role or secret ID"),
+        "{rec}"
+    );
+    assert!(f2.https.requests().is_empty(), "never forwarded");
+
+    // A role-id file that is not there: 503 naming it, and no login attempted.
+    let logins_before = match &target {
+        Target::Contract(c) => c.count(&Method::POST, &login_path),
+        Target::Real { .. } => 0,
+    };
+    let f3 = node_with(
+        approle(dir.path().join("absent-role-id"), secret_id_file),
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f3,
+        "ar",
+        vault_cell("ar", f3.https.addr.port(), &vault_path, "token"),
+    )
+    .await;
+    let r = call(&f3, "ar").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(!r.body.contains("absent-role-id"), "{}", r.body);
+    let rid = r.json()["request_id"].as_str().unwrap().to_string();
+    let rec = f3
+        .wait_audit(|r| r["request_id"] == rid.as_str() && r["reason"] == "credential_unavailable")
+        .await;
+    assert!(
+        rec["reasons"].to_string().contains("absent-role-id"),
+        "{rec}"
+    );
+    assert!(f3.https.requests().is_empty(), "never forwarded");
+    if let Target::Contract(c) = &target {
+        assert_eq!(c.count(&Method::POST, &login_path), logins_before);
+    }
+    target.remove_approle(&ar).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approle_auth_contract() {
+    approle_auth(Target::contract().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vault_approle_auth() {
+    if let Some(t) = Target::real() {
+        approle_auth(t).await;
+    }
+}
+
+// ---- KV v2 rotation ----
+
+/// A KV v2 secret rotated in Vault: the node serves the old value from its cache, and after the
+/// cache lifetime (`--vault-kv-ttl`, 3 s here) injects the new one.
+async fn kv_v2_rotation(target: Target) {
+    const KV_TTL: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = format!("cellgate-test/{}", uuid::Uuid::new_v4().simple());
+    target
+        .put_kv(&path, serde_json::json!({"token": "before-rotation"}))
+        .await;
+    let vault = token_auth(dir.path(), target.addr(), &target.root_token());
+    let f = Fixture::start_with(move |c| {
+        c.credentials.vault = Some(vault);
+        c.credentials.vault_kv_ttl = KV_TTL;
+    })
+    .await;
+    add_cell(
+        &f,
+        "rot",
+        vault_cell(
+            "rot",
+            f.https.addr.port(),
+            &format!("secret/data/{path}"),
+            "token",
+        ),
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    let r = call(&f, "rot").await;
+    // The value was read between `t0` and `t1`.
+    let t1 = std::time::Instant::now();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(last_auth(&f), vec!["Bearer before-rotation".to_string()]);
+
+    target
+        .put_kv(&path, serde_json::json!({"token": "after-rotation"}))
+        .await;
+    let r = call(&f, "rot").await;
+    assert!(
+        t0.elapsed() < KV_TTL,
+        "too slow to see the cache: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        last_auth(&f),
+        vec!["Bearer before-rotation".to_string()],
+        "within the cache lifetime the cached value is injected"
+    );
+
+    tokio::time::sleep((KV_TTL + Duration::from_millis(300)).saturating_sub(t1.elapsed())).await;
+    let r = call(&f, "rot").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        last_auth(&f),
+        vec!["Bearer after-rotation".to_string()],
+        "after the cache lifetime the rotated value is injected"
+    );
+    let seen: Vec<_> = f
+        .https
+        .requests()
+        .iter()
+        .flat_map(|r| r.headers.iter().filter(|(k, _)| k == "authorization"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "Bearer before-rotation",
+            "Bearer before-rotation",
+            "Bearer after-rotation"
+        ]
+    );
+    if let Target::Contract(c) = &target {
+        assert_eq!(
+            c.count(&Method::GET, &format!("/v1/secret/data/{path}")),
+            2,
+            "one read per cache lifetime"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_v2_rotation_contract() {
+    kv_v2_rotation(Target::contract().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vault_kv_v2_rotation() {
+    if let Some(t) = Target::real() {
+        kv_v2_rotation(t).await;
     }
 }
 
@@ -492,6 +983,83 @@ async fn a_non_renewable_lease_is_replaced_before_it_ends_and_the_old_one_revoke
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(vault.count(&Method::PUT, "/v1/sys/leases/revoke"), 1);
+}
+
+/// Vault revokes the leases a token created when that token ends, and the node logs in again
+/// (a new token) at two thirds of its token's lease: a lease is replaced, by one the new token
+/// creates, shortly before the token that created it ends, never served past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_replaced_before_the_token_that_created_it_ends() {
+    let vault = VaultContract::start().await;
+    // Tokens live 3 s (the node logs in again after 2 s); the lease would live an hour.
+    vault.set_token_ttl(3);
+    vault.add_dynamic("database/creds/app", "password", "dbpw", 3600, true);
+    vault.allow_approle("cellgate-node", "role-1", "secret-1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("role-id"), "role-1").unwrap();
+    std::fs::write(dir.path().join("secret-id"), "secret-1").unwrap();
+    let f = node_with(
+        VaultConfig {
+            addr: vault.url(),
+            auth: VaultAuth::AppRole {
+                role_id_file: dir.path().join("role-id"),
+                secret_id_file: dir.path().join("secret-id"),
+                mount: "approle".into(),
+            },
+        },
+        Duration::from_secs(2),
+    )
+    .await;
+    add_cell(
+        &f,
+        "db",
+        vault_cell("db", f.https.addr.port(), "database/creds/app", "password"),
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    assert_eq!(call(&f, "db").await.status, 200);
+    // The first token was issued between `t0` and `t1`.
+    let t1 = std::time::Instant::now();
+    let first = last_auth(&f);
+    assert!(first[0].starts_with("Bearer dbpw-"), "{first:?}");
+    let leases = vault.leases();
+    assert_eq!(leases.len(), 1);
+    let first_lease = leases.keys().next().unwrap().clone();
+
+    // Well before its token ends, the lease is served as is.
+    assert_eq!(call(&f, "db").await.status, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2400),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(last_auth(&f), first);
+    assert_eq!(vault.count(&Method::GET, "/v1/database/creds/app"), 1);
+
+    // Within a fifth of the token's life of its end (and after the node logged in again): a new
+    // lease, read with the new token.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(t1.elapsed())).await;
+    assert_eq!(call(&f, "db").await.status, 200);
+    let second = last_auth(&f);
+    assert_ne!(second, first, "replaced before the old token ends");
+    assert_eq!(vault.count(&Method::GET, "/v1/database/creds/app"), 2);
+    assert_eq!(vault.count(&Method::POST, "/v1/auth/approle/login"), 2);
+    assert_eq!(
+        vault.count(&Method::PUT, "/v1/sys/leases/renew"),
+        0,
+        "renewing cannot outlast the token"
+    );
+
+    // The first token has ended: its lease is gone (the node revoked it when replacing it, and
+    // Vault would have). The new lease, created by the new token, lives on and is served.
+    tokio::time::sleep(Duration::from_millis(3200).saturating_sub(t0.elapsed())).await;
+    let leases = vault.leases();
+    assert!(leases[&first_lease].revoked, "{leases:?}");
+    let alive: Vec<_> = leases.iter().filter(|(_, l)| !l.revoked).collect();
+    assert_eq!(alive.len(), 1, "{leases:?}");
+    assert_eq!(call(&f, "db").await.status, 200);
+    assert_eq!(last_auth(&f), second);
+    assert_eq!(vault.count(&Method::GET, "/v1/database/creds/app"), 2);
 }
 
 // ---- failures: closed, clear, isolated, recovered ----

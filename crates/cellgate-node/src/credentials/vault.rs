@@ -1,8 +1,10 @@
 //! The HashiCorp Vault backend, through vaultrs.
 //!
 //! Authentication is Kubernetes (`POST /v1/auth/<mount>/login {role, jwt}` with the node's
-//! service-account token) or a token read from a file. The Vault token is cached and renewed by
-//! logging in again before its lease ends, and once more when Vault answers 403.
+//! service-account token), AppRole (`POST /v1/auth/<mount>/login {role_id, secret_id}` with the
+//! two read from files) or a token read from a file. The Vault token a login returns is cached and
+//! renewed by logging in again at two thirds of its lease, and once more when Vault answers 403;
+//! the files are read at every login, so they can be rotated in place.
 //!
 //! A capability's `vault.path` decides how it is read:
 //! - a path with a `data` segment (`secret/data/github`, `kv/team/data/app`) is a **KV v2** read:
@@ -11,7 +13,10 @@
 //!   `GET /v1/<path>`, field from `data`. A response with a `lease_id` is a **dynamic secret**: the
 //!   broker caches it until shortly before its lease ends, renews it with
 //!   `PUT /v1/sys/leases/renew` when renewable, and revokes it with `PUT /v1/sys/leases/revoke`
-//!   when the cell ends or the capability is removed.
+//!   when the cell ends or the capability is removed. Vault revokes a token's leases when the
+//!   token ends, and the node logs in again (a new token) before that: so a lease is used only
+//!   until shortly before the token that created it ends ([`Lease::usable_until`]), then
+//!   replaced by one the new token creates.
 //!
 //! Nothing here logs a token, a secret, a JWT or a lease id.
 
@@ -43,6 +48,15 @@ pub enum VaultAuth {
         /// Auth mount (`kubernetes` by default).
         mount: String,
     },
+    /// AppRole auth: log in with the role id and secret id read from these files.
+    AppRole {
+        /// File holding the role id.
+        role_id_file: PathBuf,
+        /// File holding the secret id.
+        secret_id_file: PathBuf,
+        /// Auth mount (`approle` by default).
+        mount: String,
+    },
 }
 
 /// Where Vault is and how to log in.
@@ -54,6 +68,16 @@ pub struct VaultConfig {
     pub auth: VaultAuth,
 }
 
+/// The life of a Vault token a login returned. Vault revokes every lease a token created when
+/// the token ends.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLife {
+    /// When it ends (counted from before the login was sent).
+    pub(crate) ends: Instant,
+    /// Its lease duration.
+    pub(crate) ttl: Duration,
+}
+
 /// A lease on a dynamic secret.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -62,6 +86,49 @@ pub struct Lease {
     pub(crate) renewable: bool,
     pub(crate) duration: Duration,
     pub(crate) expires: Instant,
+    /// The token that created it, when its life is known (a token read from a file: not).
+    pub(crate) token: Option<TokenLife>,
+}
+
+impl Lease {
+    /// When the secret stops being usable: its lease's end, or the end of the token that created
+    /// it if that comes first.
+    pub(crate) fn usable_until(&self) -> Instant {
+        match self.token {
+            Some(t) => self.expires.min(t.ends),
+            None => self.expires,
+        }
+    }
+
+    /// How long before [`Lease::usable_until`] the broker stops using it: a fifth of the
+    /// shorter of the lease's and the token's lifetimes, at most 30 s.
+    pub(crate) fn margin(&self) -> Duration {
+        let life = self
+            .token
+            .map_or(self.duration, |t| self.duration.min(t.ttl));
+        (life / 5).min(Duration::from_secs(30))
+    }
+
+    /// Renewing extends its use: it is renewable and its own end comes before its token's.
+    pub(crate) fn renewal_helps(&self) -> bool {
+        self.renewable && self.token.is_none_or(|t| self.expires < t.ends)
+    }
+
+    /// When the broker looks at it next, `now` being just after it was leased or renewed: at half
+    /// its life when renewing helps (it is renewed then), else shortly before it stops being
+    /// usable (it is replaced then).
+    pub(crate) fn fresh_until(&self, now: Instant) -> Instant {
+        let last = self
+            .usable_until()
+            .checked_sub(self.margin())
+            .unwrap_or(now)
+            .max(now);
+        if self.renewal_helps() {
+            (now + self.duration / 2).min(last)
+        } else {
+            last
+        }
+    }
 }
 
 /// What one read produced.
@@ -102,6 +169,7 @@ pub fn path_kind(path: &str) -> PathKind<'_> {
 struct Session {
     client: Arc<VaultClient>,
     refresh_at: Option<Instant>,
+    life: Option<TokenLife>,
 }
 
 /// The Vault backend: a logged-in client, shared by every capability.
@@ -230,22 +298,27 @@ impl VaultBackend {
         }
     }
 
-    /// A logged-in client; `force` logs in again even if the cached token is still fresh.
-    async fn session(&self, force: bool) -> Result<Arc<VaultClient>, CredentialError> {
+    /// A logged-in client and the life of its token; `force` logs in again even if the cached
+    /// token is still fresh.
+    async fn session(
+        &self,
+        force: bool,
+    ) -> Result<(Arc<VaultClient>, Option<TokenLife>), CredentialError> {
         let mut s = self.session.lock().await;
         if !force {
             if let Some(sess) = s.as_ref() {
                 if sess.refresh_at.is_none_or(|t| Instant::now() < t) {
-                    return Ok(sess.client.clone());
+                    return Ok((sess.client.clone(), sess.life));
                 }
             }
         }
-        let (client, refresh_at) = match &self.config.auth {
+        let (client, refresh_at, life) = match &self.config.auth {
             VaultAuth::Token { file } => {
                 let token = read_small_file(file).await?;
                 (
                     self.client(token.expose())?,
                     Some(Instant::now() + Duration::from_secs(60)),
+                    None,
                 )
             }
             VaultAuth::Kubernetes {
@@ -255,32 +328,66 @@ impl VaultBackend {
             } => {
                 let jwt = read_small_file(jwt_file).await?;
                 let anon = self.client("")?;
-                let auth = self
-                    .bounded(vaultrs::auth::kubernetes::login(
-                        &anon,
-                        mount,
-                        role,
-                        jwt.expose(),
-                    ))
-                    .await
-                    .map_err(|e| match e {
-                        VaultErr::Denied(r) => unavailable(format!("kubernetes login: {r}")),
-                        VaultErr::Other(CredentialError::Unavailable { reason, .. }) => {
-                            unavailable(format!("kubernetes login as role {role:?}: {reason}"))
-                        }
-                        VaultErr::Other(e) => e,
-                    })?;
-                let ttl = Duration::from_secs(auth.lease_duration);
-                let refresh = (auth.lease_duration > 0).then(|| Instant::now() + ttl * 2 / 3);
-                (self.client(&auth.client_token)?, refresh)
+                let login = vaultrs::auth::kubernetes::login(&anon, mount, role, jwt.expose());
+                self.logged_in(&format!("kubernetes login as role {role:?}"), login)
+                    .await?
+            }
+            VaultAuth::AppRole {
+                role_id_file,
+                secret_id_file,
+                mount,
+            } => {
+                let what = format!("approle login at auth/{mount}");
+                let file = |e: CredentialError| match e {
+                    CredentialError::Unavailable { reason, .. } => {
+                        unavailable(format!("{what}: {reason}"))
+                    }
+                    e => e,
+                };
+                let role_id = read_small_file(role_id_file).await.map_err(file)?;
+                let secret_id = read_small_file(secret_id_file).await.map_err(file)?;
+                let anon = self.client("")?;
+                let login = vaultrs::auth::approle::login(
+                    &anon,
+                    mount,
+                    role_id.expose(),
+                    secret_id.expose(),
+                );
+                self.logged_in(&what, login).await?
             }
         };
         let client = Arc::new(client);
         *s = Some(Session {
             client: client.clone(),
             refresh_at,
+            life,
         });
-        Ok(client)
+        Ok((client, life))
+    }
+
+    /// A client with the token a login returned, when to log in again (at two thirds of the
+    /// token's lease, so the new token never races the old one's end; a token without a lease is
+    /// kept until Vault refuses it), and the token's life. `what` names the login in the error.
+    async fn logged_in(
+        &self,
+        what: &str,
+        login: impl std::future::Future<Output = Result<vaultrs::api::AuthInfo, ClientError>>,
+    ) -> Result<(VaultClient, Option<Instant>, Option<TokenLife>), CredentialError> {
+        let sent = Instant::now();
+        let auth = self.bounded(login).await.map_err(|e| match e {
+            VaultErr::Denied(r) => unavailable(format!("{what}: {r}")),
+            VaultErr::Other(CredentialError::Unavailable { reason, .. }) => {
+                unavailable(format!("{what}: {reason}"))
+            }
+            VaultErr::Other(e) => e,
+        })?;
+        let ttl = Duration::from_secs(auth.lease_duration);
+        let life = (auth.lease_duration > 0).then(|| TokenLife {
+            ends: sent + ttl,
+            ttl,
+        });
+        let refresh = life.map(|l| sent + l.ttl * 2 / 3);
+        Ok((self.client(&auth.client_token)?, refresh, life))
     }
 
     /// Reads `field` of the secret at `path`.
@@ -288,13 +395,13 @@ impl VaultBackend {
     /// # Errors
     /// Vault unreachable, slow, refusing, or the field missing.
     pub async fn read(&self, path: &str, field: &str) -> Result<Fetched, CredentialError> {
-        let client = self.session(false).await?;
-        match self.read_with(&client, path, field).await {
+        let (client, life) = self.session(false).await?;
+        match self.read_with(&client, life, path, field).await {
             Ok(f) => Ok(f),
             Err(VaultErr::Denied(_)) => {
                 // The token may have expired or been revoked: log in again, once.
-                let client = self.session(true).await?;
-                match self.read_with(&client, path, field).await {
+                let (client, life) = self.session(true).await?;
+                match self.read_with(&client, life, path, field).await {
                     Ok(f) => Ok(f),
                     Err(VaultErr::Denied(r)) => Err(unavailable(r)),
                     Err(VaultErr::Other(e)) => Err(e),
@@ -304,9 +411,11 @@ impl VaultBackend {
         }
     }
 
+    /// Reads with `client`, whose token has `life`.
     async fn read_with(
         &self,
         client: &VaultClient,
+        life: Option<TokenLife>,
         path: &str,
         field: &str,
     ) -> Result<Fetched, VaultErr> {
@@ -339,6 +448,7 @@ impl VaultBackend {
                             renewable: body["renewable"].as_bool().unwrap_or(false),
                             duration,
                             expires: Instant::now() + duration,
+                            token: life,
                         })
                     }
                     _ => None,
@@ -353,7 +463,7 @@ impl VaultBackend {
     /// # Errors
     /// Vault refused or is unreachable.
     pub async fn renew(&self, lease: &Lease) -> Result<Duration, CredentialError> {
-        let client = self.session(false).await?;
+        let (client, _) = self.session(false).await?;
         let ep = || LeaseOp {
             renew: true,
             lease_id: lease.id.clone(),
@@ -365,7 +475,7 @@ impl VaultBackend {
         {
             Ok(b) => b,
             Err(VaultErr::Denied(_)) => {
-                let client = self.session(true).await?;
+                let (client, _) = self.session(true).await?;
                 self.bounded(vaultrs::api::exec_with_no_result(&*client, ep()))
                     .await
                     .map_err(|e| match e {
@@ -385,7 +495,7 @@ impl VaultBackend {
     /// # Errors
     /// Vault refused or is unreachable.
     pub async fn revoke(&self, lease: &Lease) -> Result<(), CredentialError> {
-        let client = self.session(false).await?;
+        let (client, _) = self.session(false).await?;
         self.bounded(vaultrs::api::exec_with_empty(
             &*client,
             LeaseOp {
@@ -521,6 +631,51 @@ mod tests {
             PathKind::Raw("database/creds/readonly")
         );
         assert_eq!(path_kind("secret/data/"), PathKind::Raw("secret/data"));
+    }
+
+    #[test]
+    fn a_lease_is_used_until_its_end_or_its_tokens_whichever_is_first() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let lease = |duration: Duration, token: Option<TokenLife>| Lease {
+            id: "database/creds/app/x".into(),
+            path: "database/creds/app".into(),
+            renewable: true,
+            duration,
+            expires: now + duration,
+            token,
+        };
+        // A token of unknown life (read from a file): the lease's own life; renewed at half.
+        let l = lease(s(100), None);
+        assert_eq!(l.usable_until(), now + s(100));
+        assert_eq!(l.margin(), s(20));
+        assert!(l.renewal_helps());
+        assert_eq!(l.fresh_until(now), now + s(50));
+        // A token that outlives the lease: the same.
+        let long = TokenLife {
+            ends: now + s(3600),
+            ttl: s(3600),
+        };
+        let l = lease(s(100), Some(long));
+        assert_eq!(l.usable_until(), now + s(100));
+        assert_eq!(l.fresh_until(now), now + s(50));
+        // A token that ends first: renewing cannot help, replaced a fifth of the token's life
+        // before the token ends.
+        let short = TokenLife {
+            ends: now + s(60),
+            ttl: s(60),
+        };
+        let l = lease(s(3600), Some(short));
+        assert_eq!(l.usable_until(), now + s(60));
+        assert_eq!(l.margin(), s(12));
+        assert!(!l.renewal_helps());
+        assert_eq!(l.fresh_until(now), now + s(48));
+        // Already past it: look again at once.
+        let ended = TokenLife {
+            ends: now + s(1),
+            ttl: s(60),
+        };
+        assert_eq!(lease(s(3600), Some(ended)).fresh_until(now), now);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! | path | Vault doc |
 //! |---|---|
 //! | `POST /v1/auth/<mount>/login {role, jwt}` | Kubernetes auth: `{"auth": {client_token, accessor, policies, token_policies, metadata, lease_duration, renewable, entity_id, token_type, orphan}}` |
+//! | `POST /v1/auth/<mount>/login {role_id, secret_id}` | AppRole auth: the same `auth` object, `metadata: {role_name}`; 400 `invalid role or secret ID` when the pair is unknown |
 //! | `GET /v1/<mount>/data/<path>` | KV v2 read: `{"data": {"data": {..}, "metadata": {created_time, custom_metadata, deletion_time, destroyed, version}}}`; 404 `{"errors":[]}` when absent |
 //! | `POST/PUT /v1/<mount>/data/<path> {"data": {..}}` | KV v2 write (seeding) |
 //! | `GET /v1/<path>` (registered dynamic path) | `{"lease_id", "lease_duration", "renewable", "data": {..}}`, fresh values each read |
@@ -11,7 +12,12 @@
 //! | `PUT/POST /v1/sys/leases/revoke {lease_id}` | 204 |
 //!
 //! Every non-login request needs a valid `X-Vault-Token` (403 `{"errors":["permission denied"]}`
-//! otherwise). Faults: [`VaultContract::set_fault`] makes it slow, sealed (503) or refusing (403).
+//! otherwise). A token a login issued ends after its lease duration ([`VaultContract::set_token_ttl`]),
+//! and, as in Vault, the leases a token created are revoked when it ends or is revoked. Faults: [`VaultContract::set_fault`] makes it slow, sealed (503) or refusing (403).
+//!
+//! [`api`] is a bare client of the same HTTP API (through vaultrs's transport, so `https://` and
+//! `VAULT_CACERT` work) for tests that set up a real Vault or OpenBao: mounts, policies, roles,
+//! seal and unseal, lease lookups.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -72,8 +78,12 @@ pub struct LeaseState {
 
 #[derive(Debug)]
 struct State {
-    tokens: HashMap<String, ()>,
+    /// Valid tokens and when they end (`None`: the root token, which does not).
+    tokens: HashMap<String, Option<std::time::Instant>>,
+    /// The token that created each lease.
+    lease_tokens: HashMap<String, String>,
     logins: HashMap<(String, String), String>,
+    approles: HashMap<(String, String), String>,
     token_ttl: u64,
     kv: HashMap<(String, String), (serde_json::Value, u64)>,
     dynamic: HashMap<String, Dynamic>,
@@ -129,8 +139,10 @@ impl VaultContract {
         let addr = listener.local_addr().expect("local addr");
         let root_token = format!("hvs.root{}", uuid::Uuid::new_v4().simple());
         let state = Arc::new(Mutex::new(State {
-            tokens: HashMap::from([(root_token.clone(), ())]),
+            tokens: HashMap::from([(root_token.clone(), None)]),
+            lease_tokens: HashMap::new(),
             logins: HashMap::new(),
+            approles: HashMap::new(),
             token_ttl: 3600,
             kv: HashMap::new(),
             dynamic: HashMap::new(),
@@ -181,15 +193,30 @@ impl VaultContract {
             .insert((role.to_string(), jwt.to_string()), role.to_string());
     }
 
+    /// AppRole auth accepts `role_id` with `secret_id` as the role `role_name` (on any auth mount).
+    pub fn allow_approle(&self, role_name: &str, role_id: &str, secret_id: &str) {
+        self.st().approles.insert(
+            (role_id.to_string(), secret_id.to_string()),
+            role_name.to_string(),
+        );
+    }
+
+    /// AppRole auth forgets every secret id (as when they are destroyed or used up).
+    pub fn forget_approles(&self) {
+        self.st().approles.clear();
+    }
+
     /// Lease duration of tokens issued by login.
     pub fn set_token_ttl(&self, secs: u64) {
         self.st().token_ttl = secs;
     }
 
-    /// Revokes every token but the root token.
+    /// Revokes every token but the root token, and the leases they created.
     pub fn revoke_tokens(&self) {
         let root = self.root_token.clone();
-        self.st().tokens.retain(|t, _| *t == root);
+        let mut st = self.st();
+        st.tokens.retain(|t, _| *t == root);
+        st.sweep();
     }
 
     /// Seeds a KV v2 secret at `mount`/`path`.
@@ -238,7 +265,33 @@ impl VaultContract {
 
     /// Leases issued so far, by id.
     pub fn leases(&self) -> HashMap<String, LeaseState> {
-        self.st().leases.clone()
+        let mut st = self.st();
+        st.sweep();
+        st.leases.clone()
+    }
+}
+
+impl State {
+    /// Forgets the tokens that have ended, and revokes the leases of every token no longer valid.
+    fn sweep(&mut self) {
+        let now = std::time::Instant::now();
+        self.tokens.retain(|_, ends| ends.is_none_or(|e| now < e));
+        for (lease, token) in &self.lease_tokens {
+            if !self.tokens.contains_key(token) {
+                if let Some(l) = self.leases.get_mut(lease) {
+                    l.revoked = true;
+                }
+            }
+        }
+    }
+
+    /// A new token for a login, valid for the token lease duration.
+    fn issue_token(&mut self, prefix: &str) -> String {
+        self.issued += 1;
+        let token = format!("{prefix}{}{}", self.issued, uuid::Uuid::new_v4().simple());
+        let ends = std::time::Instant::now() + Duration::from_secs(self.token_ttl);
+        self.tokens.insert(token.clone(), Some(ends));
+        token
     }
 }
 
@@ -281,12 +334,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         Fault::Refusing => return errors(StatusCode::FORBIDDEN, &["permission denied"]),
     }
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    st.sweep();
     let Some(rest) = path.strip_prefix("/v1/") else {
         return errors(StatusCode::NOT_FOUND, &[]);
     };
     let rest = rest.trim_end_matches('/').to_string();
 
-    // Kubernetes login: no token needed.
+    // Logins: no token needed.
     if let Some(mount) = rest
         .strip_prefix("auth/")
         .and_then(|r| r.strip_suffix("/login"))
@@ -294,6 +348,35 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         if method != Method::POST && method != Method::PUT {
             return errors(StatusCode::METHOD_NOT_ALLOWED, &[]);
         }
+        if let Some(role_id) = body["role_id"].as_str() {
+            // AppRole.
+            let Some(secret_id) = body["secret_id"].as_str() else {
+                return errors(StatusCode::BAD_REQUEST, &["missing secret_id"]);
+            };
+            let Some(role) = st
+                .approles
+                .get(&(role_id.to_string(), secret_id.to_string()))
+                .cloned()
+            else {
+                return errors(StatusCode::BAD_REQUEST, &["invalid role or secret ID"]);
+            };
+            let client_token = st.issue_token("hvs.approle");
+            let mut r = envelope(serde_json::Value::Null);
+            r["auth"] = serde_json::json!({
+                "client_token": client_token,
+                "accessor": uuid::Uuid::new_v4().to_string(),
+                "policies": ["default", role],
+                "token_policies": ["default", role],
+                "metadata": {"role_name": role},
+                "lease_duration": st.token_ttl,
+                "renewable": true,
+                "entity_id": uuid::Uuid::new_v4().to_string(),
+                "token_type": "service",
+                "orphan": true,
+            });
+            return json(StatusCode::OK, &r);
+        }
+        // Kubernetes.
         let (Some(role), Some(jwt)) = (body["role"].as_str(), body["jwt"].as_str()) else {
             return errors(StatusCode::BAD_REQUEST, &["missing role or jwt"]);
         };
@@ -306,9 +389,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         if !st.logins.contains_key(&(role.to_string(), jwt.to_string())) {
             return errors(StatusCode::FORBIDDEN, &["permission denied"]);
         }
-        st.issued += 1;
-        let client_token = format!("hvs.k8s{}{}", st.issued, uuid::Uuid::new_v4().simple());
-        st.tokens.insert(client_token.clone(), ());
+        let client_token = st.issue_token("hvs.k8s");
         let mut r = envelope(serde_json::Value::Null);
         r["auth"] = serde_json::json!({
             "client_token": client_token,
@@ -375,6 +456,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         st.issued += 1;
         let id = format!("{rest}/{}", uuid::Uuid::new_v4().simple());
         st.leases.insert(id.clone(), LeaseState::default());
+        st.lease_tokens
+            .insert(id.clone(), token.clone().unwrap_or_default());
         let mut r = envelope(serde_json::json!({
             d.field.clone(): format!("{}-{}", d.prefix, st.issued),
             "username": format!("v-cellgate-{}", st.issued),
@@ -420,4 +503,88 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         }
     }
     errors(StatusCode::NOT_FOUND, &[])
+}
+
+/// One call to Vault's HTTP API at `addr` (`http(s)://host:port`) with `token` (none when empty):
+/// `method` (`GET`, `LIST`, `PUT`, `POST`, `DELETE`) on `/v1/<path>` with a JSON body. Returns the
+/// status and the JSON answer (`Null` when empty); a status that is not 2xx is returned too, not
+/// an error. For tests.
+///
+/// # Panics
+/// The server cannot be reached or answers something that is not JSON.
+pub async fn api(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use rustify::endpoint::Endpoint;
+    use vaultrs::client::Client as _;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = vaultrs::client::VaultClientSettingsBuilder::default()
+        .address(addr)
+        .token(token)
+        .timeout(Some(Duration::from_secs(30)))
+        .build()
+        .expect("vault client settings");
+    let client = vaultrs::client::VaultClient::new(settings).expect("vault client");
+    let method = match method {
+        "GET" => rustify::enums::RequestMethod::GET,
+        "LIST" => rustify::enums::RequestMethod::LIST,
+        "PUT" => rustify::enums::RequestMethod::PUT,
+        "POST" => rustify::enums::RequestMethod::POST,
+        "DELETE" => rustify::enums::RequestMethod::DELETE,
+        other => panic!("no such method in Vault's API: {other}"),
+    };
+    let ep = ApiCall {
+        method,
+        path: path.trim_start_matches('/').to_string(),
+        body,
+    };
+    let parse = |bytes: &[u8]| -> serde_json::Value {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(bytes).unwrap_or_else(|e| {
+                panic!("{path}: not JSON ({e}): {}", String::from_utf8_lossy(bytes))
+            })
+        }
+    };
+    match ep
+        .with_middleware(client.middle())
+        .exec(client.http())
+        .await
+    {
+        Ok(r) => (r.response.status().as_u16(), parse(r.response.body())),
+        Err(rustify::errors::ClientError::ServerResponseError { code, content }) => {
+            (code, parse(content.unwrap_or_default().as_bytes()))
+        }
+        Err(e) => panic!("{path}: cannot reach vault at {addr}: {e}"),
+    }
+}
+
+#[derive(Debug)]
+struct ApiCall {
+    method: rustify::enums::RequestMethod,
+    path: String,
+    body: Option<serde_json::Value>,
+}
+
+impl rustify::endpoint::Endpoint for ApiCall {
+    type Response = serde_json::Value;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        self.method.clone()
+    }
+
+    fn body(&self) -> Result<Option<Vec<u8>>, rustify::errors::ClientError> {
+        Ok(self.body.as_ref().map(|b| b.to_string().into_bytes()))
+    }
 }
