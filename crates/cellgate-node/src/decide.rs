@@ -63,6 +63,8 @@ pub struct Facts {
     pub json: Option<serde_json::Value>,
     /// Whether the body was longer than the bound it was read to.
     pub body_oversize: bool,
+    /// How many bytes of the body were read before deciding.
+    pub body_read: usize,
 }
 
 /// The outcome of one decision.
@@ -377,7 +379,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         o.cell = Some(entry);
         return o;
     };
-    let input = InputDoc {
+    let mut input = InputDoc {
         version: INPUT_VERSION.into(),
         time_ns: now_ns(),
         front_door: facts.front_door.into(),
@@ -412,7 +414,37 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         },
     };
     let version = policy.version().to_string();
-    let mut out = match policy.evaluate_with_cell(&input, &entry.value) {
+    // The body goes to the policy only for a request granted by a capability that reads it,
+    // and only when it is within that capability's bound: decided without it first (which
+    // capability grants does not depend on it), then again with it.
+    let json = input.request.json.take();
+    let mut out = evaluate(&policy, &input, &entry, &version);
+    if json.is_some() && out.allowed() && sees_body(&out, facts) {
+        input.request.json = json;
+        out = evaluate(&policy, &input, &entry, &version);
+    }
+    if out.allowed() {
+        content(&mut out, facts);
+    }
+    out
+}
+
+/// Whether the capability that granted reads the body, and all of it was read within its bound.
+fn sees_body(out: &Outcome, facts: &Facts) -> bool {
+    out.granting_capability()
+        .and_then(|c| c.inspect)
+        .is_some_and(|i| !facts.body_oversize && facts.body_read <= i.max_bytes as usize)
+}
+
+fn evaluate(
+    policy: &cellgate_policy::PolicySet,
+    input: &InputDoc,
+    entry: &Arc<CellEntry>,
+    version: &str,
+) -> Outcome {
+    let entry = entry.clone();
+    let version = version.to_string();
+    match policy.evaluate_with_cell(input, &entry.value) {
         Ok(d) => Outcome {
             result: match d.outcome.as_str() {
                 "allow" if d.allow => Decision::Allow,
@@ -447,11 +479,7 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             o.cell = Some(entry);
             o
         }
-    };
-    if out.allowed() {
-        content(&mut out, facts);
     }
-    out
 }
 
 /// The content stage, for capabilities that read bodies: a body over the bound, and MCP calls
@@ -482,7 +510,8 @@ fn content(out: &mut Outcome, facts: &Facts) {
     let Some(inspect) = cap.inspect else {
         return;
     };
-    if facts.body_oversize
+    let over = facts.body_oversize || facts.body_read > inspect.max_bytes as usize;
+    if over
         && (cap.mcp.is_some() || inspect.on_oversize == cellgate_api::manifest::OnOversize::Deny)
     {
         let detail = format!(

@@ -419,6 +419,7 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
                 Ok(r) => {
                     if let Some((head, oversize)) = &r {
                         facts.body_oversize = *oversize;
+                        facts.body_read = head.len();
                         facts.json = (!oversize)
                             .then(|| serde_json::from_slice(head).ok())
                             .flatten();

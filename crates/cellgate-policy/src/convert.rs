@@ -790,6 +790,22 @@ fn fill_input(
             )?;
         }
     }
+    // `request.json` is there only for a request that has one (an inspected body).
+    let had_json = top_obj
+        .get(&k.request)
+        .and_then(|r| r.as_object().ok())
+        .is_some_and(|o| o.contains_key(&k.json));
+    if r.json.is_some() || had_json {
+        let req = top_obj.get_mut(&k.request)?.as_object_mut().ok()?;
+        match &r.json {
+            Some(j) => {
+                req.insert(k.json.clone(), Value::from(j.clone()));
+            }
+            None => {
+                req.remove(&k.json);
+            }
+        }
+    }
     Some(())
 }
 
@@ -924,6 +940,8 @@ mod tests {
         });
         input.request.headers.insert("x-a".into(), "b".into());
         input.request.host = Some("a.example".into());
+        input.request.json =
+            Some(serde_json::json!({"model": "m", "max_tokens": 5, "tools": [{"name": "t"}]}));
         let direct = input_value(&input, None);
         let via_json = Value::from_json_str(&serde_json::to_string(&input).unwrap()).unwrap();
         assert_eq!(direct, via_json);
@@ -957,6 +975,8 @@ mod tests {
             input.request.method = opt(n % 3 != 0, "GET");
             input.request.path = opt(n % 7 != 0, "/p");
             input.request.query = opt(n % 4 == 1, "q");
+            input.request.json =
+                (n % 3 == 1).then(|| serde_json::json!({"model": format!("m{}", n % 2), "n": n}));
             input.request.dns_type = opt(n % 6 == 0, "A");
             input.request.port = n % 3;
             input.request.destination.address = format!("192.0.2.{}", n % 2);
