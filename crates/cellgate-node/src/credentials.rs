@@ -91,6 +91,9 @@ pub struct Injected {
     pub name: HeaderName,
     /// Value, marked sensitive so hyper never logs it.
     pub value: HeaderValue,
+    /// The forms of the secret the agent must never read back (the secret, the header value,
+    /// the encoded user and secret of basic auth): masked in the response ([`crate::scrub`]).
+    pub scrub: Vec<Vec<u8>>,
 }
 
 /// Which backends a node uses (besides the secrets directory).
@@ -145,6 +148,9 @@ pub struct Broker {
     timeout: Duration,
     vault_kv_ttl: Duration,
     slots: Mutex<HashMap<(String, String), Slot>>,
+    /// The secrets last injected, by cell uid then capability: what a cell's requests must
+    /// never carry elsewhere (`credential_exfiltration`).
+    known: Mutex<HashMap<String, HashMap<String, Secret>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -175,6 +181,28 @@ impl Broker {
             timeout: DEFAULT_TIMEOUT,
             vault_kv_ttl: CACHE_TTL,
             slots: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The secrets injected for `uid`'s capabilities, by capability name.
+    pub fn known(&self, uid: &str) -> Vec<(String, Secret)> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uid)
+            .map(|m| m.iter().map(|(c, s)| (c.clone(), s.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, uid: &str, cap: &str, secret: &Secret) {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let caps = known.entry(uid.to_string()).or_default();
+        if caps.get(cap).is_none_or(|s| s.expose() != secret.expose()) {
+            caps.insert(cap.to_string(), secret.clone());
         }
     }
 
@@ -241,27 +269,28 @@ impl Broker {
             return Ok(None);
         };
         let secret = self.secret(cell, &cap.name, &cred.source).await?;
+        self.remember(&cell.uid, &cap.name, &secret);
+        let mut scrub = vec![secret.expose().as_bytes().to_vec()];
         let (name, value) = match &cred.injection {
             Injection::Header { name, template } => (
                 name.clone(),
                 template.replace("{{secret}}", secret.expose()),
             ),
-            Injection::BasicAuth { username } => (
-                "authorization".to_string(),
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{username}:{}", secret.expose()))
-                ),
-            ),
+            Injection::BasicAuth { username } => {
+                let encoded = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{}", secret.expose()));
+                scrub.push(encoded.as_bytes().to_vec());
+                ("authorization".to_string(), format!("Basic {encoded}"))
+            }
         };
+        scrub.push(value.as_bytes().to_vec());
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| CredentialError::Invalid(format!("bad header name {name:?}")))?;
         let mut value = HeaderValue::from_str(&value).map_err(|_| {
             CredentialError::Invalid("the secret has characters a header cannot carry".into())
         })?;
         value.set_sensitive(true);
-        Ok(Some(Injected { name, value }))
+        Ok(Some(Injected { name, value, scrub }))
     }
 
     fn slot(&self, uid: &str, cap: &str) -> Slot {

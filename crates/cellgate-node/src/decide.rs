@@ -65,6 +65,9 @@ pub struct Facts {
     pub body_oversize: bool,
     /// How many bytes of the body were read before deciding.
     pub body_read: usize,
+    /// The capabilities whose injected secret the request carries (URL, a header, the body
+    /// read): it may go only to that capability's own destinations.
+    pub secrets_of: Vec<String>,
 }
 
 /// The outcome of one decision.
@@ -496,6 +499,17 @@ fn content(out: &mut Outcome, facts: &Facts) {
     else {
         return;
     };
+    // Always refused, shadow or not: a secret the agent should never have had.
+    if let Some(other) = facts.secrets_of.iter().find(|c| **c != cap.name) {
+        out.result = Decision::Deny;
+        out.reason = Reason::CredentialExfiltration;
+        out.reasons = vec![format!(
+            "the request carries the credential of capability {other}, which goes only to that capability's destinations"
+        )];
+        out.hint =
+            Some("never send a credential the boundary injects; it is not yours to use".into());
+        return;
+    }
     let shadow = cap.mode == cellgate_api::model::Mode::Shadow;
     let refuse = |out: &mut Outcome, reason: Reason, detail: String| {
         out.result = if shadow {

@@ -424,6 +424,8 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
                             .then(|| serde_json::from_slice(head).ok())
                             .flatten();
                     }
+                    let head = r.as_ref().map(|(h, _)| &h[..]);
+                    facts.secrets_of = carried_secrets(&shared, ident, &parts, head);
                     read = r;
                     decide::admit(&shared, ident, &facts).await
                 }
@@ -444,6 +446,42 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
         }
     }
     handle_decided(shared, ctx, parts, body, read, facts, out, generation).await
+}
+
+/// Shortest injected secret looked for in requests: shorter ones would match by chance.
+const MIN_SCANNED_SECRET: usize = 8;
+
+/// The capabilities of the request's cell whose injected secret the request carries, in its
+/// URL, a header, or the part of its body that was read.
+fn carried_secrets(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    parts: &http::request::Parts,
+    body: Option<&[u8]>,
+) -> Vec<String> {
+    let uid = &ident.claims.cell_uid;
+    let has_credentials = shared
+        .cells
+        .get(uid)
+        .is_some_and(|e| e.cell.capabilities.iter().any(|c| c.credential.is_some()));
+    if !has_credentials {
+        return Vec::new();
+    }
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let uri = parts.uri.to_string();
+    shared
+        .credentials
+        .known(uid)
+        .into_iter()
+        .filter(|(_, s)| {
+            let s = s.expose().as_bytes();
+            s.len() >= MIN_SCANNED_SECRET
+                && (contains(uri.as_bytes(), s)
+                    || parts.headers.values().any(|v| contains(v.as_bytes(), s))
+                    || body.is_some_and(|b| contains(b, s)))
+        })
+        .map(|(cap, _)| cap)
+        .collect()
 }
 
 /// Reads the body to `bound` (when some capability inspects it and there is a body).
@@ -588,10 +626,10 @@ async fn forward(
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if let Some(i) = injected {
+    if let Some(i) = &injected {
         // Whatever the agent put in this header is replaced, every value of it.
         parts.headers.remove(&i.name);
-        parts.headers.insert(i.name, i.value);
+        parts.headers.insert(i.name.clone(), i.value.clone());
     }
     let host = facts.host.clone().unwrap_or_default();
     let scheme = if ctx.sni.is_some() { "https" } else { "http" };
@@ -637,7 +675,12 @@ async fn forward(
     // Token and spend budgets and MCP list filtering read the response: it must come
     // uncompressed.
     let meter = Meter::of(&shared, &out, &ctx.ident, &facts);
-    if meter.is_some() || !out.mcp_lists.is_empty() {
+    // The injected secret is masked if the upstream sends it back: that needs the response
+    // uncompressed too.
+    let mut scrubber = injected
+        .as_ref()
+        .map(|i| crate::scrub::Scrubber::new(i.scrub.clone()));
+    if meter.is_some() || !out.mcp_lists.is_empty() || scrubber.is_some() {
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -702,10 +745,32 @@ async fn forward(
         return resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     }
     strip_hop_by_hop(resp.headers_mut(), false);
+    if let Some(s) = scrubber.as_mut() {
+        for v in resp.headers_mut().values_mut() {
+            if let Some(masked) = s.mask_all(v.as_bytes()) {
+                if let Ok(m) = HeaderValue::from_bytes(&masked) {
+                    *v = m;
+                }
+            }
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&out.request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     let ident = ctx.ident.clone();
+    let scrubbed = scrubber.map(|s| {
+        let (shared, ident, facts, out) = (shared.clone(), ident.clone(), facts.clone(), out.clone());
+        let report: Box<dyn FnOnce(usize) + Send + Sync> = Box::new(move |n| {
+            let mut o = out.refused(
+                Decision::Control,
+                Reason::SecretScrubbed,
+                format!("the upstream sent the injected credential back {n} time(s); masked before the agent read it"),
+            );
+            o.notes.clear();
+            decide::record_in_background(&shared, &ident, &facts, &o);
+        });
+        (s, report)
+    });
     let reader = meter.map(|m| {
         let get = |h| resp.headers().get(h).and_then(|v| v.to_str().ok());
         let r = usage::UsageReader::new(get(header::CONTENT_TYPE), get(header::CONTENT_ENCODING));
@@ -723,6 +788,15 @@ async fn forward(
     }
     resp.map(|b| {
         let mut body = b.map_err(|e| Box::new(e) as BoxError).boxed();
+        if let Some((scrubber, report)) = scrubbed {
+            body = Scrubbed {
+                inner: body,
+                scrubber,
+                report: Some(report),
+                done: false,
+            }
+            .boxed();
+        }
         if let Some((filter, sse)) = listed {
             body = McpFiltered::new(body, filter, sse).boxed();
         }
@@ -739,6 +813,85 @@ async fn forward(
         }
         Rechecked::new(shared, ident, facts, out.request_id, generation, body).boxed()
     })
+}
+
+/// A response body with the injected secret masked ([`crate::scrub`]); one audit record
+/// (`secret_scrubbed`) when something was masked, headers included.
+struct Scrubbed {
+    inner: Body,
+    scrubber: crate::scrub::Scrubber,
+    report: Option<Box<dyn FnOnce(usize) + Send + Sync>>,
+    done: bool,
+}
+
+impl Scrubbed {
+    fn report(&mut self) {
+        if self.scrubber.masked > 0 {
+            if let Some(r) = self.report.take() {
+                r(self.scrubber.masked);
+            }
+        }
+    }
+}
+
+impl Drop for Scrubbed {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+impl hyper::body::Body for Scrubbed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => {
+                        let out = this.scrubber.feed(&d);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(out))));
+                        }
+                    }
+                    Err(trailers) => {
+                        // What was held back goes before the trailers (and is lost with them
+                        // only if it was a secret's start).
+                        let rest = this.scrubber.finish();
+                        this.report();
+                        if rest.is_empty() {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        }
+                        this.done = true;
+                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(rest))));
+                    }
+                },
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.scrubber.finish();
+                    this.report();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(rest))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
 }
 
 /// The filter of an MCP list's answer, when the request asked for a list of an MCP capability.

@@ -35,6 +35,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod policy_source;
 pub mod reason;
+pub mod scrub;
 pub mod tunnel;
 pub mod upstream;
 pub mod usage;

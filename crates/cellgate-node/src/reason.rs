@@ -183,6 +183,10 @@ reasons! {
     /// A request to an MCP capability that is not a JSON-RPC message the rules can be applied
     /// to (400).
     McpMalformed = "mcp_malformed",
+    /// A request carrying a credential the node injects for another capability.
+    CredentialExfiltration = "credential_exfiltration",
+    /// Audit only: an injected secret the upstream sent back was masked.
+    SecretScrubbed = "secret_scrubbed",
 
     // Governance (docs/governance.md).
     /// A lockdown applies.

@@ -111,3 +111,104 @@ async fn the_upstream_gets_the_credential_the_agent_never_had() {
     assert!(!audit.contains(SECRET));
     assert!(!f.admin_get("/metrics").await.body.contains(SECRET));
 }
+
+/// A cell with two capabilities on two hosts: `llm` injects the secret toward api.test, `other`
+/// (no credential) reaches plain.test.
+fn two_caps(https_port: u16, http_port: u16) -> String {
+    format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: creds, namespace: agents}}\nspec:\n  capabilities:\n    - name: llm\n      destinations: [{{host: api.test, ports: [{https_port}]}}]\n      credential:\n        file: {{name: openai}}\n        inject: {{header: Authorization, value: \"Bearer {{{{secret}}}}\"}}\n    - name: other\n      destinations: [{{host: plain.test, ports: [{http_port}]}}]\n"
+    )
+}
+
+async fn get(f: &Fixture, path: &str, extra: Option<(&str, &str)>) -> Resp {
+    let tls = f.tls("api.test", &f.token("creds"), &[b"http/1.1"]).await;
+    let mut req = http::Request::builder()
+        .uri(path)
+        .header("host", format!("api.test:{}", f.https.addr.port()));
+    if let Some((k, v)) = extra {
+        req = req.header(k, v);
+    }
+    send_h1(tls, req.body(Empty::<Bytes>::new()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_the_upstream_sends_back_is_masked_and_never_carried_elsewhere() {
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("openai"), format!("{SECRET}\n")).unwrap();
+    let dir = secrets.path().to_path_buf();
+    let f = Fixture::start_with(move |c| c.secrets_dir = Some(dir)).await;
+    install_cell(
+        &f,
+        "creds",
+        &two_caps(f.https.addr.port(), f.http.addr.port()),
+    )
+    .await;
+
+    // Echoed in a header and the JSON body: masked, same length, nothing else changed.
+    let r = get(&f, "/v1/echo", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains(SECRET), "{}", r.body);
+    let j = r.json();
+    // The whole header value is one of the masked forms.
+    let masked = "*".repeat("Bearer ".len() + SECRET.len());
+    assert_eq!(j["you_sent"], masked.as_str(), "{j}");
+    let echoed = r.headers["x-echo-authorization"].to_str().unwrap();
+    assert!(
+        !echoed.contains(SECRET) && echoed.len() == masked.len(),
+        "{echoed}"
+    );
+    // Echoed in an SSE stream, three bytes a chunk: masked across the chunks.
+    let r = get(&f, "/v1/echo-sse", None).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.contains(SECRET), "{}", r.body);
+    assert!(
+        r.body.starts_with("data: ") && r.body.ends_with("\n\n"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body.len(), "data: Bearer ".len() + SECRET.len() + 2);
+    let rec = f.wait_audit(|x| x["reason"] == "secret_scrubbed").await;
+    assert_eq!(rec["decision"], "control");
+    assert_eq!(rec["capability"], "llm");
+    assert!(!rec.to_string().contains(SECRET));
+
+    // The secret, once injected, is refused toward any other capability's destination.
+    let before = f.http.requests().len();
+    let tcp = tagged_connect_port(&f, f.http.addr.port(), "creds").await;
+    let req = http::Request::builder()
+        .uri(format!("/collect?k={SECRET}"))
+        .header("host", format!("plain.test:{}", f.http.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = send_h1(tcp, req).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "credential_exfiltration");
+    assert!(!r.body.contains(SECRET));
+    let tcp = tagged_connect_port(&f, f.http.addr.port(), "creds").await;
+    let req = http::Request::builder()
+        .uri("/collect")
+        .header("host", format!("plain.test:{}", f.http.addr.port()))
+        .header("x-note", format!("key {SECRET} end"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = send_h1(tcp, req).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "credential_exfiltration");
+    // Without it, the same destination is fine.
+    let tcp = tagged_connect_port(&f, f.http.addr.port(), "creds").await;
+    let req = http::Request::builder()
+        .uri("/collect?k=nothing")
+        .header("host", format!("plain.test:{}", f.http.addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(send_h1(tcp, req).await.status, 200);
+    assert_eq!(
+        f.http.requests().len(),
+        before + 1,
+        "only the request without the secret arrived"
+    );
+    let rec = f
+        .wait_audit(|x| x["reason"] == "credential_exfiltration")
+        .await;
+    assert!(!rec.to_string().contains(SECRET), "{rec}");
+}

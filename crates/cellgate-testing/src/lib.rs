@@ -151,7 +151,8 @@ type Body = BoxBody<Bytes, Infallible>;
 /// A real HTTP(S) server that records every request.
 ///
 /// Routes: `/sse` streams three server-sent events 300 ms apart (`…/sse-long`: sixty); a path
-/// ending in `/slow` is answered after 2 s; `/ws` answers a WebSocket
+/// ending in `/slow` is answered after 2 s; `…/echo` sends the `authorization` header back (in a
+/// header and the body), `…/echo-sse` in an SSE stream three bytes a chunk; `/ws` answers a WebSocket
 /// upgrade with 101 then echoes raw bytes; `/status/N` answers N; anything else answers 200 with
 /// a JSON description of the request. Request bodies are read whole and recorded.
 #[derive(Debug)]
@@ -288,6 +289,34 @@ async fn handle(
                 .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
             return Ok(r);
         }
+    }
+    // Any path ending in `/echo`: the request's `authorization` header sent back, in a response
+    // header and in a JSON body; `/echo-sse`: in an SSE stream, three bytes per chunk.
+    let auth = record.header("authorization").unwrap_or("").to_string();
+    if path.ends_with("/echo") {
+        let body =
+            serde_json::json!({"you_sent": auth, "body": String::from_utf8_lossy(&record.body)})
+                .to_string();
+        let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+        if let Ok(v) = http::HeaderValue::from_str(&auth) {
+            r.headers_mut().insert("x-echo-authorization", v);
+        }
+        return Ok(r);
+    }
+    if path.ends_with("/echo-sse") {
+        let text = format!("data: {auth}\n\n").into_bytes();
+        let chunks: Vec<Bytes> = text.chunks(3).map(Bytes::copy_from_slice).collect();
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, Infallible>(Frame::data(c))),
+        );
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            "text/event-stream".parse().unwrap(),
+        );
+        return Ok(r);
     }
     // Any path ending in `/slow`: the answer comes after 2 s (a decision can change meanwhile).
     if path.ends_with("/slow") {
