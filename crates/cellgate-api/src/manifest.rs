@@ -170,6 +170,38 @@ pub struct CapabilitySpec {
     /// prompts the agent may use and see. Implies reading request bodies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpSpec>,
+    /// Look for secrets and personal data leaving in this capability's requests (the URL, the
+    /// headers, and the body when the capability reads it): refuse them, or redact them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect: Option<DetectSpec>,
+}
+
+/// `detect`: what is looked for in requests, and what is done when it is found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectSpec {
+    /// Secrets: AWS access key ids, GitHub tokens, private-key PEM blocks, JWTs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<DetectAction>,
+    /// Personal data: e-mail addresses, payment card numbers (Luhn-checked), US social security
+    /// numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pii: Option<DetectAction>,
+    /// Also count long high-entropy tokens (24 characters or more, letters and digits, at least
+    /// 4.2 bits of entropy a character) as secrets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub entropy: bool,
+}
+
+/// What a detector's finding does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectAction {
+    /// Refuse the request.
+    Deny,
+    /// Replace what was found (`[REDACTED:<detector>]`) in the query, the headers and the body,
+    /// and send the request; found in the path, refused (the path is what was decided on).
+    Redact,
 }
 
 /// `inspect`: request bodies in policy.
@@ -881,8 +913,28 @@ impl AgentCell {
                     );
                 }
             }
-            if cap.inspect.is_some() || cap.mcp.is_some() {
-                let what = if cap.mcp.is_some() { "mcp" } else { "inspect" };
+            if let Some(d) = &cap.detect {
+                if d.secrets.is_none() && d.pii.is_none() {
+                    err(
+                        format!("{at}.detect"),
+                        "set secrets or pii (deny or redact)".into(),
+                    );
+                }
+                if d.entropy && d.secrets.is_none() {
+                    err(
+                        format!("{at}.detect.entropy"),
+                        "entropy adds to the secrets detectors: set secrets too".into(),
+                    );
+                }
+            }
+            if cap.inspect.is_some() || cap.mcp.is_some() || cap.detect.is_some() {
+                let what = if cap.mcp.is_some() {
+                    "mcp"
+                } else if cap.inspect.is_some() {
+                    "inspect"
+                } else {
+                    "detect"
+                };
                 if cap.tls == Some(TlsMode::Passthrough) {
                     err(
                         format!("{at}.{what}"),
@@ -1036,6 +1088,11 @@ impl AgentCell {
                     }),
                     (None, None) => None,
                 },
+                detect: cap.detect.as_ref().map(|d| crate::model::Detect {
+                    secrets: d.secrets,
+                    pii: d.pii,
+                    entropy: d.entropy,
+                }),
                 mcp: cap.mcp.as_ref().map(|m| {
                     let rule = |r: &Option<McpRuleSpec>| crate::model::McpRule {
                         allow: r.as_ref().and_then(|r| r.allow.clone()),

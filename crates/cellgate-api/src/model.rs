@@ -156,6 +156,19 @@ pub struct Capability {
     pub inspect: Option<Inspect>,
     /// MCP governance.
     pub mcp: Option<McpRules>,
+    /// Secrets and personal data looked for in requests.
+    pub detect: Option<Detect>,
+}
+
+/// What a capability looks for in its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detect {
+    /// Secrets: refused or redacted.
+    pub secrets: Option<crate::manifest::DetectAction>,
+    /// Personal data: refused or redacted.
+    pub pii: Option<crate::manifest::DetectAction>,
+    /// High-entropy tokens count as secrets.
+    pub entropy: bool,
 }
 
 /// How a capability's request bodies are read.

@@ -418,6 +418,7 @@ mod tests {
                 approval_policy: Default::default(),
                 inspect: None,
                 mcp: None,
+                detect: None,
             }],
         }
     }

@@ -90,6 +90,7 @@ fn cell() -> Cell {
                 approval_policy: Default::default(),
                 inspect: None,
                 mcp: None,
+                detect: None,
             })
             .collect(),
     }

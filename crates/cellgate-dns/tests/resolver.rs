@@ -55,6 +55,7 @@ fn cell() -> Cell {
             approval_policy: Default::default(),
             inspect: None,
             mcp: None,
+            detect: None,
         }],
     }
 }

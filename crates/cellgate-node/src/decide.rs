@@ -68,6 +68,8 @@ pub struct Facts {
     /// The capabilities whose injected secret the request carries (URL, a header, the body
     /// read): it may go only to that capability's own destinations.
     pub secrets_of: Vec<String>,
+    /// What the detectors of the cell's `detect` capabilities found ([`crate::detect`]).
+    pub detected: Vec<crate::detect::Found>,
 }
 
 /// The outcome of one decision.
@@ -108,6 +110,9 @@ pub struct Outcome {
     pub mcp_lists: Vec<crate::mcp::Kind>,
     /// Written to the audit record after `reasons` (e.g. the MCP session).
     pub notes: Vec<String>,
+    /// What to redact before the request is sent: the classes, and whether high-entropy tokens
+    /// count as secrets.
+    pub redact: Option<(Vec<crate::detect::Class>, bool)>,
 }
 
 impl Outcome {
@@ -136,6 +141,7 @@ impl Outcome {
             mcp: None,
             mcp_lists: Vec::new(),
             notes: Vec::new(),
+            redact: None,
         }
     }
 
@@ -470,6 +476,7 @@ fn evaluate(
             mcp: None,
             mcp_lists: Vec::new(),
             notes: Vec::new(),
+            redact: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "policy evaluation failed; denying");
@@ -521,6 +528,50 @@ fn content(out: &mut Outcome, facts: &Facts) {
         out.reasons = vec![detail];
         out.hint = None;
     };
+    if let Some(d) = cap.detect {
+        use crate::detect::{Class, Place, HIGH_ENTROPY_NAME};
+        use cellgate_api::manifest::DetectAction;
+        let action = |class| match class {
+            Class::Secret => d.secrets,
+            Class::Pii => d.pii,
+        };
+        let mine: Vec<_> = facts
+            .detected
+            .iter()
+            .filter(|f| action(f.class).is_some())
+            .filter(|f| d.entropy || f.detector != HIGH_ENTROPY_NAME)
+            .collect();
+        let refused = mine
+            .iter()
+            .find(|f| action(f.class) == Some(DetectAction::Deny) || f.place == Place::Path);
+        if let Some(f) = refused {
+            let reason = match f.class {
+                Class::Secret => Reason::SecretDetected,
+                Class::Pii => Reason::PiiDetected,
+            };
+            let what = if f.place == Place::Path && action(f.class) == Some(DetectAction::Redact) {
+                ", which cannot be redacted"
+            } else {
+                ""
+            };
+            let detail = format!(
+                "detector {} found something in {}{what}",
+                f.detector, f.place
+            );
+            return refuse(out, reason, detail);
+        }
+        if !mine.is_empty() {
+            let classes = [Class::Secret, Class::Pii]
+                .into_iter()
+                .filter(|c| action(*c) == Some(DetectAction::Redact))
+                .collect();
+            out.redact = Some((classes, d.entropy));
+            for f in mine {
+                out.notes
+                    .push(format!("redacted {} in {}", f.detector, f.place));
+            }
+        }
+    }
     let Some(inspect) = cap.inspect else {
         return;
     };
@@ -941,6 +992,17 @@ pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outc
     rec.method = facts.method.clone();
     rec.host = facts.host.clone();
     rec.path = facts.path.clone();
+    // What a detector found in the path is not written down either.
+    if facts
+        .detected
+        .iter()
+        .any(|f| f.place == crate::detect::Place::Path)
+    {
+        use crate::detect::Class;
+        rec.path = rec
+            .path
+            .map(|p| crate::detect::redact(&p, &[Class::Secret, Class::Pii], true));
+    }
     rec.capability = out.capability.clone();
     rec.reasons = reasons;
     rec.policy_version = out.policy_version.clone();

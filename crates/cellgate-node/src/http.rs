@@ -426,6 +426,7 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
                     }
                     let head = r.as_ref().map(|(h, _)| &h[..]);
                     facts.secrets_of = carried_secrets(&shared, ident, &parts, head);
+                    facts.detected = detections(&shared, ident, &parts, &facts, head);
                     read = r;
                     decide::admit(&shared, ident, &facts).await
                 }
@@ -467,7 +468,7 @@ fn carried_secrets(
     if !has_credentials {
         return Vec::new();
     }
-    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let contains = |hay: &[u8], needle: &[u8]| memchr::memmem::find(hay, needle).is_some();
     let uri = parts.uri.to_string();
     shared
         .credentials
@@ -482,6 +483,106 @@ fn carried_secrets(
         })
         .map(|(cap, _)| cap)
         .collect()
+}
+
+/// What the detectors of the cell's `detect` capabilities find in the request: its canonical
+/// path, its query, every header, the part of its body that was read. Nothing when no
+/// capability of the cell detects.
+fn detections(
+    shared: &Shared,
+    ident: &ConnIdentity,
+    parts: &http::request::Parts,
+    facts: &Facts,
+    body: Option<&[u8]>,
+) -> Vec<crate::detect::Found> {
+    use crate::detect::{scan, Class, Found, Place};
+    let Some(entry) = shared.cells.get(&ident.claims.cell_uid) else {
+        return Vec::new();
+    };
+    let detects: Vec<_> = entry
+        .cell
+        .capabilities
+        .iter()
+        .filter_map(|c| c.detect)
+        .collect();
+    if detects.is_empty() {
+        return Vec::new();
+    }
+    let mut classes = Vec::new();
+    if detects.iter().any(|d| d.secrets.is_some()) {
+        classes.push(Class::Secret);
+    }
+    if detects.iter().any(|d| d.pii.is_some()) {
+        classes.push(Class::Pii);
+    }
+    let entropy = detects.iter().any(|d| d.entropy);
+    let mut found = Vec::new();
+    let mut look = |text: &str, place: Place| {
+        for (detector, class) in scan(text, &classes, entropy) {
+            found.push(Found {
+                detector,
+                class,
+                place: place.clone(),
+            });
+        }
+    };
+    if let Some(p) = &facts.path {
+        look(p, Place::Path);
+    }
+    if let Some(q) = &facts.query {
+        look(q, Place::Query);
+    }
+    for (name, value) in &parts.headers {
+        if let Ok(v) = value.to_str() {
+            look(v, Place::Header(name.as_str().to_string()));
+        }
+    }
+    if let Some(b) = body {
+        look(&String::from_utf8_lossy(b), Place::Body);
+    }
+    found
+}
+
+/// Applies a `detect: redact` decision: the query, the headers and the body read, with what the
+/// detectors found replaced (the body's length fixed up).
+fn redact(
+    plan: &(Vec<crate::detect::Class>, bool),
+    facts: &mut Facts,
+    headers: &mut HeaderMap,
+    body: &mut upstream::UpBody,
+) {
+    let (classes, entropy) = plan;
+    let clean = |t: &str| crate::detect::redact(t, classes, *entropy);
+    if let Some(q) = facts.query.as_mut() {
+        // Brackets are not query characters: the marks go percent-encoded.
+        *q = clean(q).replace('[', "%5B").replace(']', "%5D");
+    }
+    for v in headers.values_mut() {
+        if let Ok(text) = v.to_str() {
+            let cleaned = clean(text);
+            if cleaned != text {
+                if let Ok(nv) = HeaderValue::from_str(&cleaned) {
+                    *v = nv;
+                }
+            }
+        }
+    }
+    if let http_body_util::Either::Right(read) = body {
+        let changed = read.rewrite_head(|head| {
+            let text = std::str::from_utf8(head).ok()?;
+            let cleaned = clean(text);
+            (cleaned != text).then(|| Bytes::from(cleaned))
+        });
+        if let Some((before, after)) = changed {
+            let length = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            if let Some(len) = length {
+                let fixed = len.saturating_sub(before).saturating_add(after);
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(fixed));
+            }
+        }
+    }
 }
 
 /// Reads the body to `bound` (when some capability inspects it and there is a body).
@@ -517,7 +618,20 @@ async fn handle_decided(
     generation: tokio::sync::watch::Receiver<u64>,
 ) -> Response<Body> {
     let ident = &ctx.ident.clone();
-    let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %parts.method, host = ?facts.host, path = ?facts.path);
+    // A path a detector found something in is logged with it redacted.
+    let logged_path = match &facts.path {
+        Some(p)
+            if facts
+                .detected
+                .iter()
+                .any(|f| f.place == crate::detect::Place::Path) =>
+        {
+            use crate::detect::Class;
+            Some(crate::detect::redact(p, &[Class::Secret, Class::Pii], true))
+        }
+        other => other.clone(),
+    };
+    let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %parts.method, host = ?facts.host, path = ?logged_path);
     async move {
         let (out, req) = if out.awaiting_approval.is_none() {
             (out, Request::from_parts(parts, body))
@@ -624,7 +738,11 @@ async fn forward(
 ) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
+    let mut facts = facts;
+    if let Some(plan) = &out.redact {
+        redact(plan, &mut facts, &mut parts.headers, &mut body);
+    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if let Some(i) = &injected {
         // Whatever the agent put in this header is replaced, every value of it.

@@ -76,6 +76,18 @@ pub struct ReadBody {
 }
 
 impl ReadBody {
+    /// Rewrites what was read with `f`; returns the lengths before and after when it changed.
+    pub fn rewrite_head(
+        &mut self,
+        f: impl FnOnce(&[u8]) -> Option<Bytes>,
+    ) -> Option<(usize, usize)> {
+        let head = self.head.as_ref()?;
+        let new = f(head)?;
+        let lens = (head.len(), new.len());
+        self.head = (!new.is_empty()).then_some(new);
+        Some(lens)
+    }
+
     /// A body of exactly `bytes`.
     pub fn whole(bytes: Bytes) -> Self {
         Self {

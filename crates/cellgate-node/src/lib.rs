@@ -22,6 +22,7 @@ pub mod cells;
 pub mod config;
 pub mod credentials;
 pub mod decide;
+pub mod detect;
 pub mod dns;
 pub mod ext_authz;
 pub mod ext_proc;

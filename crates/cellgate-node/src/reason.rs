@@ -187,6 +187,10 @@ reasons! {
     CredentialExfiltration = "credential_exfiltration",
     /// Audit only: an injected secret the upstream sent back was masked.
     SecretScrubbed = "secret_scrubbed",
+    /// A secret (a key, a token) found leaving in a request (`detect`).
+    SecretDetected = "secret_detected",
+    /// Personal data found leaving in a request (`detect`).
+    PiiDetected = "pii_detected",
 
     // Governance (docs/governance.md).
     /// A lockdown applies.

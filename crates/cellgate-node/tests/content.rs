@@ -159,3 +159,91 @@ async fn a_layer_decides_on_the_body_and_bodies_arrive_whole() {
     let rec = f.wait_audit(|x| x["reason"] == "mcp_tool_denied").await;
     assert!(rec["reasons"].to_string().contains("delete_all"), "{rec}");
 }
+
+fn detecting_cell(port: u16) -> String {
+    format!(
+        r#"apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {{name: inspector, namespace: agents}}
+spec:
+  capabilities:
+    - name: strict
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{paths: ["/v1/strict/**"]}}
+      inspect: {{json: true}}
+      detect: {{secrets: deny, pii: deny}}
+    - name: scrubbed
+      destinations: [{{host: api.test, ports: [{port}]}}]
+      http: {{paths: ["/v1/scrubbed/**"]}}
+      inspect: {{json: true}}
+      detect: {{secrets: redact, pii: redact}}
+"#
+    )
+}
+
+const AWS_KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+const EMAIL: &str = "ana.lopez@example.org";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_personal_data_are_refused_or_redacted_and_never_recorded() {
+    let f = Fixture::start().await;
+    install_cell(&f, "inspector", &detecting_cell(f.https.addr.port())).await;
+    let before = f.https.requests().len();
+
+    // deny: in the query, in a header, in the body.
+    let r = post(&f, &format!("/v1/strict/x?key={AWS_KEY}"), "{}".into()).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "secret_detected");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("aws_access_key"),
+        "{}",
+        r.body
+    );
+    let body = serde_json::json!({"note": format!("mail {EMAIL}")}).to_string();
+    let r = post(&f, "/v1/strict/x", body).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "pii_detected");
+    assert!(!r.body.contains(EMAIL));
+    assert_eq!(
+        f.https.requests().len(),
+        before,
+        "a refused request was sent"
+    );
+    // Clean: sent.
+    let r = post(&f, "/v1/strict/x", r#"{"note":"nothing to see"}"#.into()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // redact: the upstream receives the request with what was found replaced.
+    let body = serde_json::json!({"to": EMAIL, "key": AWS_KEY, "n": 3}).to_string();
+    let r = post(&f, &format!("/v1/scrubbed/x?who={EMAIL}"), body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = f.https.requests();
+    let last = seen.last().unwrap();
+    let sent = String::from_utf8(last.body.clone()).unwrap();
+    assert_eq!(
+        sent,
+        r#"{"key":"[REDACTED:aws_access_key]","n":3,"to":"[REDACTED:email]"}"#
+    );
+    assert!(!last.uri.contains(EMAIL), "{}", last.uri);
+    assert!(
+        last.uri.contains("[REDACTED:email]") || last.uri.contains("%5BREDACTED"),
+        "{}",
+        last.uri
+    );
+    // In the path, nothing can be redacted: refused.
+    let r = post(&f, &format!("/v1/scrubbed/{EMAIL}"), "{}".into()).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "pii_detected");
+
+    // The audit log names detectors, never what they found.
+    let _ = f.node().shared.audit.flush().await;
+    let audit = std::fs::read_to_string(&f.audit).unwrap();
+    assert!(
+        !audit.contains(AWS_KEY) && !audit.contains(EMAIL),
+        "{audit}"
+    );
+    assert!(audit.contains("redacted email in the body"), "{audit}");
+}
