@@ -496,6 +496,11 @@ fn evaluate(
 /// the capability's rules do not allow. In shadow mode a refusal is recorded (`shadow_deny`)
 /// and the request goes through.
 fn content(out: &mut Outcome, facts: &Facts) {
+    // Only the intake reads content; on other front doors governance refuses such capabilities
+    // (`governance_unavailable`).
+    if facts.front_door != "intake" {
+        return;
+    }
     let Some(entry) = out.cell.clone() else {
         return;
     };
@@ -677,15 +682,17 @@ async fn govern(shared: &Shared, facts: &Facts, mut out: Outcome) -> Outcome {
         out.hint = Some(hint.into());
         out
     };
-    if let Some(cap) = cap.filter(|c| c.inspect.is_some() && facts.front_door != "intake") {
+    if let Some(cap) =
+        cap.filter(|c| (c.inspect.is_some() || c.detect.is_some()) && facts.front_door != "intake")
+    {
         let what = format!(
-            "capability {} reads request bodies (inspect or mcp), which the {} front door does not",
+            "capability {} reads requests' content (inspect, mcp or detect), which the {} front door does not",
             cap.name, facts.front_door
         );
         return unavailable(
             out,
             what,
-            "body inspection and MCP governance are enforced on the node's intake",
+            "body inspection, MCP governance and detection are enforced on the node's intake",
         );
     }
     if let Some(cap) = cap.filter(|c| c.approval) {

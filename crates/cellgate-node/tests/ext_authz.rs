@@ -1347,3 +1347,34 @@ mod ext_proc_stream {
         );
     }
 }
+
+/// Envoy mode does not read requests' content: a capability that must (inspect, mcp, detect) is
+/// refused, never let through unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_capabilities_are_refused_in_envoy_mode() {
+    let env = start().await;
+    let port = env.f.https.addr.port();
+    let cell = format!(
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: content, namespace: agents}}\nspec:\n  capabilities:\n    - name: inspected\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{paths: [\"/v1/inspect/**\"]}}\n      inspect: {{json: true}}\n    - name: tools\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{paths: [\"/mcp\"]}}\n      mcp: {{tools: {{allow: [\"a\"]}}}}\n    - name: detected\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{paths: [\"/v1/detect/**\"]}}\n      detect: {{secrets: deny}}\n    - name: plain\n      destinations: [{{host: api.test, ports: [{port}]}}]\n      http: {{paths: [\"/v1/plain/**\"]}}\n"
+    );
+    install_cell(&env.f, "content", &cell).await;
+    let mut c = client(env.addr).await;
+    for (path, cap) in [
+        ("/v1/inspect/x", "inspected"),
+        ("/mcp", "tools"),
+        ("/v1/detect/x", "detected"),
+    ] {
+        let r = check(&mut c, &Req::new(&env, "content", "POST", "api.test", path)).await;
+        assert_eq!(code(&r), 7, "{path}: {r:?}");
+        let (status, body) = denied(&r);
+        assert_eq!(status, 403);
+        assert_eq!(body["reason"], "governance_unavailable", "{body}");
+        assert_eq!(body["capability"], cap, "{body}");
+    }
+    let ok = check(
+        &mut c,
+        &Req::new(&env, "content", "POST", "api.test", "/v1/plain/x"),
+    )
+    .await;
+    assert_eq!(code(&ok), 0, "{ok:?}");
+}
