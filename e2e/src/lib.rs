@@ -70,3 +70,20 @@ pub fn cellgate(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Fails (never skips) when the test does not run as root: network namespaces and iptables
+/// need it.
+pub fn require_root() {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
+        })
+        .unwrap_or(u32::MAX);
+    assert!(
+        euid == 0,
+        "this test needs root (network namespaces, iptables); running as uid {euid}"
+    );
+}

@@ -48,20 +48,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 // Preconditions
 // ------------------------------------------------------------------------------------------
 
-fn require_root() {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
-        })
-        .unwrap_or(u32::MAX);
-    assert!(
-        uid == 0,
-        "this test needs root (network namespaces, iptables); running as uid {uid}"
-    );
-}
+use cellgate_e2e::require_root;
 
 fn bin_dir() -> PathBuf {
     let dir = cellgate_e2e::workspace().join("target/debug");

@@ -21,20 +21,7 @@ use std::time::{Duration, Instant};
 /// The PATH of every cell run (and of root's helpers): no user-specific tool directories.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn require_root() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
-        })
-        .unwrap_or(u32::MAX);
-    assert_eq!(
-        euid, 0,
-        "this test needs root (network namespaces, iptables)"
-    );
-}
+use cellgate_e2e::require_root;
 
 /// Fails clearly when a client is not installed (a missing client is a failure, not a skip).
 fn require_tool(tool: &str, version_arg: &str, install: &str) -> String {

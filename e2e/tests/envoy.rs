@@ -102,6 +102,23 @@ fn tagged_request(envoy: SocketAddr, upstream: SocketAddr, token: &str, request:
     String::from_utf8_lossy(&out).to_string()
 }
 
+/// A token for the cell in `cell` (a path under `dir`), valid for `ttl`, bound to 127.0.0.1.
+fn issue_token(dir: &Path, cell: &str, ttl: &str) -> String {
+    let p = |x: &str| dir.join(x).to_str().expect("utf-8").to_string();
+    cellgate(&[
+        "token",
+        "issue",
+        "--key",
+        &p("keys/signing.key"),
+        "--cell",
+        &p(cell),
+        "--ttl",
+        ttl,
+        "--bind",
+        "127.0.0.1",
+    ])
+}
+
 /// The secret file credentials inject.
 const SECRET: &str = "sk-envoy-e2e-0123456789";
 
@@ -173,18 +190,7 @@ fn start_stack_on(
     let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
     cellgate(&["keys", "init", "--out", &p("keys")]);
     cellgate(&["ca", "init", "--out", &p("ca")]);
-    let token = cellgate(&[
-        "token",
-        "issue",
-        "--key",
-        &p("keys/signing.key"),
-        "--cell",
-        &p("cells/cell.yaml"),
-        "--ttl",
-        "10m",
-        "--bind",
-        "127.0.0.1",
-    ]);
+    let token = issue_token(d, "cells/cell.yaml", "10m");
 
     let upstream_proc = Kill(
         Command::new(bin("cellgate-demo-upstream"))
@@ -373,19 +379,7 @@ spec:
 ";
     let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
     let d = st.dir.path();
-    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
-    let short = cellgate(&[
-        "token",
-        "issue",
-        "--key",
-        &p("keys/signing.key"),
-        "--cell",
-        &p("cells/cell.yaml"),
-        "--ttl",
-        "1s",
-        "--bind",
-        "127.0.0.1",
-    ]);
+    let short = issue_token(d, "cells/cell.yaml", "1s");
     let started = Instant::now();
     // Sixty events 300 ms apart (18 s) unless something ends the stream: the token's expiry
     // (1 s plus the 5 s leeway) does.
@@ -470,7 +464,6 @@ spec:
 ";
     let mut st = start_stack(envoy_bin, cell, "localhost", "/allowed/ready");
     let d = st.dir.path().to_path_buf();
-    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
     let get = |path: &str, extra: &str| {
         format!(
             "GET {path} HTTP/1.1\r\nHost: localhost:{}\r\n{extra}Connection: close\r\n\r\n",
@@ -511,35 +504,13 @@ spec:
         "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: stranger, namespace: agents}\nspec: {}\n",
     )
     .expect("other cell");
-    let foreign = cellgate(&[
-        "token",
-        "issue",
-        "--key",
-        &p("keys/signing.key"),
-        "--cell",
-        &p("other.yaml"),
-        "--ttl",
-        "10m",
-        "--bind",
-        "127.0.0.1",
-    ]);
+    let foreign = issue_token(&d, "other.yaml", "10m");
     let r = tagged_request(st.envoy, st.upstream, &foreign, &get("/allowed/x", ""));
     assert!(
         r.starts_with("HTTP/1.1 403") && r.contains("cell_unknown"),
         "{r}"
     );
-    let short = cellgate(&[
-        "token",
-        "issue",
-        "--key",
-        &p("keys/signing.key"),
-        "--cell",
-        &p("cells/cell.yaml"),
-        "--ttl",
-        "1s",
-        "--bind",
-        "127.0.0.1",
-    ]);
+    let short = issue_token(&d, "cells/cell.yaml", "1s");
     std::thread::sleep(Duration::from_secs(7)); // 1 s, plus the verifier's 5 s leeway
     let r = tagged_request(st.envoy, st.upstream, &short, &get("/allowed/x", ""));
     assert!(
@@ -883,21 +854,9 @@ spec:
 ";
     let st = start_stack(envoy_bin, cell, "localhost", "/allowed/x");
     let d = st.dir.path().to_path_buf();
-    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_string();
 
     // A token of 1 s: the WebSocket closes at its expiry (plus the verifier's 5 s leeway).
-    let short = cellgate(&[
-        "token",
-        "issue",
-        "--key",
-        &p("keys/signing.key"),
-        "--cell",
-        &p("cells/cell.yaml"),
-        "--ttl",
-        "1s",
-        "--bind",
-        "127.0.0.1",
-    ]);
+    let short = issue_token(&d, "cells/cell.yaml", "1s");
     let mut ws = websocket(&st, &short);
     let open = ping_until_closed(&mut ws, Duration::from_secs(20));
     assert!(

@@ -12,20 +12,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn require_root() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
-        })
-        .unwrap_or(u32::MAX);
-    assert_eq!(
-        euid, 0,
-        "this test needs root (network namespaces, iptables)"
-    );
-}
+use cellgate_e2e::require_root;
 
 fn python() -> Option<PathBuf> {
     let Some(p) = std::env::var_os("MCP_PYTHON") else {

@@ -7,20 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn require_root() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2)?.parse::<u32>().ok())
-        })
-        .unwrap_or(u32::MAX);
-    assert_eq!(
-        euid, 0,
-        "this test needs root (network namespaces, iptables)"
-    );
-}
+use cellgate_e2e::require_root;
 
 const CELL: &str = "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: lifecycle}\nspec:\n  capabilities:\n    - name: web\n      destinations: [{host: api.life, ports: [PORT]}]\n      http: {methods: [GET], paths: [\"/v1/**\"]}\n";
 

@@ -907,16 +907,14 @@ async fn forward(
     resp.map(|b| {
         let mut body = b.map_err(|e| Box::new(e) as BoxError).boxed();
         if let Some((scrubber, report)) = scrubbed {
-            body = Scrubbed {
-                inner: body,
+            let scrub = Scrub {
                 scrubber,
                 report: Some(report),
-                done: false,
-            }
-            .boxed();
+            };
+            body = Rewritten::new(body, scrub).boxed();
         }
         if let Some((filter, sse)) = listed {
-            body = McpFiltered::new(body, filter, sse).boxed();
+            body = Rewritten::new(body, McpFiltered::new(filter, sse)).boxed();
         }
         if let Some((meter, reader)) = reader {
             body = Metered {
@@ -933,32 +931,33 @@ async fn forward(
     })
 }
 
-/// A response body with the injected secret masked ([`crate::scrub`]); one audit record
-/// (`secret_scrubbed`) when something was masked, headers included.
-struct Scrubbed {
-    inner: Body,
-    scrubber: crate::scrub::Scrubber,
-    report: Option<Box<dyn FnOnce(usize) + Send + Sync>>,
-    done: bool,
+/// A rewrite of a response body as it streams: what to send for each chunk that came (maybe
+/// nothing yet), and what is left at the end. An error cuts the response.
+trait Rewrite: Send + Sync + Unpin + 'static {
+    fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError>;
+    fn finish(&mut self) -> Bytes;
 }
 
-impl Scrubbed {
-    fn report(&mut self) {
-        if self.scrubber.masked > 0 {
-            if let Some(r) = self.report.take() {
-                r(self.scrubber.masked);
-            }
+/// A response body passed through a [`Rewrite`]; trailers go after what was held back.
+struct Rewritten<R> {
+    inner: Body,
+    rewrite: R,
+    done: bool,
+    trailers: Option<hyper::body::Frame<Bytes>>,
+}
+
+impl<R: Rewrite> Rewritten<R> {
+    fn new(inner: Body, rewrite: R) -> Self {
+        Self {
+            inner,
+            rewrite,
+            done: false,
+            trailers: None,
         }
     }
 }
 
-impl Drop for Scrubbed {
-    fn drop(&mut self) {
-        self.report();
-    }
-}
-
-impl hyper::body::Body for Scrubbed {
+impl<R: Rewrite> hyper::body::Body for Rewritten<R> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -970,45 +969,70 @@ impl hyper::body::Body for Scrubbed {
         let this = self.get_mut();
         loop {
             if this.done {
-                return Poll::Ready(None);
+                return Poll::Ready(this.trailers.take().map(Ok));
             }
-            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            let end = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(d) => {
-                        let out = this.scrubber.feed(&d);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(out))));
+                    Ok(d) => match this.rewrite.feed(&d) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Poll::Ready(Some(Ok(hyper::body::Frame::data(out)))),
+                        Err(e) => {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(e)));
                         }
-                    }
-                    Err(trailers) => {
-                        // What was held back goes before the trailers (and is lost with them
-                        // only if it was a secret's start).
-                        let rest = this.scrubber.finish();
-                        this.report();
-                        if rest.is_empty() {
-                            return Poll::Ready(Some(Ok(trailers)));
-                        }
-                        this.done = true;
-                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(rest))));
-                    }
+                    },
+                    Err(trailers) => Some(trailers),
                 },
-                Poll::Ready(None) => {
-                    this.done = true;
-                    let rest = this.scrubber.finish();
-                    this.report();
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(rest))));
-                }
+                Poll::Ready(None) => None,
+            };
+            this.done = true;
+            this.trailers = end;
+            let rest = this.rewrite.finish();
+            if !rest.is_empty() {
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(rest))));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.trailers.is_none()
+    }
+}
+
+/// The injected secret masked ([`crate::scrub`]); one audit record (`secret_scrubbed`) when
+/// something was masked, headers included, once the response ends or is dropped.
+struct Scrub {
+    scrubber: crate::scrub::Scrubber,
+    report: Option<Box<dyn FnOnce(usize) + Send + Sync>>,
+}
+
+impl Scrub {
+    fn report(&mut self) {
+        if self.scrubber.masked > 0 {
+            if let Some(r) = self.report.take() {
+                r(self.scrubber.masked);
+            }
+        }
+    }
+}
+
+impl Drop for Scrub {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+impl Rewrite for Scrub {
+    fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError> {
+        Ok(self.scrubber.feed(chunk))
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = self.scrubber.finish();
+        self.report();
+        rest
     }
 }
 
@@ -1031,34 +1055,31 @@ const MCP_MAX_MESSAGE: usize = 4 * 1024 * 1024;
 /// An MCP answer with its lists filtered ([`crate::mcp::Filter`]): a JSON body is read whole
 /// (bounded) and rewritten; an SSE stream is rewritten event by event as it flows.
 struct McpFiltered {
-    inner: Body,
     filter: crate::mcp::Filter,
     sse: bool,
     buf: Vec<u8>,
-    ended: bool,
 }
 
 impl McpFiltered {
-    fn new(inner: Body, filter: crate::mcp::Filter, sse: bool) -> Self {
+    fn new(filter: crate::mcp::Filter, sse: bool) -> Self {
         Self {
-            inner,
             filter,
             sse,
             buf: Vec::new(),
-            ended: false,
         }
     }
 
-    /// The complete SSE events in the buffer, filtered, each with its blank line.
+    /// The complete SSE events in the buffer (all of it when `all`), filtered, each with its
+    /// blank line.
     fn events(&mut self, all: bool) -> Vec<u8> {
         let mut out = Vec::new();
         loop {
-            let end = find_event_end(&self.buf);
-            let Some((at, sep)) = end.or(if all && !self.buf.is_empty() {
+            let end = find_event_end(&self.buf).or(if all && !self.buf.is_empty() {
                 Some((self.buf.len(), 0))
             } else {
                 None
-            }) else {
+            });
+            let Some((at, sep)) = end else {
                 break;
             };
             let event: Vec<u8> = self.buf.drain(..at + sep).collect();
@@ -1073,6 +1094,30 @@ impl McpFiltered {
     }
 }
 
+impl Rewrite for McpFiltered {
+    fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError> {
+        self.buf.extend_from_slice(chunk);
+        let out = if self.sse {
+            self.events(false)
+        } else {
+            Vec::new()
+        };
+        if self.buf.len() > MCP_MAX_MESSAGE {
+            return Err("an MCP answer over the bound the node filters".into());
+        }
+        Ok(Bytes::from(out))
+    }
+
+    fn finish(&mut self) -> Bytes {
+        if self.sse {
+            return Bytes::from(self.events(true));
+        }
+        let whole = std::mem::take(&mut self.buf);
+        // Not JSON: nothing a list could hide in; passed as it came.
+        Bytes::from(self.filter.json(&whole).unwrap_or(whole))
+    }
+}
+
 /// Where the first SSE event in `b` ends: its length and the length of the blank line after.
 fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
     let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
@@ -1080,84 +1125,6 @@ fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
-    }
-}
-
-impl hyper::body::Body for McpFiltered {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        loop {
-            if this.ended {
-                return Poll::Ready(None);
-            }
-            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(d) => {
-                        this.buf.extend_from_slice(&d);
-                        if this.sse {
-                            let out = this.events(false);
-                            if this.buf.len() > MCP_MAX_MESSAGE {
-                                this.ended = true;
-                                return Poll::Ready(Some(Err(
-                                    "an MCP event over the bound the node filters".into(),
-                                )));
-                            }
-                            if !out.is_empty() {
-                                return Poll::Ready(Some(Ok(hyper::body::Frame::data(
-                                    Bytes::from(out),
-                                ))));
-                            }
-                        } else if this.buf.len() > MCP_MAX_MESSAGE {
-                            this.ended = true;
-                            return Poll::Ready(Some(Err(
-                                "an MCP answer over the bound the node filters".into(),
-                            )));
-                        }
-                    }
-                    // Trailers: what is buffered goes first.
-                    Err(frame) => {
-                        let rest = if this.sse {
-                            this.events(true)
-                        } else {
-                            let whole = std::mem::take(&mut this.buf);
-                            this.filter.json(&whole).unwrap_or(whole)
-                        };
-                        if rest.is_empty() {
-                            return Poll::Ready(Some(Ok(frame)));
-                        }
-                        this.ended = true;
-                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
-                    }
-                },
-                Poll::Ready(None) => {
-                    this.ended = true;
-                    let rest = if this.sse {
-                        this.events(true)
-                    } else {
-                        let whole = std::mem::take(&mut this.buf);
-                        // Not JSON: nothing a list could hide in; passed as it came.
-                        this.filter.json(&whole).unwrap_or(whole)
-                    };
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(rest)))));
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended
     }
 }
 

@@ -59,23 +59,7 @@ async fn post(f: &Fixture, path: &str, body: String) -> Resp {
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(Bytes::from(body)))
         .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    send_h1(tls, req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,30 +93,6 @@ async fn start() -> Fixture {
     f
 }
 
-/// One HTTP/1.1 request with a body over `io`; the answer read whole.
-async fn send_on<S>(io: S, req: http::Request<http_body_util::Full<Bytes>>) -> Resp
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    Resp {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
 /// One request over TLS through the node, with a body.
 async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
     let tls = f.tls("api.test", &f.token("gov"), &[b"http/1.1"]).await;
@@ -126,7 +102,7 @@ async fn send(f: &Fixture, method: &str, path: &str, body: &str) -> Resp {
         .header("host", format!("api.test:{}", f.https.addr.port()))
         .body(http_body_util::Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    send_on(tls, req).await
+    send_h1(tls, req).await
 }
 
 /// POST `body` to `path` on the node's admin port.
@@ -138,7 +114,7 @@ async fn admin_post(f: &Fixture, path: &str, body: serde_json::Value) -> Resp {
         .header("host", "admin")
         .body(http_body_util::Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    send_on(tcp, req).await
+    send_h1(tcp, req).await
 }
 
 /// Waits (bounded) until exactly one approval is pending, and returns it.

@@ -272,9 +272,13 @@ impl Resp {
     }
 }
 
-pub async fn send_h1<S>(io: S, req: http::Request<Empty<Bytes>>) -> Resp
+/// One HTTP/1.1 request over `io` (any body: `Empty`, `Full`, ...); the answer read whole.
+pub async fn send_h1<S, B>(io: S, req: http::Request<B>) -> Resp
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
