@@ -191,7 +191,40 @@ pub struct DetectSpec {
     /// 4.2 bits of entropy a character) as secrets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub entropy: bool,
+    /// Detectors of your own (a pack of regexes, e.g. employee or customer ids), each counted
+    /// in its class and acted on like the built-in ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<DetectPattern>,
 }
+
+/// A detector of one's own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectPattern {
+    /// Its name, as recorded (snake_case, at most 64 characters).
+    #[serde(default)]
+    pub name: String,
+    /// A regular expression (Rust `regex` syntax, no look-around or back-references).
+    #[serde(default)]
+    pub regex: String,
+    /// `pii` (default) or `secret`: which action applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<DetectClass>,
+}
+
+/// The class of a detector of one's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectClass {
+    /// Personal data.
+    #[default]
+    Pii,
+    /// A secret.
+    Secret,
+}
+
+/// Most detectors of one's own per capability.
+pub const MAX_DETECT_PATTERNS: usize = 32;
 
 /// What a detector's finding does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -926,6 +959,47 @@ impl AgentCell {
                         "entropy adds to the secrets detectors: set secrets too".into(),
                     );
                 }
+                if d.patterns.len() > MAX_DETECT_PATTERNS {
+                    err(
+                        format!("{at}.detect.patterns"),
+                        format!("at most {MAX_DETECT_PATTERNS} patterns"),
+                    );
+                }
+                for (k, pat) in d.patterns.iter().enumerate() {
+                    let at = format!("{at}.detect.patterns[{k}]");
+                    let named = !pat.name.is_empty()
+                        && pat.name.len() <= 64
+                        && pat
+                            .name
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                    if !named {
+                        err(
+                            format!("{at}.name"),
+                            "a snake_case name of at most 64 characters".into(),
+                        );
+                    }
+                    if let Err(e) = regex::RegexBuilder::new(&pat.regex)
+                        .size_limit(1 << 20)
+                        .build()
+                    {
+                        err(format!("{at}.regex"), format!("not a usable regex: {e}"));
+                    } else if pat.regex.is_empty() {
+                        err(format!("{at}.regex"), "empty".into());
+                    }
+                    let class = pat.class.unwrap_or_default();
+                    let on = match class {
+                        DetectClass::Pii => d.pii.is_some(),
+                        DetectClass::Secret => d.secrets.is_some(),
+                    };
+                    if !on {
+                        err(
+                            format!("{at}.class"),
+                            "its class has no action here: set pii (or secrets) to deny or redact"
+                                .into(),
+                        );
+                    }
+                }
             }
             if cap.inspect.is_some() || cap.mcp.is_some() || cap.detect.is_some() {
                 let what = if cap.mcp.is_some() {
@@ -1092,6 +1166,15 @@ impl AgentCell {
                     secrets: d.secrets,
                     pii: d.pii,
                     entropy: d.entropy,
+                    patterns: d
+                        .patterns
+                        .iter()
+                        .map(|p| crate::model::DetectPattern {
+                            name: p.name.clone(),
+                            regex: p.regex.clone(),
+                            secret: p.class == Some(DetectClass::Secret),
+                        })
+                        .collect(),
                 }),
                 mcp: cap.mcp.as_ref().map(|m| {
                     let rule = |r: &Option<McpRuleSpec>| crate::model::McpRule {
@@ -1380,6 +1463,41 @@ spec:
             errs(&text),
             vec!["spec.capabilities[1].destinations[0].host: empty host"]
         );
+    }
+
+    #[test]
+    fn detect_patterns_are_checked() {
+        let cell = |detect: &str| {
+            format!("apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: d, namespace: n}}\nspec:\n  capabilities:\n    - name: api\n      destinations: [{{host: api.test}}]\n      detect: {detect}\n")
+        };
+        let e = errs(&cell(
+            r#"{pii: deny, patterns: [{name: bad, regex: "EMP-("}]}"#,
+        ))
+        .join("; ");
+        assert!(
+            e.contains("detect.patterns[0].regex: not a usable regex"),
+            "{e}"
+        );
+        let e = errs(&cell(
+            r#"{pii: deny, patterns: [{name: Bad-Name, regex: "x"}]}"#,
+        ))
+        .join("; ");
+        assert!(e.contains("detect.patterns[0].name"), "{e}");
+        let e = errs(&cell(
+            r#"{secrets: deny, patterns: [{name: emp, regex: "x"}]}"#,
+        ))
+        .join("; ");
+        assert!(e.contains("detect.patterns[0].class"), "{e}");
+        let e = errs(&cell("{entropy: true}")).join("; ");
+        assert!(
+            e.contains("spec.capabilities[0].detect: set secrets or pii"),
+            "{e}"
+        );
+        let ok = cell(r#"{pii: redact, patterns: [{name: emp, regex: "EMP-[0-9]{6}"}]}"#);
+        let c = parse_agent_cells(&ok).unwrap()[0].to_model().unwrap();
+        let d = c.capabilities[0].detect.as_ref().unwrap();
+        assert_eq!(d.patterns[0].name, "emp");
+        assert!(!d.patterns[0].secret);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub struct Capability {
 }
 
 /// What a capability looks for in its requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detect {
     /// Secrets: refused or redacted.
     pub secrets: Option<crate::manifest::DetectAction>,
@@ -169,6 +169,19 @@ pub struct Detect {
     pub pii: Option<crate::manifest::DetectAction>,
     /// High-entropy tokens count as secrets.
     pub entropy: bool,
+    /// Detectors of one's own.
+    pub patterns: Vec<DetectPattern>,
+}
+
+/// A detector of one's own: a name and a regex (checked to compile when the cell is loaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetectPattern {
+    /// Recorded name.
+    pub name: String,
+    /// The regex.
+    pub regex: String,
+    /// Counted as a secret (else personal data).
+    pub secret: bool,
 }
 
 /// How a capability's request bodies are read.

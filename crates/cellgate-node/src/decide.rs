@@ -70,6 +70,8 @@ pub struct Facts {
     pub secrets_of: Vec<String>,
     /// What the detectors of the cell's `detect` capabilities found ([`crate::detect`]).
     pub detected: Vec<crate::detect::Found>,
+    /// Those detectors (to keep what they found out of the audit record).
+    pub detectors: Option<Arc<crate::detect::Detectors>>,
 }
 
 /// The outcome of one decision.
@@ -110,9 +112,8 @@ pub struct Outcome {
     pub mcp_lists: Vec<crate::mcp::Kind>,
     /// Written to the audit record after `reasons` (e.g. the MCP session).
     pub notes: Vec<String>,
-    /// What to redact before the request is sent: the classes, and whether high-entropy tokens
-    /// count as secrets.
-    pub redact: Option<(Vec<crate::detect::Class>, bool)>,
+    /// What to redact before the request is sent.
+    pub redact: Option<Arc<crate::detect::Detectors>>,
 }
 
 impl Outcome {
@@ -533,7 +534,7 @@ fn content(out: &mut Outcome, facts: &Facts) {
         out.reasons = vec![detail];
         out.hint = None;
     };
-    if let Some(d) = cap.detect {
+    if let Some(d) = &cap.detect {
         use crate::detect::{Class, Place, HIGH_ENTROPY_NAME};
         use cellgate_api::manifest::DetectAction;
         let action = |class| match class {
@@ -544,7 +545,11 @@ fn content(out: &mut Outcome, facts: &Facts) {
             .detected
             .iter()
             .filter(|f| action(f.class).is_some())
-            .filter(|f| d.entropy || f.detector != HIGH_ENTROPY_NAME)
+            .filter(|f| match f.detector.as_str() {
+                HIGH_ENTROPY_NAME => d.entropy,
+                name if crate::detect::is_builtin(name) => true,
+                name => d.patterns.iter().any(|p| p.name == name),
+            })
             .collect();
         let refused = mine
             .iter()
@@ -566,11 +571,8 @@ fn content(out: &mut Outcome, facts: &Facts) {
             return refuse(out, reason, detail);
         }
         if !mine.is_empty() {
-            let classes = [Class::Secret, Class::Pii]
-                .into_iter()
-                .filter(|c| action(*c) == Some(DetectAction::Redact))
-                .collect();
-            out.redact = Some((classes, d.entropy));
+            let redacted = |c| action(c) == Some(DetectAction::Redact);
+            out.redact = Some(Arc::new(crate::detect::Detectors::of(d, redacted)));
             for f in mine {
                 out.notes
                     .push(format!("redacted {} in {}", f.detector, f.place));
@@ -1000,15 +1002,14 @@ pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outc
     rec.host = facts.host.clone();
     rec.path = facts.path.clone();
     // What a detector found in the path is not written down either.
-    if facts
-        .detected
-        .iter()
-        .any(|f| f.place == crate::detect::Place::Path)
-    {
-        use crate::detect::Class;
-        rec.path = rec
-            .path
-            .map(|p| crate::detect::redact(&p, &[Class::Secret, Class::Pii], true));
+    if let Some(ds) = &facts.detectors {
+        if facts
+            .detected
+            .iter()
+            .any(|f| f.place == crate::detect::Place::Path)
+        {
+            rec.path = rec.path.map(|p| ds.redact(&p));
+        }
     }
     rec.capability = out.capability.clone();
     rec.reasons = reasons;

@@ -2,8 +2,10 @@
 //! on, over the URL, the headers, and the body the node read. What is found is named by its
 //! detector, never quoted: not in the audit record, not in the answer, not in the log.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
+use cellgate_api::model::Detect;
 use regex::Regex;
 
 /// What a detector finds.
@@ -42,8 +44,8 @@ impl std::fmt::Display for Place {
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
-    /// The detector's name (`aws_access_key`, `email`, ...).
-    pub detector: &'static str,
+    /// The detector's name (`aws_access_key`, `email`, a pattern's own name, ...).
+    pub detector: String,
     /// Its class.
     pub class: Class,
     /// Where.
@@ -109,6 +111,11 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
 static HIGH_ENTROPY: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/_=-]{24,}").expect("entropy regex"));
 
+/// Whether `name` is one of the built-in detectors (not counting `high_entropy`).
+pub fn is_builtin(name: &str) -> bool {
+    DETECTORS.iter().any(|d| d.name == name)
+}
+
 /// The name of the high-entropy detector.
 pub const HIGH_ENTROPY_NAME: &str = "high_entropy";
 
@@ -155,66 +162,161 @@ fn high_entropy(s: &str) -> bool {
     bits >= 4.2
 }
 
-/// What `text` holds of the classes looked for: each detector that matches, once.
-pub fn scan(text: &str, classes: &[Class], entropy: bool) -> Vec<(&'static str, Class)> {
-    let mut out = Vec::new();
-    for d in DETECTORS.iter().filter(|d| classes.contains(&d.class)) {
-        if d.re
-            .find_iter(text)
-            .any(|m| d.check.is_none_or(|c| c(m.as_str())))
-        {
-            out.push((d.name, d.class));
-        }
+/// Compiled detectors of one's own, by regex (checked to compile when the cell was loaded).
+static COMPILED: LazyLock<Mutex<HashMap<String, Arc<Regex>>>> = LazyLock::new(Default::default);
+
+fn compiled(re: &str) -> Option<Arc<Regex>> {
+    let mut cache = COMPILED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(r) = cache.get(re) {
+        return Some(r.clone());
     }
-    if entropy
-        && classes.contains(&Class::Secret)
-        && HIGH_ENTROPY
-            .find_iter(text)
-            .any(|m| high_entropy(m.as_str()))
-    {
-        out.push((HIGH_ENTROPY_NAME, Class::Secret));
+    let r = Arc::new(
+        regex::RegexBuilder::new(re)
+            .size_limit(1 << 20)
+            .build()
+            .ok()?,
+    );
+    if cache.len() >= 4096 {
+        cache.clear();
     }
-    out
+    cache.insert(re.to_string(), r.clone());
+    Some(r)
 }
 
-/// `text` with what the detectors of `classes` find replaced by `[REDACTED:<detector>]`.
-pub fn redact(text: &str, classes: &[Class], entropy: bool) -> String {
-    let mut out = text.to_string();
-    for d in DETECTORS.iter().filter(|d| classes.contains(&d.class)) {
-        out =
-            d.re.replace_all(&out, |c: &regex::Captures<'_>| {
-                let m = c.get(0).map_or("", |m| m.as_str());
-                if d.check.is_none_or(|f| f(m)) {
-                    format!("[REDACTED:{}]", d.name)
-                } else {
-                    m.to_string()
-                }
-            })
-            .into_owned();
+/// A set of detectors: the built-in ones of some classes, high entropy or not, and patterns of
+/// one's own.
+#[derive(Debug, Clone, Default)]
+pub struct Detectors {
+    classes: Vec<Class>,
+    entropy: bool,
+    custom: Vec<(String, Class, Arc<Regex>)>,
+}
+
+impl Detectors {
+    /// The detectors `d` turns on whose class `wanted` accepts.
+    pub fn of(d: &Detect, wanted: impl Fn(Class) -> bool) -> Self {
+        Self::union([d], wanted)
     }
-    if entropy && classes.contains(&Class::Secret) {
-        out = HIGH_ENTROPY
-            .replace_all(&out, |c: &regex::Captures<'_>| {
-                let m = c.get(0).map_or("", |m| m.as_str());
-                if high_entropy(m) && !m.starts_with("[REDACTED") {
-                    format!("[REDACTED:{HIGH_ENTROPY_NAME}]")
-                } else {
-                    m.to_string()
+
+    /// The detectors any of `ds` turns on whose class `wanted` accepts.
+    pub fn union<'a>(
+        ds: impl IntoIterator<Item = &'a Detect>,
+        wanted: impl Fn(Class) -> bool,
+    ) -> Self {
+        let mut out = Self::default();
+        for d in ds {
+            for (class, on) in [
+                (Class::Secret, d.secrets.is_some()),
+                (Class::Pii, d.pii.is_some()),
+            ] {
+                if on && wanted(class) && !out.classes.contains(&class) {
+                    out.classes.push(class);
                 }
-            })
-            .into_owned();
+            }
+            out.entropy |= d.entropy && d.secrets.is_some() && wanted(Class::Secret);
+            for p in &d.patterns {
+                let class = if p.secret { Class::Secret } else { Class::Pii };
+                if wanted(class) && !out.custom.iter().any(|(n, _, _)| *n == p.name) {
+                    if let Some(re) = compiled(&p.regex) {
+                        out.custom.push((p.name.clone(), class, re));
+                    }
+                }
+            }
+        }
+        out
     }
-    out
+
+    /// Whether nothing is looked for.
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty() && self.custom.is_empty()
+    }
+
+    /// What `text` holds: each detector that matches, once.
+    pub fn scan(&self, text: &str) -> Vec<(String, Class)> {
+        let mut out = Vec::new();
+        for d in DETECTORS.iter().filter(|d| self.classes.contains(&d.class)) {
+            if d.re
+                .find_iter(text)
+                .any(|m| d.check.is_none_or(|c| c(m.as_str())))
+            {
+                out.push((d.name.to_string(), d.class));
+            }
+        }
+        if self.entropy
+            && HIGH_ENTROPY
+                .find_iter(text)
+                .any(|m| high_entropy(m.as_str()))
+        {
+            out.push((HIGH_ENTROPY_NAME.to_string(), Class::Secret));
+        }
+        for (name, class, re) in &self.custom {
+            if re.is_match(text) {
+                out.push((name.clone(), *class));
+            }
+        }
+        out
+    }
+
+    /// `text` with what the detectors find replaced by `[REDACTED:<detector>]`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        let mark = |name: &str| format!("[REDACTED:{name}]");
+        for d in DETECTORS.iter().filter(|d| self.classes.contains(&d.class)) {
+            out =
+                d.re.replace_all(&out, |c: &regex::Captures<'_>| {
+                    let m = c.get(0).map_or("", |m| m.as_str());
+                    if d.check.is_none_or(|f| f(m)) {
+                        mark(d.name)
+                    } else {
+                        m.to_string()
+                    }
+                })
+                .into_owned();
+        }
+        for (name, _, re) in &self.custom {
+            out = re.replace_all(&out, mark(name).as_str()).into_owned();
+        }
+        if self.entropy {
+            out = HIGH_ENTROPY
+                .replace_all(&out, |c: &regex::Captures<'_>| {
+                    let m = c.get(0).map_or("", |m| m.as_str());
+                    if high_entropy(m) && !m.starts_with("[REDACTED") {
+                        mark(HIGH_ENTROPY_NAME)
+                    } else {
+                        m.to_string()
+                    }
+                })
+                .into_owned();
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [Class; 2] = [Class::Secret, Class::Pii];
+    use cellgate_api::manifest::DetectAction;
+    use cellgate_api::model::DetectPattern;
 
-    fn names(text: &str, entropy: bool) -> Vec<&'static str> {
-        scan(text, &ALL, entropy)
+    fn detect(entropy: bool, patterns: Vec<DetectPattern>) -> Detect {
+        Detect {
+            secrets: Some(DetectAction::Deny),
+            pii: Some(DetectAction::Redact),
+            entropy,
+            patterns,
+        }
+    }
+
+    fn all(entropy: bool) -> Detectors {
+        Detectors::of(&detect(entropy, vec![]), |_| true)
+    }
+
+    fn names(text: &str, entropy: bool) -> Vec<String> {
+        all(entropy)
+            .scan(text)
             .into_iter()
             .map(|(n, _)| n)
             .collect()
@@ -247,8 +349,9 @@ mod tests {
         assert!(names("order 1234567890123", false).is_empty(), "Luhn");
         assert!(names("version 1.2.3 of the-library", false).is_empty());
         // Only the classes asked for.
-        assert!(scan("ana@example.org", &[Class::Secret], false).is_empty());
-        assert!(scan("AKIAIOSFODNN7EXAMPLE", &[Class::Pii], false).is_empty());
+        let only = |c: Class| Detectors::of(&detect(false, vec![]), move |x| x == c);
+        assert!(only(Class::Secret).scan("ana@example.org").is_empty());
+        assert!(only(Class::Pii).scan("AKIAIOSFODNN7EXAMPLE").is_empty());
     }
 
     #[test]
@@ -261,14 +364,40 @@ mod tests {
     }
 
     #[test]
+    fn patterns_of_ones_own_are_detectors_too() {
+        let d = detect(
+            false,
+            vec![DetectPattern {
+                name: "employee_id".into(),
+                regex: r"\bEMP-[0-9]{6}\b".into(),
+                secret: false,
+            }],
+        );
+        let ds = Detectors::of(&d, |_| true);
+        assert_eq!(
+            ds.scan("ticket for EMP-004211"),
+            vec![("employee_id".to_string(), Class::Pii)]
+        );
+        assert_eq!(
+            ds.redact("EMP-004211 and EMP-1"),
+            "[REDACTED:employee_id] and EMP-1"
+        );
+        // Not when its class is not wanted.
+        assert!(Detectors::of(&d, |c| c == Class::Secret)
+            .scan("EMP-004211")
+            .is_empty());
+    }
+
+    #[test]
     fn redaction_names_the_detector_and_keeps_the_rest() {
         let text = r#"{"to":"ana.lopez@example.org","key":"AKIAIOSFODNN7EXAMPLE","n":3}"#;
-        let r = redact(text, &ALL, false);
+        let r = all(false).redact(text);
         assert_eq!(
             r,
             r#"{"to":"[REDACTED:email]","key":"[REDACTED:aws_access_key]","n":3}"#
         );
-        assert!(redact(text, &[Class::Pii], false).contains("AKIA"));
-        assert_eq!(redact("nothing here", &ALL, true), "nothing here");
+        let pii = Detectors::of(&detect(false, vec![]), |c| c == Class::Pii);
+        assert!(pii.redact(text).contains("AKIA"));
+        assert_eq!(all(true).redact("nothing here"), "nothing here");
     }
 }

@@ -426,7 +426,8 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
                     }
                     let head = r.as_ref().map(|(h, _)| &h[..]);
                     facts.secrets_of = carried_secrets(&shared, ident, &parts, head);
-                    facts.detected = detections(&shared, ident, &parts, &facts, head);
+                    (facts.detected, facts.detectors) =
+                        detections(&shared, ident, &parts, &facts, head);
                     read = r;
                     decide::admit(&shared, ident, &facts).await
                 }
@@ -486,39 +487,34 @@ fn carried_secrets(
 }
 
 /// What the detectors of the cell's `detect` capabilities find in the request: its canonical
-/// path, its query, every header, the part of its body that was read. Nothing when no
-/// capability of the cell detects.
+/// path, its query, every header, the part of its body that was read; and those detectors.
+/// Nothing when no capability of the cell detects.
 fn detections(
     shared: &Shared,
     ident: &ConnIdentity,
     parts: &http::request::Parts,
     facts: &Facts,
     body: Option<&[u8]>,
-) -> Vec<crate::detect::Found> {
-    use crate::detect::{scan, Class, Found, Place};
+) -> (
+    Vec<crate::detect::Found>,
+    Option<Arc<crate::detect::Detectors>>,
+) {
+    use crate::detect::{Detectors, Found, Place};
     let Some(entry) = shared.cells.get(&ident.claims.cell_uid) else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
-    let detects: Vec<_> = entry
+    let detects = entry
         .cell
         .capabilities
         .iter()
-        .filter_map(|c| c.detect)
-        .collect();
-    if detects.is_empty() {
-        return Vec::new();
+        .filter_map(|c| c.detect.as_ref());
+    let ds = Detectors::union(detects, |_| true);
+    if ds.is_empty() {
+        return (Vec::new(), None);
     }
-    let mut classes = Vec::new();
-    if detects.iter().any(|d| d.secrets.is_some()) {
-        classes.push(Class::Secret);
-    }
-    if detects.iter().any(|d| d.pii.is_some()) {
-        classes.push(Class::Pii);
-    }
-    let entropy = detects.iter().any(|d| d.entropy);
     let mut found = Vec::new();
     let mut look = |text: &str, place: Place| {
-        for (detector, class) in scan(text, &classes, entropy) {
+        for (detector, class) in ds.scan(text) {
             found.push(Found {
                 detector,
                 class,
@@ -540,19 +536,18 @@ fn detections(
     if let Some(b) = body {
         look(&String::from_utf8_lossy(b), Place::Body);
     }
-    found
+    (found, Some(Arc::new(ds)))
 }
 
 /// Applies a `detect: redact` decision: the query, the headers and the body read, with what the
 /// detectors found replaced (the body's length fixed up).
 fn redact(
-    plan: &(Vec<crate::detect::Class>, bool),
+    plan: &crate::detect::Detectors,
     facts: &mut Facts,
     headers: &mut HeaderMap,
     body: &mut upstream::UpBody,
 ) {
-    let (classes, entropy) = plan;
-    let clean = |t: &str| crate::detect::redact(t, classes, *entropy);
+    let clean = |t: &str| plan.redact(t);
     if let Some(q) = facts.query.as_mut() {
         // Brackets are not query characters: the marks go percent-encoded.
         *q = clean(q).replace('[', "%5B").replace(']', "%5D");
@@ -619,17 +614,13 @@ async fn handle_decided(
 ) -> Response<Body> {
     let ident = &ctx.ident.clone();
     // A path a detector found something in is logged with it redacted.
-    let logged_path = match &facts.path {
-        Some(p)
-            if facts
-                .detected
-                .iter()
-                .any(|f| f.place == crate::detect::Place::Path) =>
-        {
-            use crate::detect::Class;
-            Some(crate::detect::redact(p, &[Class::Secret, Class::Pii], true))
-        }
-        other => other.clone(),
+    let in_path = facts
+        .detected
+        .iter()
+        .any(|f| f.place == crate::detect::Place::Path);
+    let logged_path = match (&facts.path, &facts.detectors) {
+        (Some(p), Some(ds)) if in_path => Some(ds.redact(p)),
+        (other, _) => other.clone(),
     };
     let span = tracing::info_span!("request", request.id = %out.request_id, http.method = %parts.method, host = ?facts.host, path = ?logged_path);
     async move {

@@ -155,7 +155,10 @@ spec:
       destinations: [{{host: api.test, ports: [{port}]}}]
       http: {{paths: ["/v1/strict/**"]}}
       inspect: {{json: true}}
-      detect: {{secrets: deny, pii: deny}}
+      detect:
+        secrets: deny
+        pii: deny
+        patterns: [{{name: employee_id, regex: "EMP-[0-9]{{6}}"}}]
     - name: scrubbed
       destinations: [{{host: api.test, ports: [{port}]}}]
       http: {{paths: ["/v1/scrubbed/**"]}}
@@ -195,6 +198,25 @@ async fn secrets_and_personal_data_are_refused_or_redacted_and_never_recorded() 
         f.https.requests().len(),
         before,
         "a refused request was sent"
+    );
+    // A detector of one's own, in a header.
+    let tls = f
+        .tls("api.test", &f.token("inspector"), &[b"http/1.1"])
+        .await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/strict/x")
+        .header("host", format!("api.test:{}", f.https.addr.port()))
+        .header("x-ticket", "for EMP-004211")
+        .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let r = send_h1(tls, req).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["reason"], "pii_detected");
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("detector employee_id found something in header x-ticket"),
+        "{message}"
     );
     // Clean: sent.
     let r = post(&f, "/v1/strict/x", r#"{"note":"nothing to see"}"#.into()).await;
