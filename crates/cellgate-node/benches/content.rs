@@ -1,6 +1,7 @@
 //! The content stages' cost: reading a request body for the policy (JSON parse per KiB), the MCP
 //! check of a `tools/call`, filtering a `tools/list` answer of 50 tools (JSON and one SSE event),
-//! and masking an injected secret in a streamed response (per MiB, in 16 KiB chunks).
+//! masking an injected secret in a streamed response (per MiB, in 16 KiB chunks), and the
+//! secret and personal-data detectors over 1 KiB.
 //!
 //! `cargo bench -p cellgate-node --bench content`.
 
@@ -93,5 +94,32 @@ fn scrub(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, inspect, mcp, scrub);
+fn detect(c: &mut Criterion) {
+    use cellgate_api::manifest::DetectAction;
+    use cellgate_api::model::Detect;
+    use cellgate_node::detect::Detectors;
+    let d = Detect {
+        secrets: Some(DetectAction::Deny),
+        pii: Some(DetectAction::Redact),
+        entropy: true,
+        patterns: Vec::new(),
+    };
+    let ds = Detectors::of(&d, |_| true);
+    // 1 KiB of chat request with nothing to find, and the same with an e-mail and a key in it.
+    let clean = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "please summarise the attached meeting notes about the quarterly roadmap ".repeat(13)}],
+    })
+    .to_string();
+    let dirty = clean.replace("attached", "ana.lopez@example.org AKIAIOSFODNN7EXAMPLE");
+    let mut g = c.benchmark_group("detect");
+    g.throughput(Throughput::Bytes(clean.len() as u64));
+    g.bench_function("scan_1KiB_clean", |b| b.iter(|| ds.scan(&clean)));
+    g.bench_function("redact_1KiB_with_findings", |b| {
+        b.iter(|| ds.redact(&dirty))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, inspect, mcp, scrub, detect);
 criterion_main!(benches);

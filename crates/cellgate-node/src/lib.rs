@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
 //! | admin (`/healthz`, `/readyz`, `/metrics`, `/audit`, `/lockdown`) | `127.0.0.1:15021` | admin thread |
-//! | Envoy ext_authz gRPC ([`ext_authz`]), TCP or Unix socket | off (`--ext-authz`) | data path |
+//! | Envoy ext_authz and ext_proc gRPC ([`ext_authz`], [`ext_proc`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
 pub mod answer;
