@@ -30,6 +30,19 @@ fn inspect(c: &mut Criterion) {
                      {"role": "user", "content": "y".repeat(600)}],
     })
     .to_string();
+    // What a request pays when no capability reads bodies: finding that out, for a cell of ten
+    // capabilities (none inspects; the request's host is named by the last).
+    let caps: String = (0..10)
+        .map(|i| format!("    - name: c{i}\n      destinations: [{{host: h{i}.test}}]\n"))
+        .collect();
+    let yaml = format!("apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: b, namespace: n}}\nspec:\n  capabilities:\n{caps}");
+    let cell = cellgate_api::manifest::parse_agent_cells(&yaml).expect("cell")[0]
+        .to_model()
+        .expect("model");
+    let dst: std::net::IpAddr = "10.0.0.9".parse().expect("ip");
+    c.bench_function("inspect/bound_none_of_10", |b| {
+        b.iter(|| cellgate_node::inspect::bound(&cell, Some("h9.test"), 443, dst))
+    });
     let mut g = c.benchmark_group("inspect");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("json_parse_1KiB", |b| {
