@@ -38,6 +38,12 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 # the hard limit allows (20 000 here, which an unprivileged sandbox cannot raise).
 TAGGERS="${TAGGERS:-$(( (CONNS + 7999) / 8000 ))}"
 per=$(( CONNS / TAGGERS ))
+# The connections are opened by LOADERS h2load processes started STAGGER seconds apart, so that
+# the TLS handshakes (each decided, minted from the cache and audited) come as a ramp, not as one
+# storm of CONNS at once; loader i goes through tagger i mod TAGGERS.
+LOADERS="${LOADERS:-$(( (CONNS + 999) / 1000 ))}"
+STAGGER="${STAGGER:-5}"
+per_loader=$(( CONNS / LOADERS ))
 need_fds=$(( (CONNS > per * 2 ? CONNS : per * 2) + 1024 ))
 [ "$(ulimit -Hn)" = unlimited ] || [ "$(ulimit -Hn)" -ge "$need_fds" ] || ulimit -Hn "$need_fds" 2>/dev/null || true
 ulimit -n "$need_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -141,16 +147,19 @@ sample() {
     "$(fds "$node_pid")" "$(fds "$tagger_pid")"
 }
 base_node_fds="$(fds "$node_pid")"; base_tagger_fds="$(fds "$tagger_pid")"
-echo "==> $CONNS connections for ${DURATION}s, ${RPS_PER_CONN} req/s each, through $TAGGERS tagger(s) and the node (tagger columns: the first tagger)"
+echo "==> $CONNS connections for ${DURATION}s, ${RPS_PER_CONN} req/s each, through $TAGGERS tagger(s) and the node, opened by $LOADERS loaders ${STAGGER}s apart (tagger columns: the first tagger)"
 printf '%7s  %9s %9s  %7s %7s\n' "t" "node KiB" "tagger KiB" "node fd" "tag fd" | tee "$work/samples.txt"
 sample "start" | tee -a "$work/samples.txt"
-# h2load's own threads share the load; -D bounds the run, timeout bounds h2load.
+# -D bounds each loader's run (the later ones end later by their start offset), timeout bounds
+# h2load.
 load_pids=()
-for t in $(seq 1 "$TAGGERS"); do
-  timeout $((DURATION + 300)) h2load -t1 -c"$per" -m1 --rps="$RPS_PER_CONN" -D "$DURATION" \
-    --connect-to="127.0.0.1:${tagger_ports[$((t - 1))]}" --npn-list=h2 "https://$HOST:$UP_PORT/v1/ping" \
-    > "$work/h2load$t.txt" 2>&1 &
+for l in $(seq 1 "$LOADERS"); do
+  port="${tagger_ports[$(( (l - 1) % TAGGERS ))]}"
+  timeout $((DURATION + 300)) h2load -t1 -c"$per_loader" -m1 --rps="$RPS_PER_CONN" -D "$DURATION" \
+    --connect-to="127.0.0.1:$port" --npn-list=h2 "https://$HOST:$UP_PORT/v1/ping" \
+    > "$work/h2load$l.txt" 2>&1 &
   load_pids+=($!)
+  [ "$l" = "$LOADERS" ] || sleep "$STAGGER"
 done
 load_pid="${load_pids[0]}"
 minute=0
@@ -166,8 +175,8 @@ while kill -0 "$load_pid" 2>/dev/null; do
   [ "$minute" = "$WARM_MIN" ] && warm_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
   end_rss="$(rss_kb "$node_pid") $(rss_kb "$tagger_pid")"
 done
-for t in $(seq 1 "$TAGGERS"); do
-  wait "${load_pids[$((t - 1))]}" || { echo "h2load $t failed:" >&2; cat "$work/h2load$t.txt" >&2; exit 1; }
+for l in $(seq 1 "$LOADERS"); do
+  wait "${load_pids[$((l - 1))]}" || { echo "h2load $l failed:" >&2; cat "$work/h2load$l.txt" >&2; exit 1; }
 done
 cat "$work"/h2load[0-9]*.txt > "$work/h2load.txt"
 sleep 5   # the connections close
