@@ -298,6 +298,32 @@ spec:
     let forged = tagged_request(st.envoy, st.upstream, "eyJhbGciOiJFZERTQSJ9.e30.c2ln", &get);
     assert!(forged.starts_with("HTTP/1.1 403"), "forged token: {forged}");
 
+    // At the upstream and in Envoy's access log: the allowed GET arrived and was answered by the
+    // upstream; the refused DELETE and the forged token's GET were answered by ext_authz and
+    // never arrived.
+    let d = st.dir.path();
+    let allowed = tagged_request(st.envoy, st.upstream, &st.token, &get);
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    wait_line(d, "upstream.log", |l| l.contains("seen GET /allowed/x"));
+    let access = wait_line(d, "envoy.log", |l| {
+        l.contains("\"method\":\"GET\"")
+            && l.contains("\"status\":200")
+            && l.contains("\"path\":\"/allowed/x\"")
+    });
+    assert!(access.contains("via_upstream"), "{access}");
+    assert!(access.contains("\"decision\":\"allow\""), "{access}");
+    let access = wait_line(d, "envoy.log", |l| l.contains("\"method\":\"DELETE\""));
+    assert!(access.contains("\"status\":403"), "{access}");
+    assert!(access.contains("ext_authz_denied"), "{access}");
+    assert!(access.contains("\"decision\":\"deny\""), "{access}");
+    let upstream_log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+    assert!(!upstream_log.contains("DELETE"), "{upstream_log}");
+    assert_eq!(
+        upstream_log.matches("seen GET /allowed/x").count(),
+        2,
+        "the readiness GET and the allowed one, never the forged token's: {upstream_log}"
+    );
+
     // Paths: Envoy normalizes, the node decides on what Envoy forwards.
     for path in [
         "/allowed/../secret",
