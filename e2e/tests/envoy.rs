@@ -544,6 +544,31 @@ spec:
         "{r}"
     );
     assert!(!r.contains(SECRET));
+    // Neither the foreign nor the expired token's request reached the upstream, and Envoy says
+    // ext_authz answered both.
+    let log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+    assert!(!log.contains("GET /allowed/x "), "{log}");
+    // The access log is flushed every 100 ms: wait for both lines.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let access = loop {
+        let text = std::fs::read_to_string(d.join("envoy.log")).unwrap_or_default();
+        let n = text.matches("\"path\":\"/allowed/x\"").count();
+        if n >= 2 || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let refused: Vec<&str> = access
+        .lines()
+        .filter(|l| l.contains("\"path\":\"/allowed/x\""))
+        .collect();
+    assert_eq!(refused.len(), 2, "{access}");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.contains("ext_authz_denied") && l.contains("\"status\":403")),
+        "{access}"
+    );
 
     // The node gone (its ext_authz socket with it): Envoy fails closed.
     drop(st.procs.remove(0));
