@@ -814,27 +814,7 @@ spec:
     );
 
     // WebSocket: upgraded through Envoy, bytes echoed by the upstream.
-    let mut s = TcpStream::connect(st.envoy).expect("connect envoy");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let src: SocketAddr = "127.0.0.1:40001".parse().expect("addr");
-    s.write_all(&cellgate_proxy_protocol::encode(src, st.upstream, &st.token).expect("PPv2"))
-        .expect("header");
-    s.write_all(
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: localhost:{up_port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .expect("upgrade");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("101 head");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut s = websocket(&st, &st.token);
     s.write_all(b"ping through envoy").expect("frame");
     let mut echo = [0u8; 18];
     s.read_exact(&mut echo).expect("echo");
