@@ -2,7 +2,9 @@
 //! a writable audit log, in Kubernetes mode a first list from every watch), `/metrics`
 //! (Prometheus text) and `/audit?cell=NAMESPACE/NAME&limit=N` (that cell's most recent audit
 //! records as JSON lines, oldest first; `kubectl cellgate audit` reads it through the API
-//! server's pod proxy).
+//! server's pod proxy). `/audit` also filters by `namespace`, `since`/`until`, `decision`,
+//! `reason` and `host`, and pages forward with `after=SEQ` (see [`AuditQuery`]): the
+//! operator's control API fans that query out to every node.
 //!
 //! It runs on its own thread and single-threaded runtime so that a flood of scrapes never takes
 //! time from the data path, and a stalled data path never hides the admin view.
@@ -55,33 +57,175 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
 pub const AUDIT_DEFAULT_LIMIT: usize = 100;
 /// Most records one `/audit` call returns: the answer is built in memory.
 pub const AUDIT_MAX_LIMIT: usize = 1000;
+/// Most values one `decision=` filter may list (there are six decisions).
+const AUDIT_MAX_DECISIONS: usize = 6;
 
 /// Why an `/audit` query is refused (answered 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuditQueryError {
-    /// No `cell`, or not `NAMESPACE/NAME`.
+    /// `cell` is not `NAMESPACE/NAME`.
     #[error("cell={0:?}: expected cell=NAMESPACE/NAME")]
     Cell(String),
     /// `limit` is not a positive number.
     #[error("limit={0:?}: expected a number from 1 to {AUDIT_MAX_LIMIT}")]
     Limit(String),
+    /// `since` or `until` is not an RFC 3339 time.
+    #[error("{0}={1:?}: expected an RFC 3339 time such as 2030-01-01T00:00:00Z")]
+    Time(&'static str, String),
+    /// `after` is not a sequence number.
+    #[error("after={0:?}: expected the seq of the last record already read (a number)")]
+    After(String),
+    /// `decision` names no known decision.
+    #[error("decision={0:?}: expected allow, deny, error, shadow_deny, approval or control (comma-separated)")]
+    Decision(String),
+    /// A filter given with an empty value.
+    #[error("{0}= is empty: leave the parameter out to match everything")]
+    Empty(&'static str),
 }
 
-/// Parses `cell=NAMESPACE/NAME&limit=N` (percent-encoded); the limit defaults to
-/// [`AUDIT_DEFAULT_LIMIT`] and is capped at [`AUDIT_MAX_LIMIT`].
+/// An `/audit` query: filters, a position and a limit.
+///
+/// Without `after` and `since` it answers the *last* `limit` matching records (the tail, what
+/// `kubectl cellgate audit CELL` shows); with either it pages forward: the *first* `limit`
+/// matching records whose `seq` is above `after` and whose time is at or after `since`. Records
+/// come oldest first (file order) either way, so the `seq` of the last one is the `after` of the
+/// next page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// `cell=NAMESPACE/NAME`.
+    pub cell: Option<(String, String)>,
+    /// `namespace=NS`.
+    pub namespace: Option<String>,
+    /// `since=RFC3339`: records at or after.
+    pub since: Option<jiff::Timestamp>,
+    /// `until=RFC3339`: records before.
+    pub until: Option<jiff::Timestamp>,
+    /// `decision=deny,error`: any of these.
+    pub decisions: Vec<String>,
+    /// `reason=LABEL`: the record's `reason` label.
+    pub reason: Option<String>,
+    /// `host=HOST`: the record's host, ignoring case.
+    pub host: Option<String>,
+    /// `after=SEQ`: only records with a higher `seq`.
+    pub after: Option<u64>,
+    /// `limit=N`, at most [`AUDIT_MAX_LIMIT`].
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    /// Pages forward (`after` or `since` given) rather than answering the tail.
+    pub fn forward(&self) -> bool {
+        self.after.is_some() || self.since.is_some()
+    }
+
+    /// Whether one record (a parsed audit line) passes every filter.
+    pub fn matches(&self, v: &serde_json::Value) -> bool {
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str());
+        if let Some((ns, name)) = &self.cell {
+            if field("namespace") != Some(ns.as_str()) || field("cell") != Some(name.as_str()) {
+                return false;
+            }
+        }
+        if let Some(ns) = &self.namespace {
+            if field("namespace") != Some(ns.as_str()) {
+                return false;
+            }
+        }
+        if !self.decisions.is_empty()
+            && !field("decision").is_some_and(|d| self.decisions.iter().any(|x| x == d))
+        {
+            return false;
+        }
+        if let Some(r) = &self.reason {
+            if field("reason") != Some(r.as_str()) {
+                return false;
+            }
+        }
+        if let Some(h) = &self.host {
+            if !field("host").is_some_and(|x| x.eq_ignore_ascii_case(h)) {
+                return false;
+            }
+        }
+        if let Some(after) = self.after {
+            if v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0) <= after {
+                return false;
+            }
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = field("time").and_then(|t| t.parse::<jiff::Timestamp>().ok()) else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t >= u) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Parses an `/audit` query (percent-encoded): `cell=NAMESPACE/NAME`, `namespace=NS`,
+/// `since=`/`until=` (RFC 3339), `decision=` (comma-separated), `reason=`, `host=`,
+/// `after=SEQ`, `limit=N`. Every filter is optional; the limit defaults to
+/// [`AUDIT_DEFAULT_LIMIT`] and is capped at [`AUDIT_MAX_LIMIT`]. Unknown parameters are ignored.
 ///
 /// # Errors
-/// A missing or malformed `cell`, a `limit` that is not a positive number.
-pub fn parse_audit_query(query: &str) -> Result<(String, String, usize), AuditQueryError> {
-    let mut cell = None;
-    let mut limit = AUDIT_DEFAULT_LIMIT;
+/// A malformed `cell`, time, `after`, `decision` or `limit`, or a filter with an empty value.
+pub fn parse_audit_query(query: &str) -> Result<AuditQuery, AuditQueryError> {
+    const DECISIONS: [&str; AUDIT_MAX_DECISIONS] =
+        ["allow", "deny", "error", "shadow_deny", "approval", "control"];
+    let mut q = AuditQuery {
+        limit: AUDIT_DEFAULT_LIMIT,
+        ..AuditQuery::default()
+    };
+    let time = |name: &'static str, v: String| {
+        v.trim()
+            .parse::<jiff::Timestamp>()
+            .map_err(|_| AuditQueryError::Time(name, v))
+    };
+    let nonempty = |name: &'static str, v: String| {
+        if v.trim().is_empty() {
+            Err(AuditQueryError::Empty(name))
+        } else {
+            Ok(v.trim().to_string())
+        }
+    };
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v);
         match percent_decode(k).as_str() {
-            "cell" => cell = Some(percent_decode(v)),
+            "cell" => match v.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    q.cell = Some((ns.to_string(), name.to_string()));
+                }
+                _ => return Err(AuditQueryError::Cell(v)),
+            },
+            "namespace" => q.namespace = Some(nonempty("namespace", v)?),
+            "since" => q.since = Some(time("since", v)?),
+            "until" => q.until = Some(time("until", v)?),
+            "reason" => q.reason = Some(nonempty("reason", v)?),
+            "host" => q.host = Some(nonempty("host", v)?),
+            "decision" => {
+                for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+                    if !DECISIONS.contains(&d) {
+                        return Err(AuditQueryError::Decision(v.clone()));
+                    }
+                    if !q.decisions.iter().any(|x| x == d) {
+                        q.decisions.push(d.to_string());
+                    }
+                }
+                if q.decisions.is_empty() {
+                    return Err(AuditQueryError::Empty("decision"));
+                }
+            }
+            "after" => {
+                q.after = Some(
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|_| AuditQueryError::After(v.clone()))?,
+                );
+            }
             "limit" => {
-                let v = percent_decode(v);
-                limit = match v.parse::<usize>() {
+                q.limit = match v.parse::<usize>() {
                     Ok(n) if n > 0 => n.min(AUDIT_MAX_LIMIT),
                     _ => return Err(AuditQueryError::Limit(v)),
                 };
@@ -89,26 +233,16 @@ pub fn parse_audit_query(query: &str) -> Result<(String, String, usize), AuditQu
             _ => {}
         }
     }
-    let cell = cell.unwrap_or_default();
-    match cell.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok((ns.to_string(), name.to_string(), limit))
-        }
-        _ => Err(AuditQueryError::Cell(cell)),
-    }
+    Ok(q)
 }
 
-/// The last `limit` records of cell `namespace/name` in the audit file, as JSON lines, oldest
-/// first. Reads the file once, keeping at most `limit` lines in memory.
+/// The records of the audit file that `query` selects, as JSON lines, oldest first: the last
+/// `limit` matches, or (paging forward, see [`AuditQuery`]) the first `limit` matches. Reads
+/// the file once, keeping at most `limit` lines in memory.
 ///
 /// # Errors
 /// The file cannot be read.
-pub fn audit_tail(
-    path: &std::path::Path,
-    namespace: &str,
-    name: &str,
-    limit: usize,
-) -> std::io::Result<String> {
+pub fn audit_select(path: &std::path::Path, query: &AuditQuery) -> std::io::Result<String> {
     use std::io::BufRead as _;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -116,24 +250,31 @@ pub fn audit_tail(
         Err(e) => return Err(e),
     };
     // Records are compact JSON; a line without the cell's name as a value cannot match.
-    let needle = serde_json::Value::String(name.to_string()).to_string();
+    let needle = query
+        .cell
+        .as_ref()
+        .map(|(_, name)| serde_json::Value::String(name.clone()).to_string());
+    let limit = query.limit.max(1);
+    let forward = query.forward();
     let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line?;
-        if !line.contains(&needle) {
+        if needle.as_ref().is_some_and(|n| !line.contains(n.as_str())) {
             continue;
         }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if v.get("cell").and_then(|c| c.as_str()) == Some(name)
-            && v.get("namespace").and_then(|c| c.as_str()) == Some(namespace)
-        {
-            if kept.len() == limit {
-                kept.pop_front();
-            }
-            kept.push_back(line);
+        if !query.matches(&v) {
+            continue;
         }
+        if kept.len() == limit {
+            if forward {
+                break;
+            }
+            kept.pop_front();
+        }
+        kept.push_back(line);
     }
     let mut out = String::new();
     for l in kept {
@@ -239,11 +380,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn audit(shared: Arc<Shared>, query: String) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match parse_audit_query(&query) {
         Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-        Ok((ns, name, limit)) => {
+        Ok(q) => {
             // Denials are already durable; flush so the recent allows are there too.
             let _ = shared.audit.flush().await;
             let path = shared.config.audit.clone();
-            match tokio::task::spawn_blocking(move || audit_tail(&path, &ns, &name, limit)).await {
+            match tokio::task::spawn_blocking(move || audit_select(&path, &q)).await {
                 Ok(Ok(lines)) => (StatusCode::OK, "application/x-ndjson", lines),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot read the audit log for /audit");
@@ -605,19 +746,27 @@ pub fn spawn(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
 mod tests {
     use super::*;
 
+    fn cell_query(ns: &str, name: &str, limit: usize) -> AuditQuery {
+        AuditQuery {
+            cell: Some((ns.into(), name.into())),
+            limit,
+            ..AuditQuery::default()
+        }
+    }
+
     #[test]
     fn audit_query() {
         assert_eq!(
             parse_audit_query("cell=agents%2Ftriage&limit=5"),
-            Ok(("agents".into(), "triage".into(), 5))
+            Ok(cell_query("agents", "triage", 5))
         );
         assert_eq!(
             parse_audit_query("cell=agents/triage"),
-            Ok(("agents".into(), "triage".into(), AUDIT_DEFAULT_LIMIT))
+            Ok(cell_query("agents", "triage", AUDIT_DEFAULT_LIMIT))
         );
         assert_eq!(
             parse_audit_query("limit=999999&cell=a/b"),
-            Ok(("a".into(), "b".into(), AUDIT_MAX_LIMIT))
+            Ok(cell_query("a", "b", AUDIT_MAX_LIMIT))
         );
         assert!(matches!(
             parse_audit_query("limit=0&cell=a/b"),
@@ -627,17 +776,62 @@ mod tests {
             parse_audit_query("limit=x&cell=a/b"),
             Err(AuditQueryError::Limit(_))
         ));
-        for bad in ["", "cell=triage", "cell=/b", "cell=a/", "cell=a/b/c"] {
+        for bad in ["cell=", "cell=triage", "cell=/b", "cell=a/", "cell=a/b/c"] {
             assert!(
                 matches!(parse_audit_query(bad), Err(AuditQueryError::Cell(_))),
                 "{bad}"
             );
         }
+        // No filter at all: every record, the tail.
+        let all = parse_audit_query("").unwrap();
+        assert_eq!(all.limit, AUDIT_DEFAULT_LIMIT);
+        assert!(all.cell.is_none() && !all.forward());
         assert_eq!(percent_decode("a%2Fb+c%zz%"), "a/b c%zz%");
     }
 
     #[test]
-    fn audit_tail_keeps_the_last_records_of_one_cell() {
+    fn audit_query_filters_parse_and_refuse_bad_values() {
+        let q = parse_audit_query(
+            "namespace=agents&since=2030-01-01T00%3A00%3A00Z&until=2030-01-02T00:00:00Z\
+             &decision=deny,error,deny&reason=no_capability&host=API.example.com&after=42&limit=7",
+        )
+        .unwrap();
+        assert_eq!(q.namespace.as_deref(), Some("agents"));
+        assert_eq!(q.since, Some("2030-01-01T00:00:00Z".parse().unwrap()));
+        assert_eq!(q.until, Some("2030-01-02T00:00:00Z".parse().unwrap()));
+        assert_eq!(q.decisions, ["deny", "error"]);
+        assert_eq!(q.reason.as_deref(), Some("no_capability"));
+        assert_eq!(q.host.as_deref(), Some("API.example.com"));
+        assert_eq!(q.after, Some(42));
+        assert_eq!(q.limit, 7);
+        assert!(q.forward());
+        assert!(parse_audit_query("since=2030-01-01T00:00:00Z").unwrap().forward());
+        for (bad, want) in [
+            ("since=yesterday", AuditQueryError::Time("since", "yesterday".into())),
+            ("until=1", AuditQueryError::Time("until", "1".into())),
+            ("after=-1", AuditQueryError::After("-1".into())),
+            ("decision=maybe", AuditQueryError::Decision("maybe".into())),
+            ("decision=,", AuditQueryError::Empty("decision")),
+            ("namespace=", AuditQueryError::Empty("namespace")),
+            ("host=", AuditQueryError::Empty("host")),
+            ("reason=", AuditQueryError::Empty("reason")),
+        ] {
+            assert_eq!(parse_audit_query(bad), Err(want), "{bad}");
+        }
+    }
+
+    fn seqs(out: &str) -> Vec<u64> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn audit_select_keeps_the_last_records_of_one_cell() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let mut text = String::new();
@@ -654,20 +848,58 @@ mod tests {
         }
         text.push_str("not json \"triage\"\n");
         std::fs::write(&path, text).unwrap();
-        let out = audit_tail(&path, "agents", "triage", 3).unwrap();
-        let seqs: Vec<u64> = out
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(seqs, [3, 6, 9]);
-        assert_eq!(audit_tail(&path, "agents", "nobody", 3).unwrap(), "");
+        let out = audit_select(&path, &cell_query("agents", "triage", 3)).unwrap();
+        assert_eq!(seqs(&out), [3, 6, 9]);
         assert_eq!(
-            audit_tail(&dir.path().join("none"), "a", "b", 3).unwrap(),
+            audit_select(&path, &cell_query("agents", "nobody", 3)).unwrap(),
             ""
         );
+        assert_eq!(
+            audit_select(&dir.path().join("none"), &cell_query("a", "b", 3)).unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn audit_select_filters_and_pages_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut text = String::new();
+        for i in 1..=12_u64 {
+            let decision = ["allow", "deny", "error"][(i % 3) as usize];
+            let host = if i % 2 == 0 { "api.example.com" } else { "other.example" };
+            let ns = if i <= 10 { "agents" } else { "batch" };
+            text.push_str(
+                &serde_json::json!({
+                    "seq": i, "time": format!("2030-01-01T00:00:{i:02}.000000000Z"),
+                    "cell": "triage", "namespace": ns, "decision": decision,
+                    "reason": if decision == "deny" { "no_capability" } else { "ok" },
+                    "host": host,
+                })
+                .to_string(),
+            );
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        let select = |q: &str| seqs(&audit_select(&path, &parse_audit_query(q).unwrap()).unwrap());
+        // Decision and host filters (host ignores case), tail of everything.
+        assert_eq!(select("decision=deny"), [1, 4, 7, 10]);
+        assert_eq!(select("decision=deny,error&host=API.EXAMPLE.COM"), [2, 4, 8, 10]);
+        assert_eq!(select("reason=no_capability&limit=2"), [7, 10]);
+        assert_eq!(select("namespace=batch"), [11, 12]);
+        assert_eq!(select("cell=batch/triage&decision=allow"), [12]);
+        // Time range: since inclusive, until exclusive.
+        assert_eq!(
+            select("since=2030-01-01T00:00:03Z&until=2030-01-01T00:00:06Z"),
+            [3, 4, 5]
+        );
+        // Forward pages: the first `limit` after the cursor, then the next ones.
+        assert_eq!(select("after=0&limit=5"), [1, 2, 3, 4, 5]);
+        assert_eq!(select("after=5&limit=5"), [6, 7, 8, 9, 10]);
+        assert_eq!(select("after=10&limit=5"), [11, 12]);
+        assert_eq!(select("after=12&limit=5"), Vec::<u64>::new());
+        assert_eq!(select("since=2030-01-01T00:00:02Z&decision=deny&limit=1"), [4]);
+        // Without a cursor or a start, the tail.
+        assert_eq!(select("limit=3"), [10, 11, 12]);
     }
 }
