@@ -140,6 +140,9 @@ pub struct NodeArgs {
     /// Bound on one credential backend call; past it the request is answered 503 [env: CELLGATE_CREDENTIAL_TIMEOUT] [default: 2s]
     #[arg(long)]
     pub credential_timeout: Option<String>,
+    /// Alerts file (YAML: webhook sinks and thresholds, docs/operations.md); none: no alerts. A file that does not check stops the node [env: CELLGATE_ALERTS]
+    #[arg(long)]
+    pub alerts: Option<PathBuf>,
 }
 
 /// The credential backends the flags and environment name.
@@ -400,6 +403,8 @@ pub struct NodeConfig {
     pub max_header_bytes: usize,
     /// Credential backends besides the secrets directory (Vault, Kubernetes Secrets).
     pub credentials: crate::credentials::BackendConfig,
+    /// Alerts file ([`crate::alerts`]); read and checked when the node starts.
+    pub alerts: Option<PathBuf>,
 }
 
 /// Why the configuration is not usable.
@@ -666,6 +671,7 @@ impl NodeConfig {
                 .admin_token_file
                 .or_else(|| get("CELLGATE_ADMIN_TOKEN_FILE").map(PathBuf::from)),
             log_json: log_format == "json",
+            alerts: path(args.alerts, "CELLGATE_ALERTS"),
             ..Self::defaults()
         };
         if log_format != "json" && log_format != "text" {
@@ -729,6 +735,7 @@ impl NodeConfig {
             watch_interval: Duration::from_millis(250),
             max_header_bytes: 64 * 1024,
             credentials: crate::credentials::BackendConfig::default(),
+            alerts: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! | Envoy ext_authz and ext_proc gRPC ([`ext_authz`], [`ext_proc`]), TCP or Unix socket | off (`--ext-authz`) | data path |
 
 pub mod admin;
+pub mod alerts;
 pub mod answer;
 pub mod approvals;
 pub mod budget;
@@ -110,6 +111,9 @@ pub struct Shared {
     pub dns: std::sync::OnceLock<Arc<cellgate_dns::DnsHandler>>,
     /// The API server watches, in Kubernetes mode.
     pub kube: std::sync::OnceLock<Arc<kubernetes::KubeState>>,
+    /// Webhook alerts (`--alerts`); off without a file. Other parts of the node report events
+    /// that are not audit records through it (`alerts.audit_backlog(..)`).
+    pub alerts: alerts::Alerts,
 }
 
 impl Shared {
@@ -340,6 +344,11 @@ pub async fn run_with(
     config: NodeConfig,
     kube_client: Option<kube::Client>,
 ) -> anyhow::Result<NodeHandle> {
+    // A bad alerts file stops the node before anything is opened.
+    let alerts_config = match &config.alerts {
+        Some(p) => Some(alerts::AlertsConfig::load(p).context("--alerts")?),
+        None => None,
+    };
     let kube_client = match (config.kubernetes, kube_client) {
         (false, _) => None,
         (true, Some(c)) => Some(c),
@@ -439,8 +448,21 @@ pub async fn run_with(
         ),
         dns: std::sync::OnceLock::new(),
         kube: std::sync::OnceLock::new(),
+        alerts: alerts::Alerts::default(),
         config,
     });
+    // Subscribed before the first record the node writes.
+    if let Some(c) = alerts_config {
+        shared
+            .alerts
+            .start(
+                c,
+                &shared.config.node_name,
+                &shared.metrics.alerts,
+                shared.audit.subscribe(),
+            )
+            .context("starting the alerter")?;
+    }
     if let Some(dir) = &shared.config.cells_dir {
         shared.cells.rescan(dir);
     }

@@ -31,6 +31,72 @@ pub struct ConnLabels {
     pub outcome: String,
 }
 
+/// Labels of `cellgate_alerts_failed_total` and `cellgate_alerts_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink's name in the alerts file.
+    pub sink: String,
+}
+
+/// Labels of `cellgate_alerts_sent_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    /// The sink's name in the alerts file.
+    pub sink: String,
+    /// The alert's event (`denial_rate`, `budget_exhausted`, ...).
+    pub event: String,
+}
+
+/// The alerter's counters ([`crate::alerts`]). Clones share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct AlertMetrics {
+    /// Alerts a sink acknowledged (2xx), by sink and event.
+    pub sent: Family<AlertLabels, Counter>,
+    /// Alerts given up after their last attempt, by sink.
+    pub failed: Family<SinkLabels, Counter>,
+    /// Alerts dropped from a full sink queue, by sink.
+    pub dropped: Family<SinkLabels, Counter>,
+}
+
+impl AlertMetrics {
+    /// Creates the series of a sink at zero, so they are exported before anything happens.
+    pub fn register_sink(&self, sink: &str, events: &[crate::alerts::Event]) {
+        for e in events {
+            let _ = self.sent.get_or_create(&AlertLabels {
+                sink: sink.into(),
+                event: e.as_str().into(),
+            });
+        }
+        let labels = SinkLabels { sink: sink.into() };
+        let _ = self.failed.get_or_create(&labels);
+        let _ = self.dropped.get_or_create(&labels);
+    }
+
+    /// Counts an alert delivered.
+    pub fn sent(&self, sink: &str, event: &str) {
+        self.sent
+            .get_or_create(&AlertLabels {
+                sink: sink.into(),
+                event: event.into(),
+            })
+            .inc();
+    }
+
+    /// Counts an alert given up.
+    pub fn failed(&self, sink: &str) {
+        self.failed
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .inc();
+    }
+
+    /// Counts an alert dropped from a full queue.
+    pub fn dropped(&self, sink: &str) {
+        self.dropped
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .inc();
+    }
+}
+
 /// Upper bounds (µs) of `cellgate_ext_authz_check_duration_seconds`: fine below 100 µs, where
 /// a Check should land, coarse above.
 pub const EXT_AUTHZ_BUCKETS_US: &[f64] = &[
@@ -54,6 +120,8 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     /// Policy and cell files refused on reload.
     pub reload_failures: Family<ConnLabels, Counter>,
+    /// The alerter's counters.
+    pub alerts: AlertMetrics,
 }
 
 /// Values read at scrape time from other components' atomics.
@@ -134,8 +202,25 @@ impl Metrics {
             "Refused policy or cell reloads by kind",
             reload_failures.clone(),
         );
+        let alerts = AlertMetrics::default();
+        registry.register(
+            "cellgate_alerts_sent",
+            "Alerts a sink acknowledged, by sink and event",
+            alerts.sent.clone(),
+        );
+        registry.register(
+            "cellgate_alerts_failed",
+            "Alerts given up after their last delivery attempt, by sink",
+            alerts.failed.clone(),
+        );
+        registry.register(
+            "cellgate_alerts_dropped",
+            "Alerts dropped because the sink's queue was full (alerts are best effort), by sink",
+            alerts.dropped.clone(),
+        );
         registry.register_collector(Box::new(Scraped(scraped)));
         Self {
+            alerts,
             registry,
             decisions,
             decision_seconds,
