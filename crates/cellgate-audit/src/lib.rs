@@ -84,12 +84,17 @@
     )
 )]
 
+pub mod anchor;
 pub mod chain;
 mod error;
 mod log;
 mod record;
 mod verify;
 
+pub use anchor::{
+    anchors_path, verify_anchored, Anchor, AnchorError, AnchorKey, AnchorOptions, AnchorPublicKey,
+    AnchoredReport, Anchorer, DEFAULT_ANCHOR_INTERVAL,
+};
 pub use chain::{head_path, Head, ZERO_HASH};
 pub use error::{AuditError, Fault, VerifyError};
 pub use log::{AuditLog, AuditOptions, AuditStats, WriterGone, WriterHandle, MAX_BATCH_RECORDS};

@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::{self, Instant, MissedTickBehavior};
 
 use crate::chain::{self, head_path, Head};
@@ -184,6 +184,8 @@ struct State {
     /// Set once, by the writer, when it fails.
     failure: OnceLock<String>,
     capacity: usize,
+    /// The last record known synced: its `seq` and `hash` (0 and [`crate::ZERO_HASH`] when none).
+    durable: watch::Sender<Head>,
 }
 
 /// Handle to an audit log. Cheap to clone; the writer stops when every handle is dropped or
@@ -396,6 +398,14 @@ impl AuditLog {
         }
     }
 
+    /// The last record known to be on disk (written and synced): its `seq` and `hash`; `seq` 0
+    /// and [`crate::ZERO_HASH`] for an empty log. What was found in the file at open counts as
+    /// durable (open syncs it). This is what [`crate::Anchorer`] signs.
+    #[must_use]
+    pub fn durable_head(&self) -> Head {
+        self.state.durable.borrow().clone()
+    }
+
     /// Why the writer failed, once it has: every later submission is refused with this reason.
     pub fn failure(&self) -> Option<String> {
         self.state.failure.get().cloned()
@@ -436,12 +446,17 @@ fn start(
 ) -> io::Result<(AuditLog, WriterHandle)> {
     let (tx, rx) = mpsc::channel(options.queue_capacity);
     let (events, _) = broadcast::channel(options.subscriber_capacity);
+    let (durable, _) = watch::channel(Head {
+        seq: report.records,
+        hash: report.last_hash.clone(),
+    });
     let state = Arc::new(State {
         counters: Counters::default(),
         urgent: Notify::new(),
         events,
         failure: OnceLock::new(),
         capacity: options.queue_capacity,
+        durable,
     });
     state
         .counters
@@ -524,6 +539,9 @@ fn open_and_verify(path: &Path) -> Result<(File, VerifyReport), AuditError> {
             source: other,
         },
     })?;
+    // What a previous process wrote but never synced may still sit in the page cache: synced
+    // now, so that the records found count as durable (`AuditLog::durable_head`).
+    file.sync_data().map_err(open_err)?;
     Ok((file, report))
 }
 
@@ -536,7 +554,7 @@ const TAIL_CHUNK: u64 = 64 * 1024;
 /// bytes are appended to `<log>.torn`, for inspection, and cut from the log, so the chain
 /// resumes after its last complete record. Returns the bytes cut, if any; the caller puts them
 /// back when the log does not verify without them (then they are not a crash's leftover).
-fn cut_torn_tail(file: &File, path: &Path) -> io::Result<Option<Vec<u8>>> {
+pub(crate) fn cut_torn_tail(file: &File, path: &Path) -> io::Result<Option<Vec<u8>>> {
     use std::os::unix::fs::FileExt as _;
     let len = file.metadata()?.len();
     // The writer's handle is append-only: read through one of our own.
@@ -803,6 +821,18 @@ impl Writer {
             }
         }
         self.batch_plain = 0;
+        if !self.dirty {
+            // Everything written is synced.
+            let (seq, hash) = (self.seq, &self.hash);
+            self.state.durable.send_if_modified(|h| {
+                if h.seq == seq {
+                    return false;
+                }
+                h.seq = seq;
+                h.hash.clone_from(hash);
+                true
+            });
+        }
         for ack in self.durable.drain(..) {
             let _ = ack.send(Ok(()));
         }

@@ -55,7 +55,7 @@ pub fn verify_path(path: &Path) -> Result<VerifyReport, VerifyError> {
         path: path.to_owned(),
         source,
     })?;
-    verify_inner(BufReader::new(file), head, path)
+    verify_inner(BufReader::new(file), head, path, &mut |_, _, _| Ok(()))
 }
 
 /// Verifies a log read from `reader`, without a head anchor (so trailing records cut off at a
@@ -77,7 +77,12 @@ pub fn verify_reader_with_head<R: Read>(
     reader: R,
     head: Option<Head>,
 ) -> Result<VerifyReport, VerifyError> {
-    verify_inner(BufReader::new(reader), head, Path::new("<reader>"))
+    verify_inner(
+        BufReader::new(reader),
+        head,
+        Path::new("<reader>"),
+        &mut |_, _, _| Ok(()),
+    )
 }
 
 /// Reads the head anchor at `path` (see [`head_path`]); `None` if it does not exist or is
@@ -124,7 +129,7 @@ pub fn read_head(path: &Path) -> Result<Option<Head>, VerifyError> {
 
 /// Outcome of reading one bounded line.
 #[derive(Debug, PartialEq, Eq)]
-enum Line {
+pub(crate) enum Line {
     /// End of input, nothing read.
     Eof,
     /// A `\n`-terminated line, now in the buffer without its `\n`.
@@ -136,7 +141,7 @@ enum Line {
 }
 
 /// Reads one line into `buf` (cleared first), never buffering more than [`MAX_LINE_LEN`] bytes.
-fn next_line<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
+pub(crate) fn next_line<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
     buf.clear();
     let mut too_long = false;
     let mut any = false;
@@ -210,10 +215,15 @@ fn parse_record(line: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-fn verify_inner<R: BufRead>(
+/// Called with (`seq`, line number, `hash`) of every record that passed the chain checks, in
+/// order; an error ends the walk with it.
+pub(crate) type OnRecord<'a> = dyn FnMut(u64, u64, &str) -> Result<(), VerifyError> + 'a;
+
+pub(crate) fn verify_inner<R: BufRead>(
     mut reader: R,
     head: Option<Head>,
     path: &Path,
+    on_record: &mut OnRecord<'_>,
 ) -> Result<VerifyReport, VerifyError> {
     let io_err = |source| VerifyError::Io {
         path: PathBuf::from(path),
@@ -316,6 +326,7 @@ fn verify_inner<R: BufRead>(
                 ));
             }
         }
+        on_record(rec.seq, line_no, &rec.claimed)?;
         last_seq = rec.seq;
         last_hash = rec.claimed;
     }
