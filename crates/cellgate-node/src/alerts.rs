@@ -324,7 +324,9 @@ fn read_small(path: &Path) -> Result<Vec<u8>, AlertsError> {
         path: path.to_owned(),
         why,
     };
-    let len = std::fs::metadata(path).map_err(|e| err(e.to_string()))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| err(e.to_string()))?
+        .len();
     if len > MAX_SECRET_BYTES {
         return Err(err(format!("over {MAX_SECRET_BYTES} bytes")));
     }
@@ -332,7 +334,10 @@ fn read_small(path: &Path) -> Result<Vec<u8>, AlertsError> {
 }
 
 fn trim_bytes(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
     let end = b
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
@@ -409,16 +414,19 @@ impl AlertsConfig {
         }
         let dur = |field: &str, v: Option<&String>, default: Duration| match v {
             None => Ok(default),
-            Some(s) => parse_duration(s)
-                .ok_or_else(|| invalid(field.into(), format!("{s:?} is not a duration like 500ms, 30s or 5m"))),
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                invalid(
+                    field.into(),
+                    format!("{s:?} is not a duration like 500ms, 30s or 5m"),
+                )
+            }),
         };
         let mut sinks = Vec::with_capacity(file.sinks.len());
         for (i, s) in file.sinks.into_iter().enumerate() {
             let f = |k: &str| format!("sinks[{i}].{k}");
             let name_ok = !s.name.is_empty()
                 && s.name.len() <= 63
-                && s
-                    .name
+                && s.name
                     .bytes()
                     .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
             if !name_ok {
@@ -431,13 +439,17 @@ impl AlertsConfig {
                 return Err(invalid(f("name"), format!("{:?} twice", s.name)));
             }
             let url = match (&s.url, &s.url_file) {
-                (Some(u), None) => parse_url(u).map_err(|why| invalid(f("url"), format!("{u:?}: {why}")))?,
+                (Some(u), None) => {
+                    parse_url(u).map_err(|why| invalid(f("url"), format!("{u:?}: {why}")))?
+                }
                 (None, Some(p)) => {
                     let raw = read_small(p)?;
                     // The value is a credential (a Slack webhook's path): never in the message.
-                    let u = std::str::from_utf8(trim_bytes(&raw))
-                        .map_err(|_| invalid(f("urlFile"), format!("{}: not UTF-8", p.display())))?;
-                    parse_url(u).map_err(|why| invalid(f("urlFile"), format!("{}: {why}", p.display())))?
+                    let u = std::str::from_utf8(trim_bytes(&raw)).map_err(|_| {
+                        invalid(f("urlFile"), format!("{}: not UTF-8", p.display()))
+                    })?;
+                    parse_url(u)
+                        .map_err(|why| invalid(f("urlFile"), format!("{}: {why}", p.display())))?
                 }
                 _ => {
                     return Err(invalid(
@@ -468,10 +480,7 @@ impl AlertsConfig {
             };
             if let Some(p) = &s.ca_file {
                 if url.scheme_str() != Some("https") {
-                    return Err(invalid(
-                        f("caFile"),
-                        "only for an https:// URL".into(),
-                    ));
+                    return Err(invalid(f("caFile"), "only for an https:// URL".into()));
                 }
                 // Checked now, not at the first alert.
                 cellgate_tls::upstream::client_config(std::slice::from_ref(p), false)
@@ -500,7 +509,11 @@ impl AlertsConfig {
             None => (20, Duration::from_secs(60)),
             Some(d) => (
                 d.per_cell,
-                dur("denialRate.window", d.window.as_ref(), Duration::from_secs(60))?,
+                dur(
+                    "denialRate.window",
+                    d.window.as_ref(),
+                    Duration::from_secs(60),
+                )?,
             ),
         };
         if denial_per_cell == 0 {
@@ -978,7 +991,11 @@ impl Alerts {
 
 /// Reads the record stream until it closes. A receiver that lagged raises one
 /// `records_skipped` alert per lag, naming how many records it missed.
-async fn derive(inner: &Inner, mut deriver: Deriver, mut records: broadcast::Receiver<Arc<Record>>) {
+async fn derive(
+    inner: &Inner,
+    mut deriver: Deriver,
+    mut records: broadcast::Receiver<Arc<Record>>,
+) {
     loop {
         match records.recv().await {
             Ok(rec) => {
@@ -1052,7 +1069,13 @@ enum Attempt {
     GiveUp(String),
 }
 
-async fn attempt(client: &HttpClient, q: &Queue, p: &Pending, body: &Bytes, timeout: Duration) -> Attempt {
+async fn attempt(
+    client: &HttpClient,
+    q: &Queue,
+    p: &Pending,
+    body: &Bytes,
+    timeout: Duration,
+) -> Attempt {
     let mut req = http::Request::post(q.sink.url.0.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(
@@ -1175,14 +1198,20 @@ mod tests {
         assert_eq!(c.sinks[1].events.len(), 5, "no events: all of them");
         assert!(c.sinks[1].wants(Event::RecordsSkipped));
         assert!(!c.sinks[0].wants(Event::AuditBacklog));
-        assert_eq!((c.denial_per_cell, c.denial_window), (5, Duration::from_secs(30)));
+        assert_eq!(
+            (c.denial_per_cell, c.denial_window),
+            (5, Duration::from_secs(30))
+        );
         assert_eq!(c.queue_capacity, 8);
         assert_eq!(c.retry.attempts, 3);
         assert_eq!(c.retry.backoff_base, Duration::from_millis(100));
         assert_eq!(c.cooldown, Duration::from_secs(60));
         // Debug never shows the key or the URL's path.
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("0123456789abcdef") && !dbg.contains("/cellgate"), "{dbg}");
+        assert!(
+            !dbg.contains("0123456789abcdef") && !dbg.contains("/cellgate"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -1192,7 +1221,7 @@ mod tests {
         let s = secret.display();
         for (text, wanted) in [
             (format!("sinks:\n- name: a\n  url: http://x/\n  secretFile: {s}\n  colour: red\n"), "unknown field `colour`"),
-            (format!("sinks: []\nextra: 1\n"), "unknown field `extra`"),
+            ("sinks: []\nextra: 1\n".to_string(), "unknown field `extra`"),
             ("sinks:\n- name: a\n  url: http://x/\n".to_string(), "sinks[0].secretFile: required for format json"),
             (format!("sinks:\n- name: a\n  url: ftp://x/\n  secretFile: {s}\n"), "sinks[0].url"),
             (format!("sinks:\n- name: a\n  url: not a url\n  secretFile: {s}\n"), "sinks[0].url"),
@@ -1214,9 +1243,12 @@ mod tests {
         }
         let short = dir.path().join("short");
         std::fs::write(&short, "tiny").unwrap();
-        let e = cfg(&format!("sinks:\n- name: a\n  url: http://x/\n  secretFile: {}\n", short.display()))
-            .unwrap_err()
-            .to_string();
+        let e = cfg(&format!(
+            "sinks:\n- name: a\n  url: http://x/\n  secretFile: {}\n",
+            short.display()
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("under 16 bytes"), "{e}");
     }
 
@@ -1224,15 +1256,29 @@ mod tests {
     fn a_url_file_is_read_and_never_quoted() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("url");
-        std::fs::write(&good, "https://hooks.slack.test/services/T0/B0/SECRETPATH\n").unwrap();
-        let c = cfg(&format!("sinks:\n- name: s\n  urlFile: {}\n  format: slack\n", good.display())).unwrap();
+        std::fs::write(
+            &good,
+            "https://hooks.slack.test/services/T0/B0/SECRETPATH\n",
+        )
+        .unwrap();
+        let c = cfg(&format!(
+            "sinks:\n- name: s\n  urlFile: {}\n  format: slack\n",
+            good.display()
+        ))
+        .unwrap();
         assert_eq!(c.sinks[0].url.redacted(), "https://hooks.slack.test/...");
         let bad = dir.path().join("bad");
         std::fs::write(&bad, "gopher://SECRETPATH").unwrap();
-        let e = cfg(&format!("sinks:\n- name: s\n  urlFile: {}\n  format: slack\n", bad.display()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sinks[0].urlFile") && !e.contains("SECRETPATH"), "{e}");
+        let e = cfg(&format!(
+            "sinks:\n- name: s\n  urlFile: {}\n  format: slack\n",
+            bad.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sinks[0].urlFile") && !e.contains("SECRETPATH"),
+            "{e}"
+        );
     }
 
     fn deny(cell: &str, reason: &str) -> Record {
@@ -1270,7 +1316,12 @@ mod tests {
         // A new window counts again.
         let later = t0 + Duration::from_secs(61);
         let again: Vec<_> = (0..4)
-            .flat_map(|i| d.on_record(&deny("a", "no_capability"), later + Duration::from_millis(i)))
+            .flat_map(|i| {
+                d.on_record(
+                    &deny("a", "no_capability"),
+                    later + Duration::from_millis(i),
+                )
+            })
             .collect();
         assert_eq!(again.len(), 1);
         // Allows and unidentified denials are not counted.
@@ -1296,17 +1347,33 @@ mod tests {
         assert_eq!(first[0].capability.as_deref(), Some("windowed"));
         assert!(d.on_record(&b, now).is_empty(), "cooldown");
         assert_eq!(d.on_record(&b, now + Duration::from_secs(301)).len(), 1);
-        let mut ap = Record::new("n1", "intake", "https", Decision::Approval, "approval_requested");
+        let mut ap = Record::new(
+            "n1",
+            "intake",
+            "https",
+            Decision::Approval,
+            "approval_requested",
+        );
         ap.cell = Some("a".into());
         assert_eq!(d.on_record(&ap, now)[0].event, Event::ApprovalWaiting);
-        assert_eq!(d.on_record(&ap, now).len(), 1, "each approval waits for a human");
+        assert_eq!(
+            d.on_record(&ap, now).len(),
+            1,
+            "each approval waits for a human"
+        );
         for r in ["lockdown_on", "lockdown_off"] {
             let l = Record::new("n1", "admin", "control", Decision::Control, r);
             let a = d.on_record(&l, now);
             assert_eq!(a[0].event, Event::Lockdown);
             assert_eq!(a[0].reason.as_deref(), Some(r));
         }
-        let other = Record::new("n1", "intake", "https", Decision::Control, "secret_scrubbed");
+        let other = Record::new(
+            "n1",
+            "intake",
+            "https",
+            Decision::Control,
+            "secret_scrubbed",
+        );
         assert!(d.on_record(&other, now).is_empty());
     }
 
@@ -1331,19 +1398,36 @@ mod tests {
         };
         for _ in 0..50 {
             let b1 = backoff(&r, 1);
-            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100), "{b1:?}");
+            assert!(
+                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100),
+                "{b1:?}"
+            );
             let b2 = backoff(&r, 2);
-            assert!(b2 >= Duration::from_millis(100) && b2 <= Duration::from_millis(200), "{b2:?}");
+            assert!(
+                b2 >= Duration::from_millis(100) && b2 <= Duration::from_millis(200),
+                "{b2:?}"
+            );
             let b9 = backoff(&r, 40);
-            assert!(b9 >= Duration::from_millis(150) && b9 <= Duration::from_millis(300), "{b9:?}");
+            assert!(
+                b9 >= Duration::from_millis(150) && b9 <= Duration::from_millis(300),
+                "{b9:?}"
+            );
         }
     }
 
     #[test]
     fn slack_text_reads_as_a_line() {
-        let mut a = Alert::new(Event::DenialRate, "t".into(), "n1", "7 denials within 60s".into());
+        let mut a = Alert::new(
+            Event::DenialRate,
+            "t".into(),
+            "n1",
+            "7 denials within 60s".into(),
+        );
         a.cell = Some("c".into());
         a.namespace = Some("agents".into());
-        assert_eq!(a.text(), "[cellgate] denial_rate on node n1, cell agents/c: 7 denials within 60s");
+        assert_eq!(
+            a.text(),
+            "[cellgate] denial_rate on node n1, cell agents/c: 7 denials within 60s"
+        );
     }
 }
