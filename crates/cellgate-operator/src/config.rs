@@ -30,6 +30,14 @@ pub const ENV_CONTROL_NAMESPACE: &str = "CELLGATE_CONTROL_NAMESPACE";
 pub const ENV_ADMIN: &str = "CELLGATE_ADMIN";
 /// `--log-format` / `CELLGATE_LOG_FORMAT`.
 pub const ENV_LOG_FORMAT: &str = "CELLGATE_LOG_FORMAT";
+/// `--api-listen` / `CELLGATE_API_LISTEN`.
+pub const ENV_API_LISTEN: &str = "CELLGATE_API_LISTEN";
+/// `--api-tls-cert` / `CELLGATE_API_TLS_CERT`.
+pub const ENV_API_TLS_CERT: &str = "CELLGATE_API_TLS_CERT";
+/// `--api-tls-key` / `CELLGATE_API_TLS_KEY`.
+pub const ENV_API_TLS_KEY: &str = "CELLGATE_API_TLS_KEY";
+/// `--audit-log` / `CELLGATE_AUDIT_LOG`.
+pub const ENV_AUDIT_LOG: &str = "CELLGATE_AUDIT_LOG";
 
 /// Default `--signing-key`.
 pub const DEFAULT_SIGNING_KEY: &str = "/etc/cellgate/signing/signing.key";
@@ -41,6 +49,10 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONTROL_NAMESPACE: &str = "cellgate-system";
 /// Default `--admin`.
 pub const DEFAULT_ADMIN: &str = "0.0.0.0:8080";
+/// Default `--api-listen`: the control API (HTTPS).
+pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8443";
+/// Default `--audit-log`: on the operator's writable volume (an emptyDir in the manifests).
+pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/cellgate-operator/audit.jsonl";
 /// Shortest token lifetime accepted: rotation happens at two thirds of it, and a shorter token
 /// would churn the Secret faster than kubelet propagates it to the tagger (about a minute).
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
@@ -112,6 +124,20 @@ pub struct Args {
     /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Control API listener (HTTPS) [env: CELLGATE_API_LISTEN] [default: 0.0.0.0:8443]
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<String>,
+    /// Control API certificate chain (PEM); with --api-tls-key. Without both, a self-signed
+    /// certificate is generated at start [env: CELLGATE_API_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// Control API private key (PEM) [env: CELLGATE_API_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+    /// The operator's own hash-chained audit log [env: CELLGATE_AUDIT_LOG]
+    /// [default: /var/lib/cellgate-operator/audit.jsonl]
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// How logs are written.
@@ -145,6 +171,12 @@ pub struct Config {
     pub admin: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
+    /// Control API listener address (HTTPS).
+    pub api_listen: SocketAddr,
+    /// Control API certificate and key files; `None`: a self-signed certificate made at start.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// The operator's audit log.
+    pub audit_log: PathBuf,
 }
 
 /// Why a configuration was refused. Each names the flag and the environment variable.
@@ -243,6 +275,50 @@ impl Config {
                 value: admin_text.clone(),
                 reason: format!("{e}; write ADDR:PORT such as 0.0.0.0:8080"),
             })?;
+        let api_text = pick(args.api_listen.as_ref(), env, ENV_API_LISTEN)
+            .unwrap_or(DEFAULT_API_LISTEN.into());
+        let api_listen = api_text
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                flag: "--api-listen",
+                env: ENV_API_LISTEN,
+                value: api_text.clone(),
+                reason: format!("{e}; write ADDR:PORT such as 0.0.0.0:8443"),
+            })?;
+        let path_of = |flag: Option<&PathBuf>, name: &str| {
+            pick(
+                flag.map(|p| p.display().to_string()).as_ref(),
+                env,
+                name,
+            )
+            .map(PathBuf::from)
+        };
+        let api_tls = match (
+            path_of(args.api_tls_cert.as_ref(), ENV_API_TLS_CERT),
+            path_of(args.api_tls_key.as_ref(), ENV_API_TLS_KEY),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--api-tls-cert",
+                    env: ENV_API_TLS_CERT,
+                    value: c.display().to_string(),
+                    reason: "given without --api-tls-key (CELLGATE_API_TLS_KEY): give both or neither".into(),
+                })
+            }
+            (None, Some(k)) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--api-tls-key",
+                    env: ENV_API_TLS_KEY,
+                    value: k.display().to_string(),
+                    reason: "given without --api-tls-cert (CELLGATE_API_TLS_CERT): give both or neither".into(),
+                })
+            }
+        };
+        let audit_log = path_of(args.audit_log.as_ref(), ENV_AUDIT_LOG)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG));
         let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)
             .as_deref()
             .map(str::trim)
@@ -289,6 +365,9 @@ impl Config {
                 .unwrap_or(DEFAULT_CONTROL_NAMESPACE.into()),
             admin,
             log_format,
+            api_listen,
+            api_tls,
+            audit_log,
         };
         config.validate()?;
         Ok(config)
@@ -348,7 +427,7 @@ impl Config {
     /// key is a path), but the key file's content is never logged.
     pub fn summary(&self) -> String {
         format!(
-            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?}",
+            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={}",
             self.signing_key.display(),
             self.ca_cert.display(),
             humantime::format_duration(self.token_ttl),
@@ -357,7 +436,13 @@ impl Config {
             self.node_cidrs.join(","),
             self.control_namespace,
             self.admin,
-            self.log_format
+            self.log_format,
+            self.api_listen,
+            match &self.api_tls {
+                Some((c, k)) => format!("{},{}", c.display(), k.display()),
+                None => "self-signed".into(),
+            },
+            self.audit_log.display()
         )
     }
 }
@@ -416,6 +501,9 @@ mod tests {
         assert_eq!(c.control_namespace, "cellgate-system");
         assert_eq!(c.admin, "0.0.0.0:8080".parse().expect("addr"));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.api_listen, "0.0.0.0:8443".parse().expect("addr"));
+        assert_eq!(c.api_tls, None);
+        assert_eq!(c.audit_log, PathBuf::from(DEFAULT_AUDIT_LOG));
         assert!(c.init_image.starts_with("ghcr.io/cellgate/cellgate-init:"));
         assert!(c
             .tagger_image
@@ -432,6 +520,10 @@ mod tests {
             (ENV_LOG_FORMAT, "json"),
             (ENV_INIT_IMAGE, "r/init:env"),
             (ENV_SIGNING_KEY, "/env/key"),
+            (ENV_API_LISTEN, "127.0.0.1:9443"),
+            (ENV_API_TLS_CERT, "/tls/tls.crt"),
+            (ENV_API_TLS_KEY, "/tls/tls.key"),
+            (ENV_AUDIT_LOG, "/env/audit.jsonl"),
         ]);
         let args = Args::parse_from([
             "cellgate-operator",
@@ -448,6 +540,12 @@ mod tests {
         assert_eq!(c.control_namespace, "cg");
         assert_eq!(c.admin.port(), 9000);
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.api_listen.port(), 9443);
+        assert_eq!(
+            c.api_tls,
+            Some((PathBuf::from("/tls/tls.crt"), PathBuf::from("/tls/tls.key")))
+        );
+        assert_eq!(c.audit_log, PathBuf::from("/env/audit.jsonl"));
         // Repeated flags replace the variable entirely.
         let args = Args::parse_from([
             "cellgate-operator",
@@ -482,5 +580,8 @@ mod tests {
         assert!(bad(&[(ENV_LOG_FORMAT, "xml")]).contains("expected text or json"));
         assert!(bad(&[(ENV_CONTROL_NAMESPACE, "Cell_Gate")]).contains("DNS-1123"));
         assert!(bad(&[(ENV_TAGGER_IMAGE, "a b")]).contains("--tagger-image"));
+        assert!(bad(&[(ENV_API_LISTEN, "8443")]).contains("--api-listen"));
+        assert!(bad(&[(ENV_API_TLS_CERT, "/c.pem")]).contains("give both or neither"));
+        assert!(bad(&[(ENV_API_TLS_KEY, "/k.pem")]).contains("--api-tls-key"));
     }
 }

@@ -11,12 +11,15 @@
 //! - [`mod@reconcile`]: the sequence of API calls, inside kube-rs's finalizer helper;
 //! - [`token`], [`status`], [`revocations`]: the pure decisions the reconciler takes;
 //! - [`run`]: the controller, its watches and the admin listener ([`admin`], [`metrics`]);
+//! - [`api`]: the control API (HTTPS, `/api/v1`), and [`oplog`], the operator's own audit log;
 //! - [`config`]: flags and `CELLGATE_*` variables.
 
 pub mod admin;
+pub mod api;
 pub mod config;
 pub mod desired;
 pub mod metrics;
+pub mod oplog;
 pub mod reconcile;
 pub mod revocations;
 pub mod status;
@@ -55,6 +58,15 @@ pub enum RunError {
     /// The admin listener did not start.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// The operator's audit log could not be opened.
+    #[error("cannot open the operator's audit log: {0}; check --audit-log")]
+    AuditLog(#[from] cellgate_audit::AuditError),
+    /// The control API's certificate could not be loaded or made.
+    #[error(transparent)]
+    ApiTls(#[from] api::tls::TlsError),
+    /// The control API listener did not start.
+    #[error(transparent)]
+    Api(#[from] api::ServeError),
     /// No usable Kubernetes client configuration, or the API server is unreachable.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
@@ -67,6 +79,9 @@ impl RunError {
             RunError::SigningKey(_) => "signing_key",
             RunError::CaCert { .. } => "ca_cert",
             RunError::Admin(_) => "admin_listener",
+            RunError::AuditLog(_) => "audit_log",
+            RunError::ApiTls(_) => "api_tls",
+            RunError::Api(_) => "api_listener",
             RunError::Kube(_) => "kube_client",
         }
     }
@@ -91,9 +106,10 @@ pub fn load_ca_pem(path: &std::path::Path) -> Result<String, RunError> {
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C: loads the signing key and CA certificate, starts the
-/// admin listener on its own thread, connects to the API server, and runs the controller over all
-/// AgentCells, watching the objects they own (by the `cellgate.dev/cell` label) so that a changed
-/// or deleted child is put back.
+/// admin listener on its own thread, opens the operator's audit log, connects to the API server,
+/// starts the control API (HTTPS), and runs the controller over all AgentCells, watching the
+/// objects they own (by the `cellgate.dev/cell` label) so that a changed or deleted child is put
+/// back.
 ///
 /// # Errors
 /// [`RunError`] when startup fails; reconcile errors are retried, not returned.
@@ -109,9 +125,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin = admin::start(config.admin, state.clone())?;
     tracing::info!(admin.addr = %admin.addr, signing_key.kid = signing_key.kid(), "admin listener up");
 
+    let (audit, audit_writer) = oplog::OperatorAudit::open(&config.audit_log).await?;
+    let audit = audit.with_metrics(metrics.clone());
+    let tls = match &config.api_tls {
+        Some((cert, key)) => api::tls::from_files(cert, key)?,
+        None => {
+            let ns = &config.control_namespace;
+            let names = vec![
+                format!("{}", api::SERVICE_NAME),
+                format!("{}.{ns}", api::SERVICE_NAME),
+                format!("{}.{ns}.svc", api::SERVICE_NAME),
+            ];
+            api::tls::self_signed(&names)?
+        }
+    };
+    if tls.self_signed {
+        tracing::warn!(
+            tls.sha256 = %tls.fingerprint,
+            "control API: no --api-tls-cert/--api-tls-key given, serving a self-signed certificate generated at start (clients must pin this fingerprint or skip verification)"
+        );
+    } else {
+        tracing::info!(tls.sha256 = %tls.fingerprint, "control API certificate loaded");
+    }
+
     let client = Client::try_default().await?;
     let version = client.apiserver_version().await?;
     tracing::info!(apiserver.version = %version.git_version, "connected to the API server");
+    let api_server = api::start(
+        config.api_listen,
+        tls.config.clone(),
+        Arc::new(api::ApiState {
+            client: client.clone(),
+            control_namespace: config.control_namespace.clone(),
+            audit: audit.clone(),
+        }),
+    )
+    .await?;
+    tracing::info!(api.addr = %api_server.addr, "control API up (HTTPS)");
 
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -126,7 +176,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config.control_namespace.clone(),
         metrics,
         Arc::new(reconcile::SystemClock),
-    ));
+    )
+    .with_audit(audit.clone()));
     let owned = watcher::Config::default().labels(LABEL_CELL);
     let controller = Controller::new(
         Api::<AgentCellResource>::all(client.clone()),
@@ -151,6 +202,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .await;
     state.ready.store(false, Ordering::Release);
     tracing::info!("shutting down");
+    api_server.shutdown().await;
+    if let Err(e) = audit.log().clone().close().await {
+        tracing::error!(error = %e, "the operator's audit log did not close cleanly");
+    }
+    let _ = audit_writer.await;
     let _ = tokio::task::spawn_blocking(move || admin.shutdown()).await;
     Ok(())
 }

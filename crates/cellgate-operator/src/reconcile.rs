@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use crate::desired::{self, DesiredError, Settings, ANNOTATION_TEMPLATE_HASH};
 use crate::metrics::Metrics;
+use crate::oplog::{Event as AuditEvent, OperatorAudit};
 use crate::revocations;
 use crate::status::{self, Observation, PodObservation};
 use crate::token::{self, TokenDecision, TokenIssueError};
@@ -85,6 +86,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Time and ids.
     pub clock: Arc<dyn Clock>,
+    /// The operator's audit log, when one is open: tokens minted, rotated and revoked, and
+    /// phase changes are recorded in it.
+    pub audit: Option<OperatorAudit>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -121,7 +125,21 @@ impl Context {
             control_namespace,
             metrics,
             clock,
+            audit: None,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records the operator's events in `audit`.
+    #[must_use]
+    pub fn with_audit(mut self, audit: OperatorAudit) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    fn event(&self, reason: &'static str, event: AuditEvent) {
+        if let Some(a) = &self.audit {
+            a.event(reason, event);
         }
     }
 
@@ -299,6 +317,22 @@ async fn write_status(
     )
     .await
     .map_err(kube_err("apply", "AgentCell status", &ns, &name))?;
+    let old = cell.status.as_ref().and_then(|s| s.phase.clone());
+    if old != desired.phase {
+        ctx.event(
+            "cell_phase",
+            AuditEvent {
+                namespace: Some(ns),
+                cell: Some(name),
+                reasons: vec![format!(
+                    "{} -> {}",
+                    old.as_deref().unwrap_or("-"),
+                    desired.phase.as_deref().unwrap_or("-")
+                )],
+                ..AuditEvent::default()
+            },
+        );
+    }
     Ok(())
 }
 
@@ -368,6 +402,28 @@ pub async fn apply(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Result<Ac
             )?;
             ctx.metrics.minted(reason);
             tracing::info!(cell.name = %name, cell.namespace = %ns, token.jti = %t.issued.id, %reason, "minted token");
+            let replaced = existing
+                .as_ref()
+                .and_then(|s| s.metadata.annotations.as_ref())
+                .and_then(|a| a.get(ANNOTATION_TOKEN_ID))
+                .cloned();
+            let mut reasons = vec![reason.to_string(), format!("expires {}", t.issued.expiry)];
+            if let Some(old) = &replaced {
+                reasons.push(format!("replaces token {old}"));
+            }
+            ctx.event(
+                if replaced.is_some() {
+                    "token_rotated"
+                } else {
+                    "token_minted"
+                },
+                AuditEvent {
+                    namespace: Some(ns.clone()),
+                    cell: Some(name.clone()),
+                    token_id: Some(t.issued.id.clone()),
+                    reasons,
+                },
+            );
             t
         }
     };
@@ -518,8 +574,17 @@ pub async fn cleanup(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Result<
             .map_err(kube_err("create", "ConfigMap", cns, REVOCATIONS_CONFIGMAP))?;
         }
     }
-    for (jti, _) in &revoke {
+    for (jti, expiry) in &revoke {
         tracing::info!(cell.name = %name, cell.namespace = %ns, token.jti = %jti, "revoked token of deleted cell");
+        ctx.event(
+            "token_revoked",
+            AuditEvent {
+                namespace: Some(ns.clone()),
+                cell: Some(name.clone()),
+                token_id: Some(jti.clone()),
+                reasons: vec!["cell deleted".into(), format!("expires {expiry}")],
+            },
+        );
     }
     Ok(Action::await_change())
 }
