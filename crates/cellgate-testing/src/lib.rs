@@ -1,10 +1,13 @@
 //! Test support shared by Cellgate's integration tests: a test PKI for upstream servers
 //! ([`TestPki`]), a real HTTP and HTTPS upstream that records every request it receives
-//! ([`Upstream`]), and a client that opens tagged connections to a node ([`tagged_connect`]).
+//! ([`Upstream`]), a client that opens tagged connections to a node ([`tagged_connect`]), and
+//! an OTLP receiver built from the opentelemetry-proto definitions ([`otlp::OtlpReceiver`]).
 //!
 //! Everything speaks the real protocols over real sockets; nothing here is a mock of Cellgate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod otlp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
