@@ -171,8 +171,14 @@ impl AuditQuery {
 /// # Errors
 /// A malformed `cell`, time, `after`, `decision` or `limit`, or a filter with an empty value.
 pub fn parse_audit_query(query: &str) -> Result<AuditQuery, AuditQueryError> {
-    const DECISIONS: [&str; AUDIT_MAX_DECISIONS] =
-        ["allow", "deny", "error", "shadow_deny", "approval", "control"];
+    const DECISIONS: [&str; AUDIT_MAX_DECISIONS] = [
+        "allow",
+        "deny",
+        "error",
+        "shadow_deny",
+        "approval",
+        "control",
+    ];
     let mut q = AuditQuery {
         limit: AUDIT_DEFAULT_LIMIT,
         ..AuditQuery::default()
@@ -805,9 +811,14 @@ mod tests {
         assert_eq!(q.after, Some(42));
         assert_eq!(q.limit, 7);
         assert!(q.forward());
-        assert!(parse_audit_query("since=2030-01-01T00:00:00Z").unwrap().forward());
+        assert!(parse_audit_query("since=2030-01-01T00:00:00Z")
+            .unwrap()
+            .forward());
         for (bad, want) in [
-            ("since=yesterday", AuditQueryError::Time("since", "yesterday".into())),
+            (
+                "since=yesterday",
+                AuditQueryError::Time("since", "yesterday".into()),
+            ),
             ("until=1", AuditQueryError::Time("until", "1".into())),
             ("after=-1", AuditQueryError::After("-1".into())),
             ("decision=maybe", AuditQueryError::Decision("maybe".into())),
@@ -867,7 +878,11 @@ mod tests {
         let mut text = String::new();
         for i in 1..=12_u64 {
             let decision = ["allow", "deny", "error"][(i % 3) as usize];
-            let host = if i % 2 == 0 { "api.example.com" } else { "other.example" };
+            let host = if i % 2 == 0 {
+                "api.example.com"
+            } else {
+                "other.example"
+            };
             let ns = if i <= 10 { "agents" } else { "batch" };
             text.push_str(
                 &serde_json::json!({
@@ -884,7 +899,10 @@ mod tests {
         let select = |q: &str| seqs(&audit_select(&path, &parse_audit_query(q).unwrap()).unwrap());
         // Decision and host filters (host ignores case), tail of everything.
         assert_eq!(select("decision=deny"), [1, 4, 7, 10]);
-        assert_eq!(select("decision=deny,error&host=API.EXAMPLE.COM"), [2, 4, 8, 10]);
+        assert_eq!(
+            select("decision=deny,error&host=API.EXAMPLE.COM"),
+            [2, 4, 8, 10]
+        );
         assert_eq!(select("reason=no_capability&limit=2"), [7, 10]);
         assert_eq!(select("namespace=batch"), [11, 12]);
         assert_eq!(select("cell=batch/triage&decision=allow"), [12]);
@@ -898,7 +916,10 @@ mod tests {
         assert_eq!(select("after=5&limit=5"), [6, 7, 8, 9, 10]);
         assert_eq!(select("after=10&limit=5"), [11, 12]);
         assert_eq!(select("after=12&limit=5"), Vec::<u64>::new());
-        assert_eq!(select("since=2030-01-01T00:00:02Z&decision=deny&limit=1"), [4]);
+        assert_eq!(
+            select("since=2030-01-01T00:00:02Z&decision=deny&limit=1"),
+            [4]
+        );
         // Without a cursor or a start, the tail.
         assert_eq!(select("limit=3"), [10, 11, 12]);
     }

@@ -277,46 +277,43 @@ impl Config {
             })?;
         let api_text = pick(args.api_listen.as_ref(), env, ENV_API_LISTEN)
             .unwrap_or(DEFAULT_API_LISTEN.into());
-        let api_listen = api_text
-            .trim()
-            .parse::<SocketAddr>()
-            .map_err(|e| ConfigError::Invalid {
-                flag: "--api-listen",
-                env: ENV_API_LISTEN,
-                value: api_text.clone(),
-                reason: format!("{e}; write ADDR:PORT such as 0.0.0.0:8443"),
-            })?;
+        let api_listen =
+            api_text
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::Invalid {
+                    flag: "--api-listen",
+                    env: ENV_API_LISTEN,
+                    value: api_text.clone(),
+                    reason: format!("{e}; write ADDR:PORT such as 0.0.0.0:8443"),
+                })?;
         let path_of = |flag: Option<&PathBuf>, name: &str| {
-            pick(
-                flag.map(|p| p.display().to_string()).as_ref(),
-                env,
-                name,
-            )
-            .map(PathBuf::from)
+            pick(flag.map(|p| p.display().to_string()).as_ref(), env, name).map(PathBuf::from)
         };
-        let api_tls = match (
-            path_of(args.api_tls_cert.as_ref(), ENV_API_TLS_CERT),
-            path_of(args.api_tls_key.as_ref(), ENV_API_TLS_KEY),
-        ) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(c), None) => {
-                return Err(ConfigError::Invalid {
+        let api_tls =
+            match (
+                path_of(args.api_tls_cert.as_ref(), ENV_API_TLS_CERT),
+                path_of(args.api_tls_key.as_ref(), ENV_API_TLS_KEY),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(c), None) => return Err(ConfigError::Invalid {
                     flag: "--api-tls-cert",
                     env: ENV_API_TLS_CERT,
                     value: c.display().to_string(),
-                    reason: "given without --api-tls-key (CELLGATE_API_TLS_KEY): give both or neither".into(),
-                })
-            }
-            (None, Some(k)) => {
-                return Err(ConfigError::Invalid {
+                    reason:
+                        "given without --api-tls-key (CELLGATE_API_TLS_KEY): give both or neither"
+                            .into(),
+                }),
+                (None, Some(k)) => return Err(ConfigError::Invalid {
                     flag: "--api-tls-key",
                     env: ENV_API_TLS_KEY,
                     value: k.display().to_string(),
-                    reason: "given without --api-tls-cert (CELLGATE_API_TLS_CERT): give both or neither".into(),
-                })
-            }
-        };
+                    reason:
+                        "given without --api-tls-cert (CELLGATE_API_TLS_CERT): give both or neither"
+                            .into(),
+                }),
+            };
         let audit_log = path_of(args.audit_log.as_ref(), ENV_AUDIT_LOG)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG));
         let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)

@@ -163,21 +163,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     .await?;
     tracing::info!(api.addr = %api_server.addr, "control API up (HTTPS)");
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Settings {
-            init_image: config.init_image.clone(),
-            tagger_image: config.tagger_image.clone(),
-            node_cidrs: config.node_cidrs.clone(),
-        },
-        ca_pem,
-        signing_key,
-        config.token_ttl,
-        config.control_namespace.clone(),
-        metrics,
-        Arc::new(reconcile::SystemClock),
-    )
-    .with_audit(audit.clone()));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Settings {
+                init_image: config.init_image.clone(),
+                tagger_image: config.tagger_image.clone(),
+                node_cidrs: config.node_cidrs.clone(),
+            },
+            ca_pem,
+            signing_key,
+            config.token_ttl,
+            config.control_namespace.clone(),
+            metrics,
+            Arc::new(reconcile::SystemClock),
+        )
+        .with_audit(audit.clone()),
+    );
     let owned = watcher::Config::default().labels(LABEL_CELL);
     let controller = Controller::new(
         Api::<AgentCellResource>::all(client.clone()),

@@ -35,7 +35,14 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 /// Longest cursor accepted, bytes (a few hundred nodes' worth).
 pub const MAX_CURSOR_LEN: usize = 32 * 1024;
-const DECISIONS: [&str; 6] = ["allow", "deny", "error", "shadow_deny", "approval", "control"];
+const DECISIONS: [&str; 6] = [
+    "allow",
+    "deny",
+    "error",
+    "shadow_deny",
+    "approval",
+    "control",
+];
 
 /// The query parameters as they arrive.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -135,7 +142,11 @@ impl AuditQuery {
             namespace = Some(ns.to_string());
             filters.push(("cell", format!("{ns}/{name}")));
         }
-        let since = p.since.as_deref().map(|v| time_param("since", v, now)).transpose()?;
+        let since = p
+            .since
+            .as_deref()
+            .map(|v| time_param("since", v, now))
+            .transpose()?;
         if let Some(s) = &since {
             filters.push(("since", s.clone()));
         }
@@ -451,7 +462,10 @@ mod tests {
             .iter()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (v["node"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap())
+                (
+                    v["node"].as_str().unwrap().to_string(),
+                    v["seq"].as_u64().unwrap(),
+                )
             })
             .collect()
     }
@@ -490,13 +504,35 @@ mod tests {
         assert!(!tail.forward);
         assert_eq!(tail.node_query("n1"), "limit=100");
         for bad in [
-            AuditParams { cell: Some("triage".into()), ..Default::default() },
-            AuditParams { namespace: Some("a".into()), cell: Some("b/c".into()), ..Default::default() },
-            AuditParams { since: Some("soon".into()), ..Default::default() },
-            AuditParams { decision: Some("maybe".into()), ..Default::default() },
-            AuditParams { limit: Some("0".into()), ..Default::default() },
-            AuditParams { cursor: Some("!!".into()), ..Default::default() },
-            AuditParams { host: Some(" ".into()), ..Default::default() },
+            AuditParams {
+                cell: Some("triage".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                namespace: Some("a".into()),
+                cell: Some("b/c".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                since: Some("soon".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                decision: Some("maybe".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                limit: Some("0".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                cursor: Some("!!".into()),
+                ..Default::default()
+            },
+            AuditParams {
+                host: Some(" ".into()),
+                ..Default::default()
+            },
         ] {
             assert!(AuditQuery::parse(&bad, now()).is_err(), "{bad:?}");
         }
@@ -514,7 +550,12 @@ mod tests {
         let (lines, cursor) = merge(answers.clone(), &q);
         assert_eq!(
             seqs(&lines),
-            [("a".into(), 1), ("b".into(), 1), ("b".into(), 2), ("a".into(), 2)]
+            [
+                ("a".into(), 1),
+                ("b".into(), 1),
+                ("b".into(), 2),
+                ("a".into(), 2)
+            ]
         );
         assert_eq!(cursor, BTreeMap::from([("a".into(), 2), ("b".into(), 2)]));
         // Tail: the last 4 by time, oldest first; the cursor follows on from each node's last.
@@ -522,7 +563,12 @@ mod tests {
         let (lines, cursor) = merge(answers, &q);
         assert_eq!(
             seqs(&lines),
-            [("b".into(), 2), ("a".into(), 2), ("b".into(), 3), ("a".into(), 3)]
+            [
+                ("b".into(), 2),
+                ("a".into(), 2),
+                ("b".into(), 3),
+                ("a".into(), 3)
+            ]
         );
         assert_eq!(cursor, BTreeMap::from([("a".into(), 3), ("b".into(), 3)]));
     }

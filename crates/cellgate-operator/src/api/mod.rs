@@ -212,7 +212,9 @@ impl IntoResponse for ApiError {
 fn kube_error(what: &str, e: kube::Error) -> ApiError {
     match &e {
         kube::Error::Api(s) if s.code == 404 => ApiError::NotFound(format!("{what}: not found")),
-        kube::Error::Api(s) if s.code == 409 => ApiError::Conflict(format!("{what}: {}", s.message)),
+        kube::Error::Api(s) if s.code == 409 => {
+            ApiError::Conflict(format!("{what}: {}", s.message))
+        }
         _ => ApiError::Kube(format!("{what}: {e}")),
     }
 }
@@ -226,8 +228,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/revocations"),
     ("POST", "/api/v1/revocations"),
     ("GET", "/api/v1/approvals"),
-    ("POST", "/api/v1/namespaces/{namespace}/approvals/{name}/approve"),
-    ("POST", "/api/v1/namespaces/{namespace}/approvals/{name}/deny"),
+    (
+        "POST",
+        "/api/v1/namespaces/{namespace}/approvals/{name}/approve",
+    ),
+    (
+        "POST",
+        "/api/v1/namespaces/{namespace}/approvals/{name}/deny",
+    ),
     ("GET", "/api/v1/lockdown"),
     ("POST", "/api/v1/lockdown"),
     ("GET", "/api/v1/audit"),
@@ -258,12 +266,10 @@ pub fn router(state: Shared) -> Router {
     for (method, path) in ROUTES {
         r = r.route(path, handler(method, path));
     }
-    r.fallback(|| async {
-        ApiError::NotFound("no such route: see /api/v1/openapi.json".into())
-    })
-    .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-    .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
-    .with_state(state)
+    r.fallback(|| async { ApiError::NotFound("no such route: see /api/v1/openapi.json".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
 }
 
 /// Audit-log health, authentication, and the call's durable record (see the module docs).
@@ -314,7 +320,8 @@ async fn guard(State(state): State<Shared>, mut req: Request, next: Next) -> Res
             rec.cell = a.name.clone();
         }
         rec.reasons.push(format!("verb={}", a.verb));
-        rec.reasons.push(format!("resource={}.{}", a.resource, auth::GROUP));
+        rec.reasons
+            .push(format!("resource={}.{}", a.resource, auth::GROUP));
         if let Some(n) = &a.name {
             rec.reasons.push(format!("name={n}"));
         }
@@ -507,8 +514,7 @@ async fn add_revocation(
     let cm = read_configmap(&state, REVOCATIONS_CONFIGMAP).await?;
     let existing = cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default();
     let now = jiff::Timestamp::now().as_second();
-    let changes =
-        crate::revocations::changes(&existing, &[(id.clone(), expiry.clone())], now);
+    let changes = crate::revocations::changes(&existing, &[(id.clone(), expiry.clone())], now);
     let added = changes.get(&id).is_some_and(Option::is_some);
     if !changes.is_empty() {
         let api: Api<ConfigMap> = Api::namespaced(state.client.clone(), &state.control_namespace);
@@ -610,7 +616,12 @@ async fn approve(
     authed
         .authorize(
             &state,
-            attrs("update", "agentapprovals", Some(ns.clone()), Some(name.clone())),
+            attrs(
+                "update",
+                "agentapprovals",
+                Some(ns.clone()),
+                Some(name.clone()),
+            ),
         )
         .await?;
     let ask: ApproveBody = if body.is_empty() {
@@ -633,7 +644,17 @@ async fn approve(
             "uses {uses}: 1 to {MAX_APPROVAL_USES}"
         )));
     }
-    decide(&state, &authed, &ns, &name, true, None, Some(valid_for), Some(uses)).await
+    decide(
+        &state,
+        &authed,
+        &ns,
+        &name,
+        true,
+        None,
+        Some(valid_for),
+        Some(uses),
+    )
+    .await
 }
 
 async fn deny(
@@ -646,7 +667,12 @@ async fn deny(
     authed
         .authorize(
             &state,
-            attrs("update", "agentapprovals", Some(ns.clone()), Some(name.clone())),
+            attrs(
+                "update",
+                "agentapprovals",
+                Some(ns.clone()),
+                Some(name.clone()),
+            ),
         )
         .await?;
     let ask: DenyBody = parse_body(&body)?;
@@ -692,7 +718,10 @@ async fn decide(
     let message = format!(
         "{} by {by}{}",
         type_.to_lowercase(),
-        reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
     );
     let patch = json!({"status": {
         "decision": {"approved": approved, "by": by, "at": at, "reason": reason,
@@ -756,12 +785,17 @@ async fn set_lockdown(
         .and_then(|a| a.namespace.clone())
         .map(|n| n.trim().to_string());
     authed
-        .authorize(&state, attrs("update", "lockdowns", namespace.clone(), None))
+        .authorize(
+            &state,
+            attrs("update", "lockdowns", namespace.clone(), None),
+        )
         .await?;
     let ask = ask?;
     if let Some(ns) = &namespace {
         if !is_dns_label(ns) {
-            return Err(ApiError::BadRequest(format!("namespace {ns:?}: not a namespace name")));
+            return Err(ApiError::BadRequest(format!(
+                "namespace {ns:?}: not a namespace name"
+            )));
         }
     }
     let on = match ask.state.as_str() {
@@ -776,9 +810,11 @@ async fn set_lockdown(
         )));
     }
     let by = authed.caller.user.clone();
-    let key = namespace.as_ref().map_or(LOCKDOWN_KEY_CLUSTER.to_string(), |n| {
-        format!("{LOCKDOWN_KEY_NAMESPACE}{n}")
-    });
+    let key = namespace
+        .as_ref()
+        .map_or(LOCKDOWN_KEY_CLUSTER.to_string(), |n| {
+            format!("{LOCKDOWN_KEY_NAMESPACE}{n}")
+        });
     let value = json!({
         "reason": reason,
         "since": cellgate_audit::format_rfc3339(std::time::SystemTime::now()),
@@ -810,19 +846,29 @@ async fn set_lockdown(
                 false
             } else {
                 let patch = json!({"data": {key.clone(): if on { Value::from(value) } else { Value::Null }}});
-                api.patch(LOCKDOWN_CONFIGMAP, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map_err(|e| kube_error(&what, e))?;
+                api.patch(
+                    LOCKDOWN_CONFIGMAP,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(|e| kube_error(&what, e))?;
                 true
             }
         }
     };
     let scope = namespace
         .as_ref()
-        .map_or("every cell in the cluster".to_string(), |n| format!("namespace {n}"));
+        .map_or("every cell in the cluster".to_string(), |n| {
+            format!("namespace {n}")
+        });
     if changed {
         state.audit.event(
-            if on { "lockdown_set" } else { "lockdown_lifted" },
+            if on {
+                "lockdown_set"
+            } else {
+                "lockdown_lifted"
+            },
             Event {
                 namespace: namespace.clone(),
                 reasons: vec![
@@ -863,14 +909,10 @@ async fn query_audit(
     let nodes = answers.len();
     let (lines, cursor) = audit::merge(answers, &query);
     let cursor = audit::encode_cursor(&cursor);
-    let stream = futures_util::stream::iter(
-        lines
-            .into_iter()
-            .map(|mut l| {
-                l.push('\n');
-                Ok::<_, std::convert::Infallible>(l)
-            }),
-    );
+    let stream = futures_util::stream::iter(lines.into_iter().map(|mut l| {
+        l.push('\n');
+        Ok::<_, std::convert::Infallible>(l)
+    }));
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
     h.insert(
@@ -1001,11 +1043,19 @@ mod tests {
     #[test]
     fn errors_map_to_status_and_label() {
         let cases = [
-            (ApiError::Unauthenticated(AuthnError::Missing), 401, "unauthenticated"),
+            (
+                ApiError::Unauthenticated(AuthnError::Missing),
+                401,
+                "unauthenticated",
+            ),
             (ApiError::Forbidden("x".into()), 403, "forbidden"),
             (ApiError::BadRequest("x".into()), 400, "bad_request"),
             (ApiError::Node("x".into()), 502, "node_error"),
-            (ApiError::AuditUnavailable("x".into()), 503, "audit_unavailable"),
+            (
+                ApiError::AuditUnavailable("x".into()),
+                503,
+                "audit_unavailable",
+            ),
         ];
         for (e, status, label) in cases {
             assert_eq!(e.status().as_u16(), status);
@@ -1013,7 +1063,9 @@ mod tests {
         }
         let r = ApiError::Unauthenticated(AuthnError::Missing).into_response();
         assert_eq!(
-            r.headers().get(http::header::WWW_AUTHENTICATE).map(|v| v.as_bytes()),
+            r.headers()
+                .get(http::header::WWW_AUTHENTICATE)
+                .map(|v| v.as_bytes()),
             Some(&b"Bearer"[..])
         );
     }

@@ -46,7 +46,10 @@ fn path_param(name: &str) -> Value {
 
 /// The document.
 pub fn document() -> Value {
-    let ns_query = query("namespace", "Only this namespace; all namespaces when absent.");
+    let ns_query = query(
+        "namespace",
+        "Only this namespace; all namespaces when absent.",
+    );
     let object = json!({"type": "object"});
     let list = json!({"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object"}}}});
     json!({

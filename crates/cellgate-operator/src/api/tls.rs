@@ -75,8 +75,8 @@ pub fn from_files(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
 pub fn self_signed(names: &[String]) -> Result<ServerTls, TlsError> {
     let mut sans: Vec<String> = names.to_vec();
     sans.push("localhost".into());
-    let cert = rcgen::generate_simple_self_signed(sans)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let cert =
+        rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
     let cert_pem = cert.cert.pem();
     let key_pem = cert.signing_key.serialize_pem();
     from_pem(cert_pem.as_bytes(), key_pem.as_bytes(), true)
@@ -148,8 +148,8 @@ mod tests {
         std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("write");
         std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem())
             .expect("write");
-        let loaded = from_files(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
-            .expect("files");
+        let loaded =
+            from_files(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).expect("files");
         assert!(!loaded.self_signed);
         assert_eq!(loaded.cert_pem.trim(), cert.cert.pem().trim());
         std::fs::write(dir.path().join("empty.key"), "nothing").expect("write");
