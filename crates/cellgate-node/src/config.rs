@@ -47,6 +47,15 @@ pub struct NodeArgs {
     /// Audit log file (hash-chained JSON lines) [env: CELLGATE_AUDIT] [default: cellgate-audit.jsonl]
     #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// When an allowed request's record must be on disk: relaxed (queued; the request goes on at once) or strict (written and synced, by group commit, before the request is forwarded) [env: CELLGATE_AUDIT_DURABILITY] [default: relaxed]
+    #[arg(long)]
+    pub audit_durability: Option<String>,
+    /// Ed25519 private key (PEM PKCS#8, e.g. signing.key from `cellgate keys init`) that signs anchors of the audit chain head into <audit>.anchors; without it no anchors are written [env: CELLGATE_AUDIT_ANCHOR_KEY]
+    #[arg(long)]
+    pub audit_anchor_key: Option<PathBuf>,
+    /// Time between anchors of the audit chain head (one is written only when the head moved, and one at shutdown) [env: CELLGATE_AUDIT_ANCHOR_INTERVAL] [default: 10s]
+    #[arg(long)]
+    pub audit_anchor_interval: Option<String>,
     /// State directory: the budget ledger and the lockdown survive restarts here [env: CELLGATE_STATE_DIR] [default: cellgate-state beside the audit log]
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -344,6 +353,12 @@ pub struct NodeConfig {
     pub trust: Vec<PathBuf>,
     /// Audit log path.
     pub audit: PathBuf,
+    /// When an allowed request's record must be on disk.
+    pub audit_durability: AuditDurability,
+    /// Key that signs anchors of the audit chain head (`None`: no anchors).
+    pub audit_anchor_key: Option<PathBuf>,
+    /// Time between anchors.
+    pub audit_anchor_interval: Duration,
     /// State directory (`None`: `cellgate-state` beside the audit log).
     pub state_dir: Option<PathBuf>,
     /// LLM price table (`None`: the shipped one).
@@ -405,6 +420,41 @@ pub struct NodeConfig {
     pub credentials: crate::credentials::BackendConfig,
     /// Alerts file ([`crate::alerts`]); read and checked when the node starts.
     pub alerts: Option<PathBuf>,
+}
+
+/// When the record of an allowed request must be on disk (denials are always durable before
+/// the answer is sent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuditDurability {
+    /// Queued: the request goes on at once; the record is written within the writer's linger
+    /// and synced within its sync interval (a full queue still refuses the request).
+    #[default]
+    Relaxed,
+    /// Written and synced before the request is forwarded (or ext_authz answers OK), by the
+    /// writer's group commit: concurrent requests share one sync.
+    Strict,
+}
+
+impl AuditDurability {
+    /// Parses `relaxed` or `strict`.
+    ///
+    /// # Errors
+    /// A message naming the value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "relaxed" => Ok(Self::Relaxed),
+            "strict" => Ok(Self::Strict),
+            other => Err(format!("{other:?}: expected relaxed or strict")),
+        }
+    }
+
+    /// `relaxed` or `strict`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relaxed => "relaxed",
+            Self::Strict => "strict",
+        }
+    }
 }
 
 /// Why the configuration is not usable.
@@ -586,6 +636,24 @@ impl NodeConfig {
                     format!("{drain_raw:?} is not a duration like 10s"),
                 )
             })?;
+        let audit_durability = args
+            .audit_durability
+            .or_else(|| get("CELLGATE_AUDIT_DURABILITY"))
+            .map(|v| AuditDurability::parse(&v).map_err(|m| invalid("--audit-durability", m)))
+            .transpose()?
+            .unwrap_or_default();
+        let anchor_interval_raw = args
+            .audit_anchor_interval
+            .or_else(|| get("CELLGATE_AUDIT_ANCHOR_INTERVAL"))
+            .unwrap_or_else(|| "10s".into());
+        let audit_anchor_interval = cellgate_api::manifest::parse_duration(&anchor_interval_raw)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(
+                    "--audit-anchor-interval",
+                    format!("{anchor_interval_raw:?} is not a duration like 10s"),
+                )
+            })?;
         let log_format = args
             .log_format
             .or_else(|| get("CELLGATE_LOG_FORMAT"))
@@ -654,6 +722,9 @@ impl NodeConfig {
             trust: paths(args.trust, "CELLGATE_TRUST"),
             audit: path(args.audit, "CELLGATE_AUDIT")
                 .unwrap_or_else(|| PathBuf::from("cellgate-audit.jsonl")),
+            audit_durability,
+            audit_anchor_key: path(args.audit_anchor_key, "CELLGATE_AUDIT_ANCHOR_KEY"),
+            audit_anchor_interval,
             state_dir: path(args.state_dir, "CELLGATE_STATE_DIR"),
             price_table: path(args.price_table, "CELLGATE_PRICE_TABLE"),
             upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
@@ -707,6 +778,9 @@ impl NodeConfig {
             secrets_dir: None,
             trust: Vec::new(),
             audit: PathBuf::from("cellgate-audit.jsonl"),
+            audit_durability: AuditDurability::Relaxed,
+            audit_anchor_key: None,
+            audit_anchor_interval: cellgate_audit::DEFAULT_ANCHOR_INTERVAL,
             state_dir: None,
             price_table: None,
             upstream_ca: Vec::new(),
@@ -1110,6 +1184,76 @@ mod tests {
                 .to_string();
             assert!(e.contains(named), "{key}={value}: {e}");
         }
+    }
+
+    #[test]
+    fn audit_durability_and_anchors_from_flag_or_env_and_checked() {
+        let base = ["cellgate-node", "--trust", "k.pub"];
+        let cfg = NodeConfig::from_args_env(NodeArgs::parse_from(base), &env(&[])).unwrap();
+        assert_eq!(cfg.audit_durability, AuditDurability::Relaxed);
+        assert_eq!(cfg.audit_anchor_key, None);
+        assert_eq!(cfg.audit_anchor_interval, Duration::from_secs(10));
+        let cfg = NodeConfig::from_args_env(
+            NodeArgs::parse_from(base),
+            &env(&[
+                ("CELLGATE_AUDIT_DURABILITY", "strict"),
+                ("CELLGATE_AUDIT_ANCHOR_KEY", "/keys/anchor.key"),
+                ("CELLGATE_AUDIT_ANCHOR_INTERVAL", "1m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.audit_durability, AuditDurability::Strict);
+        assert_eq!(
+            cfg.audit_anchor_key,
+            Some(PathBuf::from("/keys/anchor.key"))
+        );
+        assert_eq!(cfg.audit_anchor_interval, Duration::from_secs(60));
+        // The flag wins over the environment.
+        let flags = NodeArgs::parse_from([
+            "cellgate-node",
+            "--trust",
+            "k.pub",
+            "--audit-durability",
+            "relaxed",
+            "--audit-anchor-interval",
+            "5s",
+        ]);
+        let cfg = NodeConfig::from_args_env(
+            flags,
+            &env(&[
+                ("CELLGATE_AUDIT_DURABILITY", "strict"),
+                ("CELLGATE_AUDIT_ANCHOR_INTERVAL", "1h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.audit_durability, AuditDurability::Relaxed);
+        assert_eq!(cfg.audit_anchor_interval, Duration::from_secs(5));
+        // Bad values are refused, naming the flag and the value.
+        for (flag, value) in [
+            ("--audit-durability", "STRICT"),
+            ("--audit-durability", "sync"),
+            ("--audit-durability", ""),
+            ("--audit-anchor-interval", "0s"),
+            ("--audit-anchor-interval", "10"),
+            ("--audit-anchor-interval", "fast"),
+        ] {
+            let args = NodeArgs::parse_from(["cellgate-node", "--trust", "k.pub", flag, value]);
+            let err = NodeConfig::from_args_env(args, &env(&[])).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(flag) && msg.contains(&format!("{value:?}")),
+                "{flag} {value}: {msg}"
+            );
+        }
+        let err = NodeConfig::from_args_env(
+            NodeArgs::parse_from(base),
+            &env(&[("CELLGATE_AUDIT_DURABILITY", "none")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("expected relaxed or strict"),
+            "{err}"
+        );
     }
 
     #[test]

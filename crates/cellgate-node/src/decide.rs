@@ -1045,7 +1045,10 @@ pub fn record_in_background(
 pub struct AuditFailed(pub String);
 
 /// Writes the record of a decision and counts it: denials are durable before this returns;
-/// allows are queued (never waiting on the disk), and a full queue is an error.
+/// allows (and shadow denials, which go on too) are queued (never waiting on the disk; a full
+/// queue is an error), or with `--audit-durability strict` durable before this returns as
+/// well, so that the request is forwarded only once its record is on disk. Durable writes share
+/// the writer's group commit: concurrent requests wait for one sync, not one each.
 ///
 /// # Errors
 /// When the record could not be written or queued: the request must then be refused.
@@ -1054,7 +1057,14 @@ pub async fn record(shared: &Shared, rec: Record) -> Result<(), AuditFailed> {
     shared
         .metrics
         .decision(result, &rec.reason, &rec.front_door);
-    let r = if rec.decision == Decision::Allow || rec.decision == Decision::ShadowDeny {
+    if rec.decision == Decision::Deny {
+        if let Some(host) = &rec.host {
+            shared.metrics.denied_host(host);
+        }
+    }
+    let goes_on = rec.decision == Decision::Allow || rec.decision == Decision::ShadowDeny;
+    let r = if goes_on && shared.config.audit_durability == crate::config::AuditDurability::Relaxed
+    {
         shared.audit.submit(rec)
     } else {
         shared.audit.submit_durable(rec).await

@@ -149,13 +149,16 @@ impl cellgate_dns::Audit for NodeAudit {
         rec.method = Some(event.qtype);
         rec.reasons = vec![event.detail];
         let log = shared.audit.clone();
-        if decision == Decision::Allow {
+        if decision == Decision::Allow
+            && shared.config.audit_durability == crate::config::AuditDurability::Relaxed
+        {
             // Allows are queued, as on the intake; a full queue still fails the answer closed.
             let queued = log.submit(rec).map_err(|e| e.to_string());
             return Box::pin(async move { queued });
         }
-        // A refusal is written and synced before the resolver answers, as a 403 is. Queued
-        // now, so it is recorded even when no answer follows (a closed connection).
+        // A refusal (and with --audit-durability strict, an answer too) is written and synced
+        // before the resolver answers, as a 403 is. Queued now, so it is recorded even when no
+        // answer follows (a closed connection).
         match log.submit_durable_now(rec) {
             Ok(synced) => Box::pin(async move { synced.await.map_err(|e| e.to_string()) }),
             Err(e) => Box::pin(async move { Err(e.to_string()) }),

@@ -96,6 +96,9 @@ pub struct Shared {
     pub guards: ext_proc::Guards,
     /// Audit log.
     pub audit: AuditLog,
+    /// Signs anchors of the audit chain head (`--audit-anchor-key`); exporters send what
+    /// [`cellgate_audit::Anchorer::subscribe`] yields.
+    pub anchorer: Option<Arc<cellgate_audit::Anchorer>>,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Bumped on every change of cells, policy or revocations; open tunnels re-check on it.
@@ -216,6 +219,14 @@ impl NodeHandle {
             tracing::error!(error = %e, "budget ledger not written at shutdown");
         }
         let _ = self.shared.audit.flush().await;
+        // The final head, after the final flush: anything cut after this is detectable.
+        if let Some(anchorer) = &self.shared.anchorer {
+            match anchorer.finish().await {
+                Ok(Some(a)) => tracing::info!(seq = a.seq, "audit head anchored at shutdown"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "audit head not anchored at shutdown"),
+            }
+        }
     }
 }
 
@@ -392,6 +403,7 @@ pub async fn run_with(
     let (audit, _writer) = AuditLog::open(&config.audit, Default::default())
         .await
         .with_context(|| format!("opening the audit log {}", config.audit.display()))?;
+    let anchorer = start_anchorer(&config, &audit).await?;
     let policy = Arc::new(PolicyStore::default());
     let policy_source = policy_source::PolicySource::new(
         config.base_policy_dir.clone(),
@@ -436,6 +448,7 @@ pub async fn run_with(
             cells: weak.clone(),
         })),
         audit,
+        anchorer,
         generation,
         conn_limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         draining,
@@ -476,7 +489,8 @@ pub async fn run_with(
     tracing::info!(
         intake = %intake_addr, admin = %admin_addr, node = %shared.config.node_name,
         cells = shared.cells.len(), policy = ?shared.policy.current().map(|p| p.version().to_string()),
-        audit = %shared.config.audit.display(), trusted_keys = ?shared.verifier.key_ids(),
+        audit = %shared.config.audit.display(), audit_durability = shared.config.audit_durability.as_str(),
+        trusted_keys = ?shared.verifier.key_ids(),
         "cellgate-node started"
     );
     let dns = match shared.config.dns {
@@ -520,6 +534,40 @@ pub async fn run_with(
         tasks,
         dns,
     })
+}
+
+/// Loads the anchor key and starts anchoring the audit chain head, when `--audit-anchor-key` is
+/// set: a key that cannot be read, or an anchors file that contradicts the log, stops the node.
+async fn start_anchorer(
+    config: &NodeConfig,
+    audit: &AuditLog,
+) -> anyhow::Result<Option<Arc<cellgate_audit::Anchorer>>> {
+    let Some(key_path) = &config.audit_anchor_key else {
+        tracing::warn!(
+            "no --audit-anchor-key: the audit chain head is not anchored, so a log cut or rewritten together with its .head would go unnoticed"
+        );
+        return Ok(None);
+    };
+    let key = cellgate_audit::AnchorKey::load(key_path).context("--audit-anchor-key")?;
+    let path = cellgate_audit::anchors_path(&config.audit);
+    let anchorer = cellgate_audit::Anchorer::start(
+        audit.clone(),
+        key,
+        cellgate_audit::AnchorOptions {
+            node: config.node_name.clone(),
+            path: path.clone(),
+            interval: config.audit_anchor_interval,
+        },
+    )
+    .await
+    .with_context(|| format!("starting the audit anchors in {}", path.display()))?;
+    tracing::info!(
+        key_id = anchorer.key_id(),
+        anchors = %path.display(),
+        interval_s = config.audit_anchor_interval.as_secs(),
+        "audit chain head anchored at the interval and at shutdown"
+    );
+    Ok(Some(Arc::new(anchorer)))
 }
 
 /// Polls the cells and policy directories; any change bumps the generation.

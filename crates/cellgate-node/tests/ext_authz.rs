@@ -47,6 +47,10 @@ struct Env {
 }
 
 async fn start() -> Env {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tweak: impl FnOnce(&mut cellgate_node::NodeConfig)) -> Env {
     let secrets = tempfile::tempdir().unwrap();
     std::fs::write(secrets.path().join("openai"), format!("{SECRET}\n")).unwrap();
     let dir = secrets.path().to_path_buf();
@@ -54,6 +58,7 @@ async fn start() -> Env {
         c.ext_authz = Some(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()));
         c.ext_authz_token_header = Some(TOKEN_HEADER.into());
         c.secrets_dir = Some(dir);
+        tweak(c);
     })
     .await;
     let port = f.https.addr.port();
@@ -710,6 +715,42 @@ async fn concurrent_checks_are_all_decided_and_recorded() {
             .count()
     };
     assert_eq!((count("allow"), count("deny")), (1440, 160));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_durability_answers_ok_only_once_the_record_is_on_disk() {
+    let env = start_with(|c| {
+        c.audit_durability = cellgate_node::config::AuditDurability::Strict;
+    })
+    .await;
+    let c = client(env.addr).await;
+    let allow = Req::new(&env, "demo", "GET", "api.test", "/v1/models");
+    let log = env.f.node().shared.audit.clone();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (mut c, req, log, audit) = (c.clone(), allow.build(), log.clone(), env.f.audit.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                let r = c.check(req.clone()).await.unwrap().into_inner();
+                assert_eq!(code(&r), 0);
+                // At the moment Envoy hears OK, the record is in the file and synced.
+                let durable = log.durable_head().seq;
+                let rid = meta(&r, "request_id").unwrap();
+                let rec = audit_records(&audit)
+                    .into_iter()
+                    .find(|x| x["request_id"] == rid.as_str())
+                    .unwrap_or_else(|| panic!("no record of {rid} when OK was answered"));
+                assert_eq!(rec["decision"], "allow");
+                assert!(
+                    rec["seq"].as_u64().unwrap() <= durable,
+                    "{rec} not durable ({durable})"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
