@@ -22,7 +22,7 @@
 
 use std::time::SystemTime;
 
-use cellgate_audit::{Decision, Record};
+use cellgate_audit::{Anchor, Decision, Record};
 use opentelemetry::logs::{AnyValue, LogRecord as _, Severity};
 use opentelemetry::Key;
 use opentelemetry_sdk::logs::SdkLogRecord;
@@ -31,6 +31,8 @@ use opentelemetry_sdk::logs::SdkLogRecord;
 pub const EVENT_DECISION: &str = "cellgate.decision";
 /// Event name of a control record (lockdown, operator events).
 pub const EVENT_CONTROL: &str = "cellgate.control";
+/// Event name of a signed chain-head anchor.
+pub const EVENT_ANCHOR: &str = "cellgate.audit.anchor";
 
 /// Fills `out` (a fresh record from the exporter's logger) from `rec`.
 pub fn fill(out: &mut SdkLogRecord, rec: &Record) {
@@ -119,6 +121,38 @@ pub fn fill(out: &mut SdkLogRecord, rec: &Record) {
     );
     put("cellgate.record.hash", s(&rec.hash));
     put("cellgate.record.prev", s(&rec.prev));
+}
+
+/// Fills `out` with a signed chain-head anchor: event `cellgate.audit.anchor`, body the
+/// anchor's line of the anchors file (so the bodies a collector kept, one per line, are an
+/// anchors file `cellgate audit verify --anchors` reads), attributes `cellgate.anchor.seq`,
+/// `cellgate.anchor.hash`, `cellgate.anchor.key_id`, `cellgate.anchor.sig`, `k8s.node.name`.
+pub fn fill_anchor(out: &mut SdkLogRecord, anchor: &Anchor) {
+    if let Some(t) = parse_time(&anchor.time) {
+        out.set_timestamp(t);
+    }
+    out.set_observed_timestamp(SystemTime::now());
+    out.set_severity_number(Severity::Info);
+    out.set_severity_text("INFO");
+    out.set_event_name(EVENT_ANCHOR);
+    let line = anchor.to_line();
+    let line = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line)).into_owned();
+    out.set_body(AnyValue::String(line.into()));
+    let s = |v: &str| AnyValue::String(v.to_owned().into());
+    out.add_attribute(Key::from_static_str("k8s.node.name"), s(&anchor.node));
+    out.add_attribute(
+        Key::from_static_str("cellgate.anchor.seq"),
+        AnyValue::Int(i64::try_from(anchor.seq).unwrap_or(i64::MAX)),
+    );
+    out.add_attribute(
+        Key::from_static_str("cellgate.anchor.hash"),
+        s(&anchor.hash),
+    );
+    out.add_attribute(
+        Key::from_static_str("cellgate.anchor.key_id"),
+        s(&anchor.key_id),
+    );
+    out.add_attribute(Key::from_static_str("cellgate.anchor.sig"), s(&anchor.sig));
 }
 
 /// `addr:port` or `[v6]:port` split; `None` without a port.

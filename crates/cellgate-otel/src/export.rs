@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cellgate_audit::AuditLog;
+use cellgate_audit::{Anchor, AuditLog};
 use opentelemetry::logs::{Logger as _, LoggerProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLoggerProvider};
 use opentelemetry_sdk::Resource;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{OtlpConfig, Protocol};
@@ -62,6 +62,8 @@ pub struct ExportStatus {
     pub over_bound: bool,
     /// Times the cursor did not match the log and the export started again from record 1.
     pub restarts: u64,
+    /// Signed chain-head anchors the collector accepted.
+    pub anchors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +76,7 @@ struct Counters {
     /// Milliseconds since `started` of the last progress (an accepted batch, or caught up).
     progress_ms: AtomicU64,
     restarts: AtomicU64,
+    anchors: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -100,11 +103,16 @@ impl AuditExporter {
     /// # Errors
     /// The exporter cannot be built (bad endpoint, unreadable CA file). Must be called inside a
     /// tokio runtime.
+    ///
+    /// `anchors`, when the log is anchored, carries each new signed chain head: it goes out as
+    /// a log record too (event `cellgate.audit.anchor`, body the anchor's line of the anchors
+    /// file), retried until the collector takes it or a newer anchor replaces it.
     pub fn start(
         config: &OtlpConfig,
         log_path: &Path,
         audit: AuditLog,
         instance: &str,
+        anchors: Option<watch::Receiver<Option<Anchor>>>,
     ) -> Result<AuditExporter, ExportError> {
         let mut exporter = build_log_exporter(config)?;
         let resource = resource(&config.service_name, instance);
@@ -134,6 +142,8 @@ impl AuditExporter {
             log: log_path.to_owned(),
             cursor,
             batch: config.batch.max(1),
+            anchors,
+            pending_anchor: None,
         };
         let handle = tokio::spawn(task.run());
         if let Ok(mut slot) = inner.task.lock() {
@@ -182,6 +192,7 @@ impl AuditExporter {
             stalled: backlog > 0 && since_progress > self.inner.stall_after,
             over_bound: backlog > self.inner.max_backlog,
             restarts: c.restarts.load(Ordering::Relaxed),
+            anchors: c.anchors.load(Ordering::Relaxed),
         }
     }
 
@@ -208,6 +219,8 @@ struct Task {
     log: PathBuf,
     cursor: Cursor,
     batch: usize,
+    anchors: Option<watch::Receiver<Option<Anchor>>>,
+    pending_anchor: Option<Anchor>,
 }
 
 impl Task {
@@ -221,6 +234,24 @@ impl Task {
         let mut stopping = false;
         let mut last_warning: Option<Instant> = None;
         loop {
+            if let Some(rx) = &mut self.anchors {
+                if rx.has_changed().unwrap_or(false) {
+                    self.pending_anchor = rx.borrow_and_update().clone();
+                }
+            }
+            if let Some(anchor) = self.pending_anchor.clone() {
+                let mut r = logger.create_log_record();
+                crate::attrs::fill_anchor(&mut r, &anchor);
+                match self.exporter.export(LogBatch::new(&[(&r, &scope)])).await {
+                    Ok(()) => {
+                        self.pending_anchor = None;
+                        self.inner.counters.anchors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, seq = anchor.seq, "anchor export failed; retrying");
+                    }
+                }
+            }
             let batch = match self.read().await {
                 Ok(b) => b,
                 Err(e) => {

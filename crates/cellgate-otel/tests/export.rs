@@ -102,6 +102,7 @@ async fn exports_every_record_in_order(protocol: &str) {
         &path,
         log.clone(),
         "node-a",
+        None,
     )
     .unwrap();
     for i in 0..300 {
@@ -167,8 +168,14 @@ async fn a_collector_that_is_down_makes_the_export_fall_behind_then_catch_up_in_
     let rx = OtlpReceiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (log, path) = open(dir.path()).await;
-    let exporter =
-        AuditExporter::start(&config(&rx.grpc_url(), "grpc", 50), &path, log.clone(), "n").unwrap();
+    let exporter = AuditExporter::start(
+        &config(&rx.grpc_url(), "grpc", 50),
+        &path,
+        log.clone(),
+        "n",
+        None,
+    )
+    .unwrap();
     for i in 0..10 {
         log.submit(record(i)).unwrap();
     }
@@ -209,7 +216,7 @@ async fn a_refusing_collector_loses_nothing_and_a_restarted_exporter_resumes_at_
     let dir = tempfile::tempdir().unwrap();
     let (log, path) = open(dir.path()).await;
     let cfg = config(&rx.http_url(), "http/protobuf", 1000);
-    let exporter = AuditExporter::start(&cfg, &path, log.clone(), "n").unwrap();
+    let exporter = AuditExporter::start(&cfg, &path, log.clone(), "n", None).unwrap();
     rx.set_unavailable(true);
     for i in 0..20 {
         log.submit(record(i)).unwrap();
@@ -231,12 +238,68 @@ async fn a_refusing_collector_loses_nothing_and_a_restarted_exporter_resumes_at_
     }
     log.flush().await.unwrap();
     let before = rx.logs().len();
-    let exporter = AuditExporter::start(&cfg, &path, log.clone(), "n").unwrap();
+    let exporter = AuditExporter::start(&cfg, &path, log.clone(), "n", None).unwrap();
     let logs = wait_for(&rx, 25, Duration::from_secs(10)).await;
     assert_eq!(
         seqs(&logs[before..]),
         (21..=25).collect::<Vec<_>>(),
         "only what was not yet exported"
     );
+    exporter.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_anchors_go_out_and_their_bodies_verify_against_the_node_key() {
+    use cellgate_audit::{AnchorKey, Head};
+    let rx = OtlpReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, path) = open(dir.path()).await;
+    let key = AnchorKey::from_pkcs8(&AnchorKey::generate_pkcs8().unwrap()).unwrap();
+    let (tx, anchors) = tokio::sync::watch::channel(None);
+    let exporter = AuditExporter::start(
+        &config(&rx.grpc_url(), "grpc", 1000),
+        &path,
+        log.clone(),
+        "n",
+        Some(anchors),
+    )
+    .unwrap();
+    for i in 0..3 {
+        log.submit(record(i)).unwrap();
+    }
+    log.flush().await.unwrap();
+    let head: Head = log.durable_head();
+    let anchor = key.sign("n", &head, std::time::SystemTime::now());
+    tx.send(Some(anchor.clone())).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let found: Vec<ReceivedLog> = rx
+            .logs()
+            .into_iter()
+            .filter(|l| l.event_name == "cellgate.audit.anchor")
+            .collect();
+        if !found.is_empty() || tokio::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(got.len(), 1, "one anchor, sent once");
+    assert_eq!(got[0].attrs["cellgate.anchor.seq"], "3");
+    assert_eq!(got[0].attrs["cellgate.anchor.hash"], head.hash);
+    let parsed: cellgate_audit::Anchor = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(parsed, anchor);
+    assert!(
+        parsed.verify(&key.public_key()),
+        "the exported anchor verifies"
+    );
+    let mut counted = 0;
+    for _ in 0..100 {
+        counted = exporter.status().anchors;
+        if counted == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1);
     exporter.shutdown(Duration::from_secs(5)).await;
 }
