@@ -294,6 +294,12 @@ impl metrics::Gauges for ScrapedValues {
                     + cluster.namespaces.len() as u64,
                 false,
             ));
+            v.push((
+                "cellgate_approvals_pending",
+                "Requests waiting for a human's approval on this node",
+                s.approvals.list(decide::now_ms()).len() as u64,
+                false,
+            ));
             if let Some(d) = s.dns.get() {
                 let c = d.stats().snapshot();
                 v.push((
@@ -323,6 +329,41 @@ impl metrics::Gauges for ScrapedValues {
             }
         }
         v
+    }
+
+    fn read_labeled(&self) -> Vec<metrics::LabeledGauge> {
+        let Some(s) = self.cells.upgrade() else {
+            return Vec::new();
+        };
+        // One series per counter of each budget of each cell on the node: bounded by the
+        // AgentCells, not by traffic.
+        let mut series = Vec::new();
+        for entry in s.cells.snapshot().values() {
+            let cell = &entry.cell;
+            for u in s.ledger.usage_of(&cell.uid) {
+                for (counter, value) in [
+                    ("requests", u.requests),
+                    ("window_requests", u.window_requests),
+                    ("tokens", u.tokens),
+                    ("spend_micros", u.spend_micros),
+                ] {
+                    series.push((
+                        vec![
+                            ("namespace", cell.namespace.clone()),
+                            ("cell", cell.name.clone()),
+                            ("scope", u.scope.clone()),
+                            ("counter", counter.to_string()),
+                        ],
+                        i64::try_from(value).unwrap_or(i64::MAX),
+                    ));
+                }
+            }
+        }
+        vec![metrics::LabeledGauge {
+            name: "cellgate_budget_used",
+            help: "Budget counters of the cells on this node (scope: cell or a capability; counter: requests over the cell's life, window_requests in the current window, LLM tokens, spend_micros in millionths of a USD)",
+            series,
+        }]
     }
 }
 

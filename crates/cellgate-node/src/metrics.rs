@@ -122,12 +122,44 @@ pub struct Metrics {
     pub reload_failures: Family<ConnLabels, Counter>,
     /// The alerter's counters.
     pub alerts: AlertMetrics,
+    /// Denials by host, for the few hosts first denied ([`DENIED_HOSTS_MAX`]).
+    pub denied_hosts: Family<HostLabels, Counter>,
+    denied_hosts_named: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Values read at scrape time from other components' atomics.
 pub trait Gauges: Send + Sync + std::fmt::Debug + 'static {
     /// (name, help, value, is_counter)
     fn read(&self) -> Vec<(&'static str, &'static str, u64, bool)>;
+
+    /// Gauges with labels, read at scrape time: (name, help, series of (labels, value)). The
+    /// label sets must be bounded by configuration (cells on the node, their budgets), never by
+    /// what agents send.
+    fn read_labeled(&self) -> Vec<LabeledGauge> {
+        Vec::new()
+    }
+}
+
+/// One labeled gauge read at scrape time ([`Gauges::read_labeled`]).
+#[derive(Debug)]
+pub struct LabeledGauge {
+    /// Metric name.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Each series: its labels and value.
+    pub series: Vec<(Vec<(&'static str, String)>, i64)>,
+}
+
+/// Most hosts `cellgate_denials_by_host_total` names; denials of any other host count under
+/// `host="other"`, so an agent spraying names cannot grow the series without bound.
+pub const DENIED_HOSTS_MAX: usize = 100;
+
+/// Labels of `cellgate_denials_by_host_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabels {
+    /// The host of the denied request, or `other` past [`DENIED_HOSTS_MAX`] hosts.
+    pub host: String,
 }
 
 #[derive(Debug)]
@@ -144,6 +176,17 @@ impl Collector for Scraped {
                 let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
                 let e = encoder.encode_descriptor(name, help, None, g.metric_type())?;
                 g.encode(e)?;
+            }
+        }
+        for g in self.0.read_labeled() {
+            let mut e = encoder.encode_descriptor(
+                g.name,
+                g.help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (labels, value) in &g.series {
+                ConstGauge::new(*value).encode(e.encode_family(labels)?)?;
             }
         }
         Ok(())
@@ -218,8 +261,16 @@ impl Metrics {
             "Alerts dropped because the sink's queue was full (alerts are best effort), by sink",
             alerts.dropped.clone(),
         );
+        let denied_hosts = Family::<HostLabels, Counter>::default();
+        registry.register(
+            "cellgate_denials_by_host",
+            "Denied requests by host: the first 100 hosts denied since the node started by name, any other as host=\"other\"",
+            denied_hosts.clone(),
+        );
         registry.register_collector(Box::new(Scraped(scraped)));
         Self {
+            denied_hosts,
+            denied_hosts_named: Default::default(),
             alerts,
             registry,
             decisions,
@@ -238,6 +289,24 @@ impl Metrics {
                 result: result.into(),
                 reason: reason.into(),
                 front_door: front_door.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a denied request to `host` (by name for the first [`DENIED_HOSTS_MAX`] hosts,
+    /// else as `other`).
+    pub fn denied_host(&self, host: &str) {
+        let named = {
+            let mut named = self
+                .denied_hosts_named
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            named.contains(host)
+                || (named.len() < DENIED_HOSTS_MAX && host.len() <= 253 && named.insert(host.into()))
+        };
+        self.denied_hosts
+            .get_or_create(&HostLabels {
+                host: if named { host.into() } else { "other".into() },
             })
             .inc();
     }
