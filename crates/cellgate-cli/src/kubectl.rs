@@ -94,11 +94,40 @@ pub struct CellArgs {
     pub target: Target,
 }
 
-/// `audit CELL`.
+/// `audit [CELL]`: one cell's recent decisions from its node, or (with `--since`, `--decision`,
+/// `--host`, `--reason`, `-A` or `--api-url`) a query across every node through the operator's
+/// control API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditArgs {
     /// The cell whose recent decisions to show.
     pub cell: Option<String>,
+    /// Records at or after this time: RFC 3339, or a duration back from now (1h) [control API].
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only these decisions: allow, deny, error, shadow_deny, approval, control (comma-separated)
+    /// [control API].
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Only requests to this host [control API].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only records with this reason label, e.g. no_capability [control API].
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Every namespace, every node [control API].
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// The operator's control API, e.g. https://localhost:8443 after
+    /// `kubectl -n cellgate-system port-forward svc/cellgate-operator-api 8443`.
+    #[arg(long, env = "CELLGATE_API_URL")]
+    pub api_url: Option<String>,
+    /// CA certificate (PEM) the control API's certificate is checked against (default: the
+    /// kubeconfig cluster's CA).
+    #[arg(long, env = "CELLGATE_API_CA")]
+    pub api_ca: Option<std::path::PathBuf>,
+    /// Bearer token for the control API (default: the kubeconfig user's token or exec plugin).
+    #[arg(long, env = "CELLGATE_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// How many records, newest last.
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
@@ -259,8 +288,146 @@ async fn report_enforcement(
     }
 }
 
-/// `audit CELL`.
+impl AuditArgs {
+    /// Whether the query goes to the control API rather than to one cell's node.
+    pub fn uses_control_api(&self) -> bool {
+        self.since.is_some()
+            || self.decision.is_some()
+            || self.host.is_some()
+            || self.reason.is_some()
+            || self.all_namespaces
+            || self.api_url.is_some()
+    }
+
+    /// The control API's `/api/v1/audit` path and query for these arguments.
+    ///
+    /// # Errors
+    /// A cell given as `NS/NAME` outside the namespace asked for.
+    pub fn api_path(&self, namespace: &str) -> anyhow::Result<String> {
+        let enc = |s: &str| {
+            let mut out = String::new();
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(b));
+                } else {
+                    let _ = write!(out, "%{b:02X}");
+                }
+            }
+            out
+        };
+        let mut q = Vec::new();
+        match (&self.cell, self.all_namespaces) {
+            (Some(cell), _) => {
+                let full = if cell.contains('/') {
+                    cell.clone()
+                } else {
+                    format!("{namespace}/{cell}")
+                };
+                q.push(format!("cell={}", enc(&full)));
+            }
+            (None, false) => q.push(format!("namespace={}", enc(namespace))),
+            (None, true) => {}
+        }
+        for (k, v) in [
+            ("since", &self.since),
+            ("decision", &self.decision),
+            ("host", &self.host),
+            ("reason", &self.reason),
+        ] {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", enc(v)));
+            }
+        }
+        q.push(format!("limit={}", self.limit.clamp(1, MAX_AUDIT_LIMIT)));
+        Ok(format!("/api/v1/audit?{}", q.join("&")))
+    }
+}
+
+/// A client for the control API at `url`: the kubeconfig's credentials (or `token`) and TLS
+/// settings, pointed at the operator's Service instead of the API server.
+async fn api_client(args: &AuditArgs, url: &str) -> anyhow::Result<(Client, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = match &args.target.context {
+        Some(context) => {
+            let options = kube::config::KubeConfigOptions {
+                context: Some(context.clone()),
+                ..Default::default()
+            };
+            kube::Config::from_kubeconfig(&options).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig: set KUBECONFIG (its namespace and credentials are used)")?,
+    };
+    let namespace = args
+        .target
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    config.cluster_url = url
+        .parse()
+        .with_context(|| format!("--api-url {url:?}: expected e.g. https://localhost:8443"))?;
+    config.tls_server_name = None;
+    if let Some(ca) = &args.api_ca {
+        let pem =
+            std::fs::read(ca).with_context(|| format!("reading --api-ca {}", ca.display()))?;
+        let ders = pem_certificates(&pem);
+        if ders.is_empty() {
+            bail!("--api-ca {}: no PEM certificate", ca.display());
+        }
+        config.root_cert = Some(ders);
+        config.root_cert_file = None;
+    }
+    if let Some(token) = &args.token {
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..Default::default()
+        };
+    }
+    Ok((Client::try_from(config)?, namespace))
+}
+
+/// The DER bodies of the PEM `CERTIFICATE` blocks in `pem`.
+fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
+/// The records the control API answers for `path` (NDJSON), as a table or as they came.
+///
+/// # Errors
+/// The control API refuses (401, 403, ...) or cannot be reached.
+pub async fn audit_api_text(client: Client, path: &str, json: bool) -> anyhow::Result<String> {
+    let request = http::Request::get(path).body(Vec::new())?;
+    let body = client
+        .request_text(request)
+        .await
+        .with_context(|| format!("GET {path} on the control API"))?;
+    if json {
+        return Ok(body);
+    }
+    Ok(format_audit(&body))
+}
+
+/// `audit CELL`, or a cross-node query through the control API.
 pub async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    if args.uses_control_api() {
+        let Some(url) = args.api_url.clone() else {
+            bail!(
+                "--since, --decision, --host, --reason and -A query every node through the operator's control API: \
+                 give --api-url (or CELLGATE_API_URL), e.g. https://localhost:8443 after \
+                 `kubectl -n {} port-forward svc/cellgate-operator-api 8443`",
+                args.control_namespace
+            );
+        };
+        let (client, ns) = api_client(&args, &url).await?;
+        let path = args.api_path(&ns)?;
+        print!("{}", audit_api_text(client, &path, args.json).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let Some(cell) = args.cell.clone() else {
         bail!("audit: name a cell (`audit CELL`) or a file to verify (`audit verify FILE`)");
     };
@@ -695,7 +862,89 @@ fn format_audit(body: &str) -> String {
         ]);
     }
     if rows.len() == 1 {
-        return "no audit records for this cell on its node\n".into();
+        return "no audit records match\n".into();
     }
     table(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        audit: AuditArgs,
+    }
+
+    fn parse(args: &[&str]) -> AuditArgs {
+        let mut v = vec!["audit"];
+        v.extend_from_slice(args);
+        Cli::parse_from(v).audit
+    }
+
+    #[test]
+    fn the_control_api_path_carries_the_filters() {
+        let a = parse(&["triage"]);
+        assert!(
+            !a.uses_control_api(),
+            "the single-cell form reads the cell's node"
+        );
+        let a = parse(&[
+            "-A",
+            "--since",
+            "1h",
+            "--decision",
+            "deny,error",
+            "--host",
+            "api.example.com",
+            "--limit",
+            "20",
+        ]);
+        assert!(a.uses_control_api());
+        assert_eq!(
+            a.api_path("agents").unwrap(),
+            "/api/v1/audit?since=1h&decision=deny%2Cerror&host=api.example.com&limit=20"
+        );
+        let a = parse(&["triage", "--reason", "no_capability"]);
+        assert!(a.uses_control_api());
+        assert_eq!(
+            a.api_path("agents").unwrap(),
+            "/api/v1/audit?cell=agents%2Ftriage&reason=no_capability&limit=50"
+        );
+        let a = parse(&["--since", "2030-01-01T00:00:00Z"]);
+        assert_eq!(
+            a.api_path("agents").unwrap(),
+            "/api/v1/audit?namespace=agents&since=2030-01-01T00%3A00%3A00Z&limit=50"
+        );
+    }
+
+    #[tokio::test]
+    async fn control_api_records_are_shown_as_a_table() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("a call");
+            assert_eq!(req.method(), http::Method::GET);
+            assert_eq!(
+                req.uri().to_string(),
+                "/api/v1/audit?decision=deny&limit=50"
+            );
+            let line = serde_json::json!({"time": "2030-01-01T00:00:01Z", "decision": "deny",
+                "reasons": ["no_capability"], "host": "api.example.com", "method": "GET", "path": "/x"});
+            send.send_response(Response::new(Body::from(format!("{line}\n").into_bytes())));
+        });
+        let text = audit_api_text(client, "/api/v1/audit?decision=deny&limit=50", false)
+            .await
+            .expect("answer");
+        server.await.expect("server");
+        assert!(text.starts_with("TIME"), "{text}");
+        assert!(
+            text.contains("deny") && text.contains("api.example.com"),
+            "{text}"
+        );
+    }
 }
