@@ -6,7 +6,8 @@
 //! one per line. [`verify_path`] proves a log untouched or names the first bad record.
 //!
 //! Start reading at [`AuditLog::open`] (writing) and [`verify_path`] (checking); the format is
-//! in [`chain`].
+//! in [`chain`]. Signed anchors of the chain head, which catch a log cut or rewritten together
+//! with its `.head`, are in [`anchor`] ([`Anchorer`] writes them, [`verify_anchored`] checks).
 //!
 //! # What a record holds
 //!
@@ -38,8 +39,8 @@
 //! every sync and lets a verifier notice trailing records that were cut off (a missing or empty
 //! head checks nothing). A local head can
 //! be rewritten by whoever can rewrite the log, so for full tamper-resistance the head must also
-//! be exported elsewhere (the OTLP exporter carries it); compare the exported head with
-//! [`VerifyReport`] to close that gap.
+//! be kept elsewhere: the [`Anchorer`] signs it at an interval and at shutdown (see below), and
+//! [`verify_anchored`] checks a log against those anchors.
 //!
 //! Python's standard library reproduces the canonical form exactly, so a complete verifier is:
 //!
@@ -66,6 +67,32 @@
 //! ```
 //!
 //! (The crate's tests run exactly this script against logs the writer produced.)
+//!
+//! # Anchors file (`<log>.anchors`)
+//!
+//! UTF-8 text, one anchor per line, each line the canonical JSON (as above) of
+//!
+//! ```text
+//! {"hash":H,"key_id":K,"node":N,"seq":S,"sig":G,"time":T}
+//! ```
+//!
+//! - `seq`, `hash`: the last record known synced when the anchor was taken (`hash` as the
+//!   record's own, 64 lowercase hex);
+//! - `node`: the node's name; `time`: RFC 3339 UTC with nanoseconds, as in records;
+//! - `key_id`: the first 16 lowercase hex digits of SHA-256 over the raw 32-byte Ed25519 public
+//!   key (the key id `cellgate keys init` prints);
+//! - `sig`: lowercase hex of the 64-byte Ed25519 signature (RFC 8032) over the canonical JSON of
+//!   the anchor without its `sig` key, for example
+//!   `{"hash":"…","key_id":"…","node":"node-a","seq":42,"time":"…"}`.
+//!
+//! An anchor is written only when the head moved since the previous one, so `seq` increases
+//! down the file. To check a log against it: verify every signature, then, walking the log as
+//! the script above does, compare each record whose `seq` an anchor names with that anchor's
+//! `hash`; a log whose last `seq` is below the largest anchored one was cut. Checking Ed25519
+//! needs a library outside Python's standard one (`cryptography`'s
+//! `Ed25519PublicKey.from_public_bytes(raw).verify(bytes.fromhex(sig), body)`), so no complete
+//! script is given here; `cellgate audit verify FILE --anchors ANCHORS --anchor-key PUB` does
+//! all of it.
 //!
 //! # Lint tier
 //!
