@@ -1604,3 +1604,167 @@ fn dockerfiles_build_workspace_packages() {
         );
     }
 }
+
+/// The values that switch alerts, the dashboard and the ServiceMonitors on.
+const OBSERVABILITY_ON: [&str; 18] = [
+    "--set",
+    "alerts.enabled=true",
+    "--set",
+    "alerts.secret=cellgate-alerts",
+    "--set",
+    "alerts.sinks[0].name=ops",
+    "--set",
+    "alerts.sinks[0].url=https://alerts.example.com/cellgate",
+    "--set",
+    "alerts.sinks[1].name=chat",
+    "--set",
+    "alerts.sinks[1].urlSecretKey=slack-url",
+    "--set",
+    "alerts.sinks[1].format=slack",
+    "--set",
+    "dashboard.enabled=true",
+    "--set",
+    "serviceMonitor.enabled=true",
+];
+
+/// The node container's alerts wiring: the flag, the ConfigMap and Secret mounts.
+fn check_alerts_wiring(docs: &[Value], configmap: &str) {
+    let ds = find(docs, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    let args = strings(&node["args"]);
+    let at = args
+        .iter()
+        .position(|a| *a == "--alerts")
+        .expect("--alerts");
+    assert_eq!(args[at + 1], "/etc/cellgate/alerts/alerts.yaml");
+    assert_eq!(mount(node, "alerts")["mountPath"], "/etc/cellgate/alerts");
+    assert_eq!(
+        mount(node, "alerts-secret")["mountPath"],
+        "/etc/cellgate/alerts-secret"
+    );
+    let volumes = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes");
+    let vol = |n: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("no volume {n}"))
+    };
+    assert_eq!(vol("alerts")["configMap"]["name"], configmap);
+    assert_eq!(
+        vol("alerts-secret")["secret"]["secretName"],
+        "cellgate-alerts"
+    );
+}
+
+#[test]
+fn helm_alerts_dashboard_and_service_monitors_render() {
+    let default = docs(&helm_template_ok(&["--set", CIDRS]));
+    for (k, n) in [
+        ("ConfigMap", "cellgate-alerts"),
+        ("ConfigMap", "cellgate-dashboard"),
+        ("ServiceMonitor", "cellgate-node"),
+    ] {
+        assert!(
+            !kinds_and_names(&default).contains(&(k.into(), n.into())),
+            "{k} {n} is off by default"
+        );
+    }
+    let yaml =
+        helm_template_ok(&[["--set", CIDRS].as_slice(), OBSERVABILITY_ON.as_slice()].concat());
+    let d = docs(&yaml);
+    check_contract(&d, Front::Intake);
+    check_alerts_wiring(&d, "cellgate-alerts");
+    // The alerts file: sinks without secrets, keys and secret URLs as files of the Secret.
+    let file = yaml_value(
+        find(&d, "ConfigMap", "cellgate-alerts")["data"]["alerts.yaml"]
+            .as_str()
+            .expect("alerts.yaml"),
+    );
+    assert_eq!(
+        file["sinks"],
+        serde_json::json!([
+            {"name": "ops", "url": "https://alerts.example.com/cellgate", "format": "json",
+             "secretFile": "/etc/cellgate/alerts-secret/ops"},
+            {"name": "chat", "urlFile": "/etc/cellgate/alerts-secret/slack-url", "format": "slack"}
+        ])
+    );
+    assert_eq!(file["denialRate"]["perCell"], 20);
+    // The dashboard is the chart's file, labelled for Grafana's sidecar.
+    let dash = find(&d, "ConfigMap", "cellgate-dashboard");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped =
+        std::fs::read_to_string(workspace().join("charts/cellgate/dashboards/cellgate.json"))
+            .expect("dashboard");
+    assert_eq!(
+        serde_json::from_str::<Value>(dash["data"]["cellgate.json"].as_str().expect("json"))
+            .expect("dashboard JSON"),
+        serde_json::from_str::<Value>(&shipped).expect("dashboard JSON")
+    );
+    // A ServiceMonitor per component, each selecting a headless Service on the admin port.
+    for (component, port) in [("node", 15021), ("operator", 8080)] {
+        let sm = find(&d, "ServiceMonitor", &format!("cellgate-{component}"));
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
+        assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+        let svc = find(&d, "Service", &format!("cellgate-{component}-metrics"));
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(svc["spec"]["ports"][0]["port"], port);
+        assert_eq!(
+            svc["spec"]["selector"]["app.kubernetes.io/component"],
+            component
+        );
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"],
+            svc["spec"]["selector"]
+        );
+    }
+    golden("helm-observability.yaml", &yaml);
+    // Signed sinks need the Secret; alerts need a sink; the schema checks the rest.
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "alerts.enabled=true",
+            "--set",
+            "alerts.sinks[0].name=ops",
+            "--set",
+            "alerts.sinks[0].url=https://alerts.example.com/",
+        ],
+        "cellgate: alerts sink ops needs alerts.secret",
+    );
+    assert_rejected(
+        &["--set", CIDRS, "--set", "alerts.enabled=true"],
+        "cellgate: alerts.enabled needs at least one sink",
+    );
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "alerts.sinks[0].name=ops",
+            "--set",
+            "alerts.sinks[0].url=ftp://x/",
+        ],
+        "alerts.sinks.0",
+    );
+}
+
+#[test]
+fn kustomize_alerts_component_wires_the_node() {
+    let yaml = kustomize_overlay(
+        "resources: [DEPLOY]\n\
+         components: [DEPLOY/components/alerts]\n",
+    );
+    let d = docs(&yaml);
+    check_contract(&d, Front::Intake);
+    let cm = find_prefix(&d, "ConfigMap", "cellgate-alerts-");
+    check_alerts_wiring(&d, name(cm));
+    let file = yaml_value(cm["data"]["alerts.yaml"].as_str().expect("alerts.yaml"));
+    assert_eq!(
+        file["sinks"][0]["secretFile"],
+        "/etc/cellgate/alerts-secret/ops"
+    );
+    golden("kustomize-overlay-alerts.yaml", &yaml);
+}

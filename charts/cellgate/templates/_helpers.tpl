@@ -78,6 +78,16 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- fail (printf "cellgate: envoy.podCIDRs contains %s. Name the pods' address ranges: Envoy believes the PROXY protocol header (source address and cell token) of every peer in these ranges." (toString .)) -}}
 {{- end -}}
 {{- end -}}
+{{- if $v.alerts.enabled -}}
+{{- if not $v.alerts.sinks -}}
+{{- fail "cellgate: alerts.enabled needs at least one sink in alerts.sinks, e.g. --set 'alerts.sinks[0].name=ops' --set 'alerts.sinks[0].url=https://alerts.example.com/cellgate'." -}}
+{{- end -}}
+{{- range $v.alerts.sinks -}}
+{{- if and (or (include "cellgate.alertsSigned" .) .urlSecretKey) (not $v.alerts.secret) -}}
+{{- fail (printf "cellgate: alerts sink %s needs alerts.secret, the name of a Secret holding its HMAC key under the key %s (json sinks are always signed) or its URL under urlSecretKey. The chart creates no Secret: kubectl create secret generic ... --from-file=%s=..." .name .name .name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.envoy.enabled -}}
 {{- if $v.extAuthz.enabled -}}
 {{- fail "cellgate: envoy.enabled and extAuthz.enabled are both set. envoy.enabled runs Envoy in the node pods and serves ext_authz to it on a Unix socket inside the pod; extAuthz.enabled serves ext_authz on TCP 15011 of every node for an Envoy you run elsewhere. The node has one ext_authz listener: choose one." -}}
@@ -92,4 +102,41 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- fail "cellgate: envoy.enabled needs envoy.intercept.secret, the name of a kubernetes.io/tls Secret whose leaf (tls.crt, tls.key) names every host of envoy.intercept.hosts and is signed by the Cellgate CA: see docs/envoy.md, \"Helm\"." -}}
 {{- end -}}
 {{- end -}}
+{{- end }}
+
+{{/* Whether a sink of alerts.sinks is signed: json always, slack when signed is set. */}}
+{{- define "cellgate.alertsSigned" -}}
+{{- if or (eq (.format | default "json") "json") .signed }}true{{ end -}}
+{{- end }}
+
+{{/* The nodes' alerts file (alerts-configmap.yaml), from alerts.*. */}}
+{{- define "cellgate.alertsFile" -}}
+{{- $a := .Values.alerts -}}
+sinks:
+{{- range $a.sinks }}
+  - name: {{ .name }}
+    {{- if .urlSecretKey }}
+    urlFile: /etc/cellgate/alerts-secret/{{ .urlSecretKey }}
+    {{- else }}
+    url: {{ .url | quote }}
+    {{- end }}
+    format: {{ .format | default "json" }}
+    {{- if include "cellgate.alertsSigned" . }}
+    secretFile: /etc/cellgate/alerts-secret/{{ .name }}
+    {{- end }}
+    {{- with .events }}
+    events: {{ toJson . }}
+    {{- end }}
+{{- end }}
+denialRate:
+  perCell: {{ $a.denialRate.perCell }}
+  window: {{ $a.denialRate.window }}
+queue:
+  capacity: {{ $a.queueCapacity }}
+retry:
+  attempts: {{ $a.retry.attempts }}
+  backoffBase: {{ $a.retry.backoffBase }}
+  backoffMax: {{ $a.retry.backoffMax }}
+  timeout: {{ $a.retry.timeout }}
+cooldown: {{ $a.cooldown }}
 {{- end }}
