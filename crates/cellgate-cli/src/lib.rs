@@ -4,7 +4,9 @@
 //!   half with a key id (`signing.pub`).
 //! - `cellgate token issue --key FILE --cell CELL.yaml --ttl 10m [--bind ADDR]`: a cell token.
 //! - `cellgate ca init --out DIR`: the CA the node mints leaf certificates with.
-//! - `cellgate audit verify FILE`: proves an audit log untouched, or names the first bad record.
+//! - `cellgate audit verify FILE [--anchors FILE --anchor-key PUBKEY]`: proves an audit log
+//!   untouched, or names the first bad record; with anchors, also that it was neither cut nor
+//!   rewritten since they were signed.
 //! - `cellgate run -f CELL.yaml -- COMMAND`: local mode (see [`run`]).
 //! - `cellgate crd`: the CustomResourceDefinitions, as committed under `deploy/crds/`.
 //! - `cellgate lockdown on|off --reason TEXT [-n NS]`: the kill switch of a running node, through
@@ -138,9 +140,19 @@ struct AuditCommand {
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Verifies the hash chain: prints `N records intact` (exit 0) or the first bad record (exit 1).
+    ///
+    /// With --anchors, also checks the log against anchors the node signed (keep a copy away
+    /// from the node: `<log>.anchors`, or what the exporter sent): every anchor's signature,
+    /// then the first record they contradict, or the cut.
     Verify {
         /// The audit log (JSON lines).
         file: PathBuf,
+        /// Signed anchors of the chain head (JSON lines, as in `<log>.anchors`).
+        #[arg(long, requires = "anchor_key")]
+        anchors: Option<PathBuf>,
+        /// The anchor key's public half: the signing.pub (JWK) of `cellgate keys init`, or a PEM PUBLIC KEY.
+        #[arg(long, requires = "anchors")]
+        anchor_key: Option<PathBuf>,
     },
 }
 
@@ -247,7 +259,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return kubectl::block_on(kubectl::audit(cell));
         }
         Command::Audit(AuditCommand {
-            command: Some(AuditCmd::Verify { file }),
+            command:
+                Some(AuditCmd::Verify {
+                    file,
+                    anchors: Some(anchors),
+                    anchor_key: Some(key),
+                }),
+            ..
+        }) => {
+            let key = cellgate_audit::AnchorPublicKey::load(&key)?;
+            return Ok(
+                match cellgate_audit::verify_anchored(&file, &anchors, &key) {
+                    Ok(r) => {
+                        println!(
+                            "{} records intact, {} anchors agree, last anchored record {}",
+                            r.log.records, r.anchors, r.last_anchored
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(cellgate_audit::AnchorError::Io { path, source }) => {
+                        anyhow::bail!("cannot read {}: {source}", path.display())
+                    }
+                    Err(e) => {
+                        println!("{}: {e}", file.display());
+                        ExitCode::from(1)
+                    }
+                },
+            );
+        }
+        Command::Audit(AuditCommand {
+            command: Some(AuditCmd::Verify { file, .. }),
             ..
         }) => {
             return Ok(match cellgate_audit::verify_path(&file) {

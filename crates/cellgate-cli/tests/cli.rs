@@ -215,6 +215,163 @@ fn audit_verify_names_the_first_bad_record_for_each_kind_of_tampering() {
     assert_eq!(verify(&log).0, Some(0));
 }
 
+/// A log of `n` records from a node whose anchor key is `key` (PEM), anchored after each record
+/// in `anchor_at`.
+fn write_anchored_log(path: &Path, key: &Path, n: u64, anchor_at: &[u64]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (log, writer) = AuditLog::open(path, Default::default()).await.unwrap();
+        let anchorer = cellgate_audit::Anchorer::start(
+            log.clone(),
+            cellgate_audit::AnchorKey::load(key).unwrap(),
+            cellgate_audit::AnchorOptions {
+                node: "node-a".into(),
+                path: cellgate_audit::anchors_path(path),
+                interval: std::time::Duration::from_secs(3600),
+            },
+        )
+        .await
+        .unwrap();
+        for i in 1..=n {
+            let mut r = Record::new("node-a", "intake", "https", Decision::Allow, "test");
+            r.path = Some(format!("/v1/item/{i}"));
+            log.submit_durable(r).await.unwrap();
+            if anchor_at.contains(&i) {
+                anchorer.anchor_now().await.unwrap().unwrap();
+            }
+        }
+        drop(anchorer);
+        log.close().await.unwrap();
+        let _ = writer.await;
+    });
+}
+
+/// Record `at` rewritten and the chain (and the head file) recomputed after it.
+fn rewrite_and_rechain(path: &Path, at: usize) {
+    use cellgate_audit::chain::{canonical_json, record_hash};
+    let mut out = Vec::new();
+    let mut prev = cellgate_audit::ZERO_HASH.to_owned();
+    for (i, line) in lines(path).iter().enumerate() {
+        let serde_json::Value::Object(mut map) = serde_json::from_str(line).unwrap() else {
+            panic!("not an object")
+        };
+        if i + 1 == at {
+            map.insert("decision".into(), "deny".into());
+        }
+        map.remove("hash");
+        map.insert("prev".into(), prev.clone().into());
+        let hash = record_hash(&prev, &canonical_json(&map.clone().into()));
+        map.insert("hash".into(), hash.clone().into());
+        out.push(String::from_utf8(canonical_json(&map.into())).unwrap());
+        prev = hash;
+    }
+    std::fs::write(path, out.join("\n") + "\n").unwrap();
+    let head = cellgate_audit::Head {
+        seq: out.len() as u64,
+        hash: prev,
+    };
+    std::fs::write(cellgate_audit::head_path(path), head.to_json()).unwrap();
+}
+
+#[test]
+fn audit_verify_with_anchors_names_the_cut_the_rewrite_and_a_forged_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("anchor-keys");
+    let o = cellgate(&["keys", "init", "--out", keys.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let log = dir.path().join("audit.jsonl");
+    write_anchored_log(&log, &keys.join("signing.key"), 10, &[3, 6, 9]);
+    // The anchors as exported, kept away from the node.
+    let exported = dir.path().join("exported.anchors");
+    std::fs::copy(cellgate_audit::anchors_path(&log), &exported).unwrap();
+    let verify = || {
+        let o = cellgate(&[
+            "audit",
+            "verify",
+            log.to_str().unwrap(),
+            "--anchors",
+            exported.to_str().unwrap(),
+            "--anchor-key",
+            keys.join("signing.pub").to_str().unwrap(),
+        ]);
+        (o.status.code(), text(&o))
+    };
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        out.trim(),
+        "10 records intact, 3 anchors agree, last anchored record 9"
+    );
+    let original = lines(&log);
+    let original_head = std::fs::read(cellgate_audit::head_path(&log)).unwrap();
+    let restore = || {
+        std::fs::write(&log, original.join("\n") + "\n").unwrap();
+        std::fs::write(cellgate_audit::head_path(&log), &original_head).unwrap();
+    };
+
+    // Cut after export, the head file rewritten to match: the log alone looks intact.
+    std::fs::write(&log, original[..7].join("\n") + "\n").unwrap();
+    let last: serde_json::Value = serde_json::from_str(&original[6]).unwrap();
+    let head = cellgate_audit::Head {
+        seq: 7,
+        hash: last["hash"].as_str().unwrap().into(),
+    };
+    std::fs::write(cellgate_audit::head_path(&log), head.to_json()).unwrap();
+    assert_eq!(verify_plain(&log), (Some(0), "7 records intact".into()));
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("cut: anchor says 9 records, the log has 7"),
+        "{out}"
+    );
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    restore();
+
+    // Record 5 rewritten and the chain recomputed: the first contradicted anchor is record 6's,
+    // and the anchor of record 3 bounds the rewrite from below.
+    rewrite_and_rechain(&log, 5);
+    assert_eq!(verify_plain(&log).0, Some(0));
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 6 (line 6) is the first record the anchors contradict")
+            && out.contains("rewritten at a record from 4 to 6"),
+        "{out}"
+    );
+    restore();
+
+    // A forged anchor (another hash under the old signature) is named by its line.
+    let mut anchors = lines(&exported);
+    let mut a: serde_json::Value = serde_json::from_str(&anchors[1]).unwrap();
+    a["hash"] = "0".repeat(64).into();
+    anchors[1] = a.to_string();
+    std::fs::write(&exported, anchors.join("\n") + "\n").unwrap();
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("anchor at line 2 (record 6): bad signature"),
+        "{out}"
+    );
+
+    // The key is required with the anchors.
+    let o = cellgate(&[
+        "audit",
+        "verify",
+        log.to_str().unwrap(),
+        "--anchors",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+fn verify_plain(path: &Path) -> (Option<i32>, String) {
+    let (code, out) = verify(path);
+    (code, out.trim().to_string())
+}
+
 #[test]
 fn crd_prints_the_committed_definition() {
     let out = cellgate(&["crd"]);
