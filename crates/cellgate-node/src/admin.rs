@@ -35,6 +35,24 @@ pub fn not_ready(shared: &Shared) -> Option<String> {
             "audit log unavailable: {e}; every request is denied"
         ));
     }
+    if let Some(status) = shared
+        .export
+        .as_ref()
+        .map(cellgate_otel::AuditExporter::status)
+    {
+        if status.over_bound {
+            return Some(format!(
+                "the audit export is {} records behind, past its bound: new requests are refused (audit_backlog)",
+                status.backlog
+            ));
+        }
+        if status.stalled {
+            return Some(format!(
+                "the audit export is stalled: {} records waiting, the oldest {:.0}s old; nothing is lost, they stay in the audit log",
+                status.backlog, status.lag_seconds
+            ));
+        }
+    }
     if let Some(Err(e)) = shared.dns.get().map(|d| d.health()) {
         return Some(format!("DNS cannot answer: {e}"));
     }

@@ -152,6 +152,79 @@ pub struct NodeArgs {
     /// Alerts file (YAML: webhook sinks and thresholds, docs/operations.md); none: no alerts. A file that does not check stops the node [env: CELLGATE_ALERTS]
     #[arg(long)]
     pub alerts: Option<PathBuf>,
+    /// OTLP collector to export audit records and request spans to; none: no export [env: OTEL_EXPORTER_OTLP_ENDPOINT, or the per-signal OTEL_EXPORTER_OTLP_{LOGS,TRACES}_ENDPOINT]
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http/protobuf [env: OTEL_EXPORTER_OTLP_PROTOCOL] [default: grpc]
+    #[arg(long)]
+    pub otlp_protocol: Option<String>,
+    /// Audit records the export may fall behind before new requests are refused (audit_backlog) [env: CELLGATE_OTLP_MAX_BACKLOG] [default: 1000000]
+    #[arg(long)]
+    pub otlp_max_backlog: Option<u64>,
+    /// How long the export may make no progress with records waiting before /readyz fails [env: CELLGATE_OTLP_STALL_AFTER] [default: 60s]
+    #[arg(long)]
+    pub otlp_stall_after: Option<String>,
+    /// Export request spans too (true) or audit records only (false) [env: CELLGATE_OTLP_TRACES] [default: true]
+    #[arg(long)]
+    pub otlp_traces: Option<bool>,
+}
+
+/// The OTLP export the flags and the standard `OTEL_*` variables name, if any.
+fn otlp_config(
+    args: &NodeArgs,
+    env: &HashMap<String, String>,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<cellgate_otel::OtlpConfig>, ConfigError> {
+    let max_backlog = match args
+        .otlp_max_backlog
+        .map(|v| v.to_string())
+        .or_else(|| get("CELLGATE_OTLP_MAX_BACKLOG"))
+    {
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            invalid(
+                "--otlp-max-backlog",
+                format!("{v:?} is not a number of records"),
+            )
+        })?),
+        None => None,
+    };
+    let stall_after = match args
+        .otlp_stall_after
+        .clone()
+        .or_else(|| get("CELLGATE_OTLP_STALL_AFTER"))
+    {
+        Some(v) => Some(
+            cellgate_api::manifest::parse_duration(&v)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    invalid(
+                        "--otlp-stall-after",
+                        format!("{v:?} is not a duration like 60s"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let traces = match args
+        .otlp_traces
+        .map(|v| v.to_string())
+        .or_else(|| get("CELLGATE_OTLP_TRACES"))
+    {
+        Some(v) => Some(
+            v.parse::<bool>()
+                .map_err(|_| invalid("--otlp-traces", format!("{v:?} is not true or false")))?,
+        ),
+        None => None,
+    };
+    let flags = cellgate_otel::OtlpFlags {
+        endpoint: args.otlp_endpoint.clone(),
+        protocol: args.otlp_protocol.clone(),
+        max_backlog,
+        stall_after,
+        traces,
+    };
+    cellgate_otel::OtlpConfig::resolve(&flags, env, "cellgate-node")
+        .map_err(|m| invalid("--otlp-endpoint", m))
 }
 
 /// The credential backends the flags and environment name.
@@ -420,6 +493,8 @@ pub struct NodeConfig {
     pub credentials: crate::credentials::BackendConfig,
     /// Alerts file ([`crate::alerts`]); read and checked when the node starts.
     pub alerts: Option<PathBuf>,
+    /// OTLP export of audit records and spans; `None`: no export.
+    pub otlp: Option<cellgate_otel::OtlpConfig>,
 }
 
 /// When the record of an allowed request must be on disk (denials are always durable before
@@ -547,6 +622,7 @@ impl NodeConfig {
     ) -> Result<Self, ConfigError> {
         let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
         let credentials = credential_backends(&args, &get)?;
+        let otlp = otlp_config(&args, env, &get)?;
         let list = |k: &str| -> Vec<String> {
             get(k)
                 .map(|v| {
@@ -743,6 +819,7 @@ impl NodeConfig {
                 .or_else(|| get("CELLGATE_ADMIN_TOKEN_FILE").map(PathBuf::from)),
             log_json: log_format == "json",
             alerts: path(args.alerts, "CELLGATE_ALERTS"),
+            otlp,
             ..Self::defaults()
         };
         if log_format != "json" && log_format != "text" {
@@ -810,6 +887,7 @@ impl NodeConfig {
             max_header_bytes: 64 * 1024,
             credentials: crate::credentials::BackendConfig::default(),
             alerts: None,
+            otlp: None,
         }
     }
 

@@ -622,7 +622,29 @@ pub async fn admit(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outc
         Ok(()) => decide(shared, ident, facts),
         Err(refused) => *refused,
     };
+    let out = export_gate(shared, out);
     govern(shared, facts, out).await
+}
+
+/// Refuses a new request while the audit export is further behind than its bound
+/// (`audit_backlog`, 503): the node never drops a record to keep up, so it stops adding
+/// allowed actions until the collector has caught up. Open streams are not closed for it.
+fn export_gate(shared: &Shared, out: Outcome) -> Outcome {
+    match &shared.export {
+        Some(export) if out.allowed() && export.over_bound() => {
+            let status = export.status();
+            shared
+                .alerts
+                .audit_backlog(status.backlog, status.lag_seconds);
+            let what = format!(
+                "the audit export is {} records behind, past its bound of {}; the collector is down or slow",
+                status.backlog,
+                export.max_backlog()
+            );
+            out.refused(Decision::Error, Reason::AuditBacklog, what)
+        }
+        _ => out,
+    }
 }
 
 /// The budgets a request granted by `cap` falls under: the cell's, then the capability's.

@@ -403,6 +403,17 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     // Subscribed before deciding: a change between the decision and the response is seen.
     let generation = shared.generation.subscribe();
     let (mut facts, pre) = request_facts(&ctx, &req);
+    let started = std::time::SystemTime::now();
+    // The request's span, a child of the agent's when it sent `traceparent` (which goes
+    // upstream unchanged).
+    let otel = shared.tracer.as_ref().map(|t| {
+        t.request(
+            req.headers(),
+            req.method().as_str(),
+            facts.host.as_deref().unwrap_or_default(),
+            facts.path.as_deref().unwrap_or("/"),
+        )
+    });
     let (parts, incoming) = req.into_parts();
     let mut body = http_body_util::Either::Left(incoming);
     // What was read of the body before deciding: the bytes, and whether there were more.
@@ -447,7 +458,11 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
             out.notes.push(format!("mcp_session={s}"));
         }
     }
-    handle_decided(shared, ctx, parts, body, read, facts, out, generation).await
+    let traced = otel.map(|span| (span, started));
+    handle_decided(
+        shared, ctx, parts, body, read, facts, out, generation, traced,
+    )
+    .await
 }
 
 /// Shortest injected secret looked for in requests: shorter ones would match by chance.
@@ -611,6 +626,7 @@ async fn handle_decided(
     facts: Facts,
     out: Outcome,
     generation: tokio::sync::watch::Receiver<u64>,
+    traced: Option<(cellgate_otel::RequestSpan, std::time::SystemTime)>,
 ) -> Response<Body> {
     let ident = &ctx.ident.clone();
     // A path a detector found something in is logged with it redacted.
@@ -640,15 +656,57 @@ async fn handle_decided(
             let out = decide::approve(&shared, &ctx.ident, &facts, out, digest).await;
             (out, Request::from_parts(parts, body))
         };
-        match decide::conclude(&shared, (&**ident).into(), &facts, out).await {
+        let concluded = decide::conclude(&shared, (&**ident).into(), &facts, out).await;
+        let otel = traced.map(|(span, started)| {
+            let out = match &concluded {
+                Concluded::Forward(out, _) | Concluded::Answer(out) => out,
+            };
+            span.set(otel_attributes(out));
+            span.decision(
+                started,
+                std::time::SystemTime::now(),
+                out.result.as_str(),
+                out.reason.as_str(),
+                out.capability.as_deref(),
+            );
+            span
+        });
+        match concluded {
             Concluded::Forward(out, injected) => {
-                forward(shared, ctx.clone(), req, facts, out, injected, generation).await
+                forward(
+                    shared,
+                    ctx.clone(),
+                    req,
+                    facts,
+                    out,
+                    injected,
+                    generation,
+                    otel,
+                )
+                .await
             }
             Concluded::Answer(out) => refusal(Some(ident), &out),
         }
     }
     .instrument(span)
     .await
+}
+
+/// The request span's `cellgate.*` attributes: what the audit record of the decision says.
+fn otel_attributes(out: &Outcome) -> Vec<cellgate_otel::KeyValue> {
+    use cellgate_otel::KeyValue;
+    let mut v = vec![KeyValue::new("cellgate.request.id", out.request_id.clone())];
+    if let Some(entry) = &out.cell {
+        v.push(KeyValue::new("cellgate.cell", entry.cell.name.clone()));
+        v.push(KeyValue::new(
+            "k8s.namespace.name",
+            entry.cell.namespace.clone(),
+        ));
+    }
+    if let Some(p) = &out.policy_version {
+        v.push(KeyValue::new("cellgate.policy.version", p.clone()));
+    }
+    v
 }
 
 /// The answer to a refused request ([`crate::answer`]), as an HTTP response.
@@ -726,6 +784,7 @@ async fn forward(
     out: Outcome,
     injected: Option<crate::credentials::Injected>,
     generation: tokio::sync::watch::Receiver<u64>,
+    otel: Option<cellgate_otel::RequestSpan>,
 ) -> Response<Body> {
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -796,7 +855,26 @@ async fn forward(
         );
     }
     let client = shared.upstream.pick(upgrade, internal);
-    let resp = client.request(Request::from_parts(parts, body)).await;
+    let resp = match &otel {
+        None => client.request(Request::from_parts(parts, body)).await,
+        Some(span) => {
+            let sent = std::time::SystemTime::now();
+            let trace = upstream::ConnectTrace::default();
+            let resp = upstream::CONNECT_TRACE
+                .scope(
+                    trace.clone(),
+                    client.request(Request::from_parts(parts, body)),
+                )
+                .await;
+            let timing = trace.lock().ok().and_then(|mut t| t.take());
+            if let Some(t) = timing {
+                span.connect(t.start, t.end, t.peer, t.error.as_deref());
+            }
+            let status = resp.as_ref().ok().map(|r| r.status().as_u16());
+            span.response(sent, std::time::SystemTime::now(), status);
+            resp
+        }
+    };
     let mut resp = match resp {
         Ok(r) => r,
         Err(e) => {

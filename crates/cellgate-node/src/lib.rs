@@ -117,6 +117,11 @@ pub struct Shared {
     /// Webhook alerts (`--alerts`); off without a file. Other parts of the node report events
     /// that are not audit records through it (`alerts.audit_backlog(..)`).
     pub alerts: alerts::Alerts,
+    /// OTLP export of the audit log (`--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT`); past
+    /// its backlog bound new requests are refused (`audit_backlog`).
+    pub export: Option<cellgate_otel::AuditExporter>,
+    /// Spans of forwarded requests, when a traces endpoint is configured.
+    pub tracer: Option<cellgate_otel::RequestTracer>,
 }
 
 impl Shared {
@@ -227,8 +232,19 @@ impl NodeHandle {
                 Err(e) => tracing::error!(error = %e, "audit head not anchored at shutdown"),
             }
         }
+        // One last attempt to send what is durable (the final anchor included); what is left
+        // stays in the log and goes out at the next start.
+        if let Some(export) = &self.shared.export {
+            export.shutdown(EXPORT_SHUTDOWN).await;
+        }
+        if let Some(tracer) = &self.shared.tracer {
+            tracer.shutdown();
+        }
     }
 }
+
+/// How long the OTLP export may try to send its backlog at shutdown.
+const EXPORT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct ScrapedValues {
     minter: Arc<LeafMinter>,
@@ -243,6 +259,12 @@ impl std::fmt::Debug for ScrapedValues {
 }
 
 impl metrics::Gauges for ScrapedValues {
+    fn export(&self) -> Option<cellgate_otel::ExportStatus> {
+        self.cells
+            .upgrade()
+            .and_then(|s| s.export.as_ref().map(cellgate_otel::AuditExporter::status))
+    }
+
     fn read(&self) -> Vec<(&'static str, &'static str, u64, bool)> {
         let stats = self.audit.stats();
         let mut v = vec![
@@ -445,6 +467,23 @@ pub async fn run_with(
         .await
         .with_context(|| format!("opening the audit log {}", config.audit.display()))?;
     let anchorer = start_anchorer(&config, &audit).await?;
+    let (export, tracer) = match &config.otlp {
+        Some(otlp) => (
+            Some(
+                cellgate_otel::AuditExporter::start(
+                    otlp,
+                    &config.audit,
+                    audit.clone(),
+                    &config.node_name,
+                    anchorer.as_ref().map(|a| a.subscribe()),
+                )
+                .context("starting the OTLP export")?,
+            ),
+            cellgate_otel::RequestTracer::start(otlp, &config.node_name)
+                .context("starting the OTLP span export")?,
+        ),
+        None => (None, None),
+    };
     let policy = Arc::new(PolicyStore::default());
     let policy_source = policy_source::PolicySource::new(
         config.base_policy_dir.clone(),
@@ -503,6 +542,8 @@ pub async fn run_with(
         dns: std::sync::OnceLock::new(),
         kube: std::sync::OnceLock::new(),
         alerts: alerts::Alerts::default(),
+        export,
+        tracer,
         config,
     });
     // Subscribed before the first record the node writes.
@@ -516,6 +557,22 @@ pub async fn run_with(
                 shared.audit.subscribe(),
             )
             .context("starting the alerter")?;
+    }
+    // An export past its bound or stalled raises an `audit_backlog` alert (rate-limited there).
+    if shared.export.is_some() {
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { break };
+                if let Some(status) = s.export.as_ref().map(cellgate_otel::AuditExporter::status) {
+                    if status.over_bound || status.stalled {
+                        s.alerts.audit_backlog(status.backlog, status.lag_seconds);
+                    }
+                }
+            }
+        });
     }
     if let Some(dir) = &shared.config.cells_dir {
         shared.cells.rescan(dir);

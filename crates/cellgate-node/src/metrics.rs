@@ -138,6 +138,63 @@ pub trait Gauges: Send + Sync + std::fmt::Debug + 'static {
     fn read_labeled(&self) -> Vec<LabeledGauge> {
         Vec::new()
     }
+
+    /// Where the OTLP export of the audit log stands; `None` when no export is configured
+    /// (the export metrics then read 0).
+    fn export(&self) -> Option<cellgate_otel::ExportStatus> {
+        None
+    }
+}
+
+/// The export metrics: `cellgate_audit_export_records_total{result="exported"|"failed"}`,
+/// `cellgate_audit_export_backlog_records`, `cellgate_audit_export_lag_seconds`,
+/// `cellgate_audit_export_stalled`, `cellgate_audit_export_anchors_total`.
+fn encode_export(
+    status: Option<cellgate_otel::ExportStatus>,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let s = status.unwrap_or_default();
+    let mut e = encoder.encode_descriptor(
+        "cellgate_audit_export_records",
+        "Audit records sent over OTLP, by result: exported (the collector accepted them) or failed (a request that failed; the records stay in the log and are sent again)",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (result, v) in [("exported", s.exported), ("failed", s.failed)] {
+        ConstCounter::new(v).encode(e.encode_family(&[("result", result)])?)?;
+    }
+    let backlog = ConstGauge::new(i64::try_from(s.backlog).unwrap_or(i64::MAX));
+    let e = encoder.encode_descriptor(
+        "cellgate_audit_export_backlog_records",
+        "Audit records written but not yet exported",
+        None,
+        backlog.metric_type(),
+    )?;
+    backlog.encode(e)?;
+    let lag = ConstGauge::new(s.lag_seconds);
+    let e = encoder.encode_descriptor(
+        "cellgate_audit_export_lag_seconds",
+        "Age of the oldest audit record not yet exported (0 when caught up)",
+        None,
+        lag.metric_type(),
+    )?;
+    lag.encode(e)?;
+    let stalled = ConstGauge::new(i64::from(s.stalled));
+    let e = encoder.encode_descriptor(
+        "cellgate_audit_export_stalled",
+        "1 while the export makes no progress with records waiting (/readyz fails)",
+        None,
+        stalled.metric_type(),
+    )?;
+    stalled.encode(e)?;
+    let anchors = ConstCounter::new(s.anchors);
+    let e = encoder.encode_descriptor(
+        "cellgate_audit_export_anchors",
+        "Signed audit chain-head anchors the collector accepted",
+        None,
+        anchors.metric_type(),
+    )?;
+    anchors.encode(e)
 }
 
 /// One labeled gauge read at scrape time ([`Gauges::read_labeled`]).
@@ -178,6 +235,7 @@ impl Collector for Scraped {
                 g.encode(e)?;
             }
         }
+        encode_export(self.0.export(), &mut encoder)?;
         for g in self.0.read_labeled() {
             let mut e = encoder.encode_descriptor(
                 g.name,
@@ -302,7 +360,9 @@ impl Metrics {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             named.contains(host)
-                || (named.len() < DENIED_HOSTS_MAX && host.len() <= 253 && named.insert(host.into()))
+                || (named.len() < DENIED_HOSTS_MAX
+                    && host.len() <= 253
+                    && named.insert(host.into()))
         };
         self.denied_hosts
             .get_or_create(&HostLabels {

@@ -247,6 +247,8 @@ reasons! {
     UpstreamError = "upstream_error",
     /// The decision could not be recorded (503).
     AuditUnavailable = "audit_unavailable",
+    /// The audit export is further behind than its bound: new requests wait for it (503).
+    AuditBacklog = "audit_backlog",
 }
 
 impl Reason {
@@ -337,7 +339,7 @@ impl Reason {
             Self::NoPolicy => "the node has no valid policy and refuses everything; operators can see why on /readyz",
             Self::ApprovalDenied => "a human denied this request; do not retry it unchanged",
             Self::ApprovalTimeout => "no human decided on this request in time; it may be asked again later",
-            Self::CredentialUnavailable | Self::AuditUnavailable | Self::BudgetUnavailable => "the boundary could not complete this request; retry later",
+            Self::CredentialUnavailable | Self::AuditUnavailable | Self::AuditBacklog | Self::BudgetUnavailable => "the boundary could not complete this request; retry later",
             r if r.is_upstream() => "the destination could not be reached; retry later",
             _ => "the request was refused by the cell's boundary; do not retry it unchanged",
         }

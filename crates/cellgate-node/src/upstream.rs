@@ -196,8 +196,47 @@ impl tower_service::Service<Uri> for ResolvingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri))
+        // A traced request that needs a new connection gets its timing: the connector is
+        // called from the request's own task when no pooled connection is free.
+        let trace = CONNECT_TRACE.try_with(Arc::clone).ok();
+        let this = self.clone();
+        Box::pin(async move {
+            let start = std::time::SystemTime::now();
+            let r = this.connect(uri).await;
+            if let Some(t) = trace {
+                if let Ok(mut slot) = t.lock() {
+                    *slot = Some(ConnectTiming {
+                        start,
+                        end: std::time::SystemTime::now(),
+                        peer: r.as_ref().ok().and_then(|s| s.inner().peer_addr().ok()),
+                        error: r.as_ref().err().map(ToString::to_string),
+                    });
+                }
+            }
+            r
+        })
     }
+}
+
+/// How a new upstream connection went, for the request's span.
+#[derive(Debug, Clone)]
+pub struct ConnectTiming {
+    /// Before resolving.
+    pub start: std::time::SystemTime,
+    /// After the TCP connection was made (or failed).
+    pub end: std::time::SystemTime,
+    /// The address connected to.
+    pub peer: Option<SocketAddr>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Where the connector reports a connection it opened for a traced request.
+pub type ConnectTrace = Arc<std::sync::Mutex<Option<ConnectTiming>>>;
+
+tokio::task_local! {
+    /// Set around a traced request's upstream call ([`ConnectTrace`]).
+    pub static CONNECT_TRACE: ConnectTrace;
 }
 
 /// A request body sent upstream: streamed from the agent, or read (in part or whole) before the

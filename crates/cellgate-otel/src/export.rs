@@ -159,6 +159,12 @@ impl AuditExporter {
         self.backlog() > self.inner.max_backlog
     }
 
+    /// The configured bound on the backlog.
+    #[must_use]
+    pub fn max_backlog(&self) -> u64 {
+        self.inner.max_backlog
+    }
+
     fn backlog(&self) -> u64 {
         let written = self.inner.audit.stats().last_seq;
         written.saturating_sub(self.inner.counters.cursor_seq.load(Ordering::Relaxed))

@@ -19,4 +19,5 @@ mod trace;
 
 pub use config::{OtlpConfig, OtlpFlags, Protocol, DEFAULT_MAX_BACKLOG, DEFAULT_STALL_AFTER};
 pub use export::{resource, AuditExporter, ExportError, ExportStatus};
+pub use opentelemetry::KeyValue;
 pub use trace::{RequestSpan, RequestTracer};
