@@ -1252,6 +1252,25 @@ mod tests {
         assert!(e.contains("under 16 bytes"), "{e}");
     }
 
+    /// The kustomize component's example file is one the node takes.
+    #[test]
+    fn the_shipped_example_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/components/alerts/alerts.yaml"
+        ))
+        .unwrap();
+        std::fs::write(dir.path().join("ops"), "0123456789abcdef0123").unwrap();
+        let text = text.replace(
+            "/etc/cellgate/alerts-secret/",
+            &format!("{}/", dir.path().display()),
+        );
+        let c = cfg(&text).unwrap();
+        assert_eq!(c.sinks[0].name, "ops");
+        assert!(c.sinks[0].key.is_some());
+    }
+
     #[test]
     fn a_url_file_is_read_and_never_quoted() {
         let dir = tempfile::tempdir().unwrap();
