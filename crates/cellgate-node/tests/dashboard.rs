@@ -62,8 +62,17 @@ fn strip_spans(s: &str, open: char, close: char) -> String {
 /// function call, a keyword or a number.
 fn metric_names(expr: &str) -> Vec<String> {
     const KEYWORDS: &[&str] = &[
-        "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-        "unless", "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
     ];
     let mut s = strip_spans(expr, '"', '"');
     s = strip_spans(&s, '{', '}');
@@ -129,17 +138,25 @@ fn the_name_extraction_handles_functions_matchers_and_histograms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_names_an_exported_metric() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/cellgate/dashboards/cellgate.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../charts/cellgate/dashboards/cellgate.json"
+    );
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let f = Fixture::start().await;
     let scrape = f.admin_get("/metrics").await;
     assert_eq!(scrape.status, 200);
     let mut known = exported(&scrape.body);
-    known.extend(exported(&cellgate_operator::metrics::Metrics::new().encode()));
+    known.extend(exported(
+        &cellgate_operator::metrics::Metrics::new().encode(),
+    ));
 
     // The data source is a variable of type prometheus, and every panel and query uses it.
     let vars = dashboard["templating"]["list"].as_array().unwrap();
-    let ds = vars.iter().find(|v| v["name"] == "datasource").expect("a datasource variable");
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "datasource")
+        .expect("a datasource variable");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
 
