@@ -305,3 +305,83 @@ async fn past_the_backlog_bound_new_requests_are_refused_and_audited_until_the_e
     let written = f.node().shared.audit.stats().last_seq;
     assert_eq!(seqs(&logs), (1..=written).collect::<Vec<_>>());
 }
+
+/// The same scenario against a real OpenTelemetry Collector: `OTELCOL_BIN` names an
+/// `otelcol-contrib` binary (it needs the `file` exporter). The collector receives OTLP/gRPC
+/// and writes what it received as OTLP JSON lines; every audit record of the node and the
+/// request's span must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_collector_receives_every_record_and_the_span_when_otelcol_bin_is_set() {
+    let Some(bin) = std::env::var_os("OTELCOL_BIN") else {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "NOTE real_collector suite not run: OTELCOL_BIN is not set (an otelcol-contrib \
+             binary; see docs/observability.md)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let out = dir.path().join("received.jsonl");
+    let config = dir.path().join("otelcol.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:{port}\n\
+             exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
+             service:\n  pipelines:\n    logs: {{receivers: [otlp], exporters: [file]}}\n    traces: {{receivers: [otlp], exporters: [file]}}\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let mut collector = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the collector did not listen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cfg = otlp(
+        &format!("http://127.0.0.1:{port}"),
+        "grpc",
+        1000,
+        Duration::from_secs(60),
+    );
+    let f = Fixture::start_with(|c| c.otlp = Some(cfg)).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
+    for i in 0..10 {
+        let r = plain_get(&f, &format!("/public/{i}"), &[("traceparent", &traceparent)]).await;
+        assert_eq!(r.status, 200);
+    }
+    let _ = plain_get(&f, "/private/x", &[]).await;
+    f.node().shared.audit.flush().await.unwrap();
+    let want: HashSet<String> = f
+        .audit_records()
+        .iter()
+        .map(|r| r["hash"].as_str().unwrap().to_owned())
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let missing: Vec<_> = want.iter().filter(|h| !text.contains(h.as_str())).collect();
+        if missing.is_empty() && text.contains(trace_id) && text.contains("cellgate.decide") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the collector did not receive {} records (or the span): {text}",
+            missing.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = collector.kill().await;
+}
