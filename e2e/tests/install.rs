@@ -880,7 +880,7 @@ fn kustomize_base_renders_the_contract() {
 fn kustomize_overlay_sets_cidrs_and_components_add_options() {
     let yaml = kustomize_overlay(
         "resources: [DEPLOY]\n\
-         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets]\n\
+         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets, DEPLOY/components/audit-anchors]\n\
          configMapGenerator:\n\
          - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n",
     );
@@ -900,6 +900,14 @@ fn kustomize_overlay_sets_cidrs_and_components_add_options() {
     assert_eq!(
         env_of(node).get("CELLGATE_K8S_SECRETS").map(String::as_str),
         Some("true")
+    );
+    assert_eq!(
+        env_of(node).get("CELLGATE_AUDIT_ANCHOR_KEY").map(String::as_str),
+        Some("/etc/cellgate/audit-anchor/signing.key")
+    );
+    assert_eq!(
+        mount(node, "audit-anchor-key")["mountPath"],
+        "/etc/cellgate/audit-anchor"
     );
     let secrets = find(&docs, "ClusterRole", "cellgate-node-secrets");
     assert_eq!(
@@ -983,6 +991,51 @@ fn helm_template_matches_golden_and_the_contract() {
     golden("helm-ext-authz.yaml", &ext);
 
     let secrets = helm_template_ok(&["--set", CIDRS, "--set", "node.k8sSecrets=true"]);
+    // The audit's guarantees: strict durability and a Secret with the anchor key.
+    let audit = helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "node.audit.durability=strict",
+        "--set",
+        "node.audit.anchorKeySecret=cellgate-audit-anchor",
+        "--set",
+        "node.audit.anchorInterval=30s",
+    ]);
+    let docs_audit = docs(&audit);
+    check_contract(&docs_audit, Front::Intake);
+    let ds = find(&docs_audit, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    let env = env_of(node);
+    assert_eq!(env["CELLGATE_AUDIT_DURABILITY"], "strict");
+    assert_eq!(
+        env["CELLGATE_AUDIT_ANCHOR_KEY"],
+        "/etc/cellgate/audit-anchor/signing.key"
+    );
+    assert_eq!(env["CELLGATE_AUDIT_ANCHOR_INTERVAL"], "30s");
+    assert_eq!(mount(node, "audit-anchor-key")["mountPath"], "/etc/cellgate/audit-anchor");
+    let volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "audit-anchor-key")
+        .expect("the anchor key volume");
+    assert_eq!(volume["secret"]["secretName"], "cellgate-audit-anchor");
+    // The defaults set none of it: relaxed, no anchors.
+    let default_node = container(
+        find(&docs_default, "DaemonSet", "cellgate-node"),
+        "containers",
+        "node",
+    );
+    let env = env_of(default_node);
+    assert!(
+        !env.keys().any(|k| k.starts_with("CELLGATE_AUDIT_")),
+        "{env:?}"
+    );
+    // A value outside the schema is refused.
+    let bad = helm_template(&["--set", CIDRS, "--set", "node.audit.durability=sync"]);
+    assert!(!bad.status.success(), "node.audit.durability=sync rendered");
+
     let docs_secrets = docs(&secrets);
     check_contract(&docs_secrets, Front::Intake);
     find(&docs_secrets, "ClusterRole", "cellgate-node-secrets");
