@@ -902,7 +902,9 @@ fn kustomize_overlay_sets_cidrs_and_components_add_options() {
         Some("true")
     );
     assert_eq!(
-        env_of(node).get("CELLGATE_AUDIT_ANCHOR_KEY").map(String::as_str),
+        env_of(node)
+            .get("CELLGATE_AUDIT_ANCHOR_KEY")
+            .map(String::as_str),
         Some("/etc/cellgate/audit-anchor/signing.key")
     );
     assert_eq!(
@@ -1013,7 +1015,10 @@ fn helm_template_matches_golden_and_the_contract() {
         "/etc/cellgate/audit-anchor/signing.key"
     );
     assert_eq!(env["CELLGATE_AUDIT_ANCHOR_INTERVAL"], "30s");
-    assert_eq!(mount(node, "audit-anchor-key")["mountPath"], "/etc/cellgate/audit-anchor");
+    assert_eq!(
+        mount(node, "audit-anchor-key")["mountPath"],
+        "/etc/cellgate/audit-anchor"
+    );
     let volume = ds["spec"]["template"]["spec"]["volumes"]
         .as_array()
         .unwrap()
