@@ -403,7 +403,6 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
     // Subscribed before deciding: a change between the decision and the response is seen.
     let generation = shared.generation.subscribe();
     let (mut facts, pre) = request_facts(&ctx, &req);
-    let started = std::time::SystemTime::now();
     // The request's span, a child of the agent's when it sent `traceparent` (which goes
     // upstream unchanged).
     let otel = shared.tracer.as_ref().map(|t| {
@@ -414,6 +413,7 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) 
             facts.path.as_deref().unwrap_or("/"),
         )
     });
+    let started = std::time::SystemTime::now();
     let (parts, incoming) = req.into_parts();
     let mut body = http_body_util::Either::Left(incoming);
     // What was read of the body before deciding: the bytes, and whether there were more.
@@ -776,6 +776,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: Arc<Shared>,
     ctx: Arc<ConnCtx>,

@@ -156,7 +156,9 @@ async fn decisions_go_out_as_log_records_and_a_forwarded_request_joins_the_agent
             .find(|s| s.name == name && s.parent_span_id == root.span_id)
             .unwrap_or_else(|| panic!("no {name} under the request span: {spans:#?}"))
     };
-    assert_eq!(child("cellgate.decide").attrs["cellgate.decision"], "allow");
+    let decide = child("cellgate.decide");
+    assert_eq!(decide.attrs["cellgate.decision"], "allow");
+    assert!(decide.start >= root.start && decide.end <= root.end);
     assert!(child("cellgate.upstream.connect")
         .attrs
         .contains_key("network.peer.address"));
@@ -195,7 +197,7 @@ async fn a_collector_down_30s_under_load_loses_nothing_and_the_backlog_arrives_i
         load.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let path = if i % 5 == 0 {
+                let path = if i.is_multiple_of(5) {
                     format!("/private/{t}-{i}")
                 } else {
                     format!("/public/{t}-{i}")
@@ -345,8 +347,14 @@ async fn a_real_collector_receives_every_record_and_the_span_when_otelcol_bin_is
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the collector did not listen");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the collector did not listen"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let cfg = otlp(
@@ -359,7 +367,12 @@ async fn a_real_collector_receives_every_record_and_the_span_when_otelcol_bin_is
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
     for i in 0..10 {
-        let r = plain_get(&f, &format!("/public/{i}"), &[("traceparent", &traceparent)]).await;
+        let r = plain_get(
+            &f,
+            &format!("/public/{i}"),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
         assert_eq!(r.status, 200);
     }
     let _ = plain_get(&f, "/private/x", &[]).await;

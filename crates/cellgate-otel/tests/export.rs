@@ -26,7 +26,7 @@ fn config(endpoint: &str, protocol: &str, max_backlog: u64) -> OtlpConfig {
 }
 
 fn record(i: usize) -> Record {
-    let decision = if i % 3 == 0 {
+    let decision = if i.is_multiple_of(3) {
         Decision::Deny
     } else {
         Decision::Allow
