@@ -138,6 +138,13 @@ pub struct Args {
     /// [default: /var/lib/cellgate-operator/audit.jsonl]
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// OTLP collector the operator's audit log (API calls, token and cell events) is exported
+    /// to; none: no export [env: OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT]
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http/protobuf [env: OTEL_EXPORTER_OTLP_PROTOCOL] [default: grpc]
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<String>,
 }
 
 /// How logs are written.
@@ -177,6 +184,8 @@ pub struct Config {
     pub api_tls: Option<(PathBuf, PathBuf)>,
     /// The operator's audit log.
     pub audit_log: PathBuf,
+    /// OTLP export of the operator's audit log; `None`: no export.
+    pub otlp: Option<cellgate_otel::OtlpConfig>,
 }
 
 /// Why a configuration was refused. Each names the flag and the environment variable.
@@ -314,6 +323,25 @@ impl Config {
                             .into(),
                 }),
             };
+        let otlp = {
+            let flags = cellgate_otel::OtlpFlags {
+                endpoint: args.otlp_endpoint.clone(),
+                protocol: args.otlp_protocol.clone(),
+                // The operator's log holds API calls and events, not requests: no spans.
+                traces: Some(false),
+                ..cellgate_otel::OtlpFlags::default()
+            };
+            let env: std::collections::HashMap<String, String> =
+                env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            cellgate_otel::OtlpConfig::resolve(&flags, &env, "cellgate-operator").map_err(
+                |reason| ConfigError::Invalid {
+                    flag: "--otlp-endpoint",
+                    env: "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    value: args.otlp_endpoint.clone().unwrap_or_default(),
+                    reason,
+                },
+            )?
+        };
         let audit_log = path_of(args.audit_log.as_ref(), ENV_AUDIT_LOG)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG));
         let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)
@@ -365,6 +393,7 @@ impl Config {
             api_listen,
             api_tls,
             audit_log,
+            otlp,
         };
         config.validate()?;
         Ok(config)
@@ -485,6 +514,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_operator_log_is_exported_when_an_otlp_endpoint_is_set() {
+        let args = Args::parse_from(["cellgate-operator", "--node-cidr", "10.0.0.7/16"]);
+        let c = Config::resolve(&args, &BTreeMap::new()).expect("valid");
+        assert_eq!(c.otlp, None);
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        let otlp = c.otlp.expect("export configured");
+        assert_eq!(otlp.logs_endpoint, "http://collector:4318/v1/logs");
+        assert_eq!(otlp.service_name, "cellgate-operator");
+        assert_eq!(otlp.traces_endpoint, None, "the operator sends no spans");
+        let bad = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]);
+        let err = Config::resolve(&args, &bad).expect_err("no scheme");
+        assert!(err.to_string().contains("--otlp-endpoint"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub enum RunError {
     /// No usable Kubernetes client configuration, or the API server is unreachable.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    /// The OTLP export of the operator's audit log could not be configured.
+    #[error("{0}; check --otlp-endpoint and OTEL_EXPORTER_OTLP_*")]
+    Export(String),
 }
 
 impl RunError {
@@ -83,6 +86,7 @@ impl RunError {
             RunError::ApiTls(_) => "api_tls",
             RunError::Api(_) => "api_listener",
             RunError::Kube(_) => "kube_client",
+            RunError::Export(_) => "otlp_export",
         }
     }
 }
@@ -127,6 +131,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let (audit, audit_writer) = oplog::OperatorAudit::open(&config.audit_log).await?;
     let audit = audit.with_metrics(metrics.clone());
+    // The operator's log goes out like the nodes': from the file, after a durable cursor.
+    let export = match &config.otlp {
+        Some(otlp) => {
+            let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "cellgate-operator".into());
+            Some(
+                cellgate_otel::AuditExporter::start(
+                    otlp,
+                    &config.audit_log,
+                    audit.log().clone(),
+                    &instance,
+                    None,
+                )
+                .map_err(|e| RunError::Export(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
     let tls = match &config.api_tls {
         Some((cert, key)) => api::tls::from_files(cert, key)?,
         None => {
@@ -209,6 +230,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tracing::error!(error = %e, "the operator's audit log did not close cleanly");
     }
     let _ = audit_writer.await;
+    if let Some(export) = export {
+        export.shutdown(std::time::Duration::from_secs(5)).await;
+    }
     let _ = tokio::task::spawn_blocking(move || admin.shutdown()).await;
     Ok(())
 }

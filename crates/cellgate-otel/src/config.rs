@@ -47,7 +47,7 @@ pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The export's settings. Built by [`OtlpConfig::resolve`]; `None` there means no export.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtlpConfig {
     /// Transport.
     pub protocol: Protocol,
