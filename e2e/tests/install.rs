@@ -1826,3 +1826,124 @@ fn kustomize_alerts_component_wires_the_node() {
     );
     golden("kustomize-overlay-alerts.yaml", &yaml);
 }
+
+/// The OTLP settings reach the node and the operator as the standard variables, and what the node
+/// receives resolves to the export they name (the node's own parser).
+#[test]
+fn helm_otlp_values_configure_the_export_of_nodes_and_operator() {
+    let default = docs(&helm_template_ok(&["--set", CIDRS]));
+    let node = container(
+        find(&default, "DaemonSet", "cellgate-node"),
+        "containers",
+        "node",
+    );
+    assert!(
+        !env_of(node).contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "no export by default"
+    );
+    let d = docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "otlp.endpoint=http://otel-collector.observability:4318",
+        "--set",
+        "otlp.protocol=http/protobuf",
+        "--set",
+        "otlp.maxBacklog=5000",
+        "--set",
+        "otlp.stallAfter=30s",
+        "--set",
+        "otlp.headersSecret=otlp-headers",
+    ]));
+    check_contract(&d, Front::Intake);
+    let node = container(find(&d, "DaemonSet", "cellgate-node"), "containers", "node");
+    // Values only (the headers come from a Secret, checked below).
+    let env: std::collections::HashMap<String, String> = env_of(node)
+        .into_iter()
+        .filter(|(k, _)| k != "OTEL_EXPORTER_OTLP_HEADERS")
+        .collect();
+    let flags = cellgate_otel::OtlpFlags::default();
+    let resolved = cellgate_otel::OtlpConfig::resolve(&flags, &env, "cellgate-node")
+        .expect("valid")
+        .expect("export on");
+    assert_eq!(
+        resolved.logs_endpoint,
+        "http://otel-collector.observability:4318/v1/logs"
+    );
+    assert_eq!(env["CELLGATE_OTLP_MAX_BACKLOG"], "5000");
+    assert_eq!(env["CELLGATE_OTLP_STALL_AFTER"], "30s");
+    assert_eq!(env["CELLGATE_OTLP_TRACES"], "true");
+    let headers = node["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        .expect("headers from the Secret");
+    assert_eq!(
+        headers["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "otlp-headers", "key": "headers"})
+    );
+    let op = container(
+        find(&d, "Deployment", "cellgate-operator"),
+        "containers",
+        "operator",
+    );
+    let op_env = env_of(op);
+    assert_eq!(
+        op_env
+            .get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .map(String::as_str),
+        Some("http://otel-collector.observability:4318")
+    );
+    assert_eq!(
+        op_env
+            .get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .map(String::as_str),
+        Some("http/protobuf")
+    );
+    // A malformed endpoint is refused by the chart's schema, not discovered by the pods.
+    let out = helm_template(&["--set", CIDRS, "--set", "otlp.endpoint=collector:4317"]);
+    assert!(!out.status.success(), "a scheme-less endpoint renders");
+}
+
+#[test]
+fn kustomize_otlp_component_feeds_both_from_one_config_map() {
+    let yaml = kustomize_overlay(
+        "resources: [DEPLOY]\n\
+         components: [DEPLOY/components/otlp]\n\
+         configMapGenerator:\n\
+         - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n\
+         - name: cellgate-otlp\n  options: {disableNameSuffixHash: true}\n  literals: [OTEL_EXPORTER_OTLP_ENDPOINT=http://collector.obs.svc:4317]\n",
+    );
+    let docs = docs(&yaml);
+    let cm = find(&docs, "ConfigMap", "cellgate-otlp");
+    assert_eq!(
+        cm["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        "http://collector.obs.svc:4317"
+    );
+    let cm_name = name(cm).to_string();
+    for (k, n, c) in [
+        ("DaemonSet", "cellgate-node", "node"),
+        ("Deployment", "cellgate-operator", "operator"),
+    ] {
+        let container = container(find(&docs, k, n), "containers", c);
+        let refs: Vec<&str> = container["envFrom"]
+            .as_array()
+            .expect("envFrom")
+            .iter()
+            .filter_map(|e| e["configMapRef"]["name"].as_str())
+            .collect();
+        assert!(refs.contains(&cm_name.as_str()), "{n}: {refs:?}");
+    }
+    let env: std::collections::HashMap<String, String> = cm["data"]
+        .as_object()
+        .expect("data")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    let resolved =
+        cellgate_otel::OtlpConfig::resolve(&cellgate_otel::OtlpFlags::default(), &env, "n")
+            .expect("valid")
+            .expect("export on");
+    assert_eq!(resolved.logs_endpoint, "http://collector.obs.svc:4317");
+}

@@ -322,6 +322,14 @@ impl metrics::Gauges for ScrapedValues {
                 s.approvals.list(decide::now_ms()).len() as u64,
                 false,
             ));
+            if let Some(a) = &s.anchorer {
+                v.push((
+                    "cellgate_audit_anchor_failures",
+                    "Anchors of the audit chain head that could not be written",
+                    a.failures(),
+                    true,
+                ));
+            }
             if let Some(d) = s.dns.get() {
                 let c = d.stats().snapshot();
                 v.push((
