@@ -15,6 +15,9 @@ use cellgate_testing::otlp::{OtlpReceiver, ReceivedLog};
 use common::*;
 use http_body_util::Empty;
 
+/// The credential a capability injects in the first test.
+const CREDENTIAL: &str = "sk-otlp-test-credential-7f3a9c";
+
 fn otlp(endpoint: &str, protocol: &str, max_backlog: u64, stall_after: Duration) -> OtlpConfig {
     let flags = OtlpFlags {
         endpoint: Some(endpoint.to_owned()),
@@ -76,8 +79,14 @@ async fn plain_get(f: &Fixture, path: &str, headers: &[(&str, &str)]) -> Resp {
 async fn decisions_go_out_as_log_records_and_a_forwarded_request_joins_the_agents_trace() {
     let rx = OtlpReceiver::start().await;
     let cfg = otlp(&rx.grpc_url(), "grpc", 1000, Duration::from_secs(60));
-    let f = Fixture::start_with(|c| c.otlp = Some(cfg)).await;
-
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("key"), format!("{CREDENTIAL}\n")).unwrap();
+    let dir = secrets.path().to_path_buf();
+    let f = Fixture::start_with(move |c| {
+        c.otlp = Some(cfg);
+        c.secrets_dir = Some(dir);
+    })
+    .await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let agent_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace_id}-{agent_span}-01");
@@ -90,17 +99,53 @@ async fn decisions_go_out_as_log_records_and_a_forwarded_request_joins_the_agent
     assert_eq!(allowed.status, 200, "{}", allowed.body);
     let denied = plain_get(&f, "/private/thing", &[]).await;
     assert_eq!(denied.status, 403, "{}", denied.body);
+    // After the traced request: a pooled connection reused here would leave it no connect span.
+    // A cell whose capability injects a credential: the credential must never be exported.
+    let port = f.http.addr.port();
+    install_cell(
+        &f,
+        "creds",
+        &format!(
+            "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: creds, namespace: agents}}\nspec:\n  capabilities:\n    - name: keyed\n      destinations: [{{host: plain.test, ports: [{port}]}}]\n      http: {{methods: [GET], paths: [\"/public/**\"]}}\n      credential:\n        file: {{name: key}}\n        inject: {{header: Authorization, value: \"Bearer {{{{secret}}}}\"}}\n"
+        ),
+    )
+    .await;
+    let tcp = tagged_connect_port(&f, port, "creds").await;
+    let req = http::Request::builder()
+        .uri("/public/keyed")
+        .header("host", format!("plain.test:{port}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let keyed = send_h1(tcp, req).await;
+    assert_eq!(keyed.status, 200, "{}", keyed.body);
+    let auth = f
+        .http
+        .requests()
+        .last()
+        .unwrap()
+        .header("authorization")
+        .map(str::to_owned);
+    assert_eq!(
+        auth.as_deref(),
+        Some(format!("Bearer {CREDENTIAL}").as_str())
+    );
 
     // The upstream saw the agent's trace headers unchanged.
     let seen = f.http.requests();
-    let up = seen.last().unwrap();
+    let up = seen
+        .iter()
+        .find(|r| r.header("traceparent").is_some())
+        .expect("the traced request reached the upstream");
     assert_eq!(up.header("traceparent"), Some(traceparent.as_str()));
     assert_eq!(up.header("tracestate"), Some("vendor=x"));
 
     let logs = wait_all(&rx, &f, Duration::from_secs(15)).await;
     let by_reason = |decision: &str| {
         logs.iter()
-            .find(|l| l.attrs.get("cellgate.decision").map(String::as_str) == Some(decision))
+            .find(|l| {
+                l.attrs.get("cellgate.decision").map(String::as_str) == Some(decision)
+                    && l.attrs.get("cellgate.cell").map(String::as_str) == Some("demo")
+            })
             .unwrap_or_else(|| panic!("no {decision} record in {logs:#?}"))
             .clone()
     };
@@ -176,6 +221,10 @@ async fn decisions_go_out_as_log_records_and_a_forwarded_request_joins_the_agent
         );
         assert!(!text.contains("api_key"), "a query key was exported");
         assert!(!text.contains(&token[..40]), "a token was exported");
+        assert!(
+            !text.contains(CREDENTIAL),
+            "an injected credential was exported"
+        );
     }
 }
 
