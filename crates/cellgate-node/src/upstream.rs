@@ -2,8 +2,9 @@
 //! roots plus `--upstream-ca`, SNI preserved, and addresses resolved by the node itself
 //! (`--resolve` first, then the system resolver), never the address the agent dialled.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,7 +35,8 @@ pub const DESTINATION_FORBIDDEN: &str = "destination_forbidden";
 /// Why a resolved address is never connected to, or `None` when it may be: loopback,
 /// unspecified, link-local (cloud metadata services live there: 169.254.169.254), the AWS IPv6
 /// metadata address `fd00:ec2::254`, multicast and broadcast. The node's own other addresses
-/// are caught after connecting ([`connect_any`]).
+/// are refused by [`check_resolved`] before connecting, and on the intake again after
+/// connecting ([`refuse_own_address`]).
 pub fn forbidden(ip: std::net::IpAddr) -> Option<&'static str> {
     use std::net::IpAddr;
     match ip.to_canonical() {
@@ -85,12 +87,70 @@ pub async fn resolve_checked(
     }
     let addrs = resolve(&[], host, port).await?;
     if filter {
-        // One forbidden answer refuses the name: an attacker-controlled zone could mix them.
-        if let Some((a, why)) = addrs.iter().find_map(|a| forbidden(a.ip()).map(|w| (a, w))) {
-            return Err(forbidden_error(host, *a, why));
-        }
+        check_resolved(host, &addrs, own_addresses())?;
     }
     Ok((addrs, filter))
+}
+
+/// Refuses a name whose answers hold a forbidden address ([`forbidden`]) or one of the node's
+/// own ([`OwnAddresses`]). One such answer refuses the name: an attacker-controlled zone could
+/// mix them. The own-address check runs before connecting, for both front doors: in Envoy mode
+/// Envoy dials the pinned address, so the node's check after connecting could not cover it.
+///
+/// # Errors
+/// `PermissionDenied` carrying [`DESTINATION_FORBIDDEN`], naming the address and why.
+pub fn check_resolved(host: &str, addrs: &[SocketAddr], own: &OwnAddresses) -> std::io::Result<()> {
+    if let Some((a, why)) = addrs.iter().find_map(|a| forbidden(a.ip()).map(|w| (a, w))) {
+        return Err(forbidden_error(host, *a, why));
+    }
+    if let Some(a) = addrs.iter().find(|a| own.contains(a.ip())) {
+        return Err(forbidden_error(host, *a, "one of the node's own addresses"));
+    }
+    Ok(())
+}
+
+/// How long an answer of [`OwnAddresses::contains`] is reused.
+const OWN_ADDRESS_TTL: Duration = Duration::from_secs(5);
+/// Most addresses [`OwnAddresses`] remembers; past it the memory starts again.
+const OWN_ADDRESS_CACHE: usize = 4096;
+
+/// Which addresses are this host's own, found by asking the kernel: binding a socket to an
+/// address succeeds only when the host holds it (with `net.ipv4.ip_nonlocal_bind` or
+/// `net.ipv6.ip_nonlocal_bind` set it succeeds for every address, and every name is then refused:
+/// closed, not open). Answers are kept for [`OWN_ADDRESS_TTL`], so an address added to or
+/// removed from the host is seen within seconds, at the cost of one `bind` per address and period.
+#[derive(Debug, Default)]
+pub struct OwnAddresses {
+    seen: std::sync::Mutex<HashMap<IpAddr, (bool, std::time::Instant)>>,
+}
+
+impl OwnAddresses {
+    /// Whether `ip` is one of this host's addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let now = std::time::Instant::now();
+        if let Ok(seen) = self.seen.lock() {
+            if let Some((own, at)) = seen.get(&ip) {
+                if now.duration_since(*at) < OWN_ADDRESS_TTL {
+                    return *own;
+                }
+            }
+        }
+        let own = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok();
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() >= OWN_ADDRESS_CACHE {
+                seen.clear();
+            }
+            seen.insert(ip, (own, now));
+        }
+        own
+    }
+}
+
+/// The process's [`OwnAddresses`].
+pub fn own_addresses() -> &'static OwnAddresses {
+    static OWN: std::sync::OnceLock<OwnAddresses> = std::sync::OnceLock::new();
+    OWN.get_or_init(OwnAddresses::default)
 }
 
 impl ResolvingConnector {
@@ -345,4 +405,84 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> Reason {
         cur = e.source();
     }
     Reason::UpstreamError
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's global addresses, as `ip` lists them.
+    fn global_addresses() -> Vec<IpAddr> {
+        let out = std::process::Command::new("ip")
+            .args(["-o", "addr", "show", "scope", "global"])
+            .output()
+            .expect("ip (iproute2) is installed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "inet" || *w == "inet6")?;
+                words.next()?.split('/').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_are_recognized_and_others_are_not() {
+        let own = OwnAddresses::default();
+        assert!(own.contains("127.0.0.1".parse().unwrap()));
+        assert!(own.contains("::ffff:127.0.0.1".parse().unwrap()));
+        // Documentation ranges no host here holds.
+        assert!(!own.contains("203.0.113.77".parse().unwrap()));
+        assert!(!own.contains("2001:db8::77".parse().unwrap()));
+        let global = global_addresses();
+        assert!(
+            !global.is_empty(),
+            "this host has no global address to check against (ip -o addr show scope global)"
+        );
+        for ip in global {
+            assert!(
+                own.contains(ip),
+                "{ip} is this host's and was not recognized"
+            );
+            // Remembered: the same answer without asking the kernel again.
+            assert!(own.contains(ip));
+        }
+    }
+
+    #[test]
+    fn answers_holding_one_of_the_nodes_own_addresses_refuse_the_name() {
+        let own = OwnAddresses::default();
+        let outside: SocketAddr = "203.0.113.9:443".parse().unwrap();
+        assert!(check_resolved("api.example", &[outside], &own).is_ok());
+        let global = global_addresses();
+        assert!(!global.is_empty(), "this host has no global address");
+        for ip in global {
+            let mine = SocketAddr::new(ip, 443);
+            // Alone, or mixed with an outside answer: refused.
+            for answers in [vec![mine], vec![outside, mine]] {
+                let err = check_resolved("evil.example", &answers, &own).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+                let text = err.to_string();
+                assert!(text.contains(DESTINATION_FORBIDDEN), "{text}");
+                assert!(text.contains("one of the node's own addresses"), "{text}");
+                assert!(text.contains(&ip.to_string()), "{text}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_the_nodes_own_address_is_refused_before_connecting() {
+        // `localhost` resolves through the system resolver; whatever the host's files say, it is
+        // the node's own (loopback): refused, and with the own-address reason when the loopback
+        // filter is not what caught it.
+        let err = resolve_checked(&[], "localhost", 80, true)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains(DESTINATION_FORBIDDEN), "{err}");
+        // Unfiltered (a capability allowing internal addresses), it resolves.
+        let (addrs, filtered) = resolve_checked(&[], "localhost", 80, false).await.unwrap();
+        assert!(!filtered && !addrs.is_empty());
+    }
 }
