@@ -15,6 +15,12 @@ pub const ENV_NODE: &str = "CELLGATE_TAGGER_NODE";
 pub const ENV_TOKEN_FILE: &str = "CELLGATE_TAGGER_TOKEN_FILE";
 /// Environment variable for `--destination`.
 pub const ENV_DESTINATION: &str = "CELLGATE_TAGGER_DESTINATION";
+/// Environment variable for `--max-connections`.
+pub const ENV_MAX_CONNECTIONS: &str = "CELLGATE_TAGGER_MAX_CONNECTIONS";
+
+/// Largest `--max-connections` accepted: what a semaphore can count (hundreds of millions, far
+/// beyond the file descriptors a process gets).
+pub const MAX_CONNECTIONS_CEILING: usize = tokio::sync::Semaphore::MAX_PERMITS;
 
 /// How long open connections may run after a shutdown signal before they are closed. Short:
 /// the pod is going away, and the kubelet's own grace period (30 s by default) must cover it.
@@ -26,6 +32,7 @@ cellgate-tagger: tags redirected agent connections with a Proxy Protocol v2 head
 cell's identity token and forwards them to the Cellgate node proxy.
 
 usage: cellgate-tagger --listen ADDR --node ADDR --token-file FILE [--destination ADDR]
+                       [--max-connections N]
 
 options (each also read from the environment variable shown; a flag wins):
   --listen ADDR        address to accept redirected connections on, e.g. 127.0.0.1:15001
@@ -37,6 +44,9 @@ options (each also read from the environment variable shown; a flag wins):
   --destination ADDR   destination to announce for connections that were not redirected
                        (no SO_ORIGINAL_DST); without it such connections are closed
                        [CELLGATE_TAGGER_DESTINATION]
+  --max-connections N  most agent connections open at once (N >= 1); one more is closed
+                       before the node is contacted; without it there is no ceiling
+                       [CELLGATE_TAGGER_MAX_CONNECTIONS]
   -h, --help           print this help
   -V, --version        print the version
 
@@ -53,6 +63,8 @@ pub struct Config {
     pub token_file: PathBuf,
     /// Destination announced when a connection was not redirected.
     pub destination: Option<SocketAddr>,
+    /// Most agent connections open at once; `None`: no ceiling.
+    pub max_connections: Option<usize>,
     /// Grace period for open connections at shutdown. Not a flag; [`DEFAULT_DRAIN_GRACE`].
     pub drain_grace: Duration,
 }
@@ -100,6 +112,14 @@ pub enum ConfigError {
         /// Why it did not parse.
         error: AddrParseError,
     },
+    /// A connection count that is not a whole number from 1 to [`MAX_CONNECTIONS_CEILING`].
+    #[error("{source_name} {value:?} is not a whole number from 1 to {MAX_CONNECTIONS_CEILING}")]
+    BadCount {
+        /// The flag or environment variable it came from.
+        source_name: &'static str,
+        /// What was given.
+        value: String,
+    },
     /// A combination of settings that cannot work.
     #[error("{0}")]
     Invalid(String),
@@ -116,11 +136,12 @@ impl Command {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let mut flags: [(&'static str, &'static str, Option<String>); 4] = [
+        let mut flags: [(&'static str, &'static str, Option<String>); 5] = [
             ("--listen", ENV_LISTEN, None),
             ("--node", ENV_NODE, None),
             ("--token-file", ENV_TOKEN_FILE, None),
             ("--destination", ENV_DESTINATION, None),
+            ("--max-connections", ENV_MAX_CONNECTIONS, None),
         ];
         let mut args = args.into_iter().map(Into::into);
         while let Some(arg) = args.next() {
@@ -151,14 +172,15 @@ impl Command {
             }
             *slot = Some(value);
         }
-        let [listen, node, token_file, destination] = flags.map(|(flag, env_name, value)| {
-            let value = value.map(|v| (flag, v)).or_else(|| {
-                env.get(env_name)
-                    .filter(|v| !v.is_empty())
-                    .map(|v| (env_name, v.clone()))
+        let [listen, node, token_file, destination, max_connections] =
+            flags.map(|(flag, env_name, value)| {
+                let value = value.map(|v| (flag, v)).or_else(|| {
+                    env.get(env_name)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| (env_name, v.clone()))
+                });
+                (flag, env_name, value)
             });
-            (flag, env_name, value)
-        });
         let required =
             |(flag, env, value): (&'static str, &'static str, Option<(&'static str, String)>)| {
                 value.ok_or(ConfigError::Required { flag, env })
@@ -168,6 +190,7 @@ impl Command {
             node: address(required(node)?)?,
             token_file: PathBuf::from(required(token_file)?.1),
             destination: destination.2.map(address).transpose()?,
+            max_connections: max_connections.2.map(count).transpose()?,
             drain_grace: DEFAULT_DRAIN_GRACE,
         };
         config.validate()?;
@@ -183,14 +206,28 @@ fn address((source_name, value): (&'static str, String)) -> Result<SocketAddr, C
     })
 }
 
+/// A connection count: digits only (no sign, no spaces), from 1 to [`MAX_CONNECTIONS_CEILING`].
+fn count((source_name, value): (&'static str, String)) -> Result<usize, ConfigError> {
+    match value.parse::<usize>() {
+        Ok(n)
+            if (1..=MAX_CONNECTIONS_CEILING).contains(&n)
+                && value.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            Ok(n)
+        }
+        _ => Err(ConfigError::BadCount { source_name, value }),
+    }
+}
+
 impl Config {
-    /// A configuration with the default grace period.
+    /// A configuration with the default grace period and no connection ceiling.
     pub fn new(listen: SocketAddr, node: SocketAddr, token_file: impl Into<PathBuf>) -> Self {
         Self {
             listen,
             node,
             token_file: token_file.into(),
             destination: None,
+            max_connections: None,
             drain_grace: DEFAULT_DRAIN_GRACE,
         }
     }
@@ -222,6 +259,13 @@ impl Config {
         }
         if self.token_file.as_os_str().is_empty() {
             return invalid("--token-file is empty".to_owned());
+        }
+        if let Some(max) = self.max_connections {
+            if !(1..=MAX_CONNECTIONS_CEILING).contains(&max) {
+                return invalid(format!(
+                    "--max-connections {max} is out of range: give a whole number from 1 to {MAX_CONNECTIONS_CEILING}, or leave it out for no ceiling"
+                ));
+            }
         }
         Ok(())
     }
@@ -367,6 +411,99 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_from_flag_or_environment() {
+        assert_eq!(run(FULL, &[]).unwrap().max_connections, None, "no ceiling");
+        let with = |extra: &[&str], env_pairs: &[(&str, &str)]| {
+            let args: Vec<&str> = FULL.iter().chain(extra).copied().collect();
+            run(&args, env_pairs)
+        };
+        assert_eq!(
+            with(&["--max-connections", "64"], &[])
+                .unwrap()
+                .max_connections,
+            Some(64)
+        );
+        assert_eq!(
+            with(&["--max-connections=1"], &[]).unwrap().max_connections,
+            Some(1)
+        );
+        assert_eq!(
+            with(&[], &[(ENV_MAX_CONNECTIONS, "1024")])
+                .unwrap()
+                .max_connections,
+            Some(1024)
+        );
+        assert_eq!(
+            with(
+                &["--max-connections", "8"],
+                &[(ENV_MAX_CONNECTIONS, "1024")]
+            )
+            .unwrap()
+            .max_connections,
+            Some(8),
+            "the flag wins"
+        );
+        let max = MAX_CONNECTIONS_CEILING.to_string();
+        assert_eq!(
+            with(&["--max-connections", &max], &[])
+                .unwrap()
+                .max_connections,
+            Some(MAX_CONNECTIONS_CEILING)
+        );
+    }
+
+    #[test]
+    fn max_connections_refuses_zero_and_garbage() {
+        let too_many = (MAX_CONNECTIONS_CEILING + 1).to_string();
+        for value in ["0", "-1", "+5", " 5", "5 ", "ten", "1.5", "0x10", &too_many] {
+            let args: Vec<&str> = FULL
+                .iter()
+                .copied()
+                .chain(["--max-connections", value])
+                .collect();
+            let err = run(&args, &[]).unwrap_err();
+            assert_eq!(
+                err,
+                ConfigError::BadCount {
+                    source_name: "--max-connections",
+                    value: value.to_owned()
+                },
+                "{value:?}"
+            );
+            assert!(err.to_string().contains("whole number from 1"), "{err}");
+        }
+        let err = run(FULL, &[(ENV_MAX_CONNECTIONS, "0")]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::BadCount {
+                source_name: ENV_MAX_CONNECTIONS,
+                value: "0".into()
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("CELLGATE_TAGGER_MAX_CONNECTIONS \"0\""),
+            "{err}"
+        );
+        let args: Vec<&str> = FULL
+            .iter()
+            .copied()
+            .chain(["--max-connections", "2", "--max-connections", "3"])
+            .collect();
+        assert_eq!(
+            run(&args, &[]).unwrap_err(),
+            ConfigError::Duplicate("--max-connections")
+        );
+        let args: Vec<&str> = FULL.iter().copied().chain(["--max-connections"]).collect();
+        assert_eq!(
+            run(&args, &[]).unwrap_err(),
+            ConfigError::MissingValue("--max-connections")
+        );
+        assert!(USAGE.contains("--max-connections N"));
+        assert!(USAGE.contains(ENV_MAX_CONNECTIONS));
+    }
+
+    #[test]
     fn validation() {
         let base = || {
             Config::new(
@@ -400,5 +537,16 @@ mod tests {
         let mut c = base();
         c.token_file = PathBuf::new();
         assert!(c.validate().is_err());
+        for max in [0, MAX_CONNECTIONS_CEILING + 1] {
+            let mut c = base();
+            c.max_connections = Some(max);
+            assert!(
+                c.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains(&format!("--max-connections {max} is out of range")),
+                "{max}"
+            );
+        }
     }
 }

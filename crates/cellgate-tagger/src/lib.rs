@@ -6,6 +6,12 @@
 //! the cell's identity token ([`token`]), then copies bytes both ways until both sides are done.
 //! It holds the token and nothing else: no policy, no secrets, no TLS keys.
 //!
+//! With `--max-connections N` it is also the cell's connection ceiling: at most N agent
+//! connections are open at once, and one more is closed before the node is contacted. The agent
+//! cannot get around the tagger (every outbound connection is redirected to it, and it runs as
+//! its own user), so the ceiling holds whatever the tagger forwards to: the node's intake or, in
+//! Envoy mode, Envoy, which has no ceiling per cell of its own.
+//!
 //! Start reading at [`bind`] and [`Tagger::serve`]; `main.rs` only parses arguments and waits
 //! for a signal. Everything fails closed: no destination, no node, no token means no
 //! connection.
@@ -25,6 +31,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 pub use config::{Command, Config, ConfigError};
@@ -37,6 +44,10 @@ pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause after a failed `accept` (for example out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// At most one log line per this interval about connections closed at the ceiling, so an agent
+/// that keeps opening connections cannot flood the log; the next line counts those not logged.
+const CEILING_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What every connection needs, shared by reference count.
 #[derive(Debug)]
@@ -74,13 +85,16 @@ pub async fn bind(config: Config) -> io::Result<Tagger> {
     })?;
     let local = listener.local_addr()?;
     log::info(format_args!(
-        "listening on {local}; node {}; token file {}; fallback destination {}",
+        "listening on {local}; node {}; token file {}; fallback destination {}; connection ceiling {}",
         config.node,
         config.token_file.display(),
         config.destination.map_or_else(
             || "none (unredirected connections are closed)".to_owned(),
             |d| d.to_string()
         ),
+        config
+            .max_connections
+            .map_or_else(|| "none".to_owned(), |max| max.to_string()),
     ));
     Ok(Tagger {
         listener,
@@ -109,19 +123,42 @@ impl Tagger {
     /// Accepts connections until `shutdown` completes, then stops accepting and gives open
     /// connections [`Config::drain_grace`] to finish before closing them.
     ///
+    /// With [`Config::max_connections`], a connection accepted while that many are open is
+    /// closed at once, without contacting the node; a slot frees when a connection ends.
+    ///
     /// # Errors
     /// None today: accept errors are logged and retried. The `Result` leaves room for fatal ones.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Self { listener, shared } = self;
         let mut connections = JoinSet::new();
+        // `bind` validated the count, so `Semaphore::new` cannot panic.
+        let ceiling = shared
+            .config
+            .max_connections
+            .map(|max| (max, Arc::new(Semaphore::new(max))));
+        let mut ceiling_log = log::Throttle::new(CEILING_LOG_INTERVAL);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((agent, peer)) => {
-                        connections.spawn(handle(agent, peer, Arc::clone(&shared)));
-                    }
+                    Ok((agent, peer)) => match take_slot(ceiling.as_ref()) {
+                        Ok(slot) => {
+                            let shared = Arc::clone(&shared);
+                            connections.spawn(async move {
+                                handle(agent, peer, shared).await;
+                                // The slot frees only once the connection is over.
+                                drop(slot);
+                            });
+                        }
+                        Err(max) => {
+                            if let Some(held_back) = ceiling_log.admit(std::time::Instant::now()) {
+                                log_ceiling(peer, max, held_back);
+                            }
+                            // Dropping the stream closes it: the node never hears of it.
+                            drop(agent);
+                        }
+                    },
                     Err(e) => {
                         log::warn(format_args!("accept failed: {e}"));
                         tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -152,6 +189,32 @@ impl Tagger {
         }
         Ok(())
     }
+}
+
+/// One of the ceiling's slots, or no ceiling (`Ok(None)`); `Err(max)` when all `max` are taken.
+fn take_slot(
+    ceiling: Option<&(usize, Arc<Semaphore>)>,
+) -> Result<Option<OwnedSemaphorePermit>, usize> {
+    match ceiling {
+        None => Ok(None),
+        Some((max, slots)) => Arc::clone(slots)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| *max),
+    }
+}
+
+fn log_ceiling(peer: SocketAddr, max: usize, held_back: u64) {
+    let held_back = if held_back == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {held_back} more closed the same way since the last such message (at most one per {CEILING_LOG_INTERVAL:?})"
+        )
+    };
+    log::warn(format_args!(
+        "closing connection from {peer} without contacting the node: {max} connection(s) already open, the ceiling (--max-connections {max}){held_back}"
+    ));
 }
 
 /// Serves one agent connection. Every early return drops `agent`, which closes it: fail closed.

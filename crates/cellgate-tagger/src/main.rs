@@ -51,7 +51,7 @@ fn main() -> ExitCode {
 }
 
 fn usage_error(message: &str) -> ExitCode {
-    eprintln!("cellgate-tagger: {message}\nusage: cellgate-tagger --listen ADDR --node ADDR --token-file FILE [--destination ADDR] (see --help)");
+    eprintln!("cellgate-tagger: {message}\nusage: cellgate-tagger --listen ADDR --node ADDR --token-file FILE [--destination ADDR] [--max-connections N] (see --help)");
     ExitCode::from(2)
 }
 

@@ -384,6 +384,91 @@ async fn connections_still_open_after_the_grace_period_are_closed() {
     assert!(read_all(&mut open).await.is_empty());
 }
 
+/// Opens an agent connection and proves it reaches the node: one byte goes out and comes back
+/// echoed. `None` when the tagger closed it instead.
+async fn open_and_echo(tagger: SocketAddr) -> Option<TcpStream> {
+    let mut agent = TcpStream::connect(tagger).await.unwrap();
+    // A write may still succeed on a connection the tagger already closed; the read tells.
+    let _ = agent.write_all(b"x").await;
+    let mut one = [0u8; 1];
+    match tokio::time::timeout(TIMEOUT, agent.read(&mut one)).await {
+        Ok(Ok(1)) => {
+            assert_eq!(&one, b"x");
+            Some(agent)
+        }
+        Ok(Ok(_)) | Ok(Err(_)) => None,
+        Err(_) => panic!("the connection was neither echoed nor closed in time"),
+    }
+}
+
+#[tokio::test]
+async fn max_connections_closes_the_one_over_the_ceiling_before_the_node_and_frees_slots() {
+    const MAX: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = FakeNode::start("127.0.0.1:0", Behaviour::Echo).await;
+    let mut config = config("127.0.0.1:0", node.addr, &token_file(dir.path(), TOKEN_A));
+    config.max_connections = Some(MAX);
+    let tagger = Running::start(config).await;
+
+    // MAX connections pass, each announced to the node with the cell's token, and stay open.
+    let mut open = Vec::new();
+    for _ in 0..MAX {
+        let agent = open_and_echo(tagger.addr)
+            .await
+            .expect("a connection under the ceiling passes");
+        let header = node.next_header().await;
+        assert_eq!(header.source, agent.local_addr().unwrap());
+        assert_eq!(header.token, TOKEN_A);
+        open.push(agent);
+    }
+
+    // One more is closed without a byte back, and the node never hears of it.
+    for _ in 0..2 {
+        assert!(
+            open_and_echo(tagger.addr).await.is_none(),
+            "a connection over the ceiling was forwarded"
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), node.headers.recv())
+            .await
+            .is_err(),
+        "the node must not be contacted over the ceiling"
+    );
+    // The open ones are unaffected.
+    for agent in &mut open {
+        agent.write_all(b"y").await.unwrap();
+        let mut one = [0u8; 1];
+        agent.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"y");
+    }
+
+    // Ending one frees its slot: the next connection passes (retried briefly, since the agent
+    // sees the close a moment before the tagger's task for it has finished).
+    let mut done = open.pop().unwrap();
+    done.shutdown().await.unwrap();
+    assert!(read_all(&mut done).await.is_empty());
+    drop(done);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let again = loop {
+        if let Some(agent) = open_and_echo(tagger.addr).await {
+            break agent;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed slot never became usable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let header = node.next_header().await;
+    assert_eq!(header.source, again.local_addr().unwrap());
+    assert_eq!(header.destination, DESTINATION.parse().unwrap());
+    // ...and the ceiling still holds with it.
+    assert!(open_and_echo(tagger.addr).await.is_none());
+    drop((open, again));
+    tagger.stop().await;
+}
+
 mod cli {
     use std::process::Command;
 
@@ -422,6 +507,136 @@ mod cli {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains("usage: cellgate-tagger"), "{stderr}");
         }
+    }
+
+    #[test]
+    fn max_connections_zero_or_garbage_exits_2() {
+        for (flag, env) in [(Some("0"), None), (Some("many"), None), (None, Some("0"))] {
+            let mut cmd = tagger();
+            cmd.args([
+                "--listen",
+                "127.0.0.1:0",
+                "--node",
+                "127.0.0.1:1",
+                "--token-file",
+                "/t",
+            ]);
+            if let Some(v) = flag {
+                cmd.args(["--max-connections", v]);
+            }
+            if let Some(v) = env {
+                cmd.env("CELLGATE_TAGGER_MAX_CONNECTIONS", v);
+            }
+            let out = cmd.output().unwrap();
+            assert_eq!(out.status.code(), Some(2), "{flag:?} {env:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("is not a whole number from 1"), "{stderr}");
+        }
+    }
+
+    /// The binary's log at the ceiling: a warning naming it, at most one per second however
+    /// many connections are closed, the next one counting those not logged.
+    #[test]
+    fn closing_at_the_ceiling_logs_a_rate_limited_warning_naming_it() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, super::TOKEN_A).unwrap();
+        let node = TcpListener::bind("127.0.0.1:0").unwrap();
+        let node_addr = node.local_addr().unwrap();
+        // The node: accepts and holds every connection.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in node.incoming() {
+                held.push(stream);
+            }
+        });
+        // A free port for the tagger (bind, then free it).
+        let listen = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child = tagger()
+            .args(["--listen", &listen.to_string()])
+            .args(["--node", &node_addr.to_string()])
+            .args(["--token-file", token.to_str().unwrap()])
+            .args(["--destination", super::DESTINATION])
+            .env("CELLGATE_TAGGER_MAX_CONNECTIONS", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let held = loop {
+            match TcpStream::connect(listen) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("the tagger did not start: {e}"),
+            }
+        };
+        // The tagger accepts in order: `held` has the one slot, every later connection is over.
+        let closed = |n: usize| {
+            for _ in 0..n {
+                let mut agent = TcpStream::connect(listen).unwrap();
+                agent
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let _ = agent.write_all(b"x");
+                let mut buf = [0u8; 1];
+                // Closed (EOF or reset), never an answer.
+                assert!(matches!(agent.read(&mut buf), Ok(0) | Err(_)));
+            }
+        };
+        let started = Instant::now();
+        closed(20);
+        let flood = started.elapsed();
+        std::thread::sleep(Duration::from_millis(1100));
+        closed(1);
+        drop(held);
+        child.kill().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let _ = child.wait();
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("(--max-connections 1)"))
+            .collect();
+        assert!(stderr.contains("connection ceiling 1"), "{stderr}");
+        assert!(
+            warnings[0].starts_with("cellgate-tagger warn: closing connection from 127.0.0.1:"),
+            "{stderr}"
+        );
+        assert!(
+            warnings[0]
+                .contains("without contacting the node: 1 connection(s) already open, the ceiling"),
+            "{stderr}"
+        );
+        // 21 closed connections; 20 of them within `flood`, so at most one line per second
+        // started, plus the last one.
+        let most = usize::try_from(flood.as_secs()).unwrap() + 2;
+        assert!(
+            (2..=most).contains(&warnings.len()),
+            "{} warnings for 21 closed connections in {flood:?}:\n{stderr}",
+            warnings.len()
+        );
+        let counted: u64 = warnings
+            .iter()
+            .filter_map(|l| l.split("; ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(
+            counted + warnings.len() as u64,
+            21,
+            "every closed connection is logged or counted:\n{stderr}"
+        );
     }
 
     #[test]
