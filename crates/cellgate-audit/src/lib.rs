@@ -13,9 +13,26 @@
 //!
 //! Metadata only: who (cell, namespace, token id), where (source, destination, host, path),
 //! what was decided and why, under which policy version, budget state and latency.
-//! **Never secrets and never bodies**: no credential, header value, token, query string the
-//! caller did not choose to put in `path`, request or response body. Callers must pass the path
+//! **Never secrets and never bodies**: no credential, token, header value outside the schema 2
+//! allowlist, query string, request or response body. Callers must pass the path
 //! without its query string if the query may carry secrets.
+//!
+//! # Record schema versions
+//!
+//! - **Schema 1** (no `schema` key): time, node, front_door, cell, namespace, token_id, source,
+//!   destination, protocol, method, host, path, capability, decision, reason, reasons,
+//!   policy_version, budget, latency_us, request_id and the chain fields.
+//! - **Schema 2** (`"schema":2`, [`SCHEMA_VERSION`]) adds what re-deciding a request with another
+//!   policy needs (`cellgate policy replay`): `port` (the request's port), `sni`, `headers` (only
+//!   headers on the node's value allowlist: `content-type`, `accept`, `content-length`,
+//!   `upgrade`, each only when its value has the shape those headers have), `withheld` (what the
+//!   policy saw that the record leaves out: `query`, `header:<name>`, `body`, `path`),
+//!   `cell_uid`, `role` (the token's), `cell_generation` and `policy_packs` (pack name → version).
+//!   Never the `Authorization`, `Cookie` or identity token headers, and never query values.
+//!
+//! Every new field is optional and omitted when absent, so a schema 1 record reads back into
+//! [`Record`] unchanged and its canonical JSON and hash are the same bytes as when it was
+//! written: old and new records verify alike, and may sit in one chain.
 //!
 //! # File format (for third-party verifiers)
 //!
@@ -125,7 +142,9 @@ pub use anchor::{
 pub use chain::{head_path, Head, ZERO_HASH};
 pub use error::{AuditError, Fault, VerifyError};
 pub use log::{AuditLog, AuditOptions, AuditStats, WriterGone, WriterHandle, MAX_BATCH_RECORDS};
-pub use record::{format_rfc3339, Decision, Record, CLAMPED_REASON};
+pub use record::{
+    format_rfc3339, parse_rfc3339_ns, Decision, Record, CLAMPED_REASON, SCHEMA_VERSION,
+};
 pub use verify::{read_head, verify_path, verify_reader, verify_reader_with_head, VerifyReport};
 
 /// Longest line (one record, without its `\n`) the verifier accepts, in bytes.

@@ -2,11 +2,18 @@
 //!
 //! Callers fill the descriptive fields and leave the chain fields (`seq`, `prev`, `hash`) at
 //! their defaults; the [`crate::AuditLog`] writer fills those. A record holds metadata only:
-//! never a secret, a header value, a token or a body.
+//! never a secret, a header value outside the schema 2 allowlist (see the crate docs), a token
+//! or a body.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+/// Record schema written by this version: 2 adds what replaying a decision needs (`schema`,
+/// `port`, `sni`, `headers`, `withheld`, `cell_uid`, `role`, `cell_generation`,
+/// `policy_packs`). A record without `schema` is schema 1; every version verifies the same way.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What was decided. Serialized in snake_case (`shadow_deny`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -102,6 +109,36 @@ pub struct Record {
     /// Request id, shared with traces and the response headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Record schema ([`SCHEMA_VERSION`]); absent in schema 1 records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<u32>,
+    /// The port the request is for (the policy input's `request.port`), schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// TLS server name of the connection, when there was a ClientHello; schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Request headers the policy read whose values cannot carry secrets (the allowlist in
+    /// the crate docs); names lowercase. Omitted when empty. Schema 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// What the policy saw that the record leaves out on purpose: `query` (the query string),
+    /// `header:<name>` (a header value not on the allowlist), `body` (the JSON body),
+    /// `path` (a path redacted by a detector). Omitted when empty. Schema 2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub withheld: Vec<String>,
+    /// Uid of the cell the token names (API server uid, or `local:<ns>:<name>`); schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_uid: Option<String>,
+    /// Role claimed in the token; schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `metadata.generation` of the cell the node decided with; schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell_generation: Option<i64>,
+    /// Version of each policy pack that took part in the decision, by pack name; schema 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_packs: Option<BTreeMap<String, String>>,
     /// Position in the chain, from 1. Set by the writer.
     #[serde(default)]
     pub seq: u64,
@@ -121,6 +158,11 @@ pub(crate) const CLAMP_REASONS: usize = 8;
 pub(crate) const CLAMP_REASON_LEN: usize = 128;
 /// Longest serialized `budget` kept by [`Record::clamp`], in bytes.
 pub(crate) const CLAMP_BUDGET_LEN: usize = 4096;
+/// Most entries kept in each map or list of schema 2 (`headers`, `withheld`, `policy_packs`)
+/// by [`Record::clamp`].
+pub(crate) const CLAMP_ENTRIES: usize = 8;
+/// Longest key, value or list item of those after [`Record::clamp`], in bytes.
+pub(crate) const CLAMP_ENTRY_LEN: usize = 64;
 /// Reason appended to a record that [`Record::clamp`] shortened.
 pub const CLAMPED_REASON: &str = "audit_record_clamped";
 
@@ -155,6 +197,15 @@ impl Record {
             budget: None,
             latency_us: None,
             request_id: None,
+            schema: None,
+            port: None,
+            sni: None,
+            headers: BTreeMap::new(),
+            withheld: Vec::new(),
+            cell_uid: None,
+            role: None,
+            cell_generation: None,
+            policy_packs: None,
             seq: 0,
             prev: String::new(),
             hash: String::new(),
@@ -166,8 +217,9 @@ impl Record {
     ///
     /// The writer calls this only for a record whose line would be too long: an oversized
     /// record is still written (shortened and marked), never dropped. Worst case after the
-    /// clamp, with every byte escaped as `\u00xx` (6 bytes): 18 fields of 256 bytes, 9
-    /// reasons of 128 bytes, a budget of 4 KiB, keys and hashes: about 40 KiB.
+    /// clamp, with every byte escaped as `\u00xx` (6 bytes): 21 fields of 256 bytes, 9
+    /// reasons of 128 bytes, a budget of 4 KiB, 8 headers, 8 withheld items and 8 packs of
+    /// 64-byte keys and values, keys and hashes: about 58 KiB.
     pub fn clamp(&mut self) {
         for field in [
             &mut self.time,
@@ -190,6 +242,9 @@ impl Record {
             &mut self.capability,
             &mut self.policy_version,
             &mut self.request_id,
+            &mut self.sni,
+            &mut self.cell_uid,
+            &mut self.role,
         ]
         .into_iter()
         .flatten()
@@ -201,6 +256,12 @@ impl Record {
             truncate_utf8(reason, CLAMP_REASON_LEN);
         }
         self.reasons.push(CLAMPED_REASON.to_owned());
+        self.headers = clamp_map(std::mem::take(&mut self.headers));
+        self.policy_packs = self.policy_packs.take().map(clamp_map);
+        self.withheld.truncate(CLAMP_ENTRIES);
+        for item in &mut self.withheld {
+            truncate_utf8(item, CLAMP_ENTRY_LEN);
+        }
         if let Some(budget) = &self.budget {
             let len = serde_json::to_vec(budget).map_or(usize::MAX, |v| v.len());
             if len > CLAMP_BUDGET_LEN {
@@ -210,6 +271,18 @@ impl Record {
             }
         }
     }
+}
+
+/// The first [`CLAMP_ENTRIES`] entries of `map`, keys and values cut to [`CLAMP_ENTRY_LEN`].
+fn clamp_map(map: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter()
+        .take(CLAMP_ENTRIES)
+        .map(|(mut k, mut v)| {
+            truncate_utf8(&mut k, CLAMP_ENTRY_LEN);
+            truncate_utf8(&mut v, CLAMP_ENTRY_LEN);
+            (k, v)
+        })
+        .collect()
 }
 
 /// Cuts `s` to at most `max` bytes, at a character boundary.
@@ -267,6 +340,71 @@ pub fn format_rfc3339(time: SystemTime) -> String {
         rem.rem_euclid(3600).div_euclid(60),
         rem.rem_euclid(60),
     )
+}
+
+/// Parses a time as [`format_rfc3339`] writes it (`YYYY-MM-DDTHH:MM:SS[.fraction]Z`, UTC, up to
+/// nine fractional digits) into nanoseconds since the Unix epoch: the `time_ns` a replayed
+/// decision is given. `None` for any other form, or outside what an `i64` of nanoseconds holds
+/// (years 1678 to 2261).
+#[must_use]
+pub fn parse_rfc3339_ns(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let digits = b.get(from..from.checked_add(len)?)?;
+        digits.iter().try_fold(0_i64, |acc, &d| {
+            let digit = i64::from(d.checked_sub(b'0').filter(|v| *v <= 9)?);
+            acc.checked_mul(10)?.checked_add(digit)
+        })
+    };
+    let sep = |at: usize, c: u8| b.get(at) == Some(&c);
+    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, min, sec) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let rest = b.get(19..)?;
+    let (frac, tail) = match rest.split_first() {
+        Some((b'.', f)) => {
+            let n = f.iter().take_while(|c| c.is_ascii_digit()).count();
+            if n == 0 || n > 9 {
+                return None;
+            }
+            let mut v = num(20, n)?;
+            for _ in n..9 {
+                v = v.checked_mul(10)?;
+            }
+            (v, f.get(n..)?)
+        }
+        _ => (0, rest),
+    };
+    if tail != b"Z" || !(1..=12).contains(&month) || hour > 23 || min > 59 || sec > 59 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day)?;
+    // A day past the month's end comes back as another date: refuse it.
+    if civil_from_days(days)? != (year, u32::try_from(month).ok()?, u32::try_from(day).ok()?) {
+        return None;
+    }
+    days.checked_mul(SECS_PER_DAY)?
+        .checked_add(hour.checked_mul(3600)?.checked_add(min.checked_mul(60)?)?)?
+        .checked_add(sec)?
+        .checked_mul(1_000_000_000)?
+        .checked_add(frac)
+}
+
+/// (year, month 1..=12, day 1..=31) to days since 1970-01-01; the inverse of
+/// [`civil_from_days`]. <https://howardhinnant.github.io/date_algorithms.html#days_from_civil>
+#[allow(clippy::arithmetic_side_effects)] // inputs bounded by the caller: year < 10^4, month and day < 100
+fn days_from_civil(year: i64, month: i64, day: i64) -> Option<i64> {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era.checked_mul(146_097)?
+        .checked_add(doe)?
+        .checked_sub(719_468)
 }
 
 /// Days since 1970-01-01 to (year, month 1..=12, day 1..=31) in the proleptic Gregorian
@@ -335,6 +473,42 @@ mod tests {
         ];
         for (secs, nanos, want) in cases {
             assert_eq!(format_rfc3339(at(secs, nanos)), want, "{secs}.{nanos}");
+        }
+    }
+
+    #[test]
+    fn parse_is_the_inverse_of_format() {
+        for (secs, nanos) in [
+            (0_i64, 0_u32),
+            (951_868_799, 999_999_999),
+            (1_709_210_096, 123_456_789),
+            (4_107_542_400, 1),
+            (-1, 500_000_000),
+        ] {
+            let text = format_rfc3339(at(secs, nanos));
+            let ns = parse_rfc3339_ns(&text).unwrap();
+            assert_eq!(ns, secs * 1_000_000_000 + i64::from(nanos), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339_ns("2024-02-29T12:34:56Z"),
+            Some(1_709_210_096_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ns("2024-02-29T12:34:56.5Z"),
+            Some(1_709_210_096_500_000_000)
+        );
+        for bad in [
+            "",
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00+01:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00.1234567890Z",
+            "2024-01-01 00:00:00Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            assert_eq!(parse_rfc3339_ns(bad), None, "{bad:?}");
         }
     }
 

@@ -489,6 +489,19 @@ async fn the_documented_python_verifier_agrees() {
             "quote \" back \\ tab \t nul \u{0} é 😀 \u{2028} {i}"
         ));
         r.budget = Some(serde_json::json!({"ratio": 0.5, "z": {"b": 1, "a": [true, null]}}));
+        if i % 2 == 0 {
+            // Schema 2 fields, with the same stress on their keys and values.
+            r.schema = Some(cellgate_audit::SCHEMA_VERSION);
+            r.port = Some(443);
+            r.sni = Some("api.github.com".into());
+            r.headers
+                .insert("content-type".into(), "application/json".into());
+            r.headers.insert("accept".into(), "é \"x\" \u{1}".into());
+            r.withheld = vec!["query".into(), "header:user-agent".into()];
+            r.cell_uid = Some("local:agents:researcher".into());
+            r.cell_generation = Some(7);
+            r.policy_packs = Some([("base".to_string(), "0123abcd".to_string())].into());
+        }
         log.submit(r).unwrap();
     }
     log.close().await.unwrap();
