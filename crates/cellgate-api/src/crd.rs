@@ -330,7 +330,13 @@ pub struct ApprovalDecision {
 pub fn crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![AgentCellResource::crd(), AgentApprovalResource::crd()]
+    use crate::policy_pack::{CellgateClusterPolicyResource, CellgatePolicyResource};
+    vec![
+        AgentCellResource::crd(),
+        AgentApprovalResource::crd(),
+        CellgatePolicyResource::crd(),
+        CellgateClusterPolicyResource::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, as committed under `deploy/crds/`.
@@ -410,7 +416,7 @@ mod tests {
             .as_ref()
             .and_then(|s| s.status.as_ref())
             .is_some());
-        assert_eq!(crds().len(), 2);
+        assert_eq!(crds().len(), 4);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`crd`]: the Kubernetes custom resource, its status, and the names operator, nodes and kubectl
 //!   plugin agree on.
 //! - [`policy`]: the versioned policy input and decision documents exchanged with the Rego engine.
+//! - [`policy_pack`]: the `CellgatePolicy` and `CellgateClusterPolicy` resources (policy packs in
+//!   Kubernetes), their status and history, and the files a pack adds to a node's policy set.
 //! - [`path`]: the canonical form of HTTP request paths, which the node decides on and forwards.
 //!
 //! Start reading at [`manifest::parse_agent_cell`].
@@ -14,3 +16,4 @@ pub mod manifest;
 pub mod model;
 pub mod path;
 pub mod policy;
+pub mod policy_pack;

@@ -24,7 +24,14 @@ fn committed_crd_matches_the_types() {
 fn crd_schema_is_structural_where_kubernetes_requires_it() {
     // The API server refuses a CRD whose schema has a property without a type (unless it preserves
     // unknown fields): walk the generated schema and check every node.
-    let crd = &cellgate_api::crd::crds()[0];
+    for crd in cellgate_api::crd::crds() {
+        check_structural(&crd);
+    }
+}
+
+fn check_structural(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
     let schema = serde_json::to_value(
         crd.spec.versions[0]
             .schema
@@ -57,6 +64,9 @@ fn crd_schema_is_structural_where_kubernetes_requires_it() {
     walk("", &schema, &mut problems);
     // The root has `type: object` too.
     assert!(problems.is_empty(), "{problems:#?}");
+    if crd.spec.names.kind != "AgentCell" {
+        return;
+    }
     // Capability names are list-map keys, so they must be required.
     let caps = &schema["properties"]["spec"]["properties"]["capabilities"];
     assert_eq!(
