@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cellgate_api::policy::{AddrDoc, IdentityDoc, InputDoc, RequestDoc, INPUT_VERSION};
+use cellgate_api::policy::{IdentityDoc, InputDoc};
 use cellgate_audit::{Decision, Record};
 use cellgate_identity::Claims;
 
@@ -389,40 +389,8 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
         o.cell = Some(entry);
         return o;
     };
-    let mut input = InputDoc {
-        version: INPUT_VERSION.into(),
-        time_ns: now_ns(),
-        front_door: facts.front_door.into(),
-        source: AddrDoc {
-            address: ident.source.ip().to_canonical().to_string(),
-            port: ident.source.port(),
-        },
-        identity: IdentityDoc {
-            jti: claims.jti.clone(),
-            cell_uid: claims.cell_uid.clone(),
-            namespace: claims.namespace.clone(),
-            name: claims.name.clone(),
-            role: claims.role.clone(),
-        },
-        // The engine takes the cell from its prebuilt value (`evaluate_with_cell`).
-        cell: cellgate_api::policy::CellDoc::default(),
-        request: RequestDoc {
-            protocol: facts.protocol.into(),
-            host: facts.host.clone(),
-            port: facts.port,
-            sni: facts.sni.clone(),
-            method: facts.method.clone(),
-            path: facts.path.clone(),
-            query: facts.query.clone(),
-            headers: facts.headers.clone(),
-            destination: AddrDoc {
-                address: ident.original_dst.ip().to_canonical().to_string(),
-                port: ident.original_dst.port(),
-            },
-            dns_type: facts.dns_type.clone(),
-            json: facts.json.clone(),
-        },
-    };
+    let mut input = crate::recorded::input_doc(policy_request(ident.into(), facts, now_ns()));
+    input.request.json = facts.json.clone();
     let version = policy.version().to_string();
     // The body goes to the policy only for a request granted by a capability that reads it,
     // and only when it is within that capability's bound: decided without it first (which
@@ -456,11 +424,7 @@ fn evaluate(
     let version = version.to_string();
     match policy.evaluate_with_cell(input, &entry.value) {
         Ok(d) => Outcome {
-            result: match d.outcome.as_str() {
-                "allow" if d.allow => Decision::Allow,
-                "shadow_deny" if d.allow => Decision::ShadowDeny,
-                _ => Decision::Deny,
-            },
+            result: crate::recorded::decision_of(&d),
             reason: Reason::from_label(&d.reason),
             reasons: d.reasons,
             hint: d.hint,
@@ -1043,7 +1007,45 @@ pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outc
     rec.reasons.extend(out.notes.iter().cloned());
     rec.latency_us = Some(out.latency_us);
     rec.request_id = Some(out.request_id.clone());
+    let path_redacted = rec.path != facts.path;
+    crate::recorded::fill_record(
+        &mut rec,
+        &policy_request(who, facts, 0),
+        out.cell.as_ref().map(|e| e.cell.generation),
+        facts.json.is_some(),
+        path_redacted,
+    );
     rec
+}
+
+/// What the policy input of a request is built from ([`crate::recorded`]): the same for the
+/// decision and for its audit record, so a replay rebuilds the input the node decided on.
+fn policy_request(who: Subject<'_>, facts: &Facts, time_ns: i64) -> crate::recorded::Request {
+    let identity = who
+        .ident
+        .map_or_else(IdentityDoc::default, |i| IdentityDoc {
+            jti: i.claims.jti.clone(),
+            cell_uid: i.claims.cell_uid.clone(),
+            namespace: i.claims.namespace.clone(),
+            name: i.claims.name.clone(),
+            role: i.claims.role.clone(),
+        });
+    crate::recorded::Request {
+        time_ns,
+        front_door: facts.front_door.into(),
+        source: Some(who.source),
+        destination: Some(who.dst),
+        identity,
+        protocol: facts.protocol.into(),
+        host: facts.host.clone(),
+        port: facts.port,
+        sni: facts.sni.clone(),
+        method: facts.method.clone(),
+        path: facts.path.clone(),
+        query: facts.query.clone(),
+        headers: facts.headers.clone(),
+        dns_type: facts.dns_type.clone(),
+    }
 }
 
 /// Records `out` for something already under way (a response stream cut, usage counted), off

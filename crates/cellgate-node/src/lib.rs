@@ -37,6 +37,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod policy_source;
 pub mod reason;
+pub mod recorded;
 pub mod scrub;
 pub mod tunnel;
 pub mod upstream;
