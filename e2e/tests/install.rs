@@ -870,6 +870,8 @@ fn kustomize_base_renders_the_contract() {
         data["CELLGATE_TAGGER_IMAGE"],
         "ghcr.io/cellgate/cellgate-tagger:0.1.0"
     );
+    // Each cell's tagger ceiling, unless its AgentCell sets spec.limits.connections.
+    assert_eq!(data["CELLGATE_CELL_MAX_CONNECTIONS"], "1024");
     let dep = find(&docs, "Deployment", "cellgate-operator");
     let op = container(dep, "containers", "operator");
     assert_eq!(op["envFrom"][0]["configMapRef"]["name"], name(cm));
@@ -985,6 +987,24 @@ fn helm_template_matches_golden_and_the_contract() {
     assert_eq!(
         env["CELLGATE_TAGGER_IMAGE"],
         "ghcr.io/cellgate/cellgate-tagger:0.1.0"
+    );
+    assert_eq!(env["CELLGATE_CELL_MAX_CONNECTIONS"], "1024");
+    let tuned = helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "operator.cellMaxConnections=4000000000",
+    ]);
+    let docs_tuned = docs(&tuned);
+    let op = container(
+        find(&docs_tuned, "Deployment", "cellgate-operator"),
+        "containers",
+        "operator",
+    );
+    assert_eq!(
+        env_of(op)["CELLGATE_CELL_MAX_CONNECTIONS"],
+        "4000000000",
+        "a large count is written in full, not in floating-point notation"
     );
     golden("helm-default.yaml", &default);
 
@@ -1404,6 +1424,26 @@ fn helm_rejects_bad_values_early() {
     assert_rejected(
         &["--set", CIDRS, "--set", "operator.tokenTTL=forever"],
         "operator.tokenTTL",
+    );
+    for count in ["0", "4294967296"] {
+        assert_rejected(
+            &[
+                "--set",
+                CIDRS,
+                "--set",
+                &format!("operator.cellMaxConnections={count}"),
+            ],
+            "operator.cellMaxConnections",
+        );
+    }
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set-string",
+            "operator.cellMaxConnections=1024",
+        ],
+        "operator.cellMaxConnections",
     );
     assert_rejected(&["--set", CIDRS, "--set", "image.tag=v1:bad"], "image.tag");
     assert_rejected(

@@ -38,6 +38,9 @@ pub const ENV_API_TLS_CERT: &str = "CELLGATE_API_TLS_CERT";
 pub const ENV_API_TLS_KEY: &str = "CELLGATE_API_TLS_KEY";
 /// `--audit-log` / `CELLGATE_AUDIT_LOG`.
 pub const ENV_AUDIT_LOG: &str = "CELLGATE_AUDIT_LOG";
+/// `--cell-max-connections` / `CELLGATE_CELL_MAX_CONNECTIONS` (the node's variable of the same
+/// name sets its own intake's default).
+pub const ENV_CELL_MAX_CONNECTIONS: &str = "CELLGATE_CELL_MAX_CONNECTIONS";
 
 /// Default `--signing-key`.
 pub const DEFAULT_SIGNING_KEY: &str = "/etc/cellgate/signing/signing.key";
@@ -53,6 +56,9 @@ pub const DEFAULT_ADMIN: &str = "0.0.0.0:8080";
 pub const DEFAULT_API_LISTEN: &str = "0.0.0.0:8443";
 /// Default `--audit-log`: on the operator's writable volume (an emptyDir in the manifests).
 pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/cellgate-operator/audit.jsonl";
+/// Default `--cell-max-connections`: the node's default for its intake, so a cell without
+/// `spec.limits.connections` gets the same ceiling in the tagger as on the node.
+pub const DEFAULT_CELL_MAX_CONNECTIONS: u32 = 1024;
 /// Shortest token lifetime accepted: rotation happens at two thirds of it, and a shorter token
 /// would churn the Secret faster than kubelet propagates it to the tagger (about a minute).
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
@@ -138,6 +144,11 @@ pub struct Args {
     /// [default: /var/lib/cellgate-operator/audit.jsonl]
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Most connections a cell's tagger holds open at once (its `--max-connections`) when the
+    /// cell's spec.limits.connections is not set [env: CELLGATE_CELL_MAX_CONNECTIONS]
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub cell_max_connections: Option<String>,
     /// OTLP collector the operator's audit log (API calls, token and cell events) is exported
     /// to; none: no export [env: OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT]
     #[arg(long, value_name = "URL")]
@@ -184,6 +195,8 @@ pub struct Config {
     pub api_tls: Option<(PathBuf, PathBuf)>,
     /// The operator's audit log.
     pub audit_log: PathBuf,
+    /// The tagger's `--max-connections` for cells without `spec.limits.connections`.
+    pub cell_max_connections: u32,
     /// OTLP export of the operator's audit log; `None`: no export.
     pub otlp: Option<cellgate_otel::OtlpConfig>,
 }
@@ -344,6 +357,22 @@ impl Config {
         };
         let audit_log = path_of(args.audit_log.as_ref(), ENV_AUDIT_LOG)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG));
+        let cell_max_connections = match pick(
+            args.cell_max_connections.as_ref(),
+            env,
+            ENV_CELL_MAX_CONNECTIONS,
+        ) {
+            None => DEFAULT_CELL_MAX_CONNECTIONS,
+            Some(text) => text
+                .trim()
+                .parse::<u32>()
+                .map_err(|e| ConfigError::Invalid {
+                    flag: "--cell-max-connections",
+                    env: ENV_CELL_MAX_CONNECTIONS,
+                    value: text.clone(),
+                    reason: format!("{e}; write a whole number of at least 1, e.g. 1024"),
+                })?,
+        };
         let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)
             .as_deref()
             .map(str::trim)
@@ -393,6 +422,7 @@ impl Config {
             api_listen,
             api_tls,
             audit_log,
+            cell_max_connections,
             otlp,
         };
         config.validate()?;
@@ -437,6 +467,15 @@ impl Config {
                 });
             }
         }
+        if self.cell_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--cell-max-connections",
+                env: ENV_CELL_MAX_CONNECTIONS,
+                value: "0".into(),
+                reason: "must be at least 1: a tagger with no connection slot passes nothing"
+                    .into(),
+            });
+        }
         if !is_dns_label(&self.control_namespace) {
             return Err(ConfigError::Invalid {
                 flag: "--control-namespace",
@@ -453,7 +492,7 @@ impl Config {
     /// key is a path), but the key file's content is never logged.
     pub fn summary(&self) -> String {
         format!(
-            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={}",
+            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={}",
             self.signing_key.display(),
             self.ca_cert.display(),
             humantime::format_duration(self.token_ttl),
@@ -468,7 +507,8 @@ impl Config {
                 Some((c, k)) => format!("{},{}", c.display(), k.display()),
                 None => "self-signed".into(),
             },
-            self.audit_log.display()
+            self.audit_log.display(),
+            self.cell_max_connections
         )
     }
 }
@@ -549,6 +589,8 @@ mod tests {
         assert_eq!(c.api_listen, "0.0.0.0:8443".parse().expect("addr"));
         assert_eq!(c.api_tls, None);
         assert_eq!(c.audit_log, PathBuf::from(DEFAULT_AUDIT_LOG));
+        assert_eq!(c.cell_max_connections, 1024);
+        assert!(c.summary().contains("cell_max_connections=1024"));
         assert!(c.init_image.starts_with("ghcr.io/cellgate/cellgate-init:"));
         assert!(c
             .tagger_image
@@ -601,6 +643,33 @@ mod tests {
         ]);
         let c = Config::resolve(&args, &e).expect("valid");
         assert_eq!(c.node_cidrs, ["fd00::/64", "10.1.0.0/16"]);
+    }
+
+    #[test]
+    fn cell_max_connections_from_flag_or_environment() {
+        let e = env(&[
+            (ENV_NODE_CIDRS, "10.0.0.0/8"),
+            (ENV_CELL_MAX_CONNECTIONS, "64"),
+        ]);
+        let c = Config::resolve(&Args::default(), &e).expect("valid");
+        assert_eq!(c.cell_max_connections, 64);
+        let args = Args::parse_from(["cellgate-operator", "--cell-max-connections", "8"]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(c.cell_max_connections, 8, "the flag wins");
+        for bad in ["0", "-1", "many", "4294967296"] {
+            let e = env(&[
+                (ENV_NODE_CIDRS, "10.0.0.0/8"),
+                (ENV_CELL_MAX_CONNECTIONS, bad),
+            ]);
+            let err = Config::resolve(&Args::default(), &e)
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("--cell-max-connections (CELLGATE_CELL_MAX_CONNECTIONS)"),
+                "{err}"
+            );
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct Settings {
     pub tagger_image: String,
     /// Node address ranges for the NetworkPolicy, normalized.
     pub node_cidrs: Vec<String>,
+    /// The tagger's `--max-connections` for a cell without `spec.limits.connections`.
+    pub cell_max_connections: u32,
 }
 
 /// A minted token as it goes into the cell's Secret.
@@ -529,7 +531,18 @@ fn init_container(settings: &Settings) -> Container {
     }
 }
 
-fn tagger_container(settings: &Settings) -> Container {
+/// The cell's connection ceiling, enforced by its tagger: `spec.limits.connections`, else the
+/// operator's default. (A 0 never gets here: the CRD schema and `to_model` refuse it, and the
+/// tagger itself would refuse to start with it.)
+pub fn tagger_max_connections(cell: &AgentCellResource, settings: &Settings) -> u32 {
+    cell.spec
+        .limits
+        .as_ref()
+        .and_then(|l| l.connections)
+        .unwrap_or(settings.cell_max_connections)
+}
+
+fn tagger_container(settings: &Settings, max_connections: u32) -> Container {
     Container {
         name: TAGGER_CONTAINER.into(),
         image: Some(settings.tagger_image.clone()),
@@ -541,6 +554,8 @@ fn tagger_container(settings: &Settings) -> Container {
             format!("$({NODE_IP_ENV}):{NODE_INTAKE_PORT}"),
             "--token-file".into(),
             format!("{TOKEN_MOUNT_PATH}/{TOKEN_SECRET_KEY}"),
+            "--max-connections".into(),
+            max_connections.to_string(),
         ]),
         env: Some(vec![node_ip_env()]),
         volume_mounts: Some(vec![VolumeMount {
@@ -626,7 +641,10 @@ pub fn pod(cell: &AgentCellResource, settings: &Settings) -> Result<Pod, Desired
     labels.extend(cell_labels(&n.name));
     let annotations = tpl_meta.annotations.unwrap_or_default();
 
-    let mut init = vec![init_container(settings), tagger_container(settings)];
+    let mut init = vec![
+        init_container(settings),
+        tagger_container(settings, tagger_max_connections(cell, settings)),
+    ];
     init.extend(
         spec.init_containers
             .take()
@@ -732,6 +750,7 @@ mod tests {
             init_image: "ghcr.io/cellgate/cellgate-init:test".into(),
             tagger_image: "ghcr.io/cellgate/cellgate-tagger:test".into(),
             node_cidrs: vec!["10.0.0.0/16".into(), "fd00:10::/64".into()],
+            cell_max_connections: 1024,
         }
     }
 
@@ -797,6 +816,64 @@ mod tests {
     fn pod_matches_golden() {
         let pod = pod(&cell(agent_template()), &settings()).expect("pod");
         golden("pod.yaml", &pod);
+    }
+
+    fn tagger_args(pod: &Pod) -> Vec<String> {
+        let spec = pod.spec.as_ref().expect("spec");
+        let init = spec.init_containers.as_ref().expect("init");
+        let tagger = init
+            .iter()
+            .find(|c| c.name == TAGGER_CONTAINER)
+            .expect("tagger");
+        tagger.args.clone().expect("args")
+    }
+
+    fn max_connections_arg(pod: &Pod) -> Option<String> {
+        let args = tagger_args(pod);
+        let at = args.iter().position(|a| a == "--max-connections")?;
+        assert_eq!(args.iter().filter(|a| *a == "--max-connections").count(), 1);
+        args.get(at + 1).cloned()
+    }
+
+    #[test]
+    fn the_tagger_gets_the_cells_connection_ceiling_from_its_limits() {
+        let mut c = cell(agent_template());
+        c.spec.limits = Some(cellgate_api::manifest::LimitsSpec {
+            connections: Some(32),
+            requests_per_second: Some(5),
+        });
+        let p = pod(&c, &settings()).expect("pod");
+        assert_eq!(max_connections_arg(&p).as_deref(), Some("32"));
+        // The ceiling is part of the pod: changing it changes the template hash (pod recreated).
+        let before = p.metadata.annotations.as_ref().expect("a")[ANNOTATION_TEMPLATE_HASH].clone();
+        c.spec.limits = Some(cellgate_api::manifest::LimitsSpec {
+            connections: Some(33),
+            requests_per_second: None,
+        });
+        let p = pod(&c, &settings()).expect("pod");
+        assert_eq!(max_connections_arg(&p).as_deref(), Some("33"));
+        assert_ne!(
+            p.metadata.annotations.as_ref().expect("a")[ANNOTATION_TEMPLATE_HASH],
+            before
+        );
+    }
+
+    #[test]
+    fn without_limits_the_tagger_gets_the_operators_default_ceiling() {
+        let mut s = settings();
+        s.cell_max_connections = 77;
+        let mut c = cell(agent_template());
+        assert_eq!(c.spec.limits, None);
+        let p = pod(&c, &s).expect("pod");
+        assert_eq!(max_connections_arg(&p).as_deref(), Some("77"));
+        // Limits that set only a request rate leave the connection ceiling at the default.
+        c.spec.limits = Some(cellgate_api::manifest::LimitsSpec {
+            connections: None,
+            requests_per_second: Some(5),
+        });
+        let p = pod(&c, &s).expect("pod");
+        assert_eq!(max_connections_arg(&p).as_deref(), Some("77"));
+        assert_eq!(tagger_max_connections(&c, &s), 77);
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 init_image: config.init_image.clone(),
                 tagger_image: config.tagger_image.clone(),
                 node_cidrs: config.node_cidrs.clone(),
+                cell_max_connections: config.cell_max_connections,
             },
             ca_pem,
             signing_key,

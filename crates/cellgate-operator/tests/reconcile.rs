@@ -225,6 +225,7 @@ impl Fixture {
                 init_image: "ghcr.io/cellgate/cellgate-init:test".into(),
                 tagger_image: "ghcr.io/cellgate/cellgate-tagger:test".into(),
                 node_cidrs: vec!["10.0.0.0/16".into()],
+                cell_max_connections: 1024,
             },
             ca: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".into(),
         }
