@@ -1,12 +1,14 @@
 # Cellgate base policy.
 #
 # Entry point: data.cellgate.authz.decision, a decision document (cellgate.dev/decision/v1):
-#   {allow, outcome, capability, mode, reason, reasons, hint}
+#   {allow, outcome, capability, mode, reason, reasons, hint}, plus, when layers took part,
+#   layers: {deny: [layer names], shadow_deny: [layer names]}
 # Input: cellgate.dev/input/v1 (see docs/policy.md and crates/cellgate-api/src/policy.rs).
 #
 # A request is allowed when a capability of the cell grants it and no layer denies it.
 # Layers are user packs under data.cellgate.layers.<name>, each defining a `deny` set of strings
-# or {"reason": label, "message": text} objects. Deny wins.
+# or {"reason": label, "message": text} objects. Deny wins. A `shadow_deny` set of the same shape
+# (and the `deny` of a pack in shadow mode) only records what it would deny: `shadow_deny`.
 #
 # The decision is one `else` chain, so only the branch taken is evaluated: an allowed request
 # never builds the hint text.
@@ -94,7 +96,11 @@ decision := {
 	})
 	[g[0], g[1]] < ix.floor
 	data.cellgate.internal.layers.quiet
-} else := _deny("cell_suspended", ["the cell is suspended"], null) if {
+} else := _general
+
+# Everything else, in its own rule: one `else` chain this long would need more registers than
+# regorus's VM gives one rule.
+_general := _deny("cell_suspended", ["the cell is suspended"], null) if {
 	input.cell.suspended == true
 } else := {
 	# Any other request granted by an enforce capability first, with no layer entry at all.
@@ -109,21 +115,30 @@ decision := {
 	g := min(_grants)
 	g[0] == 0
 	_layers_quiet
-} else := _deny(_layer_reason, _layer_messages, null) if {
+} else := _with_layers(_deny(_layer_reason, _layer_messages, null)) if {
 	count(malformed_layers) > 0
-} else := _deny(_layer_reason, _layer_messages, null) if {
+} else := _with_layers(_result(false, "deny", enforce_grants[0], _layer_reason, _layer_messages, null)) if {
 	count(enforce_grants) > 0
 	count(layer_denials) > 0
+} else := _with_layers(_result(true, "shadow_deny", enforce_grants[0], _shadow_layer_reason, _shadow_layer_messages, null)) if {
+	# Only shadow rules (a shadow pack's `deny`, any pack's `shadow_deny`) object: recorded as
+	# what enforcing them would deny; the request goes on.
+	count(enforce_grants) > 0
+	count(layer_shadow_denials) > 0
 } else := _result(true, "allow", enforce_grants[0], "allowed", [], null) if {
 	count(enforce_grants) > 0
-} else := _result(true, "shadow_deny", shadow_grants[0], _layer_reason, _layer_messages, null) if {
+} else := _with_layers(_result(true, "shadow_deny", shadow_grants[0], _layer_reason, _layer_messages, null)) if {
 	count(shadow_grants) > 0
 	count(layer_denials) > 0
+} else := _with_layers(_result(true, "shadow_deny", shadow_grants[0], _shadow_layer_reason, _shadow_layer_messages, null)) if {
+	count(shadow_grants) > 0
+	count(layer_shadow_denials) > 0
 } else := _result(true, "allow", shadow_grants[0], "allowed", [], null) if {
 	count(shadow_grants) > 0
 } else := _result(true, "shadow_deny", _shadow_miss.index, _shadow_miss.status, [_shadow_miss.message], null) if {
 	count(_shadow_misses) > 0
-} else := _deny(_enforce_miss.status, [_enforce_miss.message], _miss_hint) if {
+} else := _result(false, "deny", _enforce_miss.index, _enforce_miss.status, [_enforce_miss.message], _miss_hint) if {
+	# Named in the denial: the capability that reaches the destination but refused.
 	count(_enforce_misses) > 0
 } else := _deny("no_capability", [_no_capability_message], _reach_hint)
 
@@ -451,6 +466,11 @@ _layers_speak if {
 	layer.deny != set()
 }
 
+_layers_speak if {
+	some layer in data.cellgate.layers
+	layer.shadow_deny != set()
+}
+
 # [layer name, its `deny`] for every layer that defines one.
 _layer_denies := data.cellgate.internal.layers.denies if {
 	data.cellgate.internal.layers.resolved
@@ -467,6 +487,30 @@ layer_denials contains d if {
 	some d in deny
 }
 
+# [layer name, set] of what would deny in shadow: the `deny` of a layer in a shadow pack
+# (`mode: shadow` in its pack.yaml) and the `shadow_deny` of any layer. The loader names them
+# (`shadow_denies` of the generated package); without it, every `shadow_deny` set.
+_layer_shadow_denies := data.cellgate.internal.layers.shadow_denies if {
+	data.cellgate.internal.layers.resolved
+} else := {[name, layer.shadow_deny] |
+	some name, layer in data.cellgate.layers
+	"shadow_deny" in object.keys(layer)
+}
+
+# Every entry of those sets: what enforcement would deny.
+layer_shadow_denials contains d if {
+	some [_, deny] in _layer_shadow_denies
+	is_set(deny)
+	some d in deny
+}
+
+# The layers that denied, and those that would have, by name (`cellgate.layers.<name>`); the
+# loader maps them to packs.
+_with_layers(d) := object.union(d, {"layers": {
+	"deny": sort({name | some [name, deny] in _layer_denies; is_set(deny); count(deny) > 0}),
+	"shadow_deny": sort({name | some [name, deny] in _layer_shadow_denies; is_set(deny); count(deny) > 0}),
+}})
+
 # A layer whose `deny` is not a set (for example `deny if ...`, a boolean) would silently deny
 # nothing: it turns the decision into a policy error instead.
 malformed_layers contains name if {
@@ -476,6 +520,16 @@ malformed_layers contains name if {
 
 malformed_layers contains d if {
 	some d in layer_denials
+	not _well_formed_denial(d)
+}
+
+malformed_layers contains name if {
+	some [name, deny] in _layer_shadow_denies
+	not is_set(deny)
+}
+
+malformed_layers contains d if {
+	some d in layer_shadow_denials
 	not _well_formed_denial(d)
 }
 
@@ -502,6 +556,15 @@ _layer_reason := "policy_error" if {
 _layer_messages := [m | some d in malformed_layers; m := sprintf("malformed layer denial: %v", [d])] if {
 	count(malformed_layers) > 0
 } else := sort([m | some d in layer_denials; m := _denial_message(d)])
+
+_shadow_denial_labels := {l | some d in layer_shadow_denials; l := _denial_label(d)}
+
+_shadow_layer_reason := l if {
+	count(_shadow_denial_labels) == 1
+	some l in _shadow_denial_labels
+} else := "policy_denied"
+
+_shadow_layer_messages := sort([m | some d in layer_shadow_denials; m := _denial_message(d)])
 
 _denial_message(d) := d if is_string(d) else := d.message
 

@@ -132,18 +132,31 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     globs: "globs".into(),
 });
 
-/// Number of keys in a decision document.
-const DECISION_FIELDS: usize = 7;
+/// Number of keys a decision document may have: the seven required ones and `layers`.
+const DECISION_FIELDS: usize = 8;
 /// The keys of a decision document, in the order [`decision_from_value`] indexes them.
 const DECISION_KEYS: [&str; DECISION_FIELDS] = [
     "allow",
     "capability",
     "hint",
+    "layers",
     "mode",
     "outcome",
     "reason",
     "reasons",
 ];
+/// Index of the optional `layers` key in [`DECISION_KEYS`].
+const LAYERS_KEY: usize = 3;
+/// Most layer names a decision may report (per kind); a policy naming more is malformed.
+const MAX_LAYER_NAMES: usize = 1024;
+
+/// The layer packages (`cellgate.layers.<name>`) a decision reports as having denied, and as
+/// having denied in shadow (the optional `layers` field of the decision document).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LayerNames {
+    pub(crate) deny: Vec<String>,
+    pub(crate) shadow_deny: Vec<String>,
+}
 
 fn s(v: &str) -> Value {
     Value::from(v)
@@ -841,18 +854,24 @@ fn want_opt_string(v: &Value, name: &'static str) -> Result<Option<String>, Eval
 ///
 /// [`EvalError::Undefined`] when the rule was undefined, [`EvalError::Malformed`] naming the
 /// first bad field, [`EvalError::Invalid`] when an invariant is broken.
+#[cfg(test)]
 pub(crate) fn decision_from_value(v: &Value) -> Result<DecisionDoc, EvalError> {
+    decision_and_layers(v).map(|(d, _)| d)
+}
+
+/// Parses a decision document strictly, with its optional `layers` field.
+pub(crate) fn decision_and_layers(v: &Value) -> Result<(DecisionDoc, LayerNames), EvalError> {
     let obj = match v {
         Value::Undefined => return Err(EvalError::Undefined),
         Value::Object(o) => o,
         other => return Err(malformed(".", format!("expected an object, got {other}"))),
     };
-    if obj.len() != DECISION_FIELDS {
+    if obj.len() != DECISION_FIELDS && obj.len() != DECISION_FIELDS - 1 {
         let keys: Vec<String> = obj.keys().map(ToString::to_string).collect();
         return Err(malformed(
             ".",
             format!(
-                "expected exactly allow, outcome, capability, mode, reason, reasons, hint; got {}",
+                "expected exactly allow, outcome, capability, mode, reason, reasons, hint (and optionally layers); got {}",
                 keys.join(", ")
             ),
         ));
@@ -885,7 +904,7 @@ pub(crate) fn decision_from_value(v: &Value) -> Result<DecisionDoc, EvalError> {
             ))
         }
     };
-    let reasons = match field(6, "reasons")? {
+    let reasons = match field(7, "reasons")? {
         Value::Array(a) => a
             .iter()
             .map(|r| want_string(r, "reasons"))
@@ -899,15 +918,45 @@ pub(crate) fn decision_from_value(v: &Value) -> Result<DecisionDoc, EvalError> {
     };
     let doc = DecisionDoc {
         allow,
-        outcome: want_string(field(4, "outcome")?, "outcome")?,
+        outcome: want_string(field(5, "outcome")?, "outcome")?,
         capability: want_opt_string(field(1, "capability")?, "capability")?,
-        mode: want_opt_string(field(3, "mode")?, "mode")?,
-        reason: want_string(field(5, "reason")?, "reason")?,
+        mode: want_opt_string(field(4, "mode")?, "mode")?,
+        reason: want_string(field(6, "reason")?, "reason")?,
         reasons,
         hint: want_opt_string(field(2, "hint")?, "hint")?,
     };
     doc.validate()?;
-    Ok(doc)
+    let layers = match fields.get(LAYERS_KEY).copied().flatten() {
+        None => LayerNames::default(),
+        Some(v) => layer_names(v)?,
+    };
+    Ok((doc, layers))
+}
+
+/// `{"deny": [names], "shadow_deny": [names]}`.
+fn layer_names(v: &Value) -> Result<LayerNames, EvalError> {
+    let Value::Object(o) = v else {
+        return Err(malformed("layers", format!("expected an object, got {v}")));
+    };
+    let mut out = LayerNames::default();
+    for (key, value) in o.iter() {
+        let slot = match key {
+            Value::String(k) if &**k == "deny" => &mut out.deny,
+            Value::String(k) if &**k == "shadow_deny" => &mut out.shadow_deny,
+            other => return Err(malformed("layers", format!("unexpected field {other}"))),
+        };
+        let Value::Array(names) = value else {
+            return Err(malformed("layers", format!("expected an array, got {value}")));
+        };
+        if names.len() > MAX_LAYER_NAMES {
+            return Err(malformed("layers", format!("{} names", names.len())));
+        }
+        *slot = names
+            .iter()
+            .map(|n| want_string(n, "layers"))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1018,6 +1067,17 @@ mod tests {
             decision_from_value(&Value::from_json_str(&bad).unwrap()),
             Err(EvalError::Invalid(_))
         ));
+        let with = ok.replace(
+            r#""hint":"h""#,
+            r#""hint":"h","layers":{"deny":["a"],"shadow_deny":["b","c"]}"#,
+        );
+        let (_, layers) = decision_and_layers(&Value::from_json_str(&with).unwrap()).unwrap();
+        assert_eq!(layers.deny, ["a"]);
+        assert_eq!(layers.shadow_deny, ["b", "c"]);
+        let bad = with.replace(r#"["a"]"#, "[1]");
+        assert!(decision_and_layers(&Value::from_json_str(&bad).unwrap()).is_err());
+        let bad = with.replace(r#""deny":"#, r#""allow":"#);
+        assert!(decision_and_layers(&Value::from_json_str(&bad).unwrap()).is_err());
     }
     /// The index built here is the one `_derive` in the base policy computes for an input
     /// without it: same entries, same order.

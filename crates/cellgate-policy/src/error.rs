@@ -70,6 +70,45 @@ pub enum PolicyError {
         /// What it evaluated to, or the evaluation error.
         detail: String,
     },
+    /// A pack's `pack.yaml` does not parse.
+    #[error("{path}: {message}")]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong (field, line and column when serde knows them).
+        message: String,
+    },
+    /// Two packs of a set have the same name (the name of their directory).
+    #[error("two packs are named {name} ({first} and {second}); rename one directory")]
+    DuplicatePack {
+        /// The name.
+        name: String,
+        /// The first pack's directory, relative.
+        first: String,
+        /// The second's.
+        second: String,
+    },
+    /// A layer package is declared by packs of different modes: its rules cannot be told apart.
+    #[error("layer package cellgate.layers.{layer} is declared by pack {enforce} (enforce) and pack {shadow} (shadow); give the shadow pack its own package")]
+    LayerModeConflict {
+        /// The layer name.
+        layer: String,
+        /// A pack enforcing it.
+        enforce: String,
+        /// A pack shadowing it.
+        shadow: String,
+    },
+    /// A shadow pack in a set whose layers the loader cannot name (a package `cellgate` or
+    /// `cellgate.layers` itself): its `deny` could not be kept from denying.
+    #[error("pack {pack} is in shadow mode, but {path} declares package {package}, which may define any layer; shadow packs need every layer in a package cellgate.layers.<name>")]
+    ShadowUnresolved {
+        /// The shadow pack.
+        pack: String,
+        /// The file declaring the broad package.
+        path: String,
+        /// Its package.
+        package: String,
+    },
     /// The set does not define the entry point, or regorus could not compile it.
     #[error("compiling {entrypoint}: {message}")]
     Compile {

@@ -12,15 +12,18 @@
 //! Start reading at [`PolicySet::load`]; the policy language itself is documented in
 //! `docs/policy.md`, the base policy lives in `policies/base/cellgate.rego`.
 
+pub mod cases;
 pub mod convert;
 pub mod error;
+pub mod pack;
 pub mod set;
 pub mod store;
 
 pub use convert::CellValue;
 pub use error::{EvalError, PolicyError};
+pub use pack::{PackEffect, PackInfo, PackManifest, PackMode, PackVerdict, MANIFEST_NAME};
 pub use set::{
-    PolicyFile, PolicySet, ENTRYPOINT, EVAL_TIME_LIMIT, MAX_INSTRUCTIONS, MAX_POLICY_FILES,
-    MAX_POLICY_FILE_BYTES,
+    Decided, PolicyFile, PolicySet, RegoTest, TestRun, ENTRYPOINT, EVAL_TIME_LIMIT,
+    MAX_INSTRUCTIONS, MAX_POLICY_FILES, MAX_POLICY_FILE_BYTES, SHADOW_DENY_RULE,
 };
 pub use store::{PolicyStatus, PolicyStore, DEFAULT_WATCH_INTERVAL};
