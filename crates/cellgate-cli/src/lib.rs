@@ -13,6 +13,8 @@
 //!   its admin API (see [`admin`]).
 //! - `cellgate approvals`, `cellgate approve ID [--for 10m] [--uses 1]`, `cellgate deny ID --reason
 //!   TEXT`: requests held for a human on a running node (local mode).
+//! - `cellgate policy replay --policies DIR [--cells DIR] [--max-new-denials N] AUDIT...`:
+//!   re-decides recorded requests with a draft policy (see [`replay`]).
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -28,6 +30,7 @@ use clap::{Parser, Subcommand};
 
 pub mod admin;
 pub mod kubectl;
+pub mod replay;
 mod run;
 
 #[derive(Debug, Parser)]
@@ -74,6 +77,16 @@ enum Command {
     Approve(admin::ApproveArgs),
     /// Denies a waiting request: `deny ID --reason TEXT`.
     Deny(admin::DenyArgs),
+    /// Policy tools: `policy replay` re-decides recorded requests with a draft policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Re-decides the requests of audit logs with a draft policy: would-allow and would-deny
+    /// counts, the decisions that change, and what could not be re-decided.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let body = serde_json::json!({"decision": "deny", "reason": a.reason});
             return kubectl::block_on(admin::decide(&a.id, &a.admin, body));
         }
+        Command::Policy(PolicyCmd::Replay(args)) => return replay::run(args),
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),
