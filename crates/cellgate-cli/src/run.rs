@@ -466,6 +466,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     .context("applying the cell's egress rules")?;
     let listen = format!("127.0.0.1:{TAGGER_PORT}");
     let token_file = tagger_dir.join("token").display().to_string();
+    let max_connections = tagger_max_connections(&cell, node.shared.ceilings()).to_string();
     let tagger_args = in_ns(&[
         "setpriv",
         "--reuid",
@@ -484,6 +485,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &node_addr,
         "--token-file",
         &token_file,
+        "--max-connections",
+        &max_connections,
     ]);
     let mut tagger = tokio::process::Command::new("ip")
         .args(&tagger_args)
@@ -547,6 +550,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         s.print(&cell.key(), &audit);
     }
     Ok(code)
+}
+
+/// The tagger's `--max-connections`: the cell's connection ceiling as the node computes it for
+/// its intake (`spec.limits.connections`, else the node's default), so both agree.
+fn tagger_max_connections(
+    cell: &cellgate_api::model::Cell,
+    node_defaults: cellgate_node::limits::Ceilings,
+) -> usize {
+    cellgate_node::limits::Ceilings::of(cell, node_defaults).connections
 }
 
 fn hostname() -> String {
@@ -748,6 +760,37 @@ impl Summary {
             "cellgate: audit log {} (check it: cellgate audit verify {})",
             audit.display(),
             audit.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(limits: &str) -> cellgate_api::model::Cell {
+        let text = format!(
+            "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {{name: triage, namespace: agents}}\nspec:\n  capabilities: []\n{limits}"
+        );
+        let manifest = cellgate_api::manifest::parse_agent_cell(&text).expect("manifest");
+        manifest.to_model().expect("model")
+    }
+
+    #[test]
+    fn the_tagger_gets_the_cells_connection_ceiling_or_the_nodes_default() {
+        let defaults = cellgate_node::NodeConfig::defaults();
+        let node = cellgate_node::limits::Ceilings {
+            connections: defaults.cell_max_connections,
+            requests_per_second: defaults.cell_requests_per_second,
+        };
+        assert_eq!(tagger_max_connections(&cell(""), node), 1024);
+        assert_eq!(
+            tagger_max_connections(&cell("  limits: {requestsPerSecond: 5}\n"), node),
+            1024
+        );
+        assert_eq!(
+            tagger_max_connections(&cell("  limits: {connections: 16}\n"), node),
+            16
         );
     }
 }
