@@ -38,6 +38,8 @@ pub const MAX_HISTORY_LIMIT: u32 = 100;
 /// Largest total size of a pack's modules, tests and data: a snapshot is one ConfigMap, which the
 /// API server caps at 1 MiB with its metadata.
 pub const MAX_PACK_BYTES: usize = 900 * 1024;
+/// The pack manifest file of the policy engine (`mode: shadow`).
+pub const PACK_MANIFEST: &str = "pack.yaml";
 /// Length of a version hash in hex digits.
 const HASH_HEX_LEN: usize = 12;
 
@@ -271,12 +273,21 @@ impl PolicyRef {
         }
     }
 
-    /// The snapshot ConfigMap of a version: `cellgate-policy-<name>-<hash>` for a cluster policy,
-    /// `cellgate-policy-<namespace>.<name>-<hash>` for a namespaced one (all in the control
-    /// namespace).
+    /// The pack's name in a node's policy set (and the directory its files are shown under in
+    /// errors): `<name>` for a cluster policy, `<namespace>.<name>` for a namespaced one.
+    pub fn pack_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}.{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// The snapshot ConfigMap of a version, in the control namespace:
+    /// `cellgate-policy-<name>-<hash>` for a cluster policy, `cellgate-policy.<namespace>.<name>-<hash>`
+    /// for a namespaced one (a namespace has no dot, so the two never collide).
     pub fn snapshot_name(&self, hash: &str) -> String {
         match &self.namespace {
-            Some(ns) => format!("cellgate-policy-{ns}.{}-{hash}", self.name),
+            Some(ns) => format!("cellgate-policy.{ns}.{}-{hash}", self.name),
             None => format!("cellgate-policy-{}-{hash}", self.name),
         }
     }
@@ -324,7 +335,13 @@ impl PolicyRef {
         };
         let clean: String = raw
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         if clean != raw {
             // `-` and `.` both became `_`: a short hash of the original keeps names apart.
@@ -420,7 +437,8 @@ pub enum PackError {
 /// into the node's policy version, and the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackFile {
-    /// `<policy>/<file>`, or `<policy>/<generated ...>` for what this module writes.
+    /// `<pack>/<file>` ([`PolicyRef::pack_name`]), or `<pack>/<generated ...>` for what this
+    /// module writes.
     pub path: String,
     /// `k8s/<kind>/<policy>/<file>`.
     pub relative: String,
@@ -524,7 +542,10 @@ pub fn check_spec(spec: &PackSpec) -> Result<(), PackError> {
             return Err(field(format!("spec.roles[{i}]"), "must not be empty"));
         }
     }
-    if spec.history_limit.is_some_and(|n| n == 0 || n > MAX_HISTORY_LIMIT) {
+    if spec
+        .history_limit
+        .is_some_and(|n| n == 0 || n > MAX_HISTORY_LIMIT)
+    {
         return Err(PackError::Field {
             field: "spec.historyLimit".into(),
             problem: format!("must be between 1 and {MAX_HISTORY_LIMIT}"),
@@ -548,7 +569,7 @@ pub fn check_spec(spec: &PackSpec) -> Result<(), PackError> {
 pub fn pack_files(policy: &PolicyRef, spec: &PackSpec) -> Result<Vec<PackFile>, PackError> {
     check_spec(spec)?;
     let ident = policy.ident();
-    let show = policy.display();
+    let show = policy.pack_name();
     let rel_root = format!(
         "k8s/{}/{}",
         if policy.namespace.is_some() {
@@ -558,8 +579,17 @@ pub fn pack_files(policy: &PolicyRef, spec: &PackSpec) -> Result<Vec<PackFile>, 
         },
         show
     );
-    let scoped = policy.namespace.is_some() || !spec.roles.is_empty();
     let mut out = Vec::new();
+    if spec.mode == Some(PackMode::Shadow) {
+        // The pack manifest of the policy engine: the pack's `deny` entries are recorded as
+        // shadow denials, not enforced.
+        out.push(PackFile {
+            path: format!("{show}/{PACK_MANIFEST}"),
+            relative: format!("{rel_root}/{PACK_MANIFEST}"),
+            source: "mode: shadow\n".into(),
+        });
+    }
+    let scoped = policy.namespace.is_some() || !spec.roles.is_empty();
     let mut layers = std::collections::BTreeSet::new();
     for (name, source) in spec.modules.iter().chain(spec.tests.iter()) {
         let path = format!("{show}/{name}");
@@ -615,7 +645,7 @@ pub fn pack_files(policy: &PolicyRef, spec: &PackSpec) -> Result<Vec<PackFile>, 
     for layer in &layers {
         out.push(PackFile {
             path: format!("{show}/<generated scope of layer {layer}>"),
-            relative: format!("{rel_root}/<scope>/{layer}"),
+            relative: format!("{rel_root}/<scope {layer}>"),
             source: scope_module(policy, &spec.roles, &ident, layer),
         });
     }
@@ -718,13 +748,22 @@ mod tests {
             name: "base".into(),
         };
         assert_eq!(c.snapshot_name("abc"), "cellgate-policy-base-abc");
-        assert!(c.snapshot_selector().ends_with(",!cellgate.dev/policy-namespace"));
+        assert!(c
+            .snapshot_selector()
+            .ends_with(",!cellgate.dev/policy-namespace"));
         let n = PolicyRef {
             namespace: Some("agents".into()),
             name: "no-delete".into(),
         };
-        assert_eq!(n.snapshot_name("abc"), "cellgate-policy-agents.no-delete-abc");
-        assert!(n.ident().starts_with("n_agents__no_delete_"), "{}", n.ident());
+        assert_eq!(
+            n.snapshot_name("abc"),
+            "cellgate-policy.agents.no-delete-abc"
+        );
+        assert!(
+            n.ident().starts_with("n_agents__no_delete_"),
+            "{}",
+            n.ident()
+        );
         assert_ne!(
             n.ident(),
             PolicyRef {
@@ -750,13 +789,17 @@ mod tests {
         };
         let files = pack_files(&p, &s).unwrap();
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].path, "agents/nodel/nodel.rego");
+        assert_eq!(files[0].path, "agents.nodel/nodel.rego");
         assert_eq!(
             files[0].source.lines().nth(1),
             Some("package cellgate.scoped.n_agents__nodel.nodel")
         );
-        assert!(files[1].source.contains("input.cell.namespace == \"agents\""));
-        assert!(files[1].source.contains("input.cell.role in {\"readonly\"}"));
+        assert!(files[1]
+            .source
+            .contains("input.cell.namespace == \"agents\""));
+        assert!(files[1]
+            .source
+            .contains("input.cell.role in {\"readonly\"}"));
         assert!(files[1]
             .source
             .contains("package cellgate.layers.n_agents__nodel__nodel"));
@@ -775,7 +818,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string().split(": package").next(),
-            Some("agents/evil/e.rego:1")
+            Some("agents.evil/e.rego:1")
         );
     }
 
@@ -802,12 +845,18 @@ mod tests {
             name: "x".into(),
         };
         let err = pack_files(&p, &spec(&[("../a.rego", "package x")])).unwrap_err();
-        assert!(err.to_string().starts_with("spec.modules[\"../a.rego\"]"), "{err}");
+        assert!(
+            err.to_string().starts_with("spec.modules[\"../a.rego\"]"),
+            "{err}"
+        );
         let s = PackSpec {
             data: Some(serde_json::json!({"a-b": 1})),
             ..spec(&[("a.rego", "package x")])
         };
-        assert!(pack_files(&p, &s).unwrap_err().to_string().starts_with("spec.data.a-b"));
+        assert!(pack_files(&p, &s)
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec.data.a-b"));
         let s = PackSpec {
             history_limit: Some(0),
             ..spec(&[("a.rego", "package x")])

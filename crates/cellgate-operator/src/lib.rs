@@ -12,6 +12,8 @@
 //! - [`token`], [`status`], [`revocations`]: the pure decisions the reconciler takes;
 //! - [`run`]: the controller, its watches and the admin listener ([`admin`], [`metrics`]);
 //! - [`api`]: the control API (HTTPS, `/api/v1`), and [`oplog`], the operator's own audit log;
+//! - [`policy`]: the policy packs (`CellgatePolicy`, `CellgateClusterPolicy`): validation,
+//!   snapshots, history;
 //! - [`config`]: flags and `CELLGATE_*` variables.
 
 pub mod admin;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod desired;
 pub mod metrics;
 pub mod oplog;
+pub mod policy;
 pub mod reconcile;
 pub mod revocations;
 pub mod status;
@@ -30,6 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cellgate_api::crd::{AgentCellResource, LABEL_CELL};
+use cellgate_api::policy_pack::{CellgateClusterPolicyResource, CellgatePolicyResource};
 use cellgate_identity::SigningKey;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
@@ -213,8 +217,43 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
     .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
     .shutdown_on_signal();
+    let policy_ctx = Arc::new(policy::PolicyContext::new(
+        client.clone(),
+        config.control_namespace.clone(),
+        Arc::new(reconcile::SystemClock),
+    ));
+    let cluster_policies = Controller::new(
+        Api::<CellgateClusterPolicyResource>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .shutdown_on_signal()
+    .run(
+        policy::reconcile_cluster,
+        policy::error_policy,
+        policy_ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cluster policy controller event");
+        }
+    });
+    let namespaced_policies = Controller::new(
+        Api::<CellgatePolicyResource>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .shutdown_on_signal()
+    .run(
+        policy::reconcile_namespaced,
+        policy::error_policy,
+        policy_ctx,
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "policy controller event");
+        }
+    });
     state.ready.store(true, Ordering::Release);
-    controller
+    let cells = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -222,8 +261,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 // controller's own (watch) errors.
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    futures_util::future::join3(cells, cluster_policies, namespaced_policies).await;
     state.ready.store(false, Ordering::Release);
     tracing::info!("shutting down");
     api_server.shutdown().await;
