@@ -9,17 +9,25 @@
 //! - [`convert`]: [`cellgate_api::policy::InputDoc`] to a regorus value without JSON text, and
 //!   the strict parsing of the decision.
 //!
+//! - [`pack`]: a set is made of packs (directories), each with a name, a version (hash of its
+//!   files) and a mode (`enforce` or `shadow`, from its `pack.yaml`); [`PolicySet::packs`] lists
+//!   them and [`PolicySet::decide_with_cell`] names the packs that denied a request or would have.
+//! - [`cases`]: the YAML case runner shared by the tests and `cellgate policy test`;
+//!   [`explain`]: the rules behind one decision, for `cellgate explain`.
+//!
 //! Start reading at [`PolicySet::load`]; the policy language itself is documented in
 //! `docs/policy.md`, the base policy lives in `policies/base/cellgate.rego`.
 
 pub mod cases;
 pub mod convert;
 pub mod error;
+pub mod explain;
 pub mod pack;
 pub mod set;
 pub mod store;
 
 pub use convert::CellValue;
+pub use explain::{Explanation, Layer, LayerVerdict, RuleHit};
 pub use error::{EvalError, PolicyError};
 pub use pack::{PackEffect, PackInfo, PackManifest, PackMode, PackVerdict, MANIFEST_NAME};
 pub use set::{

@@ -214,3 +214,53 @@ fn a_broken_manifest_or_mixed_modes_refuse_the_set() {
     let e = PolicySet::load(dir.path(), &[]).unwrap_err();
     assert!(matches!(e, PolicyError::LayerModeConflict { .. }), "{e}");
 }
+
+#[test]
+fn explain_names_the_rule_and_its_layer() {
+    let dir = tree(&[("packs/no-put/no_put.rego", SHADOW_RULES)]);
+    let set = PolicySet::load(dir.path(), &[]).unwrap();
+    let mut both = readonly_delete();
+    both.cell.namespace = "prod".into();
+    both.request.path = Some("/admin/x".into());
+    let x = set.explain(&both).unwrap();
+    assert_eq!(x.decision.outcome, "deny");
+    assert_eq!(x.decision.capability.as_deref(), Some("example"));
+    let verdicts: Vec<(&str, &str)> = x
+        .layers
+        .iter()
+        .map(|l| (l.layer.as_str(), l.verdict))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            ("cluster", "pass"),
+            ("namespace", "deny"),
+            ("role", "deny"),
+            ("cell", "pass")
+        ]
+    );
+    let role = &x.rules[x.layers[2].rules[0]];
+    assert_eq!(role.pack, "deny-destructive");
+    assert_eq!(role.rule, "deny");
+    assert!(role.file.ends_with("deny_destructive.rego"), "{role:?}");
+    let src = std::fs::read_to_string(&role.file).unwrap();
+    let head = src.lines().nth(role.line - 1).unwrap();
+    assert!(head.starts_with("deny contains {\"reason\": \"destructive_method\""), "{head}");
+    assert_eq!(
+        role.messages,
+        ["cells with role readonly may not send DELETE requests"]
+    );
+
+    // A shadow rule is a shadow verdict of its layer (cluster: no condition on the cell).
+    let put = input(json!({"request": {"host": "a.example.com", "method": "PUT"}}));
+    let x = set.explain(&put).unwrap();
+    assert_eq!(x.decision.outcome, "shadow_deny");
+    assert_eq!(x.layers[0].verdict, "shadow_deny");
+    assert_eq!(x.rules.len(), 1);
+    assert_eq!(x.rules[0].line, 5);
+    assert_eq!(x.rules[0].effect, PackEffect::ShadowDeny);
+    // Nothing fired: every layer passes.
+    let x = set.explain(&input(json!({}))).unwrap();
+    assert!(x.rules.is_empty());
+    assert!(x.layers.iter().all(|l| l.verdict == "pass"));
+}
