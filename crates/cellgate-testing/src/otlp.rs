@@ -136,40 +136,32 @@ impl OtlpReceiver {
 
     fn serve(&self, grpc: TcpListener, http: TcpListener) {
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-        let (stop_http, mut http_stopped) = oneshot::channel::<()>();
+        let (stop_http, http_stopped) = oneshot::channel::<()>();
         let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-            let _ = tonic::transport::Server::builder()
-                .add_service(LogsServiceServer::new(Grpc(Arc::clone(&shared))))
-                .add_service(TraceServiceServer::new(Grpc(shared)))
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = grpc_stopped.await;
-                })
-                .await;
-        });
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    _ = &mut http_stopped => break,
-                    accepted = http.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let shared = Arc::clone(&shared);
-                        conns.spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                http_export(Arc::clone(&shared), req)
-                            });
-                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                }
+        let routes = tonic::service::Routes::new(LogsServiceServer::new(Grpc(Arc::clone(&shared))))
+            .add_service(TraceServiceServer::new(Grpc(Arc::clone(&shared))))
+            .prepare();
+        // A stop closes the listener and every open connection at once, as a collector that goes
+        // away does (a graceful shutdown would keep serving the connections already open).
+        tokio::spawn(accept_loop(grpc, grpc_stopped, move |stream| {
+            let svc = hyper_util::service::TowerToHyperService::new(routes.clone());
+            async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .http2_only()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             }
-            conns.abort_all();
-        });
+        }));
+        tokio::spawn(accept_loop(http, http_stopped, move |stream| {
+            let shared = Arc::clone(&shared);
+            async move {
+                let svc =
+                    hyper::service::service_fn(move |req| http_export(Arc::clone(&shared), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        }));
         if let Ok(mut s) = self.stop.lock() {
             s.push(stop_grpc);
             s.push(stop_http);
@@ -232,6 +224,27 @@ impl OtlpReceiver {
     pub fn requests(&self) -> u64 {
         self.shared.received.lock().unwrap().requests
     }
+}
+
+/// Accepts connections and serves each with `serve` until `stopped`, then aborts them all.
+async fn accept_loop<F, Fut>(listener: TcpListener, mut stopped: oneshot::Receiver<()>, serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                conns.spawn(serve(stream));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    conns.abort_all();
 }
 
 fn text(v: Option<&AnyValue>) -> String {
