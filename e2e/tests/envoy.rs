@@ -1409,3 +1409,144 @@ spec:
     }
     drop(tls_upstream);
 }
+
+/// Sends a keep-alive `GET path` on `s` and returns the response head (its body, of
+/// `content-length` bytes, is read and dropped so the next response starts clean), or `None`
+/// when the connection was closed with nothing.
+fn keep_alive_get(s: &mut TcpStream, host: &str, path: &str) -> Option<String> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // A write may still succeed on a connection the tagger already closed; the read tells.
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) | Err(_) => break,
+        }
+    }
+    if head.is_empty() {
+        return None;
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).expect("response body");
+    Some(head)
+}
+
+#[test]
+fn real_envoy_behind_the_tagger_gets_no_more_connections_than_the_cells_ceiling() {
+    let Some(envoy_bin) = envoy() else { return };
+    // The cell's ceiling. The operator passes it to the tagger as `--max-connections`
+    // (cellgate-operator's desired-pod tests); here the tagger is started with it by hand.
+    const CEILING: usize = 2;
+    let cell = format!(
+        "apiVersion: cellgate.dev/v1alpha1
+kind: AgentCell
+metadata: {{name: envoy-ceiling, namespace: agents}}
+spec:
+  limits: {{connections: {CEILING}}}
+  capabilities:
+    - name: local
+      allowInternalAddresses: true
+      destinations: [{{host: localhost, ports: [{{up_port}}]}}]
+      http: {{methods: [GET], paths: [\"/allowed/**\"]}}
+"
+    );
+    let st = start_stack(envoy_bin, &cell, "localhost", "/allowed/ready");
+    let d = st.dir.path().to_path_buf();
+    let host = format!("localhost:{}", st.up_port);
+
+    let token_file = d.join("token");
+    std::fs::write(&token_file, &st.token).expect("token file");
+    let tagger_port = free_port();
+    let tagger_addr: SocketAddr = format!("127.0.0.1:{tagger_port}").parse().expect("addr");
+    let _tagger = Kill(
+        Command::new(bin("cellgate-tagger"))
+            .args(["--listen", &tagger_addr.to_string()])
+            .args(["--node", &st.envoy.to_string()])
+            .args(["--token-file", token_file.to_str().expect("utf-8")])
+            .args(["--destination", &st.upstream.to_string()])
+            .args(["--max-connections", &CEILING.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join("tagger.log")).expect("tagger log"),
+            ))
+            .spawn()
+            .expect("tagger"),
+    );
+    // Not probed with a connection, which would take a slot until Envoy closes it.
+    let started = wait_line(&d, "tagger.log", |l| l.contains("listening on"));
+    assert!(
+        started.contains(&format!("connection ceiling {CEILING}")),
+        "{started}"
+    );
+
+    // CEILING connections through the tagger reach the upstream through Envoy, and stay open.
+    let mut open = Vec::new();
+    for i in 0..CEILING {
+        let mut s = TcpStream::connect(tagger_addr).expect("connect tagger");
+        let head = keep_alive_get(&mut s, &host, &format!("/allowed/open-{i}"))
+            .expect("a connection under the ceiling was closed");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        open.push(s);
+    }
+
+    // One more is closed by the tagger with nothing sent back...
+    let mut over = TcpStream::connect(tagger_addr).expect("connect tagger");
+    assert_eq!(keep_alive_get(&mut over, &host, "/allowed/over"), None);
+    drop(over);
+    // ...although Envoy itself takes another connection from the same cell: it has no ceiling
+    // per cell, and the node sees checks, not connections.
+    let direct = tagged_request(
+        st.envoy,
+        st.upstream,
+        &st.token,
+        &format!("GET /allowed/direct HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(direct.starts_with("HTTP/1.1 200"), "{direct}");
+    // The open ones still work.
+    for s in &mut open {
+        let head = keep_alive_get(s, &host, "/allowed/again").expect("still open");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let log = wait_line(&d, "tagger.log", |l| {
+        l.contains(&format!("(--max-connections {CEILING})"))
+    });
+    assert!(log.contains("without contacting the node"), "{log}");
+    let upstream_log = std::fs::read_to_string(d.join("upstream.log")).unwrap_or_default();
+    assert!(
+        !upstream_log.contains("/allowed/over"),
+        "the connection over the ceiling reached the upstream: {upstream_log}"
+    );
+    let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        !audit.contains("/allowed/over"),
+        "the node was asked about the connection over the ceiling: {audit}"
+    );
+
+    // Ending one frees its slot for the next connection.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let head = loop {
+        let mut s = TcpStream::connect(tagger_addr).expect("connect tagger");
+        if let Some(head) = keep_alive_get(&mut s, &host, "/allowed/freed") {
+            break head;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed slot never became usable"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
