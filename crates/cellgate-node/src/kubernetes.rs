@@ -11,6 +11,13 @@
 //! | `ConfigMap` `cellgate-lockdown` in `--control-namespace` | field `metadata.name=cellgate-lockdown` | [`crate::lockdown::Lockdown::set_cluster`] (`cluster`, `namespace.NS`) |
 //! | `AgentApproval`, all namespaces | label `cellgate.dev/node=<node>` | [`crate::approvals::Approvals::decide`] (`status.decision`), then the object is deleted |
 //!
+//! Policy packs: `CellgateClusterPolicy` and `CellgatePolicy` (all namespaces) are watched too
+//! ([`watch_policies`]); the node loads, for each, only the snapshot ConfigMap its status names
+//! (`status.snapshot`, in the control namespace, written by the operator once the version passed
+//! validation), never `spec`: an edit the operator refused never reaches a node. Once one is in
+//! force, the node's set is exactly these ([`crate::policy_source::PolicySource::set_kubernetes`]);
+//! if a snapshot cannot be read the set in force stays.
+//!
 //! Each event is applied on its own: an AgentCell event rebuilds that one cell's entry
 //! ([`CellStore::upsert`](crate::cells::CellStore::upsert) / `remove`), never the compiled
 //! policy; a cell the file path's rules refuse is logged, counted and removed (its requests are
@@ -141,7 +148,8 @@ pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task
     tasks.spawn(watch_revocations(shared.clone(), state.clone()));
     tasks.spawn(watch_lockdown(shared.clone(), state.clone()));
     tasks.spawn(report_usage(shared.clone(), state.clone()));
-    tasks.spawn(watch_approvals(shared.clone(), state));
+    tasks.spawn(watch_approvals(shared.clone(), state.clone()));
+    tasks.spawn(watch_policies(shared.clone(), state));
 }
 
 /// Publishes a pending approval as an `AgentApproval` in the cell's namespace (named by the
@@ -863,6 +871,57 @@ pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn accepted_policies_replace_the_directories_and_a_scoped_pack_loads() {
+        use cellgate_api::policy_pack::{PackSpec, PolicyRef};
+        let base: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "cellgate.rego": include_str!("../../../policies/base/cellgate.rego"),
+        }}))
+        .expect("base");
+        let pack: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "nodel.rego": "package cellgate.layers.nodel\nimport rego.v1\ndeny contains \"no\" if input.request.method == \"DELETE\"\n",
+        }}))
+        .expect("pack");
+        let in_force = vec![
+            (
+                PolicyRef {
+                    namespace: None,
+                    name: "base".into(),
+                },
+                base,
+            ),
+            (
+                PolicyRef {
+                    namespace: Some("agents".into()),
+                    name: "nodel".into(),
+                },
+                pack,
+            ),
+        ];
+        let files = policy_files_in_force(&in_force).expect("files");
+        assert!(files
+            .iter()
+            .any(|f| f.source.contains("input.cell.namespace == \"agents\"")));
+        let source = crate::policy_source::PolicySource::new(None, vec![]);
+        let store = cellgate_policy::PolicyStore::new();
+        let builtin = match source.poll(&store) {
+            crate::policy_source::Polled::Installed(v) => v,
+            other => panic!("{other:?}"),
+        };
+        source.set_kubernetes(Some(files));
+        let from_api = match source.poll(&store) {
+            crate::policy_source::Polled::Installed(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(builtin, from_api);
+        // No policy in force any more: back to the directories (the built-in base).
+        source.set_kubernetes(Some(vec![]));
+        assert_eq!(
+            source.poll(&store),
+            crate::policy_source::Polled::Installed(builtin)
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -879,4 +938,195 @@ mod tests {
         assert!(t.starts_with("2023-11-14T22:13:20.123"), "{t}");
         assert!(v.get("spec").is_none() && v.get("metadata").is_none());
     }
+}
+
+/// A policy in force: which, and the snapshot its status names.
+type InForce = std::collections::BTreeMap<cellgate_api::policy_pack::PolicyRef, String>;
+
+/// The files of the policies in force, from their snapshots' specs, in a stable order.
+///
+/// # Errors
+/// A message naming the policy whose snapshot does not make files (the set in force stays).
+pub fn policy_files_in_force(
+    in_force: &[(
+        cellgate_api::policy_pack::PolicyRef,
+        cellgate_api::policy_pack::PackSpec,
+    )],
+) -> Result<Vec<cellgate_policy::PolicyFile>, String> {
+    let mut out = Vec::new();
+    for (p, spec) in in_force {
+        let files = cellgate_api::policy_pack::pack_files(p, spec)
+            .map_err(|e| format!("{} {}: {e}", p.kind(), p.display()))?;
+        out.extend(files.into_iter().map(|f| cellgate_policy::PolicyFile {
+            path: f.path.into(),
+            relative: f.relative,
+            source: f.source,
+        }));
+    }
+    Ok(out)
+}
+
+/// The spec a snapshot ConfigMap holds.
+fn snapshot_spec(cm: &ConfigMap) -> Result<cellgate_api::policy_pack::PackSpec, String> {
+    use cellgate_api::policy_pack::SNAPSHOT_KEY;
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(SNAPSHOT_KEY))
+        .ok_or_else(|| format!("no {SNAPSHOT_KEY} key"))?;
+    serde_json::from_str(text).map_err(|e| format!("{SNAPSHOT_KEY}: {e}"))
+}
+
+async fn watch_policies(shared: Arc<Shared>, state: Arc<KubeState>) {
+    use cellgate_api::policy_pack::{CellgateClusterPolicyResource, CellgatePolicyResource};
+    let (cluster, cluster_writer) = reflector::store::<CellgateClusterPolicyResource>();
+    let (namespaced, ns_writer) = reflector::store::<CellgatePolicyResource>();
+    // (which watch, whether it is its first complete list); nothing is installed until both
+    // kinds have listed once, so a node never serves the cluster packs without the namespaces'.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, bool)>(16);
+    let c_events = reflector::reflector(
+        cluster_writer,
+        watcher::watcher(
+            Api::<CellgateClusterPolicyResource>::all(state.client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    let n_events = reflector::reflector(
+        ns_writer,
+        watcher::watcher(
+            Api::<CellgatePolicyResource>::all(state.client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    type Relevant = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<Option<bool>, watcher::Error>> + Send>,
+    >;
+    let pump = |which: usize,
+                mut events: Relevant,
+                tx: tokio::sync::mpsc::Sender<(usize, bool)>| async move {
+        while let Some(e) = events.next().await {
+            match e {
+                Ok(Some(init_done)) => {
+                    if tx.send((which, init_done)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy watch failed; retrying with backoff, enforcing the policy in force meanwhile")
+                }
+            }
+        }
+    };
+    fn relevant<K>(ev: Event<K>) -> Option<bool> {
+        match ev {
+            Event::InitDone => Some(true),
+            Event::Apply(_) | Event::Delete(_) => Some(false),
+            Event::Init | Event::InitApply(_) => None,
+        }
+    }
+    let c = tokio::spawn(pump(
+        0,
+        Box::pin(c_events.map(|e| e.map(relevant))),
+        tx.clone(),
+    ));
+    let n = tokio::spawn(pump(1, Box::pin(n_events.map(|e| e.map(relevant))), tx));
+    let api: Api<ConfigMap> =
+        Api::namespaced(state.client.clone(), &shared.config.control_namespace);
+    let mut cache: HashMap<String, cellgate_api::policy_pack::PackSpec> = HashMap::new();
+    let mut last: Option<InForce> = None;
+    let mut listed = [false; 2];
+    while let Some((which, init_done)) = rx.recv().await {
+        if init_done {
+            if let Some(l) = listed.get_mut(which) {
+                *l = true;
+            }
+        }
+        if !listed.iter().all(|l| *l) {
+            continue;
+        }
+        let mut in_force = InForce::new();
+        for p in cluster.state() {
+            if let Some(snap) = p.status.as_ref().and_then(|s| s.snapshot.clone()) {
+                in_force.insert(
+                    cellgate_api::policy_pack::PolicyRef {
+                        namespace: None,
+                        name: p.metadata.name.clone().unwrap_or_default(),
+                    },
+                    snap,
+                );
+            }
+        }
+        for p in namespaced.state() {
+            if let Some(snap) = p.status.as_ref().and_then(|s| s.snapshot.clone()) {
+                in_force.insert(
+                    cellgate_api::policy_pack::PolicyRef {
+                        namespace: p.metadata.namespace.clone(),
+                        name: p.metadata.name.clone().unwrap_or_default(),
+                    },
+                    snap,
+                );
+            }
+        }
+        if last.as_ref() == Some(&in_force) {
+            continue;
+        }
+        let mut specs = Vec::with_capacity(in_force.len());
+        let mut failed = None;
+        for (p, snap) in &in_force {
+            if let Some(s) = cache.get(snap) {
+                specs.push((p.clone(), s.clone()));
+                continue;
+            }
+            match api
+                .get(snap)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|cm| snapshot_spec(&cm))
+            {
+                Ok(s) => {
+                    cache.insert(snap.clone(), s.clone());
+                    specs.push((p.clone(), s));
+                }
+                Err(e) => {
+                    failed = Some(format!(
+                        "snapshot {snap} of {} {}: {e}",
+                        p.kind(),
+                        p.display()
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "policy snapshot unreadable; the policy in force stays");
+            shared.metrics.reload_refused("policy");
+            continue;
+        }
+        cache.retain(|k, _| in_force.values().any(|v| v == k));
+        match policy_files_in_force(&specs) {
+            Ok(files) => {
+                tracing::info!(
+                    policies = specs.len(),
+                    "policies in force from the API server"
+                );
+                shared.policy_source.set_kubernetes(Some(files));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy refused; the policy in force stays");
+                shared.metrics.reload_refused("policy");
+                continue;
+            }
+        }
+        last = Some(in_force);
+        match shared.policy_source.poll(&shared.policy) {
+            crate::policy_source::Polled::Installed(_) => shared.bump_generation(),
+            crate::policy_source::Polled::Refused(_) => shared.metrics.reload_refused("policy"),
+            crate::policy_source::Polled::Unchanged => {}
+        }
+    }
+    c.abort();
+    n.abort();
 }

@@ -4,6 +4,10 @@
 //! A change is loaded, self-tested and compiled off to the side; only a set that passes replaces
 //! the serving one. A refusal is kept (with `file:line`) for `/readyz` and the logs, and is not
 //! retried until the files change again.
+//!
+//! In Kubernetes mode, once any accepted `CellgatePolicy` or `CellgateClusterPolicy` exists, the
+//! set is exactly the accepted versions of those ([`PolicySource::set_kubernetes`], fed by
+//! [`crate::kubernetes`]); the directories serve only while there is none.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -41,6 +45,7 @@ pub struct PolicySource {
     extras: Vec<PathBuf>,
     last: Mutex<Option<[u8; 32]>>,
     error: Mutex<Option<String>>,
+    kubernetes: Mutex<Option<Vec<PolicyFile>>>,
 }
 
 impl PolicySource {
@@ -51,7 +56,17 @@ impl PolicySource {
             extras,
             last: Mutex::new(None),
             error: Mutex::new(None),
+            kubernetes: Mutex::new(None),
         }
+    }
+
+    /// The files of the accepted policies from the API server, replacing the directories (`None`
+    /// or empty: back to the directories). Applied by the next [`PolicySource::poll`].
+    pub fn set_kubernetes(&self, files: Option<Vec<PolicyFile>>) {
+        *self
+            .kubernetes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = files.filter(|f| !f.is_empty());
     }
 
     /// Why the last change was refused, while it stays refused.
@@ -60,6 +75,14 @@ impl PolicySource {
     }
 
     fn files(&self) -> Result<Vec<PolicyFile>, PolicyError> {
+        if let Some(files) = self
+            .kubernetes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(files);
+        }
         let mut files = match &self.base {
             Some(dir) => cellgate_policy::set::read_policy_files(dir, &[])?,
             None => BUILTIN_BASE_POLICY
