@@ -15,6 +15,9 @@
 //!   TEXT`: requests held for a human on a running node (local mode).
 //! - `cellgate policy replay --policies DIR [--cells DIR] [--max-new-denials N] AUDIT...`:
 //!   re-decides recorded requests with a draft policy (see [`replay`]).
+//! - `cellgate policy test DIR`: a pack's Rego tests and YAML cases, pass/fail (see [`policy`]).
+//! - `cellgate explain -f CELL.yaml [--policies DIR] METHOD URL`: the decision on a request,
+//!   its capability and each layer's verdict and rule (see [`explain`]).
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -29,7 +32,9 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 pub mod admin;
+pub mod explain;
 pub mod kubectl;
+pub mod policy;
 pub mod replay;
 mod run;
 
@@ -80,6 +85,8 @@ enum Command {
     /// Policy tools: `policy replay` re-decides recorded requests with a draft policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Explains the decision on a request of a cell: capability, each layer's verdict and rule.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +94,9 @@ enum PolicyCmd {
     /// Re-decides the requests of audit logs with a draft policy: would-allow and would-deny
     /// counts, the decisions that change, and what could not be re-decided.
     Replay(replay::ReplayArgs),
+    /// Runs the Rego tests and YAML cases of a pack (or a directory of packs): a pass/fail
+    /// table, exit 1 on any failure.
+    Test(policy::TestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +273,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return kubectl::block_on(admin::decide(&a.id, &a.admin, body));
         }
         Command::Policy(PolicyCmd::Replay(args)) => return replay::run(args),
+        Command::Policy(PolicyCmd::Test(args)) => return policy::run(args),
+        Command::Explain(args) => return explain::run(args),
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),

@@ -85,10 +85,14 @@ pub struct Outcome {
     pub reasons: Vec<String>,
     /// A hint for the agent.
     pub hint: Option<String>,
-    /// The capability that granted (or would have).
+    /// The capability that granted (or would have), or, on a policy denial, the one that
+    /// reaches the destination but refused (null when none does).
     pub capability: Option<String>,
     /// Policy version used.
     pub policy_version: Option<String>,
+    /// The policy packs that denied the request or would have (shadow), with their versions;
+    /// empty when no layer spoke. Every pack of the set is `PolicySet::packs`.
+    pub policy_packs: Vec<cellgate_policy::PackVerdict>,
     /// The cell, when known.
     pub cell: Option<Arc<CellEntry>>,
     /// Time to decide.
@@ -131,6 +135,7 @@ impl Outcome {
             hint,
             capability: None,
             policy_version: None,
+            policy_packs: Vec::new(),
             cell: None,
             latency_us: 0,
             request_id: new_request_id(),
@@ -422,14 +427,18 @@ fn evaluate(
 ) -> Outcome {
     let entry = entry.clone();
     let version = version.to_string();
-    match policy.evaluate_with_cell(input, &entry.value) {
-        Ok(d) => Outcome {
+    match policy.decide_with_cell(input, &entry.value) {
+        Ok(cellgate_policy::Decided {
+            decision: d,
+            packs: policy_packs,
+        }) => Outcome {
             result: crate::recorded::decision_of(&d),
             reason: Reason::from_label(&d.reason),
             reasons: d.reasons,
             hint: d.hint,
             capability: d.capability,
             policy_version: Some(version),
+            policy_packs,
             cell: Some(entry),
             latency_us: 0,
             request_id: new_request_id(),
