@@ -18,6 +18,8 @@
 //! - `cellgate policy test DIR`: a pack's Rego tests and YAML cases, pass/fail (see [`policy`]).
 //! - `cellgate explain -f CELL.yaml [--policies DIR] METHOD URL`: the decision on a request,
 //!   its capability and each layer's verdict and rule (see [`explain`]).
+//! - `cellgate advise AUDIT... [-f CELL.yaml]`: drafts the capabilities that would grant the
+//!   denied requests of audit logs, as YAML to review (see [`advise`]); applies nothing.
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -32,6 +34,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 pub mod admin;
+pub mod advise;
 pub mod explain;
 pub mod kubectl;
 pub mod policy;
@@ -82,6 +85,9 @@ enum Command {
     Approve(admin::ApproveArgs),
     /// Denies a waiting request: `deny ID --reason TEXT`.
     Deny(admin::DenyArgs),
+    /// Drafts capabilities (YAML, for review; never applied) that would grant the requests the
+    /// audit logs show denied: `advise AUDIT... [-f CELL.yaml]`.
+    Advise(advise::AdviseArgs),
     /// Policy tools: `policy replay` re-decides recorded requests with a draft policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -275,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCmd::Replay(args)) => return replay::run(args),
         Command::Policy(PolicyCmd::Test(args)) => return policy::run(args),
         Command::Explain(args) => return explain::run(args),
+        Command::Advise(args) => return advise::run(args),
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
         Command::Suspend(args) => return kubectl::block_on(kubectl::suspend(args, true)),
         Command::Resume(args) => return kubectl::block_on(kubectl::suspend(args, false)),

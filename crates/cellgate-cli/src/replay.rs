@@ -374,16 +374,16 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut report = replay_lines(&set, &cells, &lines);
     report.verified = verified;
     if args.cells.is_none() {
-        report
-            .unknown_cells
-            .insert("(no --cells given)".to_owned());
+        report.unknown_cells.insert("(no --cells given)".to_owned());
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", text(&report, args.files.len()));
     }
-    let over = args.max_new_denials.is_some_and(|max| report.new_denials > max);
+    let over = args
+        .max_new_denials
+        .is_some_and(|max| report.new_denials > max);
     if over {
         eprintln!(
             "{} new denials, more than --max-new-denials {}",
@@ -413,7 +413,11 @@ pub fn text(r: &Report, files: usize) -> String {
         "replayed {} records from {files} file(s) with policy {}; chain {}",
         r.records,
         r.policy_version,
-        if r.verified { "verified" } else { "NOT verified" }
+        if r.verified {
+            "verified"
+        } else {
+            "NOT verified"
+        }
     );
     let _ = writeln!(
         s,
@@ -429,7 +433,11 @@ pub fn text(r: &Report, files: usize) -> String {
         r.new_denials,
         r.new_allows
     );
-    for Changed { change: c, count: n } in &r.changes {
+    for Changed {
+        change: c,
+        count: n,
+    } in &r.changes
+    {
         let _ = writeln!(
             s,
             "  {n:>6}  {}  {}  {} ({}) -> {} ({})",
