@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _};
-use cellgate_api::policy::{
-    AddrDoc, CellDoc, IdentityDoc, InputDoc, RequestDoc, INPUT_VERSION,
-};
+use cellgate_api::policy::{AddrDoc, CellDoc, IdentityDoc, InputDoc, RequestDoc, INPUT_VERSION};
 use cellgate_policy::{Explanation, PolicySet};
 
 /// `cellgate explain`.
@@ -56,7 +54,10 @@ pub fn input(args: &ExplainArgs) -> anyhow::Result<InputDoc> {
     let protocol = match uri.scheme_str() {
         Some("https") => "https",
         Some("http") => "http",
-        _ => bail!("{:?}: the URL must start with https:// or http://", args.url),
+        _ => bail!(
+            "{:?}: the URL must start with https:// or http://",
+            args.url
+        ),
     };
     let host = uri
         .host()
@@ -68,7 +69,11 @@ pub fn input(args: &ExplainArgs) -> anyhow::Result<InputDoc> {
     let port = uri
         .port_u16()
         .unwrap_or(if protocol == "https" { 443 } else { 80 });
-    let raw_path = if uri.path().is_empty() { "/" } else { uri.path() };
+    let raw_path = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
     let path = cellgate_api::path::canonicalize(raw_path)
         .map_err(|e| anyhow!("the node refuses the path {raw_path:?}: {e}"))?
         .into_owned();
@@ -175,7 +180,10 @@ fn text(set: &PolicySet, input: &InputDoc, x: &Explanation) -> String {
                     | "tcp_capability_required"
             ) =>
         {
-            format!("{c} ({}) reaches it but refuses", d.mode.as_deref().unwrap_or("-"))
+            format!(
+                "{c} ({}) reaches it but refuses",
+                d.mode.as_deref().unwrap_or("-")
+            )
         }
         (Some(c), _) => format!(
             "{c} ({}) would grant; a layer refuses",
