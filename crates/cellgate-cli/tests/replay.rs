@@ -90,7 +90,7 @@ fn rec(
         headers: BTreeMap::from([("accept".into(), "*/*".into())]),
         dns_type: None,
     };
-    fill_record(&mut r, &req, Some(1), false, false);
+    fill_record(&mut r, &req, Some(1), None, false, false);
     r
 }
 

@@ -1017,10 +1017,15 @@ pub fn audit_record(shared: &Shared, who: Subject<'_>, facts: &Facts, out: &Outc
     rec.latency_us = Some(out.latency_us);
     rec.request_id = Some(out.request_id.clone());
     let path_redacted = rec.path != facts.path;
+    let packs = out.policy_version.as_deref().and_then(|v| {
+        let set = shared.policy.current()?;
+        (set.version() == v).then(|| crate::recorded::packs_of(&set))
+    });
     crate::recorded::fill_record(
         &mut rec,
         &policy_request(who, facts, 0),
         out.cell.as_ref().map(|e| e.cell.generation),
+        packs,
         facts.json.is_some(),
         path_redacted,
     );

@@ -869,77 +869,6 @@ pub fn apply_revocations(shared: &Shared, cm: &ConfigMap) -> usize {
     new
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn accepted_policies_replace_the_directories_and_a_scoped_pack_loads() {
-        use cellgate_api::policy_pack::{PackSpec, PolicyRef};
-        let base: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
-            "cellgate.rego": include_str!("../../../policies/base/cellgate.rego"),
-        }}))
-        .expect("base");
-        let pack: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
-            "nodel.rego": "package cellgate.layers.nodel\nimport rego.v1\ndeny contains \"no\" if input.request.method == \"DELETE\"\n",
-        }}))
-        .expect("pack");
-        let in_force = vec![
-            (
-                PolicyRef {
-                    namespace: None,
-                    name: "base".into(),
-                },
-                base,
-            ),
-            (
-                PolicyRef {
-                    namespace: Some("agents".into()),
-                    name: "nodel".into(),
-                },
-                pack,
-            ),
-        ];
-        let files = policy_files_in_force(&in_force).expect("files");
-        assert!(files
-            .iter()
-            .any(|f| f.source.contains("input.cell.namespace == \"agents\"")));
-        let source = crate::policy_source::PolicySource::new(None, vec![]);
-        let store = cellgate_policy::PolicyStore::new();
-        let builtin = match source.poll(&store) {
-            crate::policy_source::Polled::Installed(v) => v,
-            other => panic!("{other:?}"),
-        };
-        source.set_kubernetes(Some(files));
-        let from_api = match source.poll(&store) {
-            crate::policy_source::Polled::Installed(v) => v,
-            other => panic!("{other:?}"),
-        };
-        assert_ne!(builtin, from_api);
-        // No policy in force any more: back to the directories (the built-in base).
-        source.set_kubernetes(Some(vec![]));
-        assert_eq!(
-            source.poll(&store),
-            crate::policy_source::Polled::Installed(builtin)
-        );
-    }
-
-    use super::*;
-
-    #[test]
-    fn enforcement_patch_is_an_apply_of_the_status_only() {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        let v = enforcement_patch("node-a", 7, at);
-        assert_eq!(v["apiVersion"], "cellgate.dev/v1alpha1");
-        assert_eq!(v["kind"], "AgentCell");
-        assert_eq!(v["status"]["enforcement"]["node"], "node-a");
-        assert_eq!(v["status"]["enforcement"]["observedGeneration"], 7);
-        let t = v["status"]["enforcement"]["time"]
-            .as_str()
-            .unwrap_or_default();
-        assert!(t.starts_with("2023-11-14T22:13:20.123"), "{t}");
-        assert!(v.get("spec").is_none() && v.get("metadata").is_none());
-    }
-}
-
 /// A policy in force: which, and the snapshot its status names.
 type InForce = std::collections::BTreeMap<cellgate_api::policy_pack::PolicyRef, String>;
 
@@ -1129,4 +1058,75 @@ async fn watch_policies(shared: Arc<Shared>, state: Arc<KubeState>) {
     }
     c.abort();
     n.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accepted_policies_replace_the_directories_and_a_scoped_pack_loads() {
+        use cellgate_api::policy_pack::{PackSpec, PolicyRef};
+        let base: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "cellgate.rego": include_str!("../../../policies/base/cellgate.rego"),
+        }}))
+        .expect("base");
+        let pack: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "nodel.rego": "package cellgate.layers.nodel\nimport rego.v1\ndeny contains \"no\" if input.request.method == \"DELETE\"\n",
+        }}))
+        .expect("pack");
+        let in_force = vec![
+            (
+                PolicyRef {
+                    namespace: None,
+                    name: "base".into(),
+                },
+                base,
+            ),
+            (
+                PolicyRef {
+                    namespace: Some("agents".into()),
+                    name: "nodel".into(),
+                },
+                pack,
+            ),
+        ];
+        let files = policy_files_in_force(&in_force).expect("files");
+        assert!(files
+            .iter()
+            .any(|f| f.source.contains("input.cell.namespace == \"agents\"")));
+        let source = crate::policy_source::PolicySource::new(None, vec![]);
+        let store = cellgate_policy::PolicyStore::new();
+        let builtin = match source.poll(&store) {
+            crate::policy_source::Polled::Installed(v) => v,
+            other => panic!("{other:?}"),
+        };
+        source.set_kubernetes(Some(files));
+        let from_api = match source.poll(&store) {
+            crate::policy_source::Polled::Installed(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(builtin, from_api);
+        // No policy in force any more: back to the directories (the built-in base).
+        source.set_kubernetes(Some(vec![]));
+        assert_eq!(
+            source.poll(&store),
+            crate::policy_source::Polled::Installed(builtin)
+        );
+    }
+
+    use super::*;
+
+    #[test]
+    fn enforcement_patch_is_an_apply_of_the_status_only() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let v = enforcement_patch("node-a", 7, at);
+        assert_eq!(v["apiVersion"], "cellgate.dev/v1alpha1");
+        assert_eq!(v["kind"], "AgentCell");
+        assert_eq!(v["status"]["enforcement"]["node"], "node-a");
+        assert_eq!(v["status"]["enforcement"]["observedGeneration"], 7);
+        let t = v["status"]["enforcement"]["time"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(t.starts_with("2023-11-14T22:13:20.123"), "{t}");
+        assert!(v.get("spec").is_none() && v.get("metadata").is_none());
+    }
 }

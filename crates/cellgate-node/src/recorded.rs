@@ -165,13 +165,25 @@ pub fn recordable_value(name: &str, value: &str) -> bool {
     }
 }
 
+/// `policy_packs` key standing for the whole set, when its packs are not known.
+pub const WHOLE_SET: &str = "set";
+
+/// The packs of `set` (name → version), for [`fill_record`].
+pub fn packs_of(set: &cellgate_policy::PolicySet) -> BTreeMap<String, String> {
+    set.packs()
+        .iter()
+        .map(|p| (p.name.clone(), p.version.clone()))
+        .collect()
+}
+
 /// Writes the schema 2 fields of a decision's record: `req` as the policy saw it, the cell's
-/// uid and generation (when the node knew the cell), the policy's version as its packs, and
-/// what is withheld. `path_redacted`: a detector redacted the path the record carries.
+/// uid and generation (when the node knew the cell), the versions of the packs of the set that
+/// decided (`packs`), and what is withheld. `path_redacted`: a detector redacted the path the record carries.
 pub fn fill_record(
     rec: &mut Record,
     req: &Request,
     generation: Option<i64>,
+    packs: Option<BTreeMap<String, String>>,
     body_read: bool,
     path_redacted: bool,
 ) {
@@ -184,8 +196,13 @@ pub fn fill_record(
     }
     rec.role.clone_from(&req.identity.role);
     if let Some(v) = &rec.policy_version {
-        // Until the policy engine versions its packs one by one, the set is one pack.
-        rec.policy_packs = Some(BTreeMap::from([("set".to_owned(), v.clone())]));
+        // The packs of the set that decided; when that set is no longer at hand (a reload in
+        // between), the set's version stands for them all.
+        rec.policy_packs = Some(
+            packs
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| BTreeMap::from([(WHOLE_SET.to_owned(), v.clone())])),
+        );
     }
     rec.headers.clear();
     rec.withheld.clear();
@@ -438,7 +455,14 @@ mod tests {
         rec.host.clone_from(&req.host);
         rec.path.clone_from(&req.path);
         rec.policy_version = Some("0123456789ab".into());
-        fill_record(&mut rec, req, Some(4), false, false);
+        fill_record(
+            &mut rec,
+            req,
+            Some(4),
+            Some(BTreeMap::from([("base".into(), "0123".into())])),
+            false,
+            false,
+        );
         rec
     }
 
@@ -448,6 +472,7 @@ mod tests {
         let rec = record_of(&req);
         assert_eq!(rec.withheld, Vec::<String>::new());
         assert_eq!(rec.cell_generation, Some(4));
+        assert_eq!(rec.policy_packs.as_ref().unwrap()["base"], "0123");
         let back = Request::from_record(&rec).unwrap();
         assert_eq!(input_doc(back), input_doc(req));
     }
