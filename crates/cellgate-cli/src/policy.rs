@@ -157,7 +157,10 @@ fn table(
             rows.push((
                 "FAIL",
                 "case".into(),
-                format!("{what}\n              expected: {}\n              got:      {}", r.expected, r.got),
+                format!(
+                    "{what}\n              expected: {}\n              got:      {}",
+                    r.expected, r.got
+                ),
             ));
         }
     }

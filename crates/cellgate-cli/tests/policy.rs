@@ -55,10 +55,7 @@ fn policy_test_passes_on_the_shipped_policies() {
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(t.contains(" 0 failed"), "{t}");
     assert!(t.contains("pass    rego  "), "{t}");
-    assert!(
-        t.contains("pass    case  tests/capabilities.yaml: "),
-        "{t}"
-    );
+    assert!(t.contains("pass    case  tests/capabilities.yaml: "), "{t}");
     assert!(t.contains("deny-destructive@"), "{t}");
 }
 

@@ -946,7 +946,10 @@ fn layer_names(v: &Value) -> Result<LayerNames, EvalError> {
             other => return Err(malformed("layers", format!("unexpected field {other}"))),
         };
         let Value::Array(names) = value else {
-            return Err(malformed("layers", format!("expected an array, got {value}")));
+            return Err(malformed(
+                "layers",
+                format!("expected an array, got {value}"),
+            ));
         };
         if names.len() > MAX_LAYER_NAMES {
             return Err(malformed("layers", format!("{} names", names.len())));

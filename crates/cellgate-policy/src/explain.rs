@@ -230,7 +230,9 @@ impl PolicySet {
         engine.set_input(Value::from_json_str(&json).map_err(|e| engine_err(&e))?);
         let mut rules = Vec::new();
         for l in located {
-            let v = engine.eval_rule(l.query.clone()).map_err(|e| engine_err(&e))?;
+            let v = engine
+                .eval_rule(l.query.clone())
+                .map_err(|e| engine_err(&e))?;
             let Value::Set(entries) = v else { continue };
             if entries.is_empty() {
                 continue;

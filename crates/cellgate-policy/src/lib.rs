@@ -27,8 +27,8 @@ pub mod set;
 pub mod store;
 
 pub use convert::CellValue;
-pub use explain::{Explanation, Layer, LayerVerdict, RuleHit};
 pub use error::{EvalError, PolicyError};
+pub use explain::{Explanation, Layer, LayerVerdict, RuleHit};
 pub use pack::{PackEffect, PackInfo, PackManifest, PackMode, PackVerdict, MANIFEST_NAME};
 pub use set::{
     Decided, PolicyFile, PolicySet, RegoTest, TestRun, ENTRYPOINT, EVAL_TIME_LIMIT,

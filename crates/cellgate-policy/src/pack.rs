@@ -260,7 +260,11 @@ mod tests {
         let files = vec![
             f("/p/base/a.rego", "0/base/a.rego", "a"),
             f("/p/base/lib/b.rego", "0/base/lib/b.rego", "b"),
-            f("/p/packs/x/pack.yaml", "0/packs/x/pack.yaml", "mode: shadow\n"),
+            f(
+                "/p/packs/x/pack.yaml",
+                "0/packs/x/pack.yaml",
+                "mode: shadow\n",
+            ),
             f("/p/packs/x/sub/x.rego", "0/packs/x/sub/x.rego", "x"),
             f("/etc/flat/y.rego", "1/y.rego", "y"),
         ];

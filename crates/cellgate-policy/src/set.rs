@@ -24,9 +24,7 @@ use regorus::{CompiledPolicy, Engine, Value};
 
 use crate::convert::{decision_and_layers, eval_cell_value, CellValue, InputSlot, LayerNames};
 use crate::error::{EvalError, PolicyError};
-use crate::pack::{
-    self, hash_pairs, PackEffect, PackInfo, PackMode, PackVerdict, MANIFEST_NAME,
-};
+use crate::pack::{self, hash_pairs, PackEffect, PackInfo, PackMode, PackVerdict, MANIFEST_NAME};
 
 /// The rule every policy set must define.
 pub const ENTRYPOINT: &str = "data.cellgate.authz.decision";
@@ -421,7 +419,11 @@ pub fn read_policy_files(
         let mut paths = Vec::new();
         collect_rego(root, &mut paths)?;
         paths.sort();
-        if n == 0 && !paths.iter().any(|p| p.extension().is_some_and(|e| e == "rego")) {
+        if n == 0
+            && !paths
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "rego"))
+        {
             return Err(PolicyError::NoPolicies(root.to_path_buf()));
         }
         for path in paths {
@@ -558,8 +560,7 @@ impl Prepared {
             if LAYERS_PACKAGE.starts_with(&c.iter().map(String::as_str).collect::<Vec<_>>()) {
                 plan.resolvable = false; // `cellgate` or `cellgate.layers` itself
                 broad.get_or_insert((path, c.join(".")));
-            } else if c.get(..LAYERS_PACKAGE.len()) == Some(&LAYERS_PACKAGE.map(String::from)[..])
-            {
+            } else if c.get(..LAYERS_PACKAGE.len()) == Some(&LAYERS_PACKAGE.map(String::from)[..]) {
                 if let Some(name) = c.get(LAYERS_PACKAGE.len()) {
                     let pack = pack_of.get(i).copied().unwrap_or(0);
                     let owners = layer_packs.entry(name.clone()).or_default();
@@ -579,7 +580,13 @@ impl Prepared {
         for (layer, owners) in &layer_packs {
             let enforce = owners.iter().find(|&&n| mode(n) == PackMode::Enforce);
             let shadow = owners.iter().find(|&&n| mode(n) == PackMode::Shadow);
-            let name = |n: usize| grouped.packs.get(n).map(|p| p.name.clone()).unwrap_or_default();
+            let name = |n: usize| {
+                grouped
+                    .packs
+                    .get(n)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default()
+            };
             match (enforce, shadow) {
                 (Some(&e), Some(&s)) => {
                     return Err(PolicyError::LayerModeConflict {

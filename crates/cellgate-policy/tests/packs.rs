@@ -70,7 +70,11 @@ fn the_shipped_set_lists_its_packs() {
                 PackMode::Enforce,
                 &["deny_destructive".to_string()][..]
             ),
-            ("llm-limits", PackMode::Enforce, &["llm_limits".to_string()][..]),
+            (
+                "llm-limits",
+                PackMode::Enforce,
+                &["llm_limits".to_string()][..]
+            ),
         ]
     );
     for p in set.packs() {
@@ -245,7 +249,10 @@ fn explain_names_the_rule_and_its_layer() {
     assert!(role.file.ends_with("deny_destructive.rego"), "{role:?}");
     let src = std::fs::read_to_string(&role.file).unwrap();
     let head = src.lines().nth(role.line - 1).unwrap();
-    assert!(head.starts_with("deny contains {\"reason\": \"destructive_method\""), "{head}");
+    assert!(
+        head.starts_with("deny contains {\"reason\": \"destructive_method\""),
+        "{head}"
+    );
     assert_eq!(
         role.messages,
         ["cells with role readonly may not send DELETE requests"]

@@ -70,7 +70,10 @@ fn a_wrong_expectation_fails_with_expected_and_got() {
     .unwrap();
     let r = cases::run_case(&set, "x.yaml", &case);
     assert!(!r.passed);
-    assert_eq!(r.expected, "allow (allowed) capability=github reason=allowed");
+    assert_eq!(
+        r.expected,
+        "allow (allowed) capability=github reason=allowed"
+    );
     assert_eq!(
         r.got,
         "deny (refused) capability=github reason=http_rule_mismatch"
