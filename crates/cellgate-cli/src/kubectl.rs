@@ -345,7 +345,7 @@ impl AuditArgs {
 
 /// A client for the control API at `url`: the kubeconfig's credentials (or `token`) and TLS
 /// settings, pointed at the operator's Service instead of the API server.
-async fn api_client(args: &AuditArgs, url: &str) -> anyhow::Result<(Client, String)> {
+pub(crate) async fn api_client(args: &AuditArgs, url: &str) -> anyhow::Result<(Client, String)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = match &args.target.context {
         Some(context) => {
@@ -498,7 +498,7 @@ pub async fn status_table(client: Client, ns: Option<&str>) -> anyhow::Result<St
     Ok(table(&rows))
 }
 
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -20,6 +20,9 @@
 //!   its capability and each layer's verdict and rule (see [`explain`]).
 //! - `cellgate advise AUDIT... [-f CELL.yaml]`: drafts the capabilities that would grant the
 //!   denied requests of audit logs, as YAML to review (see [`advise`]); applies nothing.
+//! - `cellgate policy history|rollback|promote NAME [-n NS | --cluster]`: the versions of a
+//!   policy pack in a cluster, going back to one, switching a shadow pack to enforce after a
+//!   replay of the recent audit (see [`kubectl_policy`]).
 //! - `cellgate status|revoke|suspend|resume|audit CELL`: a cluster's cells (see [`kubectl`]); the
 //!   same binary installed as `kubectl-cellgate` is the plugin `kubectl cellgate`.
 //!
@@ -37,6 +40,7 @@ pub mod admin;
 pub mod advise;
 pub mod explain;
 pub mod kubectl;
+pub mod kubectl_policy;
 pub mod policy;
 pub mod replay;
 mod run;
@@ -103,6 +107,15 @@ enum PolicyCmd {
     /// Runs the Rego tests and YAML cases of a pack (or a directory of packs): a pass/fail
     /// table, exit 1 on any failure.
     Test(policy::TestArgs),
+    /// The accepted versions of a CellgatePolicy (or, with --cluster, a CellgateClusterPolicy)
+    /// in a cluster, the one in force marked.
+    History(kubectl_policy::HistoryArgs),
+    /// Re-applies the spec of an accepted version (from its snapshot) with server-side apply;
+    /// the operator validates it and records it as a new version.
+    Rollback(kubectl_policy::RollbackArgs),
+    /// Replays the recent audit with a shadow pack enforcing, prints the report, then (after
+    /// confirmation, or --yes) sets its spec.mode to enforce.
+    Promote(kubectl_policy::PromoteArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +293,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy(PolicyCmd::Replay(args)) => return replay::run(args),
         Command::Policy(PolicyCmd::Test(args)) => return policy::run(args),
+        Command::Policy(PolicyCmd::History(args)) => {
+            return kubectl::block_on(kubectl_policy::history(args))
+        }
+        Command::Policy(PolicyCmd::Rollback(args)) => {
+            return kubectl::block_on(kubectl_policy::rollback_cmd(args))
+        }
+        Command::Policy(PolicyCmd::Promote(args)) => {
+            return kubectl::block_on(kubectl_policy::promote(args))
+        }
         Command::Explain(args) => return explain::run(args),
         Command::Advise(args) => return advise::run(args),
         Command::Revoke(args) => return kubectl::block_on(kubectl::revoke(args)),
