@@ -537,6 +537,7 @@ fn check_contract(docs: &[Value], front: Front) {
             "CustomResourceDefinition",
             "ClusterRole",
             "ClusterRoleBinding",
+            "CellgateClusterPolicy",
         ]
         .contains(&kind(d))
     }) {
@@ -1395,6 +1396,47 @@ fn helm_and_kustomize_render_the_same_objects() {
     );
 }
 
+#[test]
+fn helm_and_kustomize_install_the_same_policies() {
+    let policies = |docs: &[Value]| -> BTreeMap<String, Value> {
+        docs.iter()
+            .filter(|d| kind(d) == "CellgateClusterPolicy")
+            .map(|d| (name(d).to_owned(), d["spec"].clone()))
+            .collect()
+    };
+    // Defaults: the base policy only.
+    let h = policies(&docs(&helm_template_ok(&["--set", CIDRS])));
+    let k = policies(&docs(&kustomize("deploy")));
+    assert_eq!(h.keys().collect::<Vec<_>>(), ["base"]);
+    assert_eq!(h, k, "the base policy differs between Helm and kustomize");
+    let base = std::fs::read_to_string(workspace().join("policies/base/cellgate.rego"))
+        .expect("policies/base");
+    assert_eq!(h["base"]["modules"]["cellgate.rego"], Value::from(base));
+    // Every pack: `policies.packs` and the component.
+    let h = policies(&docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "policies.packs={deny-destructive,llm-limits}",
+    ])));
+    let k = policies(&docs(&kustomize_overlay(
+        "resources: [DEPLOY]\ncomponents: [DEPLOY/components/policy-packs]\n",
+    )));
+    assert_eq!(
+        h.keys().collect::<Vec<_>>(),
+        ["base", "deny-destructive", "llm-limits"]
+    );
+    assert_eq!(h, k, "the packs differ between Helm and kustomize");
+    // Off: none.
+    let h = policies(&docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "policies.base=false",
+    ])));
+    assert!(h.is_empty(), "{h:?}");
+}
+
 /// A bad value fails `helm template` before anything is rendered, with `message` on stderr.
 fn assert_rejected(extra: &[&str], message: &str) {
     let out = helm_template(extra);
@@ -1424,6 +1466,10 @@ fn helm_rejects_bad_values_early() {
     assert_rejected(
         &["--set", CIDRS, "--set", "operator.tokenTTL=forever"],
         "operator.tokenTTL",
+    );
+    assert_rejected(
+        &["--set", CIDRS, "--set", "policies.packs={deny-destructive,nope}"],
+        "policies.packs",
     );
     for count in ["0", "4294967296"] {
         assert_rejected(
