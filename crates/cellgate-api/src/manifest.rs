@@ -480,11 +480,13 @@ pub fn parse_micros(s: &str) -> Option<u64> {
     whole.checked_mul(1_000_000)?.checked_add(f)
 }
 
-/// `spec.limits`: per-cell ceilings on the node.
+/// `spec.limits`: per-cell ceilings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
-    /// Connections open at once through the node's intake (node default: 1024).
+    /// Connections the cell may have open at once (default 1024, the operator's
+    /// --cell-max-connections). Held by the cell's tagger in both modes (intake and Envoy): one
+    /// over is closed before it leaves the pod; the node holds it too on its intake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub connections: Option<u32>,
