@@ -252,6 +252,24 @@ pub enum Verdict {
 /// Validates `spec` of `pref` together with `others` (the specs in force of every other policy),
 /// as a node would load them.
 pub fn validate(pref: &PolicyRef, spec: &PackSpec, others: &[(PolicyRef, PackSpec)]) -> Verdict {
+    // A cluster policy `<ns>.<name>` and the CellgatePolicy `<name>` of `<ns>` are the same pack
+    // on a node, which then refuses the whole set: refuse the newcomer here instead.
+    if let Some((other, _)) = others
+        .iter()
+        .find(|(p, _)| p != pref && p.pack_name() == pref.pack_name())
+    {
+        return Verdict::Refused {
+            reason: "NameCollision",
+            message: format!(
+                "{} {} and {} {} would both be pack {:?} on the nodes: rename one",
+                pref.kind(),
+                pref.display(),
+                other.kind(),
+                other.display(),
+                pref.pack_name()
+            ),
+        };
+    }
     let own = match pack_files(pref, spec) {
         Ok(f) => f,
         Err(e) => {
@@ -631,6 +649,32 @@ mod tests {
             field_manager: String::new(),
             generation: 0,
             snapshot: snap.into(),
+        }
+    }
+
+    #[test]
+    fn a_cluster_policy_named_like_a_namespaced_pack_is_refused() {
+        let spec: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "a.rego": "package cellgate.layers.a\nimport rego.v1\ndeny contains \"x\" if false\n"}}))
+        .expect("spec");
+        let namespaced = PolicyRef {
+            namespace: Some("agents".into()),
+            name: "nodel".into(),
+        };
+        let cluster = PolicyRef {
+            namespace: None,
+            name: "agents.nodel".into(),
+        };
+        match validate(&cluster, &spec, &[(namespaced.clone(), spec.clone())]) {
+            Verdict::Refused { reason, message } => {
+                assert_eq!(reason, "NameCollision");
+                assert!(message.contains("CellgatePolicy agents/nodel"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match validate(&namespaced, &spec, &[(cluster, spec.clone())]) {
+            Verdict::Refused { reason, .. } => assert_eq!(reason, "NameCollision"),
+            other => panic!("{other:?}"),
         }
     }
 
