@@ -136,7 +136,11 @@ fn installed_policies_are_generated_from_the_policy_directory() {
         // What the API server would read: the same spec, byte for byte.
         let parsed: CellgateClusterPolicyResource =
             serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
-        assert_eq!(PackSpec::from(parsed.spec), spec, "{name} does not parse back");
+        assert_eq!(
+            PackSpec::from(parsed.spec),
+            spec,
+            "{name} does not parse back"
+        );
         assert_eq!(parsed.metadata.name.as_deref(), Some(name.as_str()));
         let kustomize = if name == "base" {
             "deploy/policies"
@@ -212,10 +216,9 @@ fn chart_and_kustomize_list_every_pack() {
         .collect();
     assert!(resources.contains(&"policies/base.yaml"), "{resources:?}");
     let resources_of = |path: &str| -> Vec<String> {
-        let v: serde_yaml::Value = serde_yaml::from_str(
-            &std::fs::read_to_string(workspace().join(path)).expect(path),
-        )
-        .expect("yaml");
+        let v: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(workspace().join(path)).expect(path))
+                .expect("yaml");
         v["resources"]
             .as_sequence()
             .expect("resources")

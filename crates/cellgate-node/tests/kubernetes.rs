@@ -114,6 +114,11 @@ impl Kube {
 
     /// `admin_token`: whether the node gets `--admin-token-file`.
     async fn start_with(listed: bool, admin_token: bool) -> Self {
+        Self::start_setup(listed, admin_token, |_| {}).await
+    }
+
+    /// As [`Kube::start_with`], with `setup` filling the API server before the node starts.
+    async fn start_setup(listed: bool, admin_token: bool, setup: impl FnOnce(&ApiServer)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate().unwrap();
         key.write_pair(&dir.path().join("keys")).unwrap();
@@ -136,6 +141,7 @@ impl Kube {
                 vec![cell_pod(NS, "demo", UID, NODE, "127.0.0.1", "Running")],
             );
         }
+        setup(&api);
         let audit = dir.path().join("audit.jsonl");
         let mut config = NodeConfig::defaults();
         config.kubernetes = true;
@@ -1179,4 +1185,161 @@ async fn a_held_request_is_an_agent_approval_decided_through_the_api_server() {
             })
             .await;
     }
+}
+
+/// A `CellgateClusterPolicy` named `name` with `modules` as spec and, when `snapshot` is given,
+/// a status naming it as the version in force (`accepted` is the Accepted condition).
+fn cluster_policy(
+    name: &str,
+    modules: &[(&str, &str)],
+    snapshot: Option<&str>,
+    accepted: bool,
+) -> serde_json::Value {
+    let modules: serde_json::Map<String, serde_json::Value> = modules
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).into()))
+        .collect();
+    let mut o = serde_json::json!({
+        "apiVersion": "cellgate.dev/v1alpha1", "kind": "CellgateClusterPolicy",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "generation": 1},
+        "spec": {"modules": modules},
+        "status": {"conditions": [{"type": "Accepted",
+            "status": if accepted { "True" } else { "False" },
+            "reason": if accepted { "Accepted" } else { "ParseError" }, "message": ""}]},
+    });
+    if let Some(snap) = snapshot {
+        o["status"]["snapshot"] = snap.into();
+    }
+    o
+}
+
+/// The snapshot ConfigMap (control namespace) holding `modules`.
+fn snapshot(name: &str, modules: &[(&str, &str)]) -> serde_json::Value {
+    let modules: serde_json::Map<String, serde_json::Value> = modules
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).into()))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": CONTROL_NS},
+        "data": {"spec.json": serde_json::json!({"modules": modules}).to_string()},
+        "immutable": true,
+    })
+}
+
+const DENY_ADMIN: &str = "package cellgate.layers.no_admin\nimport rego.v1\ndeny contains \"admin paths are closed\" if input.request.path == \"/public/admin\"\n";
+const DENY_ADMIN_AND_B: &str = "package cellgate.layers.no_admin\nimport rego.v1\ndeny contains \"closed\" if input.request.path in {\"/public/admin\", \"/public/b\"}\n";
+const DENY_ALL: &str =
+    "package cellgate.layers.no_admin\nimport rego.v1\ndeny contains \"everything\" if true\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_loads_accepted_policy_snapshots_only_and_a_cluster_pack_denies() {
+    let base_rego = include_str!("../../../policies/base/cellgate.rego");
+    let k = Kube::start_setup(true, true, |api| {
+        api.set_list(
+            Watched::ClusterPolicies,
+            vec![
+                cluster_policy(
+                    "base",
+                    &[("cellgate.rego", base_rego)],
+                    Some("cellgate-policy-base-b1"),
+                    true,
+                ),
+                // The spec denies everything, but the version in force (its snapshot) only
+                // /public/admin: the node reads the snapshot, never the spec.
+                cluster_policy(
+                    "no-admin",
+                    &[("no_admin.rego", DENY_ALL)],
+                    Some("cellgate-policy-no-admin-v1"),
+                    true,
+                ),
+            ],
+        );
+        api.set_list(Watched::Policies, vec![]);
+        api.put_configmap(snapshot(
+            "cellgate-policy-base-b1",
+            &[("cellgate.rego", base_rego)],
+        ));
+        api.put_configmap(snapshot(
+            "cellgate-policy-no-admin-v1",
+            &[("no_admin.rego", DENY_ADMIN)],
+        ));
+    })
+    .await;
+    k.api.watch_opened(Watched::ClusterPolicies).await;
+    k.api.watch_opened(Watched::Policies).await;
+    // The cluster pack's deny refuses a request its capability grants.
+    until(Duration::from_secs(5), async || {
+        k.get("/public/admin").await.status == 403
+    })
+    .await;
+    assert_eq!(k.get("/public/a").await.status, 200);
+    let denied = k
+        .wait_audit(|r| r["path"] == "/public/admin" && r["decision"] == "deny")
+        .await;
+    assert!(
+        denied.to_string().contains("no-admin"),
+        "the record names the pack: {denied}"
+    );
+    let gets = |calls: &[cellgate_node::kubernetes::contract::Call]| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.method == http::Method::GET && c.path().contains("/configmaps/"))
+            .map(|c| c.path().to_string())
+            .collect()
+    };
+    let read = gets(&k.api.calls());
+    assert_eq!(
+        read,
+        [
+            format!("/api/v1/namespaces/{CONTROL_NS}/configmaps/cellgate-policy-base-b1"),
+            format!("/api/v1/namespaces/{CONTROL_NS}/configmaps/cellgate-policy-no-admin-v1"),
+        ],
+        "each snapshot read once"
+    );
+
+    // A spec edit the operator refused (status still names v1): nothing changes on the node.
+    let mut refused = cluster_policy(
+        "no-admin",
+        &[("no_admin.rego", DENY_ALL)],
+        Some("cellgate-policy-no-admin-v1"),
+        false,
+    );
+    refused["metadata"]["generation"] = 2.into();
+    assert!(k.api.send(Watched::ClusterPolicies, "MODIFIED", refused));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(k.get("/public/a").await.status, 200);
+    assert_eq!(k.get("/public/b").await.status, 200);
+    assert_eq!(k.get("/public/admin").await.status, 403);
+    assert_eq!(
+        gets(&k.api.calls()),
+        read,
+        "no snapshot read for a refused edit"
+    );
+
+    // The operator accepts version 2: its snapshot is read and enforced.
+    k.api.put_configmap(snapshot(
+        "cellgate-policy-no-admin-v2",
+        &[("no_admin.rego", DENY_ADMIN_AND_B)],
+    ));
+    let mut accepted = cluster_policy(
+        "no-admin",
+        &[("no_admin.rego", DENY_ADMIN_AND_B)],
+        Some("cellgate-policy-no-admin-v2"),
+        true,
+    );
+    accepted["metadata"]["generation"] = 3.into();
+    assert!(k.api.send(Watched::ClusterPolicies, "MODIFIED", accepted));
+    until(Duration::from_secs(3), async || {
+        k.get("/public/b").await.status == 403
+    })
+    .await;
+    assert_eq!(k.get("/public/a").await.status, 200);
+    assert_eq!(
+        gets(&k.api.calls()).last().map(String::as_str),
+        Some(
+            format!("/api/v1/namespaces/{CONTROL_NS}/configmaps/cellgate-policy-no-admin-v2")
+                .as_str()
+        )
+    );
 }

@@ -8,6 +8,8 @@
 //! | `GET /api/v1/pods?labelSelector=…&fieldSelector=…` (list) | `PodList` |
 //! | `GET /api/v1/namespaces/NS/configmaps?fieldSelector=metadata.name%3D…` (list) | `ConfigMapList` |
 //! | the same with `watch=true` | 200 and a body kept open: one JSON line per [`ApiServer::send`] (`{"type":"ADDED","object":…}`) |
+//! | `GET /apis/cellgate.dev/v1alpha1/cellgateclusterpolicies?…`, `…/cellgatepolicies?…` (list, watch) | as above |
+//! | `GET /api/v1/namespaces/NS/configmaps/NAME` | the ConfigMap of [`ApiServer::put_configmap`] (e.g. a policy snapshot) |
 //! | `PATCH /apis/cellgate.dev/v1alpha1/namespaces/NS/agentcells/NAME/status` | the last object sent with that name, with the patch's status |
 //! | anything else | 404 `Status` |
 //!
@@ -39,6 +41,10 @@ pub enum Watched {
     ConfigMaps,
     /// AgentApprovals, all namespaces.
     AgentApprovals,
+    /// CellgateClusterPolicies.
+    ClusterPolicies,
+    /// CellgatePolicies, all namespaces.
+    Policies,
 }
 
 impl Watched {
@@ -52,6 +58,12 @@ impl Watched {
         if path == "/apis/cellgate.dev/v1alpha1/agentapprovals" {
             return Some(Self::AgentApprovals);
         }
+        if path == "/apis/cellgate.dev/v1alpha1/cellgateclusterpolicies" {
+            return Some(Self::ClusterPolicies);
+        }
+        if path == "/apis/cellgate.dev/v1alpha1/cellgatepolicies" {
+            return Some(Self::Policies);
+        }
         let rest = path.strip_prefix("/api/v1/namespaces/")?;
         let (_, tail) = rest.split_once('/')?;
         (tail == "configmaps").then_some(Self::ConfigMaps)
@@ -63,6 +75,8 @@ impl Watched {
             Self::Pods => ("v1", "PodList"),
             Self::ConfigMaps => ("v1", "ConfigMapList"),
             Self::AgentApprovals => ("cellgate.dev/v1alpha1", "AgentApprovalList"),
+            Self::ClusterPolicies => ("cellgate.dev/v1alpha1", "CellgateClusterPolicyList"),
+            Self::Policies => ("cellgate.dev/v1alpha1", "CellgatePolicyList"),
         }
     }
 }
@@ -113,6 +127,8 @@ struct State {
         tokio::sync::mpsc::UnboundedSender<Bytes>,
     )>,
     objects: HashMap<(String, String), serde_json::Value>,
+    /// ConfigMaps answered to a GET by name: (namespace, name) → object.
+    configmaps: HashMap<(String, String), serde_json::Value>,
     resource_version: u64,
     /// Refuse every create of an AgentApproval (403), as an API server without the CRD or the
     /// grant would.
@@ -266,6 +282,26 @@ impl ApiServer {
             }
         }
         taken
+    }
+
+    /// A ConfigMap a GET by name answers (snapshots are read this way, not watched).
+    pub fn put_configmap(&self, object: serde_json::Value) {
+        if let Ok(mut s) = self.state.lock() {
+            s.resource_version += 1;
+            let mut object = object;
+            object["metadata"]["resourceVersion"] = s.resource_version.to_string().into();
+            let key = (
+                object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string(),
+                object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            s.configmaps.insert(key, object);
+        }
     }
 
     /// From now on, refuses (`true`) or takes every create of an AgentApproval.
@@ -441,6 +477,14 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
         }
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if call.method == http::Method::GET {
+        if let ["api", "v1", "namespaces", ns, "configmaps", name] = segments.as_slice() {
+            return match s.configmaps.get(&((*ns).to_string(), (*name).to_string())) {
+                Some(cm) => json(200, cm),
+                None => json(404, &not_found(&call.uri)),
+            };
+        }
+    }
     if let ["apis", "cellgate.dev", "v1alpha1", "namespaces", ns, "agentapprovals", rest @ ..] =
         segments.as_slice()
     {
