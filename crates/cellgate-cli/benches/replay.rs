@@ -107,7 +107,7 @@ fn record(n: usize) -> Record {
         sni: Some(host.into()),
         method: Some(method.into()),
         path: Some(path),
-        query: (n % 3 == 0).then(|| "page=2".into()),
+        query: n.is_multiple_of(3).then(|| "page=2".into()),
         headers: BTreeMap::from([
             ("accept".into(), "application/json".into()),
             ("user-agent".into(), "python-requests/2.32".into()),

@@ -54,10 +54,13 @@ pub struct AdviseArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// The denied requests of one cell: host → (ports, path → methods).
+/// What was denied on one host: its ports, and each path with its methods.
+type HostRequests = (BTreeSet<u16>, BTreeMap<String, BTreeSet<String>>);
+
+/// The denied requests of one cell, by host.
 #[derive(Debug, Default)]
 struct Denied {
-    hosts: BTreeMap<String, (BTreeSet<u16>, BTreeMap<String, BTreeSet<String>>)>,
+    hosts: BTreeMap<String, HostRequests>,
     requests: u64,
 }
 
@@ -178,8 +181,7 @@ fn draft(denied: &Denied, taken: &mut BTreeSet<String>) -> Vec<CapabilitySpec> {
     let hosts: BTreeSet<String> = denied.hosts.keys().cloned().collect();
     let groups = host_groups(&hosts);
     // Pooled by the host the draft names.
-    let mut pooled: BTreeMap<String, (BTreeSet<u16>, BTreeMap<String, BTreeSet<String>>)> =
-        BTreeMap::new();
+    let mut pooled: BTreeMap<String, HostRequests> = BTreeMap::new();
     for (host, (ports, paths)) in &denied.hosts {
         let key = groups.get(host).cloned().unwrap_or_else(|| host.clone());
         let entry = pooled.entry(key).or_default();
