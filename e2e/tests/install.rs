@@ -1468,7 +1468,12 @@ fn helm_rejects_bad_values_early() {
         "operator.tokenTTL",
     );
     assert_rejected(
-        &["--set", CIDRS, "--set", "policies.packs={deny-destructive,nope}"],
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "policies.packs={deny-destructive,nope}",
+        ],
         "policies.packs",
     );
     for count in ["0", "4294967296"] {
