@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use cellgate_api::policy::IdentityDoc;
 use cellgate_audit::{AuditLog, AuditOptions, Decision, Record};
-use cellgate_cli::replay::{replay_lines, Cells};
+use cellgate_cli::replay::{replay_logs, Cells, Log};
 use cellgate_node::recorded::{fill_record, Request};
 use cellgate_policy::PolicySet;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -151,10 +151,14 @@ fn replay(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("verify_read_redecide_20k", |b| {
         b.iter(|| {
-            cellgate_audit::verify_path(&log).unwrap();
-            let text = std::fs::read_to_string(&log).unwrap();
-            let lines: Vec<&str> = text.lines().collect();
-            let r = replay_lines(&set, &cells, &lines);
+            // What `cellgate policy replay` does: read, then verify and re-decide at once.
+            let logs = [Log {
+                path: log.clone(),
+                text: std::fs::read_to_string(&log).unwrap(),
+                head: cellgate_audit::read_head(&cellgate_audit::head_path(&log)).unwrap(),
+            }];
+            let (r, broken) = replay_logs(&set, &cells, &logs, true);
+            assert!(broken.is_empty(), "{broken:?}");
             assert_eq!(r.records as usize, RECORDS);
             assert_eq!(r.redecided as usize, RECORDS / 10 * 9);
             assert!(r.changes.is_empty(), "{:?}", r.changes);

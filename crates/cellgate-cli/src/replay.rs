@@ -1,7 +1,8 @@
 //! `cellgate policy replay`: re-decides recorded requests with a draft policy.
 //!
-//! Each audit file's chain is verified first (a log that does not verify is not replayed,
-//! unless `--no-verify`); then every decision record is classified
+//! Each audit file's chain is verified, on a thread of its own while the records are re-decided
+//! (a log that does not verify is not reported on, unless `--no-verify`); every decision record
+//! is classified
 //! ([`cellgate_node::recorded::classify`]): the ones the policy decided are rebuilt into the
 //! policy input the node built ([`cellgate_node::recorded::Request::from_record`] and
 //! [`cellgate_node::recorded::input_doc`], the node's own function) and decided again with the
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use cellgate_api::model::Cell;
 use cellgate_api::policy::CellDoc;
 use cellgate_audit::{Decision, Record};
@@ -333,6 +334,60 @@ pub fn replay_lines(set: &PolicySet, cells: &Cells, lines: &[&str]) -> Report {
     report
 }
 
+/// One audit log to replay: its text and the head anchor found beside it.
+#[derive(Debug)]
+pub struct Log {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its lines.
+    pub text: String,
+    /// `<log>.head`, when present: a log cut after it does not verify.
+    pub head: Option<cellgate_audit::Head>,
+}
+
+/// Re-decides every record of `logs` ([`replay_lines`]) while, on a thread of its own, each
+/// log's chain is verified (when `verify`): the two run at once, so verifying costs no time on a
+/// machine with a core to spare. Returns the report and the logs that did not verify, with why;
+/// the caller must not trust the report of a log that did not verify.
+pub fn replay_logs(
+    set: &PolicySet,
+    cells: &Cells,
+    logs: &[Log],
+    verify: bool,
+) -> (Report, Vec<(PathBuf, String)>) {
+    std::thread::scope(|s| {
+        let checker = verify.then(|| {
+            s.spawn(|| {
+                logs.iter()
+                    .filter_map(|log| {
+                        cellgate_audit::verify_reader_with_head(
+                            log.text.as_bytes(),
+                            log.head.clone(),
+                        )
+                        .err()
+                        .map(|e| (log.path.clone(), e.to_string()))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
+        let lines: Vec<&str> = logs
+            .iter()
+            .flat_map(|l| l.text.lines())
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let report = replay_lines(set, cells, &lines);
+        let broken = match checker.map(|c| c.join()) {
+            Some(Ok(b)) => b,
+            Some(Err(_)) => logs
+                .iter()
+                .map(|l| (l.path.clone(), "the verifier failed".to_owned()))
+                .collect(),
+            None => Vec::new(),
+        };
+        (report, broken)
+    })
+}
+
 /// `cellgate policy replay`.
 ///
 /// # Errors
@@ -344,34 +399,31 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => Cells::load(dir)?,
         None => Cells::default(),
     };
-    let mut verified = true;
-    let mut texts = Vec::with_capacity(args.files.len());
+    let mut logs = Vec::with_capacity(args.files.len());
     for file in &args.files {
-        match cellgate_audit::verify_path(file) {
-            Ok(_) => {}
-            Err(e @ cellgate_audit::VerifyError::Io { .. }) => bail!("{e}"),
-            Err(e) if args.no_verify => {
-                eprintln!("{}: chain NOT verified: {e}", file.display());
-                verified = false;
-            }
-            Err(e) => {
-                println!(
-                    "{}: {e}; not replaying an audit log that does not verify (--no-verify to replay it anyway)",
-                    file.display()
-                );
-                return Ok(ExitCode::from(1));
-            }
-        }
-        texts.push(
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
-        );
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let head = cellgate_audit::read_head(&cellgate_audit::head_path(file))?;
+        logs.push(Log {
+            path: file.clone(),
+            text,
+            head,
+        });
     }
-    let lines: Vec<&str> = texts
-        .iter()
-        .flat_map(|t| t.lines())
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    let mut report = replay_lines(&set, &cells, &lines);
+    let (mut report, broken) = replay_logs(&set, &cells, &logs, true);
+    let mut verified = true;
+    for (file, e) in &broken {
+        if args.no_verify {
+            eprintln!("{}: chain NOT verified: {e}", file.display());
+            verified = false;
+        } else {
+            println!(
+                "{}: {e}; not replaying an audit log that does not verify (--no-verify to replay it anyway)",
+                file.display()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
     report.verified = verified;
     if args.cells.is_none() {
         report.unknown_cells.insert("(no --cells given)".to_owned());
