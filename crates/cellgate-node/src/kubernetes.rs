@@ -1113,6 +1113,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_shadow_policy_resource_reaches_the_engine_as_a_shadow_pack() {
+        use cellgate_api::policy_pack::{PackSpec, PolicyRef};
+        let base: PackSpec = serde_json::from_value(serde_json::json!({"modules": {
+            "cellgate.rego": include_str!("../../../policies/base/cellgate.rego"),
+        }}))
+        .expect("base");
+        let watch: PackSpec = serde_json::from_value(serde_json::json!({
+            "mode": "shadow",
+            "modules": {
+                "nodel.rego": "package cellgate.layers.nodel\nimport rego.v1\ndeny contains \"no\" if input.request.method == \"DELETE\"\n",
+            },
+        }))
+        .expect("pack");
+        let enforced: PackSpec = serde_json::from_value(serde_json::json!({
+            "modules": {
+                "nopatch.rego": "package cellgate.layers.nopatch\nimport rego.v1\ndeny contains \"no\" if input.request.method == \"PATCH\"\n",
+            },
+        }))
+        .expect("pack");
+        let name = |n: &str| PolicyRef {
+            namespace: None,
+            name: n.into(),
+        };
+        let files = policy_files_in_force(&[
+            (name("base"), base),
+            (name("nodel"), watch),
+            (name("nopatch"), enforced),
+        ])
+        .expect("files");
+        let set = cellgate_policy::PolicySet::from_files(files).expect("the set compiles");
+        let mode_of = |layer: &str| {
+            set.packs()
+                .iter()
+                .find(|p| p.layers.iter().any(|l| l == layer))
+                .unwrap_or_else(|| panic!("no pack declares {layer}: {:?}", set.packs()))
+                .mode
+        };
+        assert_eq!(mode_of("nodel"), cellgate_policy::PackMode::Shadow);
+        assert_eq!(mode_of("nopatch"), cellgate_policy::PackMode::Enforce);
+    }
+
     use super::*;
 
     #[test]
