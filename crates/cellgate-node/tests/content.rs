@@ -65,18 +65,27 @@ async fn post(f: &Fixture, path: &str, body: String) -> Resp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_decides_on_the_body_and_bodies_arrive_whole() {
     let f = Fixture::start().await;
+    let version = || {
+        f.node()
+            .shared
+            .policy
+            .current()
+            .map(|p| p.version().to_string())
+    };
+    let before = version();
     std::fs::write(f.policies_dir.join("llm_limits.rego"), LLM_LAYER).unwrap();
     install_cell(&f, "inspector", &cell(f.https.addr.port())).await;
-    // The layer is loaded once the policy version changes; wait for it to refuse.
-    let bad = serde_json::json!({"model": "huge-model", "max_tokens": 10}).to_string();
-    let mut r = post(&f, "/v1/llm/chat", bad.clone()).await;
-    for _ in 0..100 {
-        if r.status == 403 {
+    // Requests wait until the layer is in force: one in flight while the policy changes could
+    // be cut by the change (what is open is re-decided), which is not what this test is about.
+    for _ in 0..200 {
+        if version() != before {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        r = post(&f, "/v1/llm/chat", bad.clone()).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    assert_ne!(version(), before, "the layer was never loaded");
+    let bad = serde_json::json!({"model": "huge-model", "max_tokens": 10}).to_string();
+    let r = post(&f, "/v1/llm/chat", bad.clone()).await;
     let ready = f.admin_get("/readyz").await;
     assert_eq!(r.status, 403, "{} / readyz: {}", r.body, ready.body);
     assert_eq!(r.json()["reason"], "model_not_allowed", "{}", r.body);
