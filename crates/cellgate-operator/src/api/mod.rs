@@ -416,20 +416,39 @@ async fn list_cells(
     Extension(authed): Extension<Authed>,
     Query(q): Query<NsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let ns = ns_filter(&q)?;
+    list_of::<AgentCellResource>(&state, &authed, &q, "agentcells", "AgentCells", cell_view).await
+}
+
+/// `{"items": [...]}` of one kind, in the query's namespace or all, once `list` on `resource`
+/// is authorized.
+async fn list_of<K>(
+    state: &Shared,
+    authed: &Authed,
+    q: &NsQuery,
+    resource: &'static str,
+    kind: &str,
+    view: fn(&K) -> Value,
+) -> Result<Json<Value>, ApiError>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let ns = ns_filter(q)?;
     authed
-        .authorize(&state, attrs("list", "agentcells", ns.clone(), None))
+        .authorize(state, attrs("list", resource, ns.clone(), None))
         .await?;
-    let api: Api<AgentCellResource> = match &ns {
+    let api: Api<K> = match &ns {
         Some(ns) => Api::namespaced(state.client.clone(), ns),
         None => Api::all(state.client.clone()),
     };
     let list = api
         .list(&ListParams::default())
         .await
-        .map_err(|e| kube_error("listing AgentCells", e))?;
+        .map_err(|e| kube_error(&format!("listing {kind}"), e))?;
     Ok(Json(
-        json!({"items": list.items.iter().map(cell_view).collect::<Vec<_>>()}),
+        json!({"items": list.items.iter().map(view).collect::<Vec<_>>()}),
     ))
 }
 
@@ -574,21 +593,15 @@ async fn list_approvals(
     Extension(authed): Extension<Authed>,
     Query(q): Query<NsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let ns = ns_filter(&q)?;
-    authed
-        .authorize(&state, attrs("list", "agentapprovals", ns.clone(), None))
-        .await?;
-    let api: Api<AgentApprovalResource> = match &ns {
-        Some(ns) => Api::namespaced(state.client.clone(), ns),
-        None => Api::all(state.client.clone()),
-    };
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| kube_error("listing AgentApprovals", e))?;
-    Ok(Json(
-        json!({"items": list.items.iter().map(approval_view).collect::<Vec<_>>()}),
-    ))
+    list_of::<AgentApprovalResource>(
+        &state,
+        &authed,
+        &q,
+        "agentapprovals",
+        "AgentApprovals",
+        approval_view,
+    )
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
