@@ -619,24 +619,29 @@ struct DenyBody {
     reason: String,
 }
 
+/// Checks the approval's names and that the caller may `update` it.
+async fn may_decide(state: &Shared, authed: &Authed, ns: &str, name: &str) -> Result<(), ApiError> {
+    check_names(ns, name)?;
+    authed
+        .authorize(
+            state,
+            attrs(
+                "update",
+                "agentapprovals",
+                Some(ns.to_owned()),
+                Some(name.to_owned()),
+            ),
+        )
+        .await
+}
+
 async fn approve(
     State(state): State<Shared>,
     Extension(authed): Extension<Authed>,
     Path((ns, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    check_names(&ns, &name)?;
-    authed
-        .authorize(
-            &state,
-            attrs(
-                "update",
-                "agentapprovals",
-                Some(ns.clone()),
-                Some(name.clone()),
-            ),
-        )
-        .await?;
+    may_decide(&state, &authed, &ns, &name).await?;
     let ask: ApproveBody = if body.is_empty() {
         ApproveBody::default()
     } else {
@@ -676,18 +681,7 @@ async fn deny(
     Path((ns, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    check_names(&ns, &name)?;
-    authed
-        .authorize(
-            &state,
-            attrs(
-                "update",
-                "agentapprovals",
-                Some(ns.clone()),
-                Some(name.clone()),
-            ),
-        )
-        .await?;
+    may_decide(&state, &authed, &ns, &name).await?;
     let ask: DenyBody = parse_body(&body)?;
     let reason = ask.reason.trim().to_string();
     if reason.is_empty() || reason.len() > MAX_REASON_LEN {
