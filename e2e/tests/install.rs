@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use cellgate_e2e::workspace;
 use serde::Deserialize as _;
@@ -2037,4 +2038,279 @@ fn kustomize_otlp_component_feeds_both_from_one_config_map() {
             .expect("valid")
             .expect("export on");
     assert_eq!(resolved.logs_endpoint, "http://collector.obs.svc:4317");
+}
+
+/// What the node's own parser makes of a rendered node container: its args, and its environment
+/// with each `fieldRef` given a value and each `configMapKeyRef` read from `config_map` (a key the
+/// ConfigMap lacks is left out, as the kubelet does for an optional key).
+fn node_config_of(node: &Value, config_map: Option<&Value>) -> cellgate_node::config::NodeConfig {
+    use clap::Parser as _;
+    let mut env = std::collections::HashMap::new();
+    for e in node["env"].as_array().expect("env") {
+        let key = e["name"].as_str().expect("env name").to_owned();
+        let value = if let Some(v) = e["value"].as_str() {
+            Some(v.to_owned())
+        } else if e["valueFrom"]["fieldRef"].is_object() {
+            Some("from-field".to_owned())
+        } else if let Some(k) = e["valueFrom"]["configMapKeyRef"]["key"].as_str() {
+            config_map
+                .and_then(|cm| cm["data"][k].as_str())
+                .map(str::to_owned)
+        } else {
+            None
+        };
+        if let Some(v) = value {
+            env.insert(key, v);
+        }
+    }
+    let args = std::iter::once("cellgate-node").chain(strings(&node["args"]));
+    cellgate_node::config::NodeConfig::from_args_env(
+        cellgate_node::config::NodeArgs::parse_from(args),
+        &env,
+    )
+    .expect("the node accepts the rendered settings")
+}
+
+/// The `secret` of volume `n` of a workload.
+fn secret_volume<'a>(workload: &'a Value, n: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == n))
+        .map(|v| &v["secret"])
+        .unwrap_or_else(|| panic!("{} has no volume {n}", name(workload)))
+}
+
+/// The Vault settings reach the node as the variables it reads, with the Secrets they name mounted
+/// where those variables point; the node's own parser accepts them. Nothing without vault.enabled.
+#[test]
+fn helm_vault_values_configure_the_nodes() {
+    use cellgate_node::credentials::{VaultAuth, VaultConfig};
+    let d = docs(&helm_template_ok(&["--set", CIDRS]));
+    let ds = find(&d, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    assert!(
+        env_of(node).keys().all(|k| !k.contains("VAULT")),
+        "no Vault settings by default"
+    );
+    assert!(
+        !ds.to_string().contains("vault"),
+        "no Vault volume by default"
+    );
+    assert_eq!(node_config_of(node, None).credentials.vault, None);
+
+    // Kubernetes auth: the pod's ServiceAccount token at the node's default path; a private CA.
+    let d = docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "vault.enabled=true",
+        "--set",
+        "vault.address=https://vault.vault.svc:8200",
+        "--set",
+        "vault.role=agents",
+        "--set",
+        "vault.authMount=k8s-east",
+        "--set",
+        "vault.kvTTL=5m",
+        "--set",
+        "vault.caSecret=vault-ca",
+    ]));
+    check_contract(&d, Front::Intake);
+    let ds = find(&d, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    let env = env_of(node);
+    assert_eq!(env["CELLGATE_VAULT_AUTH"], "kubernetes");
+    assert_eq!(env["VAULT_CACERT"], "/etc/cellgate/vault-ca/ca.crt");
+    assert_eq!(
+        mount(node, "vault-ca")["mountPath"],
+        "/etc/cellgate/vault-ca"
+    );
+    assert_eq!(secret_volume(ds, "vault-ca")["secretName"], "vault-ca");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["serviceAccountName"],
+        "cellgate-node"
+    );
+    let cfg = node_config_of(node, None);
+    assert_eq!(
+        cfg.credentials.vault,
+        Some(VaultConfig {
+            addr: "https://vault.vault.svc:8200".into(),
+            auth: VaultAuth::Kubernetes {
+                role: "agents".into(),
+                jwt_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+                mount: "k8s-east".into(),
+            },
+        })
+    );
+    assert_eq!(cfg.credentials.vault_kv_ttl, Duration::from_secs(300));
+
+    // AppRole: both files from one Secret, group-readable; the default mount.
+    let d = docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "vault.enabled=true",
+        "--set",
+        "vault.address=http://openbao.openbao:8200",
+        "--set",
+        "vault.auth=approle",
+        "--set",
+        "vault.approleSecret=cellgate-vault-approle",
+    ]));
+    let ds = find(&d, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    assert_eq!(
+        mount(node, "vault-approle")["mountPath"],
+        "/etc/cellgate/vault-approle"
+    );
+    assert_eq!(
+        secret_volume(ds, "vault-approle"),
+        &serde_json::json!({"secretName": "cellgate-vault-approle", "defaultMode": 288})
+    );
+    assert!(!env_of(node).contains_key("VAULT_CACERT"));
+    let cfg = node_config_of(node, None);
+    assert_eq!(
+        cfg.credentials.vault,
+        Some(VaultConfig {
+            addr: "http://openbao.openbao:8200".into(),
+            auth: VaultAuth::AppRole {
+                role_id_file: "/etc/cellgate/vault-approle/role-id".into(),
+                secret_id_file: "/etc/cellgate/vault-approle/secret-id".into(),
+                mount: "approle".into(),
+            },
+        })
+    );
+    assert_eq!(cfg.credentials.vault_kv_ttl, Duration::from_secs(30));
+
+    // Token: the file from its Secret.
+    let d = docs(&helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "vault.enabled=true",
+        "--set",
+        "vault.address=http://vault:8200",
+        "--set",
+        "vault.auth=token",
+        "--set",
+        "vault.tokenSecret=vault-token",
+    ]));
+    let ds = find(&d, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    assert_eq!(
+        mount(node, "vault-token")["mountPath"],
+        "/etc/cellgate/vault-token"
+    );
+    assert_eq!(
+        secret_volume(ds, "vault-token")["secretName"],
+        "vault-token"
+    );
+    assert_eq!(
+        node_config_of(node, None).credentials.vault.map(|v| v.auth),
+        Some(VaultAuth::Token {
+            file: "/etc/cellgate/vault-token/token".into()
+        })
+    );
+}
+
+#[test]
+fn helm_rejects_incomplete_vault_values() {
+    const ON: [&str; 4] = ["--set", CIDRS, "--set", "vault.enabled=true"];
+    assert_rejected(&ON, "vault.address");
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        ON.iter()
+            .copied()
+            .chain(["--set", "vault.address=http://vault:8200"])
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    assert_rejected(
+        &with(&["--set", "vault.auth=approle"]),
+        "vault.approleSecret",
+    );
+    assert_rejected(&with(&["--set", "vault.auth=token"]), "vault.tokenSecret");
+    assert_rejected(&with(&["--set", "vault.auth=jwt"]), "vault.auth");
+    assert_rejected(&with(&["--set", "vault.kvTTL=30"]), "vault.kvTTL");
+    assert_rejected(
+        &with(&["--set", "vault.address=vault:8200"]),
+        "vault.address",
+    );
+}
+
+/// The component feeds the node from the ConfigMap the overlay generates, mounts the optional
+/// AppRole and CA Secrets, and the node's own parser accepts what it receives.
+#[test]
+fn kustomize_vault_component_wires_the_node() {
+    use cellgate_node::credentials::{VaultAuth, VaultConfig};
+    let yaml = kustomize_overlay(
+        "resources: [DEPLOY]\n\
+         components: [DEPLOY/components/vault]\n\
+         configMapGenerator:\n\
+         - name: cellgate-vault\n  options: {disableNameSuffixHash: true}\n  literals:\n  \
+           - CELLGATE_VAULT_ADDR=https://vault.vault.svc:8200\n  \
+           - CELLGATE_VAULT_AUTH=approle\n  \
+           - CELLGATE_VAULT_APPROLE_MOUNT=cellgate\n  \
+           - VAULT_CACERT=/etc/cellgate/vault-ca/ca.crt\n",
+    );
+    let d = docs(&yaml);
+    let cm = find(&d, "ConfigMap", "cellgate-vault");
+    let ds = find(&d, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    let addr = node["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "CELLGATE_VAULT_ADDR")
+        .expect("CELLGATE_VAULT_ADDR");
+    // Required: without the ConfigMap the pods do not start.
+    assert_eq!(
+        addr["valueFrom"]["configMapKeyRef"],
+        serde_json::json!({"name": "cellgate-vault", "key": "CELLGATE_VAULT_ADDR"})
+    );
+    assert_eq!(
+        mount(node, "vault-approle")["mountPath"],
+        "/etc/cellgate/vault-approle"
+    );
+    assert_eq!(
+        secret_volume(ds, "vault-approle")["secretName"],
+        "cellgate-vault-approle"
+    );
+    assert_eq!(
+        mount(node, "vault-ca")["mountPath"],
+        "/etc/cellgate/vault-ca"
+    );
+    assert_eq!(
+        secret_volume(ds, "vault-ca")["secretName"],
+        "cellgate-vault-ca"
+    );
+    let cfg = node_config_of(node, Some(cm));
+    assert_eq!(
+        cfg.credentials.vault,
+        Some(VaultConfig {
+            addr: "https://vault.vault.svc:8200".into(),
+            auth: VaultAuth::AppRole {
+                role_id_file: "/etc/cellgate/vault-approle/role-id".into(),
+                secret_id_file: "/etc/cellgate/vault-approle/secret-id".into(),
+                mount: "cellgate".into(),
+            },
+        })
+    );
+    // Only the address: Kubernetes auth with the node's defaults.
+    let yaml = kustomize_overlay(
+        "resources: [DEPLOY]\n\
+         components: [DEPLOY/components/vault]\n\
+         configMapGenerator:\n\
+         - name: cellgate-vault\n  options: {disableNameSuffixHash: true}\n  literals: [CELLGATE_VAULT_ADDR=http://vault:8200]\n",
+    );
+    let d = docs(&yaml);
+    let node = container(find(&d, "DaemonSet", "cellgate-node"), "containers", "node");
+    let cfg = node_config_of(node, Some(find(&d, "ConfigMap", "cellgate-vault")));
+    assert_eq!(
+        cfg.credentials.vault.map(|v| v.auth),
+        Some(VaultAuth::Kubernetes {
+            role: "cellgate-node".into(),
+            jwt_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            mount: "kubernetes".into(),
+        })
+    );
 }

@@ -88,6 +88,19 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with $v.vault -}}
+{{- if .enabled -}}
+{{- if not .address -}}
+{{- fail "cellgate: vault.enabled needs vault.address, the Vault or OpenBao the nodes read credentials from, e.g. --set vault.address=https://vault.vault.svc:8200." -}}
+{{- end -}}
+{{- if and (eq .auth "approle") (not .approleSecret) -}}
+{{- fail "cellgate: vault.auth approle needs vault.approleSecret, the name of a Secret in the release namespace with keys role-id and secret-id (docs/credentials.md). The chart creates no Secret: kubectl create secret generic cellgate-vault-approle --from-file=role-id=... --from-file=secret-id=..." -}}
+{{- end -}}
+{{- if and (eq .auth "token") (not .tokenSecret) -}}
+{{- fail "cellgate: vault.auth token needs vault.tokenSecret, the name of a Secret in the release namespace with key token, a Vault token. The chart creates no Secret: kubectl create secret generic cellgate-vault-token --from-file=token=..." -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.envoy.enabled -}}
 {{- if $v.extAuthz.enabled -}}
 {{- fail "cellgate: envoy.enabled and extAuthz.enabled are both set. envoy.enabled runs Envoy in the node pods and serves ext_authz to it on a Unix socket inside the pod; extAuthz.enabled serves ext_authz on TCP 15011 of every node for an Envoy you run elsewhere. The node has one ext_authz listener: choose one." -}}
