@@ -410,37 +410,51 @@ pub fn resource(service_name: &str, instance: &str) -> Resource {
 
 fn build_log_exporter(c: &OtlpConfig) -> Result<opentelemetry_otlp::LogExporter, ExportError> {
     let err = |e: &dyn std::fmt::Display| ExportError(format!("{}: {e}", c.logs_endpoint));
+    let builder = opentelemetry_otlp::LogExporter::builder();
     match c.protocol {
-        Protocol::Grpc => {
-            let mut b = opentelemetry_otlp::LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(c.logs_endpoint.clone())
-                .with_timeout(c.timeout)
-                .with_metadata(metadata(&c.headers)?);
-            if c.logs_endpoint.starts_with("https://") {
-                b = b.with_tls_config(grpc_tls(c)?);
-            }
-            b.build().map_err(|e| err(&e))
-        }
-        Protocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_endpoint(c.logs_endpoint.clone())
-            .with_timeout(c.timeout)
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_headers(c.headers.iter().cloned().collect::<HashMap<_, _>>())
-            .with_http_client(
-                crate::http_client::OtlpHttpClient::new(c.ca_file.as_deref(), c.timeout)
-                    .map_err(|e| err(&e))?,
-            )
-            .build()
-            .map_err(|e| err(&e)),
+        Protocol::Grpc => grpc_setup(builder.with_tonic(), c, &c.logs_endpoint)?.build(),
+        Protocol::HttpProtobuf => http_setup(builder.with_http(), c, &c.logs_endpoint)?.build(),
     }
+    .map_err(|e| err(&e))
+}
+
+/// An OTLP/gRPC exporter builder (logs or spans) aimed at `endpoint`: timeout, headers as
+/// metadata, TLS for an `https` endpoint.
+pub(crate) fn grpc_setup<B: WithExportConfig + WithTonicConfig>(
+    builder: B,
+    c: &OtlpConfig,
+    endpoint: &str,
+) -> Result<B, ExportError> {
+    let b = builder
+        .with_endpoint(endpoint.to_owned())
+        .with_timeout(c.timeout)
+        .with_metadata(metadata(&c.headers)?);
+    Ok(if endpoint.starts_with("https://") {
+        b.with_tls_config(grpc_tls(c)?)
+    } else {
+        b
+    })
+}
+
+/// An OTLP/HTTP (protobuf) exporter builder (logs or spans) aimed at `endpoint`: timeout,
+/// headers, and the hyper + rustls client trusting the configured CA or the system roots.
+pub(crate) fn http_setup<B: WithExportConfig + WithHttpConfig>(
+    builder: B,
+    c: &OtlpConfig,
+    endpoint: &str,
+) -> Result<B, ExportError> {
+    let client = crate::http_client::OtlpHttpClient::new(c.ca_file.as_deref(), c.timeout)
+        .map_err(|e| ExportError(format!("{endpoint}: {e}")))?;
+    Ok(builder
+        .with_endpoint(endpoint.to_owned())
+        .with_timeout(c.timeout)
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_headers(c.headers.iter().cloned().collect::<HashMap<_, _>>())
+        .with_http_client(client))
 }
 
 /// gRPC metadata from the configured headers.
-pub(crate) fn metadata(
-    headers: &[(String, String)],
-) -> Result<tonic::metadata::MetadataMap, ExportError> {
+fn metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, ExportError> {
     let mut md = tonic::metadata::MetadataMap::new();
     for (k, v) in headers {
         let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
@@ -454,7 +468,7 @@ pub(crate) fn metadata(
 
 /// TLS for a gRPC endpoint: the configured CA, else the system roots. Plain `http://`
 /// endpoints ignore it.
-pub(crate) fn grpc_tls(c: &OtlpConfig) -> Result<tonic::transport::ClientTlsConfig, ExportError> {
+fn grpc_tls(c: &OtlpConfig) -> Result<tonic::transport::ClientTlsConfig, ExportError> {
     let tls = tonic::transport::ClientTlsConfig::new();
     Ok(match &c.ca_file {
         Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(

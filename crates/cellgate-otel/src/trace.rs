@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -31,7 +30,7 @@ use opentelemetry_sdk::trace::{
 use tokio::sync::mpsc;
 
 use crate::config::{OtlpConfig, Protocol};
-use crate::export::{grpc_tls, metadata, resource, ExportError};
+use crate::export::{grpc_setup, http_setup, resource, ExportError};
 
 /// Finished spans waiting for the export task; past it spans are dropped and counted.
 const QUEUE: usize = 4096;
@@ -58,34 +57,12 @@ impl RequestTracer {
             return Ok(None);
         };
         let err = |e: &dyn std::fmt::Display| ExportError(format!("{endpoint}: {e}"));
+        let builder = opentelemetry_otlp::SpanExporter::builder();
         let mut exporter = match config.protocol {
-            Protocol::Grpc => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint.clone())
-                    .with_timeout(config.timeout)
-                    .with_metadata(metadata(&config.headers)?);
-                if endpoint.starts_with("https://") {
-                    b = b.with_tls_config(grpc_tls(config)?);
-                }
-                b.build().map_err(|e| err(&e))?
-            }
-            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(config.timeout)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_headers(config.headers.iter().cloned().collect())
-                .with_http_client(
-                    crate::http_client::OtlpHttpClient::new(
-                        config.ca_file.as_deref(),
-                        config.timeout,
-                    )
-                    .map_err(|e| err(&e))?,
-                )
-                .build()
-                .map_err(|e| err(&e))?,
-        };
+            Protocol::Grpc => grpc_setup(builder.with_tonic(), config, &endpoint)?.build(),
+            Protocol::HttpProtobuf => http_setup(builder.with_http(), config, &endpoint)?.build(),
+        }
+        .map_err(|e| err(&e))?;
         let resource = resource(&config.service_name, instance);
         exporter.set_resource(&resource);
         let (tx, mut rx) = mpsc::channel::<SpanData>(QUEUE);
