@@ -880,14 +880,42 @@ fn kustomize_base_renders_the_contract() {
     golden("kustomize-base.yaml", &yaml);
 }
 
-#[test]
-fn kustomize_overlay_sets_cidrs_and_components_add_options() {
-    let yaml = kustomize_overlay(
-        "resources: [DEPLOY]\n\
-         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets, DEPLOY/components/audit-anchors]\n\
+/// The overlay of deploy/README.md that sets the node's resources, with `DEPLOY` for the base.
+fn readme_node_resources_overlay() -> String {
+    let readme = std::fs::read_to_string(workspace().join("deploy/README.md")).expect("README");
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split_once("```").map(|(b, _)| b))
+        .find(|b| b.starts_with("# my-cellgate/kustomization.yaml: the node proxies' resources"))
+        .expect("deploy/README.md shows the node resources overlay");
+    assert!(block.contains("  - ../cellgate/deploy\n"), "{block}");
+    block.replace("../cellgate/deploy", "DEPLOY")
+}
+
+/// Every optional part on: the components, the node resources overlay of deploy/README.md and the
+/// ext_authz token header patch of the ext-authz component's comment.
+fn kustomize_all_options() -> String {
+    kustomize_overlay(&format!(
+        "{}\
+         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets, DEPLOY/components/audit-anchors, DEPLOY/components/policy-packs]\n\
          configMapGenerator:\n\
          - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n",
-    );
+        readme_node_resources_overlay().replace(
+            "patches:\n",
+            "patches:\n  \
+             - target: {kind: DaemonSet, name: cellgate-node}\n    \
+             patch: |-\n      \
+             - op: add\n        \
+             path: /spec/template/spec/containers/0/env/-\n        \
+             value: {name: CELLGATE_EXT_AUTHZ_TOKEN_HEADER, value: x-cellgate-token}\n",
+        )
+    ))
+}
+
+#[test]
+fn kustomize_overlay_sets_cidrs_and_components_add_options() {
+    let yaml = kustomize_all_options();
     let docs = docs(&yaml);
     check_contract(&docs, Front::ExtAuthzTcp);
     let cm = find_prefix(&docs, "ConfigMap", "cellgate-operator-");
@@ -921,6 +949,29 @@ fn kustomize_overlay_sets_cidrs_and_components_add_options() {
         serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])
     );
     find(&docs, "ClusterRoleBinding", "cellgate-node-secrets");
+    // The node resources of deploy/README.md's overlay, merged into the base's.
+    assert_eq!(
+        node["resources"],
+        serde_json::json!({"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}})
+    );
+    // What the node's own parser makes of it: Secrets on, ext_authz on 15011 with the header.
+    let cfg = node_config_of(node, None);
+    assert!(cfg.credentials.k8s_secrets);
+    assert_eq!(
+        cfg.ext_authz.map(|a| a.to_string()).as_deref(),
+        Some("0.0.0.0:15011")
+    );
+    assert_eq!(
+        cfg.ext_authz_token_header.as_deref(),
+        Some("x-cellgate-token")
+    );
+    // The packs of the policy-packs component, beside the base.
+    let packs: Vec<&str> = docs
+        .iter()
+        .filter(|d| kind(d) == "CellgateClusterPolicy")
+        .map(name)
+        .collect();
+    assert_eq!(packs, ["base", "deny-destructive", "llm-limits"]);
     golden("kustomize-overlay-all-options.yaml", &yaml);
 }
 
@@ -1438,6 +1489,138 @@ fn helm_and_kustomize_install_the_same_policies() {
     assert!(h.is_empty(), "{h:?}");
 }
 
+/// The entries of a list of named objects (volumes, mounts) by name: the two installers order
+/// them differently.
+fn by_name(list: &Value) -> BTreeMap<String, Value> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| (v["name"].as_str().expect("name").to_owned(), v.clone()))
+        .collect()
+}
+
+/// The chart's values for what `kustomize_all_options` turns on: the node's Kubernetes Secrets,
+/// resources, ext_authz with a token header, audit anchors, and both starter packs.
+const NODE_OPTIONS: [&str; 20] = [
+    "--set",
+    CIDRS,
+    "--set",
+    "node.k8sSecrets=true",
+    "--set",
+    "node.resources.requests.cpu=500m",
+    "--set",
+    "node.resources.requests.memory=512Mi",
+    "--set",
+    "node.resources.limits.memory=2Gi",
+    "--set",
+    "extAuthz.enabled=true",
+    "--set",
+    "extAuthz.tokenHeader=x-cellgate-token",
+    "--set",
+    "node.audit.anchorKeySecret=cellgate-audit-anchor",
+    "--set",
+    "policies.packs={deny-destructive,llm-limits}",
+    "--set",
+    "policies.base=true",
+];
+
+/// Each install option reaches the node as the flag or variable it reads (checked with the node's
+/// own parser), with the RBAC and volumes it needs, and Helm and kustomize agree on all of it.
+#[test]
+fn helm_node_options_configure_the_nodes_as_kustomize_does() {
+    let yaml = helm_template_ok(&NODE_OPTIONS);
+    let h = docs(&yaml);
+    check_contract(&h, Front::ExtAuthzTcp);
+    let ds = find(&h, "DaemonSet", "cellgate-node");
+    let node = container(ds, "containers", "node");
+    let args = strings(&node["args"]);
+    assert!(args.contains(&"--k8s-secrets"), "{args:?}");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--ext-authz-token-header", "x-cellgate-token"]),
+        "{args:?}"
+    );
+    assert_eq!(
+        node["resources"],
+        serde_json::json!({"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}})
+    );
+    let cfg = node_config_of(node, None);
+    assert!(cfg.credentials.k8s_secrets);
+    assert_eq!(
+        cfg.ext_authz.as_ref().map(|a| a.to_string()).as_deref(),
+        Some("0.0.0.0:15011")
+    );
+    assert_eq!(
+        cfg.ext_authz_token_header.as_deref(),
+        Some("x-cellgate-token")
+    );
+    // Kubernetes Secrets: `get` only, bound to the node's ServiceAccount alone.
+    assert_eq!(
+        find(&h, "ClusterRole", "cellgate-node-secrets")["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])
+    );
+    let binding = find(&h, "ClusterRoleBinding", "cellgate-node-secrets");
+    assert_eq!(binding["roleRef"]["name"], "cellgate-node-secrets");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "cellgate-node", "namespace": NAMESPACE}])
+    );
+    golden("helm-node-options.yaml", &yaml);
+
+    // kustomize with the same options: the same node settings, resources, volumes and RBAC.
+    let k = docs(&kustomize_all_options());
+    let node_of = |d: &[Value]| {
+        let ds = find(d, "DaemonSet", "cellgate-node");
+        let c = container(ds, "containers", "node");
+        (
+            format!("{:?}", node_config_of(c, None)),
+            c["resources"].clone(),
+            c["ports"].clone(),
+            by_name(&c["volumeMounts"]),
+            by_name(&ds["spec"]["template"]["spec"]["volumes"]),
+        )
+    };
+    assert_eq!(
+        node_of(&h),
+        node_of(&k),
+        "node differs between Helm and kustomize"
+    );
+    for (k_, n) in [
+        ("ClusterRole", "cellgate-node-secrets"),
+        ("ClusterRoleBinding", "cellgate-node-secrets"),
+    ] {
+        assert_eq!(
+            find(&h, k_, n)["rules"],
+            find(&k, k_, n)["rules"],
+            "{k_} {n}"
+        );
+        assert_eq!(
+            find(&h, k_, n)["subjects"],
+            find(&k, k_, n)["subjects"],
+            "{k_} {n}"
+        );
+    }
+    let policies = |d: &[Value]| -> BTreeMap<String, Value> {
+        d.iter()
+            .filter(|d| kind(d) == "CellgateClusterPolicy")
+            .map(|d| (name(d).to_owned(), d["spec"].clone()))
+            .collect()
+    };
+    assert_eq!(policies(&h), policies(&k));
+    assert_eq!(policies(&h).len(), 3);
+
+    // Off by default: no flag, no grant, the base's resources.
+    let d = docs(&helm_template_ok(&["--set", CIDRS]));
+    let node = container(find(&d, "DaemonSet", "cellgate-node"), "containers", "node");
+    let cfg = node_config_of(node, None);
+    assert!(!cfg.credentials.k8s_secrets);
+    assert!(cfg.ext_authz.is_none() && cfg.ext_authz_token_header.is_none());
+    assert_eq!(
+        node["resources"],
+        serde_json::json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}})
+    );
+}
+
 /// A bad value fails `helm template` before anything is rendered, with `message` on stderr.
 fn assert_rejected(extra: &[&str], message: &str) {
     let out = helm_template(extra);
@@ -1507,6 +1690,40 @@ fn helm_rejects_bad_values_early() {
         "node.logFormat",
     );
     assert_rejected(&["--set", "nodeCIDRs={10.0.0.0}"], "nodeCIDRs.0");
+    assert_rejected(
+        &["--set", CIDRS, "--set-string", "node.k8sSecrets=yes"],
+        "node.k8sSecrets",
+    );
+    assert_rejected(
+        &["--set", CIDRS, "--set-string", "policies.base=no"],
+        "policies.base",
+    );
+    // Resources: quantities and resource names, as the API server would refuse them later.
+    for (value, path) in [
+        (
+            "node.resources.limits.memory=lots",
+            "node.resources.limits.memory",
+        ),
+        (
+            "node.resources.requests.cpu=-1",
+            "node.resources.requests.cpu",
+        ),
+        ("node.resources.requests.cpuu=1", "node.resources.requests"),
+        ("node.resources.limit.memory=1Gi", "node.resources"),
+    ] {
+        assert_rejected(&["--set", CIDRS, "--set", value], path);
+    }
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "extAuthz.enabled=true",
+            "--set",
+            "extAuthz.tokenHeader=X Token",
+        ],
+        "extAuthz.tokenHeader",
+    );
     assert_rejected(
         &["--set", CIDRS, "--set", "operater.tokenTTL=1h"],
         "operater",
