@@ -198,6 +198,12 @@ enum AuditCmd {
     },
 }
 
+/// The command line definition of `cellgate` (and `kubectl cellgate`): for checking command
+/// lines without running them, e.g. those the documentation shows.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Entry point of both `cellgate` and `kubectl-cellgate`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,6 +1,11 @@
 //! The admin listener (`/healthz`, `/readyz`, `/metrics`), served by axum on its own thread and
 //! single-threaded runtime so that a busy controller never starves health checks, and the other
 //! way round.
+//!
+//! `/readyz` answers 200 on the leader (`ready: leader ...`) and on a standby (`ready: standby
+//! ...`, naming the leader): a standby serves the control API and must be ready for a rolling
+//! update to proceed. It answers 503 before startup is done, until the leader election has
+//! reached the API server once, and once shutdown has begun.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,13 +17,17 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::leader::{LeaderStatus, Leadership};
 use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 #[derive(Debug, Default)]
 pub struct AdminState {
-    /// Set once the controller runs; `/readyz` answers 503 before.
+    /// Set once the control API serves and the election runs, cleared at shutdown; `/readyz`
+    /// answers 503 while it is not set.
     pub ready: AtomicBool,
+    /// What the leader election last saw.
+    pub leadership: Arc<LeaderStatus>,
     /// The controller's metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -71,13 +80,33 @@ pub fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    readiness(&state)
+}
+
+/// What `/readyz` answers.
+pub fn readiness(state: &AdminState) -> (StatusCode, String) {
+    if !state.ready.load(Ordering::Acquire) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the controller has not started\n",
-        )
+            "not ready: the operator is starting or shutting down\n".into(),
+        );
+    }
+    match state.leadership.get() {
+        Leadership::Unknown => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the leader election has not reached the API server yet\n".into(),
+        ),
+        Leadership::Leading => (
+            StatusCode::OK,
+            "ready: leader; the controllers run in this replica\n".into(),
+        ),
+        Leadership::Standby { holder } => (
+            StatusCode::OK,
+            format!(
+                "ready: standby; the controllers run in the leader {}; this replica serves the control API and takes over when the lease expires\n",
+                holder.as_deref().unwrap_or("(none: the lease is free)")
+            ),
+        ),
     }
 }
 
@@ -165,7 +194,28 @@ mod tests {
             .starts_with("HTTP/1.1 200"));
         assert!(get(admin.addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         state.ready.store(true, Ordering::Release);
-        assert!(get(admin.addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let r = get(admin.addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("the leader election has not reached"),
+            "{r}"
+        );
+        state.leadership.set(Leadership::Standby {
+            holder: Some("cellgate-operator-a".into()),
+        });
+        let r = get(admin.addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200")
+                && r.contains(
+                    "ready: standby; the controllers run in the leader cellgate-operator-a"
+                ),
+            "{r}"
+        );
+        state.leadership.set(Leadership::Leading);
+        let r = get(admin.addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("ready: leader"),
+            "{r}"
+        );
         let m = get(admin.addr, "/metrics").await;
         assert!(
             m.contains("cellgate_operator_reconcile_errors_total{reason=\"kube_get\"} 1"),

@@ -42,6 +42,15 @@ pub const ENV_AUDIT_LOG: &str = "CELLGATE_AUDIT_LOG";
 /// name sets its own intake's default).
 pub const ENV_CELL_MAX_CONNECTIONS: &str = "CELLGATE_CELL_MAX_CONNECTIONS";
 
+/// `--lease-duration` / `CELLGATE_LEASE_DURATION`.
+pub const ENV_LEASE_DURATION: &str = "CELLGATE_LEASE_DURATION";
+/// `--lease-renew-deadline` / `CELLGATE_LEASE_RENEW_DEADLINE`.
+pub const ENV_LEASE_RENEW_DEADLINE: &str = "CELLGATE_LEASE_RENEW_DEADLINE";
+/// `--lease-retry-period` / `CELLGATE_LEASE_RETRY_PERIOD`.
+pub const ENV_LEASE_RETRY_PERIOD: &str = "CELLGATE_LEASE_RETRY_PERIOD";
+/// The pod's name (downward API, `metadata.name`): the replica's identity in the leader Lease.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+
 /// Default `--signing-key`.
 pub const DEFAULT_SIGNING_KEY: &str = "/etc/cellgate/signing/signing.key";
 /// Default `--ca-cert`.
@@ -59,6 +68,15 @@ pub const DEFAULT_AUDIT_LOG: &str = "/var/lib/cellgate-operator/audit.jsonl";
 /// Default `--cell-max-connections`: the node's default for its intake, so a cell without
 /// `spec.limits.connections` gets the same ceiling in the tagger as on the node.
 pub const DEFAULT_CELL_MAX_CONNECTIONS: u32 = 1024;
+/// Default `--lease-duration`: how long a standby waits, after it last saw the Lease change,
+/// before it takes the Lease over (client-go's default).
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Default `--lease-renew-deadline`: how long the leader keeps trying to renew before it stops
+/// acting (client-go's default).
+pub const DEFAULT_LEASE_RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// Default `--lease-retry-period`: time between two tries to acquire or renew (client-go's
+/// default).
+pub const DEFAULT_LEASE_RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// Shortest token lifetime accepted: rotation happens at two thirds of it, and a shorter token
 /// would churn the Secret faster than kubelet propagates it to the tagger (about a minute).
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(5 * 60);
@@ -156,6 +174,18 @@ pub struct Args {
     /// OTLP transport: grpc or http/protobuf [env: OTEL_EXPORTER_OTLP_PROTOCOL] [default: grpc]
     #[arg(long, value_name = "PROTOCOL")]
     pub otlp_protocol: Option<String>,
+    /// Leader election: a standby takes the Lease over when it has not changed for this long
+    /// [env: CELLGATE_LEASE_DURATION] [default: 15s]
+    #[arg(long, value_name = "DUR")]
+    pub lease_duration: Option<String>,
+    /// Leader election: the leader stops acting when it could not renew the Lease for this long;
+    /// shorter than --lease-duration [env: CELLGATE_LEASE_RENEW_DEADLINE] [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    pub lease_renew_deadline: Option<String>,
+    /// Leader election: time between two tries to acquire or renew the Lease
+    /// [env: CELLGATE_LEASE_RETRY_PERIOD] [default: 2s]
+    #[arg(long, value_name = "DUR")]
+    pub lease_retry_period: Option<String>,
 }
 
 /// How logs are written.
@@ -199,6 +229,33 @@ pub struct Config {
     pub cell_max_connections: u32,
     /// OTLP export of the operator's audit log; `None`: no export.
     pub otlp: Option<cellgate_otel::OtlpConfig>,
+    /// Leader election timings; the Lease lives in [`Config::control_namespace`].
+    pub lease: LeaseTimings,
+    /// This replica's name in the Lease (`POD_NAME`); `None` outside a pod: [`crate::run`]
+    /// then makes one up (`cellgate-operator-<random>`).
+    pub identity: Option<String>,
+}
+
+/// Leader election timings, client-go's three (see [`crate::leader`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimings {
+    /// A standby takes the Lease over when it has not seen it change for this long; written to
+    /// the Lease as `leaseDurationSeconds` (whole seconds).
+    pub lease_duration: Duration,
+    /// The leader stops acting when its renewals have failed for this long.
+    pub renew_deadline: Duration,
+    /// Time between two tries to acquire or renew.
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            lease_duration: DEFAULT_LEASE_DURATION,
+            renew_deadline: DEFAULT_LEASE_RENEW_DEADLINE,
+            retry_period: DEFAULT_LEASE_RETRY_PERIOD,
+        }
+    }
 }
 
 /// Why a configuration was refused. Each names the flag and the environment variable.
@@ -373,6 +430,38 @@ impl Config {
                     reason: format!("{e}; write a whole number of at least 1, e.g. 1024"),
                 })?,
         };
+        let duration =
+            |flag: &'static str, name: &'static str, given: Option<&String>, default| match pick(
+                given, env, name,
+            ) {
+                None => Ok(default),
+                Some(t) => humantime::parse_duration(t.trim()).map_err(|e| ConfigError::Invalid {
+                    flag,
+                    env: name,
+                    value: t.clone(),
+                    reason: format!("{e}; write e.g. 15s or 2s"),
+                }),
+            };
+        let lease = LeaseTimings {
+            lease_duration: duration(
+                "--lease-duration",
+                ENV_LEASE_DURATION,
+                args.lease_duration.as_ref(),
+                DEFAULT_LEASE_DURATION,
+            )?,
+            renew_deadline: duration(
+                "--lease-renew-deadline",
+                ENV_LEASE_RENEW_DEADLINE,
+                args.lease_renew_deadline.as_ref(),
+                DEFAULT_LEASE_RENEW_DEADLINE,
+            )?,
+            retry_period: duration(
+                "--lease-retry-period",
+                ENV_LEASE_RETRY_PERIOD,
+                args.lease_retry_period.as_ref(),
+                DEFAULT_LEASE_RETRY_PERIOD,
+            )?,
+        };
         let log_format = match pick(args.log_format.as_ref(), env, ENV_LOG_FORMAT)
             .as_deref()
             .map(str::trim)
@@ -424,6 +513,8 @@ impl Config {
             audit_log,
             cell_max_connections,
             otlp,
+            lease,
+            identity: pick(None, env, ENV_POD_NAME).map(|n| n.trim().to_string()),
         };
         config.validate()?;
         Ok(config)
@@ -476,6 +567,7 @@ impl Config {
                     .into(),
             });
         }
+        self.validate_lease()?;
         if !is_dns_label(&self.control_namespace) {
             return Err(ConfigError::Invalid {
                 flag: "--control-namespace",
@@ -488,11 +580,63 @@ impl Config {
         Ok(())
     }
 
+    /// client-go's rules: the Lease outlives the renew deadline (so the leader stops acting
+    /// before a standby may take over), which outlasts a few retries; the duration is written in
+    /// whole seconds.
+    fn validate_lease(&self) -> Result<(), ConfigError> {
+        let LeaseTimings {
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        } = self.lease;
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        if retry_period.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--lease-retry-period",
+                env: ENV_LEASE_RETRY_PERIOD,
+                value: fmt(retry_period),
+                reason: "must be more than 0, e.g. 2s".into(),
+            });
+        }
+        // client-go's JitterFactor (1.2): a renewal gets at least one retry before its deadline.
+        if renew_deadline.as_millis() * 10 <= retry_period.as_millis() * 12 {
+            return Err(ConfigError::Invalid {
+                flag: "--lease-renew-deadline",
+                env: ENV_LEASE_RENEW_DEADLINE,
+                value: fmt(renew_deadline),
+                reason: format!(
+                    "must be more than 1.2 times --lease-retry-period ({})",
+                    fmt(retry_period)
+                ),
+            });
+        }
+        if lease_duration <= renew_deadline {
+            return Err(ConfigError::Invalid {
+                flag: "--lease-duration",
+                env: ENV_LEASE_DURATION,
+                value: fmt(lease_duration),
+                reason: format!(
+                    "must be more than --lease-renew-deadline ({}): the leader must stop acting before a standby may take over",
+                    fmt(renew_deadline)
+                ),
+            });
+        }
+        if lease_duration.subsec_nanos() != 0 || lease_duration.as_secs() > i32::MAX as u64 {
+            return Err(ConfigError::Invalid {
+                flag: "--lease-duration",
+                env: ENV_LEASE_DURATION,
+                value: fmt(lease_duration),
+                reason: "the Lease holds whole seconds: write e.g. 15s".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The configuration as one log line's worth of fields. Nothing here is secret (the signing
     /// key is a path), but the key file's content is never logged.
     pub fn summary(&self) -> String {
         format!(
-            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={}",
+            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={} lease_duration={} lease_renew_deadline={} lease_retry_period={} identity={}",
             self.signing_key.display(),
             self.ca_cert.display(),
             humantime::format_duration(self.token_ttl),
@@ -508,7 +652,11 @@ impl Config {
                 None => "self-signed".into(),
             },
             self.audit_log.display(),
-            self.cell_max_connections
+            self.cell_max_connections,
+            humantime::format_duration(self.lease.lease_duration),
+            humantime::format_duration(self.lease.renew_deadline),
+            humantime::format_duration(self.lease.retry_period),
+            self.identity.as_deref().unwrap_or("-"),
         )
     }
 }
@@ -670,6 +818,68 @@ mod tests {
             );
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
+    }
+
+    #[test]
+    fn lease_timings_default_to_client_go_and_are_checked_against_each_other() {
+        let args = Args::parse_from(["cellgate-operator", "--node-cidr", "10.0.0.0/8"]);
+        let c = Config::resolve(&args, &BTreeMap::new()).expect("valid");
+        assert_eq!(
+            c.lease,
+            LeaseTimings {
+                lease_duration: Duration::from_secs(15),
+                renew_deadline: Duration::from_secs(10),
+                retry_period: Duration::from_secs(2),
+            }
+        );
+        assert_eq!(c.identity, None);
+        assert!(c.summary().contains(
+            "lease_duration=15s lease_renew_deadline=10s lease_retry_period=2s identity=-"
+        ));
+        let e = env(&[
+            (ENV_LEASE_DURATION, "30s"),
+            (ENV_LEASE_RENEW_DEADLINE, "20s"),
+            (ENV_LEASE_RETRY_PERIOD, "4s"),
+            (ENV_POD_NAME, "cellgate-operator-7d9f-abcde"),
+        ]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(c.lease.lease_duration, Duration::from_secs(30));
+        assert_eq!(c.lease.renew_deadline, Duration::from_secs(20));
+        assert_eq!(c.lease.retry_period, Duration::from_secs(4));
+        assert_eq!(c.identity.as_deref(), Some("cellgate-operator-7d9f-abcde"));
+        let flags = Args::parse_from([
+            "cellgate-operator",
+            "--node-cidr",
+            "10.0.0.0/8",
+            "--lease-retry-period",
+            "1s",
+        ]);
+        assert_eq!(
+            Config::resolve(&flags, &e)
+                .expect("valid")
+                .lease
+                .retry_period,
+            Duration::from_secs(1)
+        );
+        let bad = |pairs: &[(&str, &str)]| {
+            Config::resolve(&args, &env(pairs))
+                .expect_err("invalid")
+                .to_string()
+        };
+        let err = bad(&[(ENV_LEASE_DURATION, "10s")]);
+        assert!(
+            err.contains("--lease-duration (CELLGATE_LEASE_DURATION)")
+                && err.contains("must be more than --lease-renew-deadline (10s)"),
+            "{err}"
+        );
+        let err = bad(&[(ENV_LEASE_RENEW_DEADLINE, "2s")]);
+        assert!(
+            err.contains("--lease-renew-deadline") && err.contains("1.2 times"),
+            "{err}"
+        );
+        assert!(bad(&[(ENV_LEASE_RETRY_PERIOD, "0s")]).contains("must be more than 0"));
+        assert!(bad(&[(ENV_LEASE_DURATION, "15500ms")]).contains("whole seconds"));
+        assert!(bad(&[(ENV_LEASE_RETRY_PERIOD, "often")]).contains("--lease-retry-period"));
     }
 
     #[test]

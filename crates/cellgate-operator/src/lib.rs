@@ -10,7 +10,9 @@
 //! - [`desired`]: the child objects as pure functions (golden-tested);
 //! - [`mod@reconcile`]: the sequence of API calls, inside kube-rs's finalizer helper;
 //! - [`token`], [`status`], [`revocations`]: the pure decisions the reconciler takes;
-//! - [`run`]: the controller, its watches and the admin listener ([`admin`], [`metrics`]);
+//! - [`run`]: startup, the admin listener ([`admin`], [`metrics`]) and the control API on every
+//!   replica, then the leader election ([`leader`]); [`controllers`]: what the leader runs (the
+//!   controllers, their watches and error policies, [`backoff`]);
 //! - [`api`]: the control API (HTTPS, `/api/v1`), and [`oplog`], the operator's own audit log;
 //! - [`policy`]: the policy packs (`CellgatePolicy`, `CellgateClusterPolicy`): validation,
 //!   snapshots, history;
@@ -18,8 +20,10 @@
 
 pub mod admin;
 pub mod api;
+pub mod backoff;
 pub mod config;
 pub mod desired;
+pub mod leader;
 pub mod metrics;
 pub mod oplog;
 pub mod policy;
@@ -35,13 +39,14 @@ use std::sync::Arc;
 use cellgate_api::crd::{AgentCellResource, LABEL_CELL};
 use cellgate_api::policy_pack::{CellgateClusterPolicyResource, CellgatePolicyResource};
 use cellgate_identity::SigningKey;
-use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::{watcher, Controller};
 use kube::{Api, Client};
 
-pub use config::{Args, Config, ConfigError, LogFormat};
+pub use config::{Args, Config, ConfigError, LeaseTimings, LogFormat};
 pub use desired::{render_yaml, Settings};
 pub use reconcile::{error_policy, reconcile, Context, Error};
 
@@ -77,6 +82,9 @@ pub enum RunError {
     /// The OTLP export of the operator's audit log could not be configured.
     #[error("{0}; check --otlp-endpoint and OTEL_EXPORTER_OTLP_*")]
     Export(String),
+    /// This replica led and lost the leader Lease; its controllers were stopped at once.
+    #[error("leadership lost ({0}); exiting so that this replica restarts as a standby")]
+    LeadershipLost(String),
 }
 
 impl RunError {
@@ -91,6 +99,7 @@ impl RunError {
             RunError::Api(_) => "api_listener",
             RunError::Kube(_) => "kube_client",
             RunError::Export(_) => "otlp_export",
+            RunError::LeadershipLost(_) => "leadership_lost",
         }
     }
 }
@@ -113,43 +122,190 @@ pub fn load_ca_pem(path: &std::path::Path) -> Result<String, RunError> {
     Ok(text)
 }
 
-/// Runs the operator until SIGTERM or Ctrl-C: loads the signing key and CA certificate, starts the
-/// admin listener on its own thread, opens the operator's audit log, connects to the API server,
-/// starts the control API (HTTPS), and runs the controller over all AgentCells, watching the
-/// objects they own (by the `cellgate.dev/cell` label) so that a changed or deleted child is put
-/// back.
+/// Resolves when the operator is asked to stop; cloneable, so that every controller and the
+/// election can wait for the same signal.
+pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// A [`Shutdown`] that never resolves (tests, and callers that stop by dropping the future).
+pub fn never() -> Shutdown {
+    futures_util::future::pending().boxed().shared()
+}
+
+/// The first SIGTERM or Ctrl-C (graceful: in-flight reconciles finish, the Lease is released),
+/// and the second (forced: the controllers are dropped at once).
+fn shutdown_signals() -> (Shutdown, Shutdown) {
+    let (tx, rx) = tokio::sync::watch::channel(0u8);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                    None
+                }
+            };
+        for n in 1..=2u8 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+            }
+            tracing::info!(
+                signal = n,
+                "{}",
+                if n == 1 {
+                    "shutdown requested: finishing the reconciles in flight (signal again to force)"
+                } else {
+                    "forced shutdown requested"
+                }
+            );
+            let _ = tx.send(n);
+        }
+    });
+    let at = |n: u8| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v >= n).await;
+        }
+        .boxed()
+        .shared()
+    };
+    (at(1), at(2))
+}
+
+/// The operator's three controllers, with their error policies, as one future that runs them
+/// until `shutdown` resolves and their in-flight reconciles have finished:
+/// - AgentCells (all namespaces) with [`reconcile`] and [`error_policy`], watching the objects
+///   they own (Pods, Secrets, ConfigMaps, ServiceAccounts, NetworkPolicies with the label
+///   `cellgate.dev/cell`) so that a changed or deleted child is put back;
+/// - `CellgateClusterPolicy` and `CellgatePolicy` with [`policy::reconcile_cluster`],
+///   [`policy::reconcile_namespaced`] and [`policy::error_policy`].
+///
+/// Each watch follows kube-runtime's list-then-watch protocol (resourceVersion, bookmarks) and
+/// its default backoff when the watch fails; a failed reconcile is requeued after the per-object
+/// backoff of [`backoff`]. Only the leader runs this ([`run`] through [`leader::Elector::lead`]).
+pub fn controllers(
+    client: Client,
+    ctx: Arc<Context>,
+    policy_ctx: Arc<policy::PolicyContext>,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = ()> + Send {
+    let owned = watcher::Config::default().labels(LABEL_CELL);
+    let cells = Controller::new(
+        Api::<AgentCellResource>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), owned.clone())
+    .owns(Api::<Secret>::all(client.clone()), owned.clone())
+    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+    .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
+    .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+    .graceful_shutdown_on(shutdown.clone())
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            // Reconcile errors are logged and counted in error_policy; these are the
+            // controller's own (watch) errors.
+            tracing::debug!(error = %e, "controller event");
+        }
+    });
+    let cluster_policies = Controller::new(
+        Api::<CellgateClusterPolicyResource>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        policy::reconcile_cluster,
+        policy::error_policy,
+        policy_ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cluster policy controller event");
+        }
+    });
+    let namespaced_policies = Controller::new(
+        Api::<CellgatePolicyResource>::all(client),
+        watcher::Config::default().any_semantic(),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(
+        policy::reconcile_namespaced,
+        policy::error_policy,
+        policy_ctx,
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "policy controller event");
+        }
+    });
+    futures_util::future::join3(cells, cluster_policies, namespaced_policies).map(|_| ())
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C: [`run_with`] with a client from the
+/// environment (in-cluster or kubeconfig) and the process' signals.
 ///
 /// # Errors
-/// [`RunError`] when startup fails; reconcile errors are retried, not returned.
+/// [`RunError`] when startup fails or leadership is lost; reconcile errors are retried, not
+/// returned.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    let (graceful, forced) = shutdown_signals();
+    let connect = async {
+        let client = Client::try_default().await?;
+        let version = client.apiserver_version().await?;
+        tracing::info!(apiserver.version = %version.git_version, "connected to the API server");
+        Ok(client)
+    };
+    run_with(config, connect, graceful, forced).await
+}
+
+/// Runs the operator: loads the signing key and CA certificate, starts the admin listener on
+/// its own thread, opens the operator's audit log, connects to the API server (`connect`),
+/// starts the control API (HTTPS), then stands in the leader election. Every replica serves the
+/// admin endpoints and the control API; only the leader runs the [`controllers`].
+///
+/// `graceful` stops the operator: a standby at once; the leader after its in-flight reconciles,
+/// releasing the Lease. `forced` drops the controllers at once.
+///
+/// # Errors
+/// [`RunError`] when startup fails, and [`RunError::LeadershipLost`] when this replica led and
+/// lost the Lease: the controllers were dropped the moment it was lost, and the process is
+/// meant to exit (the Deployment restarts it, as a standby) rather than lead again with
+/// whatever state the lost term left.
+pub async fn run_with(
+    config: Config,
+    connect: impl std::future::Future<Output = Result<Client, kube::Error>>,
+    graceful: Shutdown,
+    forced: Shutdown,
+) -> Result<(), RunError> {
     tracing::info!(config = %config.summary(), "starting cellgate-operator");
     let signing_key = Arc::new(SigningKey::load(&config.signing_key)?);
     let ca_pem = load_ca_pem(&config.ca_cert)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let state = Arc::new(admin::AdminState {
-        ready: Default::default(),
         metrics: metrics.clone(),
+        ..admin::AdminState::default()
     });
     let admin = admin::start(config.admin, state.clone())?;
     tracing::info!(admin.addr = %admin.addr, signing_key.kid = signing_key.kid(), "admin listener up");
+    let identity = config
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("cellgate-operator-{}", uuid::Uuid::new_v4().simple()));
 
     let (audit, audit_writer) = oplog::OperatorAudit::open(&config.audit_log).await?;
     let audit = audit.with_metrics(metrics.clone());
     // The operator's log goes out like the nodes': from the file, after a durable cursor.
     let export = match &config.otlp {
-        Some(otlp) => {
-            let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "cellgate-operator".into());
-            Some(
-                cellgate_otel::AuditExporter::start(
-                    otlp,
-                    &config.audit_log,
-                    audit.log().clone(),
-                    &instance,
-                    None,
-                )
-                .map_err(|e| RunError::Export(e.to_string()))?,
+        Some(otlp) => Some(
+            cellgate_otel::AuditExporter::start(
+                otlp,
+                &config.audit_log,
+                audit.log().clone(),
+                &identity,
+                None,
             )
-        }
+            .map_err(|e| RunError::Export(e.to_string()))?,
+        ),
         None => None,
     };
     let tls = match &config.api_tls {
@@ -173,9 +329,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tracing::info!(tls.sha256 = %tls.fingerprint, "control API certificate loaded");
     }
 
-    let client = Client::try_default().await?;
-    let version = client.apiserver_version().await?;
-    tracing::info!(apiserver.version = %version.git_version, "connected to the API server");
+    let client = connect.await?;
+    // Every replica serves the control API: each call is a TokenReview, a SubjectAccessReview
+    // and reads or writes through the API server (which orders concurrent writes), recorded in
+    // this replica's audit log; nothing in it needs the controllers.
     let api_server = api::start(
         config.api_listen,
         tls.config.clone(),
@@ -188,6 +345,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     .await?;
     tracing::info!(api.addr = %api_server.addr, "control API up (HTTPS)");
 
+    let clock: Arc<dyn reconcile::Clock> = Arc::new(reconcile::SystemClock);
     let ctx = Arc::new(
         Context::new(
             client.clone(),
@@ -201,70 +359,44 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             signing_key,
             config.token_ttl,
             config.control_namespace.clone(),
-            metrics,
-            Arc::new(reconcile::SystemClock),
+            metrics.clone(),
+            clock.clone(),
         )
         .with_audit(audit.clone()),
     );
-    let owned = watcher::Config::default().labels(LABEL_CELL);
-    let controller = Controller::new(
-        Api::<AgentCellResource>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .owns(Api::<Pod>::all(client.clone()), owned.clone())
-    .owns(Api::<Secret>::all(client.clone()), owned.clone())
-    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-    .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
-    .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
-    .shutdown_on_signal();
     let policy_ctx = Arc::new(policy::PolicyContext::new(
         client.clone(),
         config.control_namespace.clone(),
-        Arc::new(reconcile::SystemClock),
+        clock.clone(),
     ));
-    let cluster_policies = Controller::new(
-        Api::<CellgateClusterPolicyResource>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .shutdown_on_signal()
-    .run(
-        policy::reconcile_cluster,
-        policy::error_policy,
-        policy_ctx.clone(),
-    )
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "cluster policy controller event");
-        }
-    });
-    let namespaced_policies = Controller::new(
-        Api::<CellgatePolicyResource>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .shutdown_on_signal()
-    .run(
-        policy::reconcile_namespaced,
-        policy::error_policy,
-        policy_ctx,
-    )
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "policy controller event");
-        }
-    });
+    let mut elector = leader::Elector::new(
+        client.clone(),
+        leader::ElectionConfig {
+            namespace: config.control_namespace.clone(),
+            name: leader::LEASE_NAME.into(),
+            identity: identity.clone(),
+            timings: config.lease,
+        },
+        clock,
+        state.leadership.clone(),
+    );
     state.ready.store(true, Ordering::Release);
-    let cells = controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                // Reconcile errors are logged and counted in error_policy; these are the
-                // controller's own (watch) errors.
-                tracing::debug!(error = %e, "controller event");
+    tracing::info!(lease.identity = %identity, "standing in the leader election");
+    // Everything that writes on the operator's behalf runs in here, only while leading.
+    let work = || {
+        metrics.leading(true);
+        let controllers = controllers(client.clone(), ctx, policy_ctx, graceful.clone());
+        async move {
+            tokio::select! {
+                () = controllers => {}
+                () = forced => tracing::warn!("forced shutdown: reconciles in flight are aborted"),
             }
-        });
-    futures_util::future::join3(cells, cluster_policies, namespaced_policies).await;
+        }
+    };
+    let outcome = elector.lead(work, graceful.clone()).await;
+    metrics.leading(false);
     state.ready.store(false, Ordering::Release);
-    tracing::info!("shutting down");
+    tracing::info!(?outcome, "shutting down");
     api_server.shutdown().await;
     if let Err(e) = audit.log().clone().close().await {
         tracing::error!(error = %e, "the operator's audit log did not close cleanly");
@@ -274,7 +406,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         export.shutdown(std::time::Duration::from_secs(5)).await;
     }
     let _ = tokio::task::spawn_blocking(move || admin.shutdown()).await;
-    Ok(())
+    match outcome {
+        leader::Outcome::Lost(lost) => Err(RunError::LeadershipLost(lost.to_string())),
+        leader::Outcome::Standby | leader::Outcome::Finished => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,14 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // What Config::resolve reads: CELLGATE_*, the OTLP variables, and the pod's name (the
+    // replica's identity in the leader Lease).
     let env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("CELLGATE_"))
+        .filter(|(k, _)| {
+            k.starts_with("CELLGATE_")
+                || k.starts_with("OTEL_")
+                || k == cellgate_operator::config::ENV_POD_NAME
+        })
         .collect();
     let config = match Config::resolve(&args, &env) {
         Ok(c) => c,

@@ -5,12 +5,15 @@
 //!   error's [`crate::reconcile::Error::label`] and the log line.
 //! - `cellgate_operator_tokens_minted_total{reason="missing"|"near_expiry"|...}`
 //! - `cellgate_operator_reconcile_duration_seconds` (histogram)
+//! - `cellgate_operator_leader`: 1 while this replica holds the leader Lease and runs the
+//!   controllers, 0 on a standby.
 
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -36,6 +39,7 @@ pub struct Metrics {
     errors: Family<ReasonLabels, Counter>,
     minted: Family<ReasonLabels, Counter>,
     duration: Histogram,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -52,6 +56,7 @@ impl Metrics {
         let errors = Family::<ReasonLabels, Counter>::default();
         let minted = Family::<ReasonLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let leader = Gauge::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -64,12 +69,18 @@ impl Metrics {
             "Duration of one reconcile",
             duration.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controllers",
+            leader.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
             errors,
             minted,
             duration,
+            leader,
         }
     }
 
@@ -106,6 +117,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Records whether this replica leads.
+    pub fn leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -131,6 +147,9 @@ mod tests {
         m.failed("kube_apply");
         m.minted("missing");
         let text = m.encode();
+        assert!(text.contains("cellgate_operator_leader 0"), "{text}");
+        m.leading(true);
+        assert!(m.encode().contains("cellgate_operator_leader 1"));
         assert!(
             text.contains("cellgate_operator_reconciles_total{result=\"ok\"} 1"),
             "{text}"

@@ -37,13 +37,12 @@ use kube::{Client, Resource, ResourceExt};
 
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::reconcile::Clock;
 
 /// How soon a refused policy is validated again: a pack refused because another one (the base)
 /// was not in force yet is accepted once it is.
 pub const REFUSED_REQUEUE: Duration = Duration::from_secs(30);
-/// Retry delay after an API error.
-pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 /// Annotation on a snapshot: its content hash.
 pub const ANNOTATION_HASH: &str = "cellgate.dev/policy-hash";
 
@@ -57,6 +56,8 @@ pub struct PolicyContext {
     pub clock: Arc<dyn Clock>,
     /// Snapshot name → its spec (snapshots never change: the name carries the hash).
     cache: Mutex<HashMap<String, PackSpec>>,
+    /// Consecutive failures per policy, for [`error_policy`].
+    backoff: Backoff,
 }
 
 impl std::fmt::Debug for PolicyContext {
@@ -75,6 +76,7 @@ impl PolicyContext {
             control_namespace,
             clock,
             cache: Mutex::new(HashMap::new()),
+            backoff: Backoff::default(),
         }
     }
 
@@ -167,14 +169,24 @@ pub async fn reconcile_cluster(
     .await
 }
 
-/// Retry policy of both controllers.
-pub fn error_policy<K>(
-    _obj: Arc<K>,
+/// Retry policy of both controllers: exponential backoff per policy (2 s, 4 s, ... up to 5 min:
+/// [`crate::backoff`]).
+pub fn error_policy<K: Resource>(
+    obj: Arc<K>,
     error: &PolicyReconcileError,
-    _ctx: Arc<PolicyContext>,
+    ctx: Arc<PolicyContext>,
 ) -> Action {
-    tracing::warn!(error = %error, "policy reconcile failed; retrying");
-    Action::requeue(ERROR_REQUEUE)
+    let key = backoff_key(obj.as_ref());
+    let (attempts, delay) = ctx.backoff.failed(&key);
+    tracing::warn!(policy = %key, error = %error, attempts, retry_in = ?delay, "policy reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn backoff_key<K: Resource>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
 }
 
 async fn run_finalizer<K>(
@@ -197,7 +209,8 @@ where
 {
     let span = tracing::info_span!("reconcile_policy", policy.kind = pref.kind(), policy.name = %pref.display());
     let status_api = api.clone();
-    finalizer(&api, POLICY_FINALIZER, obj, |event| async {
+    let key = backoff_key(obj.as_ref());
+    let result = finalizer(&api, POLICY_FINALIZER, obj, |event| async {
         match event {
             Event::Apply(o) => {
                 apply(
@@ -219,7 +232,11 @@ where
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => PolicyReconcileError::Finalizer(other.to_string()),
-    })
+    });
+    if result.is_ok() {
+        ctx.backoff.succeeded(&key);
+    }
+    result
 }
 
 async fn cleanup(ctx: &PolicyContext, pref: &PolicyRef) -> Result<Action, PolicyReconcileError> {

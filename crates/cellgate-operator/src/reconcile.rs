@@ -13,8 +13,7 @@
 //! never runs without its egress rules); get Pod, then apply it when missing or delete it when
 //! its template hash differs; apply status when it changed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellgate_api::crd::{
@@ -32,6 +31,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::desired::{self, DesiredError, Settings, ANNOTATION_TEMPLATE_HASH};
 use crate::metrics::Metrics;
 use crate::oplog::{Event as AuditEvent, OperatorAudit};
@@ -41,10 +41,7 @@ use crate::token::{self, TokenDecision, TokenIssueError};
 
 /// How soon to look again at a pod being deleted for recreation.
 pub const RECREATE_REQUEUE: Duration = Duration::from_secs(2);
-/// First retry delay after an error; doubled per consecutive failure.
-pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
-/// Longest retry delay after errors.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+pub use crate::backoff::{delay as backoff, BACKOFF_BASE, BACKOFF_MAX};
 
 /// Where time and token ids come from; the tests fix both.
 pub trait Clock: Send + Sync {
@@ -89,7 +86,8 @@ pub struct Context {
     /// The operator's audit log, when one is open: tokens minted, rotated and revoked, and
     /// phase changes are recorded in it.
     pub audit: Option<OperatorAudit>,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures per cell, for [`error_policy`].
+    pub backoff: Backoff,
 }
 
 impl std::fmt::Debug for Context {
@@ -126,7 +124,7 @@ impl Context {
             metrics,
             clock,
             audit: None,
-            failures: Mutex::new(HashMap::new()),
+            backoff: Backoff::default(),
         }
     }
 
@@ -141,12 +139,6 @@ impl Context {
         if let Some(a) = &self.audit {
             a.event(reason, event);
         }
-    }
-
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -261,7 +253,7 @@ pub async fn reconcile(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Resul
     .map_err(|e| Error::Finalizer(Box::new(e)));
     match &result {
         Ok(action) => {
-            ctx.failures().remove(&key);
+            ctx.backoff.succeeded(&key);
             ctx.metrics.reconciled(started.elapsed().as_secs_f64());
             tracing::debug!(cell = %key, ?action, "reconciled");
         }
@@ -274,7 +266,7 @@ pub async fn reconcile(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Resul
 }
 
 /// What the controller does after a failed reconcile: count it by label, log it, and retry with
-/// exponential backoff per cell (2 s, 4 s, ... up to 5 min).
+/// exponential backoff per cell (2 s, 4 s, ... up to 5 min: [`crate::backoff`]).
 pub fn error_policy(cell: Arc<AgentCellResource>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!(
         "{}/{}",
@@ -282,21 +274,9 @@ pub fn error_policy(cell: Arc<AgentCellResource>, error: &Error, ctx: Arc<Contex
         cell.name_any()
     );
     ctx.metrics.failed(error.label());
-    let attempts = {
-        let mut f = ctx.failures();
-        let n = f.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = backoff(attempts);
-    tracing::warn!(cell = %key, reason = error.label(), error = %error, retry_in = ?delay, "reconcile failed");
+    let (attempts, delay) = ctx.backoff.failed(&key);
+    tracing::warn!(cell = %key, reason = error.label(), error = %error, attempts, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-/// The retry delay after `attempts` consecutive failures.
-pub fn backoff(attempts: u32) -> Duration {
-    let exp = attempts.saturating_sub(1).min(16);
-    BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
 }
 
 async fn write_status(
@@ -587,17 +567,4 @@ pub async fn cleanup(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Result<
         );
     }
     Ok(Action::await_change())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(2));
-        assert_eq!(backoff(2), Duration::from_secs(4));
-        assert_eq!(backoff(5), Duration::from_secs(32));
-        assert_eq!(backoff(20), BACKOFF_MAX);
-    }
 }
