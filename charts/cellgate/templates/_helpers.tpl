@@ -70,6 +70,9 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- fail (printf "cellgate: secrets.%s is empty. Name the Secret or ConfigMap the installer created (docs/install.md), e.g. the default %s." $key (index (dict "signingKey" "cellgate-signing-key" "trust" "cellgate-trust" "ca" "cellgate-ca" "caBundle" "cellgate-ca-bundle") $key)) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (gt (int $v.operator.replicas) 1) (not $v.operator.api.tlsSecret) -}}
+{{- fail (printf "cellgate: operator.replicas is %d but operator.api.tlsSecret is empty. Without a certificate each replica serves its own self-signed one behind the Service cellgate-operator-api, so a client pinning one fingerprint fails on the other replicas: create a kubernetes.io/tls Secret and set operator.api.tlsSecret, or keep operator.replicas at 1." (int $v.operator.replicas)) -}}
+{{- end -}}
 {{- if and $v.extAuthz.tokenHeader (not $v.extAuthz.enabled) -}}
 {{- fail "cellgate: extAuthz.tokenHeader is set but extAuthz.enabled is false. Enable the ext_authz listener (--set extAuthz.enabled=true) or leave tokenHeader empty." -}}
 {{- end -}}
