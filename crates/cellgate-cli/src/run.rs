@@ -163,20 +163,32 @@ fn sibling(bin: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Builds the trust bundle: the system roots plus the cell's CA, in every form common clients read.
+/// Writes the trust bundle (`cellgate_tls::trust`: the system roots plus the cell's CA) in every
+/// form common clients read, and returns the environment that points them at it: the PEM bundle
+/// for [`BUNDLE_ENV_VARS`](cellgate_tls::trust::BUNDLE_ENV_VARS), a hashed directory for
+/// `SSL_CERT_DIR`, and a PKCS#12 trust store for `JAVA_TOOL_OPTIONS`. The operator builds the same
+/// bundle and store for pods.
 fn trust_env(dir: &Path, ca_pem: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    use cellgate_tls::trust;
     std::fs::create_dir_all(dir.join("certs"))?;
-    let system = [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok())
-    .unwrap_or_default();
-    let bundle = dir.join("ca-bundle.pem");
-    std::fs::write(&bundle, format!("{system}\n{ca_pem}"))?;
-    let cell_ca = dir.join("cellgate-ca.pem");
-    std::fs::write(&cell_ca, ca_pem)?;
+    let system = trust::SYSTEM_ROOTS_CANDIDATES
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|text| (*p, text)));
+    let bundle = match &system {
+        Some((path, text)) => cellgate_tls::TrustBundle::new(ca_pem, Some(text))
+            .with_context(|| format!("building the cell's trust bundle from {path}"))?,
+        None => {
+            eprintln!(
+                "cellgate: no system roots found ({}): the cell trusts its own CA only",
+                trust::SYSTEM_ROOTS_CANDIDATES.join(", ")
+            );
+            cellgate_tls::TrustBundle::new(ca_pem, None)
+                .context("building the cell's trust bundle")?
+        }
+    };
+    let bundle_file = dir.join("ca-bundle.pem");
+    std::fs::write(&bundle_file, bundle.pem())?;
+    std::fs::write(dir.join("cellgate-ca.pem"), ca_pem)?;
     std::fs::write(dir.join("certs/cellgate-ca.pem"), ca_pem)?;
     // OpenSSL's SSL_CERT_DIR wants subject-hash links.
     let _ = std::process::Command::new("openssl")
@@ -184,50 +196,21 @@ fn trust_env(dir: &Path, ca_pem: &str) -> anyhow::Result<BTreeMap<String, String
         .arg(dir.join("certs"))
         .stderr(Stdio::null())
         .status();
-    let b = bundle.display().to_string();
-    let mut env = BTreeMap::new();
-    for k in [
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "GIT_SSL_CAINFO",
-        "PIP_CERT",
-        "AWS_CA_BUNDLE",
-        "HTTPLIB2_CA_CERTS",
-        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
-    ] {
-        env.insert(k.to_string(), b.clone());
-    }
+    let store = dir.join("truststore.p12");
+    std::fs::write(&store, bundle.pkcs12())?;
+    let b = bundle_file.display().to_string();
+    let mut env: BTreeMap<String, String> = trust::BUNDLE_ENV_VARS
+        .iter()
+        .map(|k| (k.to_string(), b.clone()))
+        .collect();
     env.insert(
         "SSL_CERT_DIR".into(),
         dir.join("certs").display().to_string(),
     );
-    env.insert("NODE_EXTRA_CA_CERTS".into(), cell_ca.display().to_string());
-    let store = dir.join("truststore.p12");
-    let keytool = std::process::Command::new("keytool")
-        .args([
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            "cellgate",
-            "-storetype",
-            "PKCS12",
-            "-storepass",
-            "changeit",
-            "-keystore",
-        ])
-        .arg(&store)
-        .arg("-file")
-        .arg(&cell_ca)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if keytool.is_ok_and(|s| s.success()) {
-        env.insert(
-            "JAVA_TOOL_OPTIONS".into(),
-            format!("-Djavax.net.ssl.trustStore={} -Djavax.net.ssl.trustStorePassword=changeit -Djavax.net.ssl.trustStoreType=PKCS12", store.display()),
-        );
-    }
+    env.insert(
+        trust::JAVA_TOOL_OPTIONS.into(),
+        trust::java_tool_options(&store.display().to_string()),
+    );
     for entry in walk(dir) {
         let mode = if entry.is_dir() { 0o755 } else { 0o644 };
         let _ = std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode));

@@ -16,6 +16,8 @@ use cellgate_api::model::Cidr;
 pub const ENV_SIGNING_KEY: &str = "CELLGATE_SIGNING_KEY";
 /// `--ca-cert` / `CELLGATE_CA_CERT`.
 pub const ENV_CA_CERT: &str = "CELLGATE_CA_CERT";
+/// `--system-roots` / `CELLGATE_SYSTEM_ROOTS`.
+pub const ENV_SYSTEM_ROOTS: &str = "CELLGATE_SYSTEM_ROOTS";
 /// `--token-ttl` / `CELLGATE_TOKEN_TTL`.
 pub const ENV_TOKEN_TTL: &str = "CELLGATE_TOKEN_TTL";
 /// `--init-image` / `CELLGATE_INIT_IMAGE`.
@@ -55,6 +57,11 @@ pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const DEFAULT_SIGNING_KEY: &str = "/etc/cellgate/signing/signing.key";
 /// Default `--ca-cert`.
 pub const DEFAULT_CA_CERT: &str = "/etc/cellgate/ca/ca.crt";
+/// Default `--system-roots`: the Debian path, which the operator's image (distroless, Debian)
+/// has.
+pub const DEFAULT_SYSTEM_ROOTS: &str = cellgate_tls::trust::DEFAULT_SYSTEM_ROOTS;
+/// The `--system-roots` value that leaves the system roots out: agents get the cell CA only.
+pub const SYSTEM_ROOTS_NONE: &str = "none";
 /// Default `--token-ttl`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Default `--control-namespace`.
@@ -117,6 +124,11 @@ pub struct Args {
     /// [default: /etc/cellgate/ca/ca.crt]
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// System roots (PEM) put beside the cell CA in every cell's trust bundle, so that agents
+    /// also trust real servers reached through `tls: passthrough`; `none`: the cell CA only
+    /// [env: CELLGATE_SYSTEM_ROOTS] [default: /etc/ssl/certs/ca-certificates.crt]
+    #[arg(long, value_name = "FILE|none")]
+    pub system_roots: Option<String>,
     /// Lifetime of cell tokens, e.g. `1h` [env: CELLGATE_TOKEN_TTL] [default: 1h]
     #[arg(long, value_name = "DUR")]
     pub token_ttl: Option<String>,
@@ -205,6 +217,9 @@ pub struct Config {
     pub signing_key: PathBuf,
     /// The interception CA certificate (PEM), copied into each cell's CA ConfigMap.
     pub ca_cert: PathBuf,
+    /// The system roots (PEM) added to each cell's trust bundle; `None` (`--system-roots none`):
+    /// the bundle holds the cell CA only.
+    pub system_roots: Option<PathBuf>,
     /// Lifetime of each minted token; rotated when less than a third is left.
     pub token_ttl: Duration,
     /// Image of `cellgate-init`.
@@ -412,6 +427,11 @@ impl Config {
                 },
             )?
         };
+        let system_roots = match pick(args.system_roots.as_ref(), env, ENV_SYSTEM_ROOTS) {
+            None => Some(PathBuf::from(DEFAULT_SYSTEM_ROOTS)),
+            Some(v) if v.trim().eq_ignore_ascii_case(SYSTEM_ROOTS_NONE) => None,
+            Some(v) => Some(PathBuf::from(v.trim())),
+        };
         let audit_log = path_of(args.audit_log.as_ref(), ENV_AUDIT_LOG)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG));
         let cell_max_connections = match pick(
@@ -498,6 +518,7 @@ impl Config {
             )
             .unwrap_or(DEFAULT_CA_CERT.into())
             .into(),
+            system_roots,
             token_ttl,
             init_image: pick(args.init_image.as_ref(), env, ENV_INIT_IMAGE)
                 .unwrap_or_else(default_init_image),
@@ -636,9 +657,12 @@ impl Config {
     /// key is a path), but the key file's content is never logged.
     pub fn summary(&self) -> String {
         format!(
-            "signing_key={} ca_cert={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={} lease_duration={} lease_renew_deadline={} lease_retry_period={} identity={}",
+            "signing_key={} ca_cert={} system_roots={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={} lease_duration={} lease_renew_deadline={} lease_retry_period={} identity={}",
             self.signing_key.display(),
             self.ca_cert.display(),
+            self.system_roots
+                .as_ref()
+                .map_or(SYSTEM_ROOTS_NONE.into(), |p| p.display().to_string()),
             humantime::format_duration(self.token_ttl),
             self.init_image,
             self.tagger_image,
@@ -729,6 +753,13 @@ mod tests {
         let c = Config::resolve(&args, &BTreeMap::new()).expect("valid");
         assert_eq!(c.signing_key, PathBuf::from(DEFAULT_SIGNING_KEY));
         assert_eq!(c.ca_cert, PathBuf::from(DEFAULT_CA_CERT));
+        assert_eq!(
+            c.system_roots,
+            Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))
+        );
+        assert!(c
+            .summary()
+            .contains("system_roots=/etc/ssl/certs/ca-certificates.crt"));
         assert_eq!(c.token_ttl, Duration::from_secs(3600));
         assert_eq!(c.node_cidrs, ["10.0.0.0/16"]);
         assert_eq!(c.control_namespace, "cellgate-system");
@@ -880,6 +911,41 @@ mod tests {
         assert!(bad(&[(ENV_LEASE_RETRY_PERIOD, "0s")]).contains("must be more than 0"));
         assert!(bad(&[(ENV_LEASE_DURATION, "15500ms")]).contains("whole seconds"));
         assert!(bad(&[(ENV_LEASE_RETRY_PERIOD, "often")]).contains("--lease-retry-period"));
+    }
+
+    #[test]
+    fn system_roots_from_flag_or_environment_and_none_leaves_them_out() {
+        let e = env(&[
+            (ENV_NODE_CIDRS, "10.0.0.0/8"),
+            (ENV_SYSTEM_ROOTS, "/etc/pki/tls/certs/ca-bundle.crt"),
+        ]);
+        let c = Config::resolve(&Args::default(), &e).expect("valid");
+        assert_eq!(
+            c.system_roots,
+            Some(PathBuf::from("/etc/pki/tls/certs/ca-bundle.crt"))
+        );
+        let args = Args::parse_from(["cellgate-operator", "--system-roots", "none"]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(
+            c.system_roots, None,
+            "the flag wins; none: the cell CA only"
+        );
+        assert!(c.summary().contains("system_roots=none"));
+        let e = env(&[(ENV_NODE_CIDRS, "10.0.0.0/8"), (ENV_SYSTEM_ROOTS, "NONE")]);
+        assert_eq!(
+            Config::resolve(&Args::default(), &e)
+                .expect("valid")
+                .system_roots,
+            None
+        );
+        // Empty is unset: the default.
+        let e = env(&[(ENV_NODE_CIDRS, "10.0.0.0/8"), (ENV_SYSTEM_ROOTS, "")]);
+        assert_eq!(
+            Config::resolve(&Args::default(), &e)
+                .expect("valid")
+                .system_roots,
+            Some(PathBuf::from(DEFAULT_SYSTEM_ROOTS))
+        );
     }
 
     #[test]

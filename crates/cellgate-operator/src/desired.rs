@@ -12,6 +12,7 @@ use cellgate_api::crd::{
     token_secret_name, AgentCellResource, ANNOTATION_TOKEN_EXPIRY, ANNOTATION_TOKEN_ID,
     CA_BUNDLE_KEY, TOKEN_SECRET_KEY,
 };
+use cellgate_tls::trust::{self as trust_files, TrustBundle};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource,
     ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec, SecretVolumeSource, SecurityContext,
@@ -45,19 +46,29 @@ pub const TOKEN_VOLUME: &str = "cellgate-token";
 pub const TOKEN_MOUNT_PATH: &str = "/var/run/cellgate/token";
 /// Volume holding the CA ConfigMap, mounted into the agent's containers.
 pub const CA_VOLUME: &str = "cellgate-ca";
-/// Where agent containers find the CA bundle directory.
+/// Where agent containers find the CA ConfigMap's files (a whole-volume mount, never `subPath`,
+/// so that kubelet refreshes them when the ConfigMap changes).
 pub const CA_MOUNT_PATH: &str = "/etc/cellgate/ca";
-/// The CA file agent clients are pointed at.
+/// The cell CA certificate(s) alone (key `ca.crt`).
 pub const CA_FILE: &str = "/etc/cellgate/ca/ca.crt";
-/// Environment variables common clients read for extra CA certificates.
-pub const CA_ENV_VARS: [&str; 6] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-    "AWS_CA_BUNDLE",
-];
+/// Key of the PEM trust bundle in the CA ConfigMap: the system roots plus the cell CA(s).
+pub const BUNDLE_KEY: &str = "bundle.pem";
+/// The PEM trust bundle agent clients are pointed at ([`CA_ENV_VARS`]).
+pub const BUNDLE_FILE: &str = "/etc/cellgate/ca/bundle.pem";
+/// Key (in `binaryData`) of the Java trust store in the CA ConfigMap: PKCS#12, the same
+/// certificates as [`BUNDLE_KEY`].
+pub const TRUSTSTORE_KEY: &str = "truststore.p12";
+/// The Java trust store `JAVA_TOOL_OPTIONS` names.
+pub const TRUSTSTORE_FILE: &str = "/etc/cellgate/ca/truststore.p12";
+/// Environment variables common clients read for a CA bundle file; each is set to
+/// [`BUNDLE_FILE`], replacing a value of the template's.
+pub const CA_ENV_VARS: [&str; 9] = trust_files::BUNDLE_ENV_VARS;
+/// The JVM's options variable: Cellgate's trust-store options are appended to the template's
+/// value ([`java_tool_options_env`]).
+pub const JAVA_TOOL_OPTIONS_ENV: &str = trust_files::JAVA_TOOL_OPTIONS;
+/// Where a template's `JAVA_TOOL_OPTIONS` given with `valueFrom` is moved, so that
+/// `JAVA_TOOL_OPTIONS` can reference it (`$(CELLGATE_AGENT_JAVA_TOOL_OPTIONS) -D...`).
+pub const AGENT_JAVA_TOOL_OPTIONS_ENV: &str = "CELLGATE_AGENT_JAVA_TOOL_OPTIONS";
 /// Annotation on the pod: hash of the desired pod, to recreate it when the template changes.
 pub const ANNOTATION_TEMPLATE_HASH: &str = "cellgate.dev/template-hash";
 /// Environment variable holding the node's address (downward API `status.hostIP`).
@@ -202,17 +213,24 @@ pub fn token_secret(
     })
 }
 
-/// The ConfigMap holding the interception CA certificate (key `ca.crt`).
+/// The ConfigMap mounted into the agent's containers at [`CA_MOUNT_PATH`]: `ca.crt` (the cell
+/// CA certificate(s) as given to the operator), `bundle.pem` (the system roots plus the cell
+/// CA(s)) and, in `binaryData`, `truststore.p12` (the same certificates as a Java PKCS#12 trust
+/// store). `trust` is built once per change of its inputs, so this stays a pure function.
 ///
 /// # Errors
 /// [`DesiredError::MissingMetadata`] when the cell has no name, namespace or uid.
-pub fn ca_bundle(cell: &AgentCellResource, ca_pem: &str) -> Result<ConfigMap, DesiredError> {
+pub fn ca_bundle(cell: &AgentCellResource, trust: &TrustBundle) -> Result<ConfigMap, DesiredError> {
     let n = names(cell)?;
     Ok(ConfigMap {
         metadata: meta(&n, ca_bundle_name(&n.name)),
-        data: Some(BTreeMap::from([(
-            CA_BUNDLE_KEY.to_string(),
-            ca_pem.to_string(),
+        data: Some(BTreeMap::from([
+            (CA_BUNDLE_KEY.to_string(), trust.cell_ca_pem().to_string()),
+            (BUNDLE_KEY.to_string(), trust.pem().to_string()),
+        ])),
+        binary_data: Some(BTreeMap::from([(
+            TRUSTSTORE_KEY.to_string(),
+            ByteString(trust.pkcs12().to_vec()),
         )])),
         ..ConfigMap::default()
     })
@@ -581,17 +599,50 @@ fn tagger_container(settings: &Settings, max_connections: u32) -> Container {
     }
 }
 
+/// `JAVA_TOOL_OPTIONS` with Cellgate's trust-store options after the template's own (the last
+/// `-D` of a property wins, so ours take effect): a literal value is kept in front of them; a
+/// `valueFrom` is moved to [`AGENT_JAVA_TOOL_OPTIONS_ENV`] and referenced, which Kubernetes
+/// expands in the container. Returns the variables to add, in order.
+fn java_tool_options_env(template: Option<EnvVar>) -> Vec<EnvVar> {
+    let ours = trust_files::java_tool_options(TRUSTSTORE_FILE);
+    match template {
+        Some(EnvVar {
+            value_from: Some(from),
+            ..
+        }) => vec![
+            EnvVar {
+                name: AGENT_JAVA_TOOL_OPTIONS_ENV.into(),
+                value: None,
+                value_from: Some(from),
+            },
+            env(
+                JAVA_TOOL_OPTIONS_ENV,
+                format!("$({AGENT_JAVA_TOOL_OPTIONS_ENV}) {ours}"),
+            ),
+        ],
+        Some(EnvVar { value: Some(v), .. }) if !v.trim().is_empty() => {
+            vec![env(JAVA_TOOL_OPTIONS_ENV, format!("{} {ours}", v.trim()))]
+        }
+        _ => vec![env(JAVA_TOOL_OPTIONS_ENV, ours)],
+    }
+}
+
 /// Applies Cellgate's changes to one agent container: CA mount, client variables (replacing any
-/// of the same name) and the forced non-root security context. Everything else is kept.
+/// of the same name; `JAVA_TOOL_OPTIONS` merged, see [`java_tool_options_env`]) and the forced
+/// non-root security context. Everything else is kept.
 fn wrap_agent_container(mut c: Container) -> Container {
-    let mut env_vars: Vec<EnvVar> = c
-        .env
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| !CA_ENV_VARS.contains(&e.name.as_str()))
-        .collect();
-    env_vars.extend(CA_ENV_VARS.iter().map(|name| env(name, CA_FILE)));
+    let mut java = None;
+    let mut env_vars: Vec<EnvVar> = Vec::new();
+    for e in c.env.take().unwrap_or_default() {
+        match e.name.as_str() {
+            n if CA_ENV_VARS.contains(&n) || n == AGENT_JAVA_TOOL_OPTIONS_ENV => {}
+            // The last definition is the one the container would have seen.
+            JAVA_TOOL_OPTIONS_ENV => java = Some(e),
+            _ => env_vars.push(e),
+        }
+    }
+    env_vars.extend(CA_ENV_VARS.iter().map(|name| env(name, BUNDLE_FILE)));
+    env_vars.extend(java_tool_options_env(java));
     c.env = Some(env_vars);
     c.volume_mounts
         .get_or_insert_with(Vec::new)
@@ -717,7 +768,7 @@ pub const RENDER_TOKEN_PLACEHOLDER: &str = "<minted by cellgate-operator>";
 pub fn render_yaml(
     cell: &AgentCellResource,
     settings: &Settings,
-    ca_pem: &str,
+    trust: &TrustBundle,
 ) -> Result<String, DesiredError> {
     let placeholder = IssuedToken {
         token: RENDER_TOKEN_PLACEHOLDER.into(),
@@ -727,7 +778,7 @@ pub fn render_yaml(
     let docs = [
         serde_yaml::to_string(&service_account(cell)?),
         serde_yaml::to_string(&token_secret(cell, &placeholder)?),
-        serde_yaml::to_string(&ca_bundle(cell, ca_pem)?),
+        serde_yaml::to_string(&ca_bundle(cell, trust)?),
         serde_yaml::to_string(&network_policy(cell, settings)?),
         serde_yaml::to_string(&pod(cell, settings)?),
     ];
@@ -925,8 +976,30 @@ mod tests {
                 .filter(|e| e.name == "SSL_CERT_FILE")
                 .map(|e| e.value.as_deref())
                 .collect::<Vec<_>>(),
-            [Some(CA_FILE)]
+            [Some(BUNDLE_FILE)]
         );
+        for name in CA_ENV_VARS {
+            assert_eq!(
+                env.iter().filter(|e| e.name == name).count(),
+                1,
+                "{name} set once"
+            );
+        }
+        assert_eq!(
+            env.iter()
+                .find(|e| e.name == JAVA_TOOL_OPTIONS_ENV)
+                .and_then(|e| e.value.as_deref()),
+            Some("-Djavax.net.ssl.trustStore=/etc/cellgate/ca/truststore.p12 -Djavax.net.ssl.trustStorePassword=changeit -Djavax.net.ssl.trustStoreType=PKCS12")
+        );
+        // The whole ConfigMap is mounted (no subPath: kubelet refreshes the files).
+        let mount = agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == CA_VOLUME)
+            .expect("CA mount");
+        assert_eq!(mount.mount_path, CA_MOUNT_PATH);
+        assert_eq!(mount.sub_path, None);
         assert!(env.iter().any(|e| e.name == "MODE"));
         assert_eq!(
             spec.service_account_name.as_deref(),
@@ -942,6 +1015,75 @@ mod tests {
         let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!(owner.controller, Some(true));
         assert_eq!(owner.kind, "AgentCell");
+    }
+
+    fn agent_env(template: serde_json::Value) -> Vec<EnvVar> {
+        let p = pod(&cell(template), &settings()).expect("pod");
+        let spec = p.spec.expect("spec");
+        spec.containers[0].env.clone().expect("env")
+    }
+
+    #[test]
+    fn java_tool_options_of_the_template_are_kept_before_cellgates() {
+        let ours = trust_files::java_tool_options(TRUSTSTORE_FILE);
+        // A literal value: kept in front, so Cellgate's trust store (the last -D) wins.
+        let mut t = agent_template();
+        t["spec"]["containers"][0]["env"] = json!([
+            {"name": "JAVA_TOOL_OPTIONS", "value": " -Xmx256m -Dfile.encoding=UTF-8 "},
+            {"name": "MODE", "value": "triage"}
+        ]);
+        let env = agent_env(t);
+        let java: Vec<_> = env
+            .iter()
+            .filter(|e| e.name == JAVA_TOOL_OPTIONS_ENV)
+            .collect();
+        assert_eq!(java.len(), 1);
+        assert_eq!(
+            java[0].value.as_deref(),
+            Some(format!("-Xmx256m -Dfile.encoding=UTF-8 {ours}").as_str())
+        );
+        assert!(!env.iter().any(|e| e.name == AGENT_JAVA_TOOL_OPTIONS_ENV));
+        // From a ConfigMap: moved aside and referenced, expanded by Kubernetes in the container.
+        let mut t = agent_template();
+        t["spec"]["containers"][0]["env"] = json!([{
+            "name": "JAVA_TOOL_OPTIONS",
+            "valueFrom": {"configMapKeyRef": {"name": "jvm", "key": "options"}}
+        }]);
+        let env = agent_env(t);
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        let (moved, java) = (
+            names
+                .iter()
+                .position(|n| *n == AGENT_JAVA_TOOL_OPTIONS_ENV)
+                .expect("moved"),
+            names
+                .iter()
+                .position(|n| *n == JAVA_TOOL_OPTIONS_ENV)
+                .expect("set"),
+        );
+        assert!(
+            moved < java,
+            "a $(VAR) reference needs the variable defined before it"
+        );
+        let from = env[moved].value_from.as_ref().expect("valueFrom kept");
+        assert_eq!(
+            from.config_map_key_ref.as_ref().expect("ref").key,
+            "options"
+        );
+        assert_eq!(
+            env[java].value.as_deref(),
+            Some(format!("$(CELLGATE_AGENT_JAVA_TOOL_OPTIONS) {ours}").as_str())
+        );
+        // Empty or absent: ours alone.
+        let mut t = agent_template();
+        t["spec"]["containers"][0]["env"] = json!([{"name": "JAVA_TOOL_OPTIONS", "value": "  "}]);
+        let env = agent_env(t);
+        assert_eq!(
+            env.iter()
+                .find(|e| e.name == JAVA_TOOL_OPTIONS_ENV)
+                .and_then(|e| e.value.clone()),
+            Some(ours)
+        );
     }
 
     #[test]
@@ -989,12 +1131,71 @@ mod tests {
         );
     }
 
+    /// The committed test certificates (`tests/fixtures/`): a cell CA and a "system" root.
+    pub(crate) fn fixture_trust() -> TrustBundle {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("fixture");
+        TrustBundle::new(&read("cell-ca.pem"), Some(&read("system-root.pem"))).expect("bundle")
+    }
+
     #[test]
     fn ca_bundle_matches_golden() {
-        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        golden(
-            "configmap-ca.yaml",
-            &ca_bundle(&cell(agent_template()), pem).expect("cm"),
+        let trust = fixture_trust();
+        let cm = ca_bundle(&cell(agent_template()), &trust).expect("cm");
+        golden("configmap-ca.yaml", &cm);
+        let data = cm.data.as_ref().expect("data");
+        assert_eq!(
+            data[CA_BUNDLE_KEY],
+            trust.cell_ca_pem(),
+            "ca.crt is the cell CA alone"
+        );
+        assert_eq!(data[BUNDLE_KEY], trust.pem());
+        let subjects: Vec<String> = trust_files::parse_certificates(&data[BUNDLE_KEY])
+            .expect("pem")
+            .iter()
+            .map(|c| c.subject().to_string())
+            .collect();
+        assert_eq!(
+            subjects,
+            ["CN=Golden system root", "CN=Cellgate golden cell CA"]
+        );
+        let binary = cm.binary_data.as_ref().expect("binaryData");
+        assert_eq!(binary[TRUSTSTORE_KEY].0, trust.pkcs12());
+        // Built again from the same certificates: the same object, so applying it changes nothing.
+        assert_eq!(
+            ca_bundle(&cell(agent_template()), &fixture_trust()).expect("cm"),
+            cm
+        );
+    }
+
+    #[test]
+    fn every_cell_ca_goes_into_the_bundle_during_a_rotation() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("fixture");
+        let new_ca = cellgate_tls::Ca::generate("Cellgate new cell CA").expect("ca");
+        let both = format!("{}{}", read("cell-ca.pem"), new_ca.cert_pem());
+        let trust = TrustBundle::new(&both, Some(&read("system-root.pem"))).expect("bundle");
+        let cm = ca_bundle(&cell(agent_template()), &trust).expect("cm");
+        let data = cm.data.as_ref().expect("data");
+        assert_eq!(data[CA_BUNDLE_KEY], both);
+        let subjects: Vec<String> = trust_files::parse_certificates(&data[BUNDLE_KEY])
+            .expect("pem")
+            .iter()
+            .map(|c| {
+                c.subject()
+                    .split(',')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            subjects,
+            [
+                "CN=Golden system root",
+                "CN=Cellgate golden cell CA",
+                "CN=Cellgate new cell CA"
+            ]
         );
     }
 
@@ -1120,7 +1321,8 @@ mod tests {
 
     #[test]
     fn render_lists_every_child_in_order() {
-        let y = render_yaml(&cell(agent_template()), &settings(), "PEM").expect("render");
+        let y =
+            render_yaml(&cell(agent_template()), &settings(), &fixture_trust()).expect("render");
         let kinds: Vec<_> = y.lines().filter_map(|l| l.strip_prefix("kind: ")).collect();
         assert_eq!(
             kinds,

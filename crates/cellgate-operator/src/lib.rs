@@ -31,6 +31,7 @@ pub mod reconcile;
 pub mod revocations;
 pub mod status;
 pub mod token;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -64,6 +65,9 @@ pub enum RunError {
         /// Why.
         reason: String,
     },
+    /// The system roots could not be read or used, or the trust bundle is too large.
+    #[error(transparent)]
+    SystemRoots(trust::TrustLoadError),
     /// The admin listener did not start.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
@@ -93,6 +97,7 @@ impl RunError {
         match self {
             RunError::SigningKey(_) => "signing_key",
             RunError::CaCert { .. } => "ca_cert",
+            RunError::SystemRoots(_) => "system_roots",
             RunError::Admin(_) => "admin_listener",
             RunError::AuditLog(_) => "audit_log",
             RunError::ApiTls(_) => "api_tls",
@@ -100,6 +105,15 @@ impl RunError {
             RunError::Kube(_) => "kube_client",
             RunError::Export(_) => "otlp_export",
             RunError::LeadershipLost(_) => "leadership_lost",
+        }
+    }
+}
+
+impl From<trust::TrustLoadError> for RunError {
+    fn from(e: trust::TrustLoadError) -> Self {
+        match e {
+            trust::TrustLoadError::CaCert { path, reason } => RunError::CaCert { path, reason },
+            other => RunError::SystemRoots(other),
         }
     }
 }
@@ -199,6 +213,8 @@ pub fn controllers(
     .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
     .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
     .owns(Api::<NetworkPolicy>::all(client.clone()), owned)
+    // A new trust bundle (CA or system roots changed) is written into every cell's ConfigMap.
+    .reconcile_all_on(ctx.trust.changes())
     .graceful_shutdown_on(shutdown.clone())
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -279,7 +295,18 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     tracing::info!(config = %config.summary(), "starting cellgate-operator");
     let signing_key = Arc::new(SigningKey::load(&config.signing_key)?);
-    let ca_pem = load_ca_pem(&config.ca_cert)?;
+    // The cell CA(s) and the system roots: every cell's trust bundle, re-read while running.
+    let trust_files = trust::TrustFiles {
+        ca_cert: config.ca_cert.clone(),
+        system_roots: config.system_roots.clone(),
+    };
+    let (trust_texts, bundle) = trust_files.load()?;
+    tracing::info!(
+        cell_cas = bundle.cell_cas().len(),
+        system_roots = bundle.system_roots().len(),
+        "trust bundle loaded"
+    );
+    let trust = trust::Trust::new(bundle);
     let metrics = Arc::new(metrics::Metrics::new());
     let state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -355,7 +382,7 @@ pub async fn run_with(
                 node_cidrs: config.node_cidrs.clone(),
                 cell_max_connections: config.cell_max_connections,
             },
-            ca_pem,
+            trust.clone(),
             signing_key,
             config.token_ttl,
             config.control_namespace.clone(),
@@ -368,6 +395,13 @@ pub async fn run_with(
         client.clone(),
         config.control_namespace.clone(),
         clock.clone(),
+    ));
+    // On every replica (it only reads files), so that a new leader starts from the current bundle.
+    let trust_watch = tokio::spawn(trust::watch(
+        trust_files,
+        trust,
+        trust_texts,
+        trust::POLL_INTERVAL,
     ));
     let mut elector = leader::Elector::new(
         client.clone(),
@@ -397,6 +431,7 @@ pub async fn run_with(
     metrics.leading(false);
     state.ready.store(false, Ordering::Release);
     tracing::info!(?outcome, "shutting down");
+    trust_watch.abort();
     api_server.shutdown().await;
     if let Err(e) = audit.log().clone().close().await {
         tracing::error!(error = %e, "the operator's audit log did not close cleanly");
@@ -427,6 +462,10 @@ mod tests {
             (
                 "CELLGATE_CA_CERT".to_string(),
                 dir.join("ca.crt").display().to_string(),
+            ),
+            (
+                "CELLGATE_SYSTEM_ROOTS".to_string(),
+                dir.join("roots.pem").display().to_string(),
             ),
             ("CELLGATE_ADMIN".to_string(), admin.to_string()),
         ]);
@@ -463,6 +502,38 @@ mod tests {
             "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
         )
         .expect("write");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("not a certificate");
+        assert_eq!(err.label(), "ca_cert");
+        assert!(
+            err.to_string().contains("not an X.509 certificate"),
+            "{err}"
+        );
+
+        let ca = |name: &str| {
+            cellgate_tls::Ca::generate(name)
+                .expect("ca")
+                .cert_pem()
+                .to_string()
+        };
+        std::fs::write(dir.path().join("ca.crt"), ca("cell")).expect("write");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("no system roots");
+        assert_eq!(err.label(), "system_roots");
+        assert!(err.to_string().contains("--system-roots"), "{err}");
+        std::fs::write(dir.path().join("roots.pem"), "no certificates").expect("write");
+        let err = run(config(dir.path(), "127.0.0.1:0"))
+            .await
+            .expect_err("empty system roots");
+        assert_eq!(err.label(), "system_roots");
+        assert!(
+            err.to_string().contains("no PEM CERTIFICATE block"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join("roots.pem"), ca("root")).expect("write");
         let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = busy.local_addr().expect("addr").to_string();
         let err = run(config(dir.path(), &addr)).await.expect_err("busy port");

@@ -38,6 +38,7 @@ use crate::oplog::{Event as AuditEvent, OperatorAudit};
 use crate::revocations;
 use crate::status::{self, Observation, PodObservation};
 use crate::token::{self, TokenDecision, TokenIssueError};
+use crate::trust::Trust;
 
 /// How soon to look again at a pod being deleted for recreation.
 pub const RECREATE_REQUEUE: Duration = Duration::from_secs(2);
@@ -71,8 +72,9 @@ pub struct Context {
     pub client: Client,
     /// Images and node ranges.
     pub settings: Settings,
-    /// The interception CA certificate (PEM).
-    pub ca_pem: String,
+    /// The trust bundle written into each cell's CA ConfigMap (the cell CA(s) and the system
+    /// roots); [`crate::trust::watch`] keeps it current.
+    pub trust: Trust,
     /// The control plane's token signing key.
     pub signing_key: Arc<SigningKey>,
     /// Lifetime of minted tokens.
@@ -107,7 +109,7 @@ impl Context {
     pub fn new(
         client: Client,
         settings: Settings,
-        ca_pem: String,
+        trust: impl Into<Trust>,
         signing_key: Arc<SigningKey>,
         token_ttl: Duration,
         control_namespace: String,
@@ -117,7 +119,7 @@ impl Context {
         Self {
             client,
             settings,
-            ca_pem,
+            trust: trust.into(),
             signing_key,
             token_ttl,
             control_namespace,
@@ -410,7 +412,7 @@ pub async fn apply(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Result<Ac
     let secret = desired::token_secret(&cell, &current.issued).map_err(Error::Desired)?;
     apply_child::<Secret>(client, &ns, &secret).await?;
 
-    let ca = desired::ca_bundle(&cell, &ctx.ca_pem).map_err(Error::Desired)?;
+    let ca = desired::ca_bundle(&cell, &ctx.trust.current()).map_err(Error::Desired)?;
     apply_child::<ConfigMap>(client, &ns, &ca).await?;
 
     let np = desired::network_policy(&cell, &ctx.settings).map_err(Error::Desired)?;

@@ -624,7 +624,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     key: Arc<SigningKey>,
     settings: Settings,
-    ca: String,
+    ca: cellgate_tls::TrustBundle,
     api: FakeApi,
 }
 
@@ -653,7 +653,13 @@ impl Fixture {
                 node_cidrs: vec!["10.0.0.0/16".into()],
                 cell_max_connections: 1024,
             },
-            ca: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".into(),
+            ca: cellgate_tls::TrustBundle::new(
+                cellgate_tls::Ca::generate("Cellgate test CA")
+                    .expect("ca")
+                    .cert_pem(),
+                None,
+            )
+            .expect("bundle"),
             api: FakeApi::new(),
         }
     }

@@ -16,6 +16,9 @@ use cellgate_operator::desired::{self, Settings};
 use cellgate_operator::metrics::Metrics;
 use cellgate_operator::reconcile::{reconcile, Clock, Context, Error};
 use cellgate_operator::token;
+use cellgate_operator::trust::{poll_once, Poll, Trust, TrustFiles};
+use cellgate_tls::TrustBundle;
+use futures_util::StreamExt;
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::runtime::controller::Action;
@@ -207,7 +210,8 @@ struct Fixture {
     _dir: tempfile::TempDir,
     key: Arc<SigningKey>,
     settings: Settings,
-    ca: String,
+    /// The trust bundle the operator writes (a throwaway cell CA, no system roots).
+    ca: TrustBundle,
 }
 
 impl Fixture {
@@ -227,7 +231,13 @@ impl Fixture {
                 node_cidrs: vec!["10.0.0.0/16".into()],
                 cell_max_connections: 1024,
             },
-            ca: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".into(),
+            ca: TrustBundle::new(
+                cellgate_tls::Ca::generate("Cellgate test CA")
+                    .expect("ca")
+                    .cert_pem(),
+                None,
+            )
+            .expect("bundle"),
         }
     }
 
@@ -239,13 +249,26 @@ impl Fixture {
         cell: &AgentCellResource,
         calls: Vec<Call>,
     ) -> (Result<Action, Error>, Arc<Metrics>) {
+        self.run_with(Trust::new(self.ca.clone()), now, ids, cell, calls)
+            .await
+    }
+
+    /// [`Fixture::run`] with the operator's trust bundle held by `trust`.
+    async fn run_with(
+        &self,
+        trust: Trust,
+        now: i64,
+        ids: &[&str],
+        cell: &AgentCellResource,
+        calls: Vec<Call>,
+    ) -> (Result<Action, Error>, Arc<Metrics>) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(Context::new(
             client,
             self.settings.clone(),
-            self.ca.clone(),
+            trust,
             self.key.clone(),
             TTL,
             "cellgate-system".into(),
@@ -592,6 +615,133 @@ async fn steady_state_writes_no_status_and_keeps_the_pod() {
         res.expect("reconcile"),
         Action::requeue(Duration::from_secs(1800))
     );
+}
+
+/// The watcher's part and the reconciler's: a new cell CA appended to the CA file (a rotation
+/// starting), then new system roots, each seen by one poll of the files, trigger the bulk
+/// reconcile and are written into the cell's CA ConfigMap (bundle.pem, truststore.p12, ca.crt),
+/// while the pod stays (its template does not depend on the bundle: kubelet refreshes the
+/// mounted files in place).
+#[tokio::test]
+async fn a_changed_ca_or_system_roots_file_is_written_into_the_configmap_and_the_pod_stays() {
+    let mut fx = Fixture::new();
+    let r = running(&fx, 1, 1);
+    let cell = CellBuilder {
+        status: Some(r.status.clone()),
+        ..CellBuilder::new(1)
+    }
+    .build();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = TrustFiles {
+        ca_cert: dir.path().join("ca.crt"),
+        system_roots: Some(dir.path().join("roots.pem")),
+    };
+    let pem = |name: &str| {
+        cellgate_tls::Ca::generate(name)
+            .expect("ca")
+            .cert_pem()
+            .to_string()
+    };
+    let (old_ca, root) = (fx.ca.cell_ca_pem().to_string(), pem("Test system root"));
+    std::fs::write(&files.ca_cert, &old_ca).expect("write");
+    std::fs::write(dir.path().join("roots.pem"), &root).expect("write");
+    let (mut seen, bundle) = files.load().expect("load");
+    let trust = Trust::new(bundle.clone());
+    let mut changes = Box::pin(trust.changes());
+    let mut refused = None;
+    let ca_cm_body = |calls: &[Call]| -> Value {
+        let call = calls
+            .iter()
+            .find(|c| c.uri.starts_with(CA_CM))
+            .expect("the CA ConfigMap is applied");
+        match &call.body {
+            Expect::Json(v) => v.clone(),
+            Expect::Empty => panic!("no body"),
+        }
+    };
+
+    fx.ca = bundle;
+    let calls = child_calls(
+        &fx,
+        &cell,
+        Some(r.secret.clone()),
+        &r.t,
+        Some(r.pod.clone()),
+    );
+    let before = ca_cm_body(&calls);
+    let (res, _) = fx
+        .run_with(trust.clone(), T0 + 600, &[], &cell, calls)
+        .await;
+    res.expect("reconcile");
+
+    // The rotation appends the new CA: the next poll sees it and fires the trigger.
+    let new_ca = pem("Cellgate next CA");
+    std::fs::write(&files.ca_cert, format!("{old_ca}{new_ca}")).expect("write");
+    assert_eq!(
+        poll_once(&files, &trust, &mut seen, &mut refused),
+        Poll::Changed
+    );
+    tokio::time::timeout(Duration::from_secs(1), changes.next())
+        .await
+        .expect("the controller is triggered")
+        .expect("open");
+    fx.ca = (*trust.current()).clone();
+    let calls = child_calls(
+        &fx,
+        &cell,
+        Some(r.secret.clone()),
+        &r.t,
+        Some(r.pod.clone()),
+    );
+    let rotated = ca_cm_body(&calls);
+    assert_eq!(rotated["data"]["ca.crt"], format!("{old_ca}{new_ca}"));
+    let bundle_pem = rotated["data"]["bundle.pem"].as_str().expect("bundle.pem");
+    let in_bundle = cellgate_tls::trust::parse_certificates(bundle_pem).expect("pem");
+    assert_eq!(in_bundle.len(), 3, "the root and both cell CAs");
+    assert_ne!(
+        rotated["binaryData"]["truststore.p12"], before["binaryData"]["truststore.p12"],
+        "the Java trust store follows"
+    );
+    // Exactly the scripted calls: the ConfigMap applied with the new content, the pod found
+    // with its hash and left alone (no delete), no status write.
+    let (res, _) = fx
+        .run_with(trust.clone(), T0 + 660, &[], &cell, calls)
+        .await;
+    res.expect("reconcile");
+
+    // New system roots in the operator's image or volume: the same path.
+    let root2 = pem("Test system root 2");
+    std::fs::write(dir.path().join("roots.pem"), format!("{root}{root2}")).expect("write");
+    assert_eq!(
+        poll_once(&files, &trust, &mut seen, &mut refused),
+        Poll::Changed
+    );
+    tokio::time::timeout(Duration::from_secs(1), changes.next())
+        .await
+        .expect("the controller is triggered")
+        .expect("open");
+    fx.ca = (*trust.current()).clone();
+    let calls = child_calls(
+        &fx,
+        &cell,
+        Some(r.secret.clone()),
+        &r.t,
+        Some(r.pod.clone()),
+    );
+    let roots_changed = ca_cm_body(&calls);
+    let bundle_pem = roots_changed["data"]["bundle.pem"]
+        .as_str()
+        .expect("bundle.pem");
+    assert_eq!(
+        cellgate_tls::trust::parse_certificates(bundle_pem)
+            .expect("pem")
+            .len(),
+        4
+    );
+    let (res, _) = fx
+        .run_with(trust.clone(), T0 + 720, &[], &cell, calls)
+        .await;
+    res.expect("reconcile");
 }
 
 #[tokio::test]

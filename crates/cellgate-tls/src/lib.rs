@@ -10,6 +10,9 @@
 //!   `rustls::ServerConfig`s, with concurrent misses collapsed into one mint.
 //! - [`upstream`]: the `rustls::ClientConfig` the node uses towards the real server (system roots
 //!   plus extra CAs) and the mapping of certificate failures to stable reason labels.
+//! - [`trust`]: the other side of interception, what the agent's clients trust: the cell CA plus
+//!   the system roots as a PEM bundle and a Java PKCS#12 trust store (used by `cellgate run` and
+//!   the operator alike).
 //!
 //! Every rustls config here is built with the ring provider passed explicitly
 //! ([`crypto_provider`]); nothing relies on a process-wide default provider.
@@ -19,6 +22,7 @@ use std::sync::Arc;
 pub mod ca;
 pub mod client_hello;
 pub mod mint;
+pub mod trust;
 pub mod upstream;
 
 pub use ca::{Ca, CaError, CaFiles};
@@ -27,6 +31,7 @@ pub use client_hello::{
     HelloError, Parsed, Rewind,
 };
 pub use mint::{CertifiedLeaf, LeafMinter, MintError, MinterConfig};
+pub use trust::{TrustBundle, TrustError};
 pub use upstream::{classify_error, client_config, TlsError};
 
 /// The ALPN protocols Cellgate offers and accepts, in preference order.
