@@ -15,6 +15,8 @@ RUN target="$(uname -m)-unknown-linux-musl" \
  && install -D -m 0755 "target/$target/release/cellgate-operator" /out/cellgate-operator
 
 FROM gcr.io/distroless/static-debian12:nonroot
+# /etc/ssl/certs/ca-certificates.crt (distroless ships Debian's bundle) is the default
+# --system-roots: the public roots put beside the cell CA in every agent's trust bundle.
 COPY --from=build /out/cellgate-operator /usr/local/bin/cellgate-operator
 # distroless's nonroot user; the Deployment also sets runAsNonRoot.
 USER 65532:65532

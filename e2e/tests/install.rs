@@ -416,6 +416,10 @@ fn check_contract(docs: &[Value], front: Front) {
     for (k, v) in [
         ("CELLGATE_SIGNING_KEY", "/etc/cellgate/signing/signing.key"),
         ("CELLGATE_CA_CERT", "/etc/cellgate/ca/ca.crt"),
+        (
+            "CELLGATE_SYSTEM_ROOTS",
+            "/etc/ssl/certs/ca-certificates.crt",
+        ),
         ("CELLGATE_ADMIN", "0.0.0.0:8080"),
         ("CELLGATE_CONTROL_NAMESPACE", "fieldRef:metadata.namespace"),
     ] {
@@ -1056,6 +1060,70 @@ fn helm_lint_passes() {
         let out = run_ok(&helm, &args);
         assert!(out.contains("0 chart(s) failed"), "{out}");
     }
+}
+
+/// The system roots of the cells' trust bundles: a file in the operator's image (or `none`), or a
+/// ConfigMap mounted into the operator as a whole volume (so kubelet refreshes it and the
+/// operator rewrites every cell's bundle). (`none` is the operator's value for the cell CA only.)
+#[test]
+fn helm_system_roots_values_reach_the_operator() {
+    let op_of = |extra: &[&str]| {
+        let mut args = vec!["--set", CIDRS];
+        args.extend_from_slice(extra);
+        let docs = docs(&helm_template_ok(&args));
+        let dep = find(&docs, "Deployment", "cellgate-operator").clone();
+        let op = container(&dep, "containers", "operator").clone();
+        (dep, op)
+    };
+    let (dep, op) = op_of(&[]);
+    assert_eq!(
+        env_of(&op)["CELLGATE_SYSTEM_ROOTS"],
+        "/etc/ssl/certs/ca-certificates.crt"
+    );
+    let volumes = |d: &Value| d["spec"]["template"]["spec"]["volumes"].clone();
+    assert!(!volumes(&dep).to_string().contains("system-roots"));
+
+    let (_, op) = op_of(&["--set", "operator.systemRoots=none"]);
+    assert_eq!(env_of(&op)["CELLGATE_SYSTEM_ROOTS"], "none");
+
+    let (dep, op) = op_of(&["--set", "operator.systemRootsConfigMap=corp-roots"]);
+    assert_eq!(
+        env_of(&op)["CELLGATE_SYSTEM_ROOTS"],
+        "/etc/cellgate/system-roots/ca-certificates.crt"
+    );
+    let m = mount(&op, "system-roots");
+    assert_eq!(m["mountPath"], "/etc/cellgate/system-roots");
+    assert_eq!(m["readOnly"], true);
+    assert!(
+        m.get("subPath").is_none(),
+        "a subPath mount never refreshes"
+    );
+    let vol = volumes(&dep)
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == "system-roots").cloned())
+        .expect("system-roots volume");
+    assert_eq!(vol["configMap"]["name"], "corp-roots");
+
+    for bad in ["relative/path.pem", ""] {
+        assert_rejected(
+            &[
+                "--set",
+                CIDRS,
+                "--set-string",
+                &format!("operator.systemRoots={bad}"),
+            ],
+            "operator.systemRoots",
+        );
+    }
+    assert_rejected(
+        &[
+            "--set",
+            CIDRS,
+            "--set",
+            "operator.systemRootsConfigMap=Corp_Roots",
+        ],
+        "operator.systemRootsConfigMap",
+    );
 }
 
 #[test]
