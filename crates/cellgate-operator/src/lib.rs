@@ -118,27 +118,18 @@ impl From<trust::TrustLoadError> for RunError {
     }
 }
 
-/// Reads the CA certificate file, which must hold at least one PEM certificate.
-///
-/// # Errors
-/// [`RunError::CaCert`] when the file cannot be read or holds no certificate.
-pub fn load_ca_pem(path: &std::path::Path) -> Result<String, RunError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RunError::CaCert {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
-    if !text.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(RunError::CaCert {
-            path: path.into(),
-            reason: "no PEM CERTIFICATE block".into(),
-        });
-    }
-    Ok(text)
-}
-
 /// Resolves when the operator is asked to stop; cloneable, so that every controller and the
 /// election can wait for the same signal.
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Where a started operator listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: std::net::SocketAddr,
+    /// The control API (HTTPS).
+    pub api: std::net::SocketAddr,
+}
 
 /// A [`Shutdown`] that never resolves (tests, and callers that stop by dropping the future).
 pub fn never() -> Shutdown {
@@ -271,7 +262,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tracing::info!(apiserver.version = %version.git_version, "connected to the API server");
         Ok(client)
     };
-    run_with(config, connect, graceful, forced).await
+    run_with(config, connect, graceful, forced, |_| {}).await
 }
 
 /// Runs the operator: loads the signing key and CA certificate, starts the admin listener on
@@ -280,7 +271,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 /// admin endpoints and the control API; only the leader runs the [`controllers`].
 ///
 /// `graceful` stops the operator: a standby at once; the leader after its in-flight reconciles,
-/// releasing the Lease. `forced` drops the controllers at once.
+/// releasing the Lease. `forced` drops the controllers at once. `bound` is told the admin and
+/// control API addresses once both listen (port 0 in the config picks free ports).
 ///
 /// # Errors
 /// [`RunError`] when startup fails, and [`RunError::LeadershipLost`] when this replica led and
@@ -292,6 +284,7 @@ pub async fn run_with(
     connect: impl std::future::Future<Output = Result<Client, kube::Error>>,
     graceful: Shutdown,
     forced: Shutdown,
+    bound: impl FnOnce(Bound),
 ) -> Result<(), RunError> {
     tracing::info!(config = %config.summary(), "starting cellgate-operator");
     let signing_key = Arc::new(SigningKey::load(&config.signing_key)?);
@@ -371,6 +364,10 @@ pub async fn run_with(
     )
     .await?;
     tracing::info!(api.addr = %api_server.addr, "control API up (HTTPS)");
+    bound(Bound {
+        admin: admin.addr,
+        api: api_server.addr,
+    });
 
     let clock: Arc<dyn reconcile::Clock> = Arc::new(reconcile::SystemClock);
     let ctx = Arc::new(

@@ -76,24 +76,27 @@ impl TrustFiles {
     /// Reads both files.
     ///
     /// # Errors
-    /// [`TrustLoadError::CaCert`] when the CA file cannot be read or holds no usable certificate,
-    /// [`TrustLoadError::SystemRoots`] when the roots file cannot be read.
+    /// [`TrustLoadError::CaCert`] when the CA file cannot be read (or holds no usable certificate
+    /// while the roots file cannot be read either), [`TrustLoadError::SystemRoots`] when the roots
+    /// file cannot be read.
     pub fn read(&self) -> Result<TrustTexts, TrustLoadError> {
         let ca_cert = read(&self.ca_cert).map_err(|reason| TrustLoadError::CaCert {
             path: self.ca_cert.clone(),
             reason,
         })?;
-        // The CA is the operator's own input: its faults are reported before the roots'.
-        if let Err(e) = cellgate_tls::trust::parse_certificates(&ca_cert) {
-            return Err(TrustLoadError::CaCert {
-                path: self.ca_cert.clone(),
-                reason: e.to_string(),
-            });
-        }
         let system_roots = match &self.system_roots {
-            Some(p) => Some(read(p).map_err(|reason| TrustLoadError::SystemRoots {
-                path: p.clone(),
-                reason,
+            Some(p) => Some(read(p).map_err(|reason| {
+                // The CA is the operator's own input: its faults are reported before the roots'.
+                match cellgate_tls::trust::parse_certificates(&ca_cert) {
+                    Err(e) => TrustLoadError::CaCert {
+                        path: self.ca_cert.clone(),
+                        reason: e.to_string(),
+                    },
+                    Ok(_) => TrustLoadError::SystemRoots {
+                        path: p.clone(),
+                        reason,
+                    },
+                }
             })?),
             None => None,
         };
