@@ -123,6 +123,8 @@ impl Watched {
 enum Expect {
     Empty,
     Json(Value),
+    /// JSON whose fields at these pointers have these values.
+    Fields(Vec<(&'static str, Value)>),
 }
 
 enum Reply {
@@ -423,6 +425,17 @@ impl FakeApi {
             Expect::Empty => {
                 if !body.is_empty() {
                     wrong.push("unexpected body".into());
+                }
+            }
+            Expect::Fields(fields) => {
+                let actual: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                for (pointer, want) in fields {
+                    if actual.pointer(pointer) != Some(want) {
+                        wrong.push(format!(
+                            "{pointer} is {:?}, expected {want}",
+                            actual.pointer(pointer)
+                        ));
+                    }
                 }
             }
             Expect::Json(expected) => {
@@ -1495,4 +1508,200 @@ async fn a_leader_that_stops_releases_the_lease_and_the_standby_takes_it_at_once
     assert_eq!(lease["spec"]["leaseTransitions"], json!(1));
     assert!(fx.api.failures().is_empty());
     task_b.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A standby over real sockets: `run_with` while another replica holds the Lease.
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn a_standby_serves_readiness_and_the_control_api_and_does_not_reconcile() {
+    use futures_util::FutureExt as _;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    };
+    let ca = rcgen::generate_simple_self_signed(vec!["cellgate-ca".to_string()]).expect("ca");
+    let api_cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let signing_key = fx._dir.path().join("signing.key").display().to_string();
+    let env: std::collections::BTreeMap<String, String> = [
+        ("CELLGATE_NODE_CIDRS", "10.0.0.0/16".to_string()),
+        ("CELLGATE_SIGNING_KEY", signing_key),
+        ("CELLGATE_CA_CERT", write("ca.crt", &ca.cert.pem())),
+        ("CELLGATE_SYSTEM_ROOTS", "none".to_string()),
+        ("CELLGATE_ADMIN", "127.0.0.1:0".to_string()),
+        ("CELLGATE_API_LISTEN", "127.0.0.1:0".to_string()),
+        (
+            "CELLGATE_API_TLS_CERT",
+            write("api.crt", &api_cert.cert.pem()),
+        ),
+        (
+            "CELLGATE_API_TLS_KEY",
+            write("api.key", &api_cert.signing_key.serialize_pem()),
+        ),
+        (
+            "CELLGATE_AUDIT_LOG",
+            dir.path().join("audit.jsonl").display().to_string(),
+        ),
+        ("POD_NAME", "cellgate-operator-b".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = cellgate_operator::Config::resolve(&cellgate_operator::Args::default(), &env)
+        .expect("config");
+    // Replica a holds the Lease and renewed it just now.
+    fx.api.lock().lease = Some(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "cellgate-operator", "namespace": CNS, "resourceVersion": "7"},
+        "spec": {"holderIdentity": "cellgate-operator-a", "leaseDurationSeconds": 15,
+                 "acquireTime": "2030-01-01T00:00:00.000000Z",
+                 "renewTime": "2030-01-01T00:00:00.000000Z", "leaseTransitions": 0}
+    }));
+    let client = fx.api.client(1);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let graceful = async move {
+        let _ = stop_rx.await;
+    }
+    .boxed()
+    .shared();
+    let task = tokio::spawn(cellgate_operator::run_with(
+        config,
+        std::future::ready(Ok(client)),
+        graceful,
+        never(),
+        move |b| {
+            let _ = bound_tx.send(b);
+        },
+    ));
+    let bound = bound_rx.await.expect("started");
+
+    // /readyz: 503 until the Lease has been read, then 200 naming the leader.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let r = http_get(bound.admin, "/readyz").await;
+        if r.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break r;
+        }
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        ready.starts_with("HTTP/1.1 200")
+            && ready
+                .contains("ready: standby; the controllers run in the leader cellgate-operator-a"),
+        "{ready}"
+    );
+    let metrics = http_get(bound.admin, "/metrics").await;
+    assert!(metrics.contains("cellgate_operator_leader 0"), "{metrics}");
+
+    // The control API answers on the standby: authentication, authorization, the read.
+    fx.api.script(vec![
+        Step {
+            method: Method::POST,
+            uri: "/apis/authentication.k8s.io/v1/tokenreviews?".into(),
+            content_type: Some("application/json"),
+            body: Expect::Fields(vec![("/spec/token", json!("t0ken"))]),
+            reply: Reply::Json(
+                StatusCode::CREATED,
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                       "metadata": {}, "spec": {"token": "t0ken"},
+                       "status": {"authenticated": true,
+                                  "user": {"username": "alice", "uid": "uid-alice", "groups": ["sre"]}}}),
+            ),
+        },
+        Step {
+            method: Method::POST,
+            uri: "/apis/authorization.k8s.io/v1/subjectaccessreviews?".into(),
+            content_type: Some("application/json"),
+            body: Expect::Fields(vec![
+                ("/spec/user", json!("alice")),
+                ("/spec/resourceAttributes/group", json!("cellgate.dev")),
+                ("/spec/resourceAttributes/resource", json!("revocations")),
+                ("/spec/resourceAttributes/verb", json!("list")),
+            ]),
+            reply: Reply::Json(
+                StatusCode::CREATED,
+                json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                       "metadata": {}, "spec": {}, "status": {"allowed": true}}),
+            ),
+        },
+        get(
+            REVOCATIONS,
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "cellgate-revocations", "namespace": CNS},
+                   "data": {"jti-9": "2030-01-01T01:00:00Z"}}),
+        ),
+    ]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(api_cert.cert.der().clone()).expect("root");
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+                .enable_http1()
+                .build(),
+        );
+    let req = Request::get(format!(
+        "https://localhost:{}/api/v1/revocations",
+        bound.api.port()
+    ))
+    .header("authorization", "Bearer t0ken")
+    .body(Full::new(Bytes::new()))
+    .expect("request");
+    let resp = https.request(req).await.expect("control API");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes())
+            .expect("json");
+    assert_eq!(
+        body,
+        json!({"items": [{"tokenId": "jti-9", "expiry": "2030-01-01T01:00:00Z"}]})
+    );
+    fx.api.script_done(Duration::from_secs(10)).await;
+
+    // Stopped, the standby returns cleanly and writes nothing to the Lease it never held.
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("a standby stops cleanly");
+    let seen = fx.api.seen();
+    assert!(fx.api.failures().is_empty(), "{:#?}", fx.api.failures());
+    let others: Vec<&Seen> = seen
+        .iter()
+        .filter(|c| !(c.method == Method::GET && c.path().starts_with(LEASES)))
+        .collect();
+    assert_eq!(
+        others.iter().map(|c| c.path()).collect::<Vec<_>>(),
+        [
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            REVOCATIONS,
+        ],
+        "a standby reads the Lease and serves the control API, nothing else:\n{}",
+        calls_text(&seen)
+    );
+    assert!(seen.iter().any(|c| c.path().starts_with(LEASES)));
 }
