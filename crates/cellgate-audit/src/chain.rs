@@ -43,9 +43,29 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
 
 /// Appends the canonical JSON of an object to `out`.
 pub(crate) fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    write_object_with_slot(map, out, "");
+}
+
+/// Where a key absent from an object goes in its canonical JSON: the byte offset in the output
+/// and whether entries come before and after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    at: usize,
+    before: bool,
+    after: bool,
+}
+
+/// [`write_object`], also returning where an entry with key `slot` (not in `map`) would go, so
+/// that it can be spliced in afterwards without writing the object again.
+fn write_object_with_slot(map: &Map<String, Value>, out: &mut Vec<u8>, slot: &str) -> Slot {
     let mut entries: Vec<(&String, &Value)> = map.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
+    let mut found = Slot {
+        at: out.len(),
+        before: false,
+        after: false,
+    };
     for (i, (key, value)) in entries.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -53,8 +73,16 @@ pub(crate) fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
         write_str(key, out);
         out.push(b':');
         write_value(value, out);
+        // Sorted: the keys before the slot come first, and it goes right after the last of them.
+        if key.as_str() < slot {
+            found.at = out.len();
+            found.before = true;
+        } else {
+            found.after = true;
+        }
     }
     out.push(b'}');
+    found
 }
 
 fn write_value(value: &Value, out: &mut Vec<u8>) {
@@ -143,6 +171,25 @@ fn normalize_numbers(value: &mut Value) {
     }
 }
 
+/// Initial capacity of a record's canonical body; a typical record is a few hundred bytes.
+const LINE_HINT: usize = 512;
+
+/// The `"hash":"..."` entry to splice into a record's body at `slot`, with the comma that
+/// separates it from its neighbour.
+fn hash_entry(hash: &str, slot: Slot) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(HASH_HEX_LEN.saturating_add(10));
+    if slot.before {
+        entry.push(b',');
+    }
+    write_str("hash", &mut entry);
+    entry.push(b':');
+    write_str(hash, &mut entry);
+    if !slot.before && slot.after {
+        entry.push(b',');
+    }
+    entry
+}
+
 /// Fills the chain fields of `rec` for position `seq` after `prev`, and appends its line
 /// (with the `\n`) to `out`.
 ///
@@ -168,24 +215,32 @@ pub(crate) fn seal(rec: &mut Record, seq: u64, prev: &str, out: &mut Vec<u8>) ->
                 "audit record did not serialize as an object",
             ));
         };
-        let (_, hash) = rehash(&mut map, prev);
-        map.insert("hash".to_owned(), Value::String(hash.clone()));
-        let mut line = Vec::new();
-        write_object(&map, &mut line);
-        if line.len() > MAX_LINE_LEN {
+        // One canonical serialization: the body is hashed, then the line is the body with the
+        // `hash` entry spliced in where its key sorts (what writing the object again with the
+        // key inserted would produce, without doing it twice).
+        map.remove("hash");
+        let mut body = Vec::with_capacity(LINE_HINT);
+        let slot = write_object_with_slot(&map, &mut body, "hash");
+        let hash = record_hash(prev, &body);
+        let entry = hash_entry(&hash, slot);
+        let line_len = body.len().saturating_add(entry.len());
+        if line_len > MAX_LINE_LEN {
             if clamped {
                 return Err(io::Error::other(format!(
-                    "audit record {seq} is {} bytes even after clamping, over the limit of {MAX_LINE_LEN}",
-                    line.len()
+                    "audit record {seq} is {line_len} bytes even after clamping, over the limit of {MAX_LINE_LEN}"
                 )));
             }
             rec.clamp();
             clamped = true;
             continue;
         }
-        rec.hash = hash;
-        out.extend_from_slice(&line);
+        let (head, tail) = body.split_at(slot.at.min(body.len()));
+        out.reserve(line_len.saturating_add(1));
+        out.extend_from_slice(head);
+        out.extend_from_slice(&entry);
+        out.extend_from_slice(tail);
         out.push(b'\n');
+        rec.hash = hash;
         return Ok(());
     }
 }
@@ -233,6 +288,42 @@ mod tests {
             String::from_utf8(canonical_json(&v)).unwrap(),
             r#"{"a":{"c":"s","z":[3,{"x":true,"y":null}]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn the_hash_entry_spliced_into_the_body_is_the_object_written_with_it() {
+        // Keys before and after "hash", only before, only after, none, and keys sharing its
+        // prefix ("has", "hash0", "hasH"): the splice must land exactly where sorting puts it.
+        let cases: [&[&str]; 6] = [
+            &["time", "seq", "action", "prev", "z"],
+            &["a", "b"],
+            &["i", "seq"],
+            &[],
+            &["has", "hash0", "hasH", "hashes"],
+            &["hasi"],
+        ];
+        let hash = "ab".repeat(32);
+        for keys in cases {
+            let mut map = Map::new();
+            for (i, k) in keys.iter().enumerate() {
+                map.insert((*k).to_owned(), json!({"n": i, "s": "x\"y"}));
+            }
+            let mut body = Vec::new();
+            let slot = write_object_with_slot(&map, &mut body, "hash");
+            let mut plain = Vec::new();
+            write_object(&map, &mut plain);
+            assert_eq!(body, plain, "the body is the canonical object: {keys:?}");
+            let (head, tail) = body.split_at(slot.at);
+            let spliced = [head, &hash_entry(&hash, slot), tail].concat();
+            map.insert("hash".to_owned(), Value::String(hash.clone()));
+            let mut written = Vec::new();
+            write_object(&map, &mut written);
+            assert_eq!(
+                String::from_utf8(spliced).unwrap(),
+                String::from_utf8(written).unwrap(),
+                "keys {keys:?}"
+            );
+        }
     }
 
     #[test]
