@@ -85,7 +85,7 @@ if [ -z "${ENVOY_BIN:-}" ]; then
   eval "$(bash "$root/.ci/install-envoy-openbao.sh" | tail -n 3)"
 fi
 [ -x "$ENVOY_BIN" ] || { echo "missing Envoy at $ENVOY_BIN" >&2; exit 1; }
-ENVOY_VERSION="$("$ENVOY_BIN" --version | grep -m1 -o 'version: [^ ]*' | cut -d' ' -f2 | cut -d/ -f1-2)"
+ENVOY_VERSION="$("$ENVOY_BIN" --version | grep -m1 -o 'version: [^ ]*' | cut -d/ -f2)"
 
 work="$(mktemp -d -t cellgate-bench.XXXXXX)"
 pids=()
