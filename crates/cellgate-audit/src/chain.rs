@@ -171,6 +171,134 @@ fn normalize_numbers(value: &mut Value) {
     }
 }
 
+/// Writes the members of one canonical JSON object in the order the caller gives, which must be
+/// sorted by key (see [`write_record`]).
+struct Members<'a> {
+    out: &'a mut Vec<u8>,
+    any: bool,
+}
+
+impl Members<'_> {
+    fn key(&mut self, key: &str) {
+        if self.any {
+            self.out.push(b',');
+        }
+        self.any = true;
+        write_str(key, self.out);
+        self.out.push(b':');
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        write_str(value, self.out);
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&String>) {
+        if let Some(v) = value {
+            self.str(key, v);
+        }
+    }
+
+    fn int(&mut self, key: &str, value: impl std::fmt::Display) {
+        use std::io::Write as _;
+        self.key(key);
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.out, "{value}");
+    }
+
+    fn opt_int(&mut self, key: &str, value: Option<impl std::fmt::Display>) {
+        if let Some(v) = value {
+            self.int(key, v);
+        }
+    }
+
+    fn list(&mut self, key: &str, items: &[String]) {
+        if items.is_empty() {
+            return;
+        }
+        self.key(key);
+        self.out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            write_str(item, self.out);
+        }
+        self.out.push(b']');
+    }
+
+    fn map(&mut self, key: &str, map: &std::collections::BTreeMap<String, String>) {
+        self.key(key);
+        self.out.push(b'{');
+        // A BTreeMap<String, _> iterates in the byte order canonical JSON sorts by.
+        for (i, (k, v)) in map.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            write_str(k, self.out);
+            self.out.push(b':');
+            write_str(v, self.out);
+        }
+        self.out.push(b'}');
+    }
+}
+
+/// Appends the canonical JSON of `rec` without its `hash` key, and returns where that key goes.
+///
+/// The same bytes as [`write_object`] over `serde_json::to_value(rec)` minus `hash` (a test holds
+/// the two together, field by field), without building the intermediate `Value` tree: the
+/// members are written in sorted key order, each omitted exactly when serde skips it.
+fn write_record(rec: &Record, out: &mut Vec<u8>) -> Slot {
+    out.push(b'{');
+    let mut m = Members { out, any: false };
+    if let Some(budget) = &rec.budget {
+        m.key("budget");
+        write_value(budget, m.out);
+    }
+    m.opt_str("capability", rec.capability.as_ref());
+    m.opt_str("cell", rec.cell.as_ref());
+    m.opt_int("cell_generation", rec.cell_generation);
+    m.opt_str("cell_uid", rec.cell_uid.as_ref());
+    m.str("decision", rec.decision.as_str());
+    m.opt_str("destination", rec.destination.as_ref());
+    m.str("front_door", &rec.front_door);
+    // "hash" sorts here, after "front_door", which every record has.
+    let slot = Slot {
+        at: m.out.len(),
+        before: true,
+        after: true,
+    };
+    if !rec.headers.is_empty() {
+        m.map("headers", &rec.headers);
+    }
+    m.opt_str("host", rec.host.as_ref());
+    m.opt_int("latency_us", rec.latency_us);
+    m.opt_str("method", rec.method.as_ref());
+    m.opt_str("namespace", rec.namespace.as_ref());
+    m.str("node", &rec.node);
+    m.opt_str("path", rec.path.as_ref());
+    if let Some(packs) = &rec.policy_packs {
+        m.map("policy_packs", packs);
+    }
+    m.opt_str("policy_version", rec.policy_version.as_ref());
+    m.opt_int("port", rec.port);
+    m.str("prev", &rec.prev);
+    m.str("protocol", &rec.protocol);
+    m.str("reason", &rec.reason);
+    m.list("reasons", &rec.reasons);
+    m.opt_str("request_id", rec.request_id.as_ref());
+    m.opt_str("role", rec.role.as_ref());
+    m.opt_int("schema", rec.schema);
+    m.int("seq", rec.seq);
+    m.opt_str("sni", rec.sni.as_ref());
+    m.opt_str("source", rec.source.as_ref());
+    m.str("time", &rec.time);
+    m.opt_str("token_id", rec.token_id.as_ref());
+    m.list("withheld", &rec.withheld);
+    out.push(b'}');
+    slot
+}
+
 /// Initial capacity of a record's canonical body; a typical record is a few hundred bytes.
 const LINE_HINT: usize = 512;
 
@@ -210,17 +338,11 @@ pub(crate) fn seal(rec: &mut Record, seq: u64, prev: &str, out: &mut Vec<u8>) ->
     }
     let mut clamped = false;
     loop {
-        let Value::Object(mut map) = serde_json::to_value(&*rec).map_err(io::Error::other)? else {
-            return Err(io::Error::other(
-                "audit record did not serialize as an object",
-            ));
-        };
-        // One canonical serialization: the body is hashed, then the line is the body with the
-        // `hash` entry spliced in where its key sorts (what writing the object again with the
-        // key inserted would produce, without doing it twice).
-        map.remove("hash");
+        // One canonical serialization, straight from the record's fields: the body is hashed,
+        // then the line is the body with the `hash` entry spliced in where its key sorts (what
+        // writing the object again with the key inserted would produce, without doing it twice).
         let mut body = Vec::with_capacity(LINE_HINT);
-        let slot = write_object_with_slot(&map, &mut body, "hash");
+        let slot = write_record(rec, &mut body);
         let hash = record_hash(prev, &body);
         let entry = hash_entry(&hash, slot);
         let line_len = body.len().saturating_add(entry.len());
@@ -288,6 +410,112 @@ mod tests {
             String::from_utf8(canonical_json(&v)).unwrap(),
             r#"{"a":{"c":"s","z":[3,{"x":true,"y":null}]},"b":1}"#
         );
+    }
+
+    /// The canonical JSON serde's representation of `rec` gives, without `hash`.
+    fn through_serde(rec: &Record) -> Vec<u8> {
+        let Value::Object(mut map) = serde_json::to_value(rec).unwrap() else {
+            panic!("not an object")
+        };
+        map.remove("hash");
+        let mut out = Vec::new();
+        write_object(&map, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_record_written_directly_is_its_serde_form_written_canonically() {
+        let mut full = Record::new(
+            "node-a",
+            "intake",
+            "https",
+            crate::Decision::ShadowDeny,
+            "r",
+        );
+        full.cell = Some("c".into());
+        full.namespace = Some("ns".into());
+        full.token_id = Some("t\"q".into());
+        full.source = Some("10.0.0.1:1".into());
+        full.destination = Some("1.2.3.4:443".into());
+        full.method = Some("GET".into());
+        full.host = Some("h\u{e9}".into());
+        full.path = Some("/p\n".into());
+        full.capability = Some("cap".into());
+        full.reasons = vec!["a".into(), "b\\".into()];
+        full.policy_version = Some("v".into());
+        full.budget = Some(serde_json::json!({"z": 1, "a": {"y": "1.5", "b": [1, null, true]}}));
+        full.latency_us = Some(u64::MAX);
+        full.request_id = Some("req".into());
+        full.schema = Some(2);
+        full.port = Some(443);
+        full.sni = Some("sni".into());
+        full.headers = [
+            ("x-b".to_owned(), "2".to_owned()),
+            ("x-a".to_owned(), "1".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        full.withheld = vec!["authorization".into()];
+        full.cell_uid = Some("uid".into());
+        full.role = Some("role".into());
+        full.cell_generation = Some(-3);
+        full.policy_packs = Some([("p".to_owned(), "1".to_owned())].into_iter().collect());
+        full.seq = 7;
+        full.prev = ZERO_HASH.into();
+        // Every field set: the direct writer covers every key serde writes (a field added to
+        // Record and not to write_record fails here).
+        let Value::Object(keys) = serde_json::to_value(&full).unwrap() else {
+            panic!("not an object")
+        };
+        let mut body = Vec::new();
+        write_record(&full, &mut body);
+        let Value::Object(written) = serde_json::from_slice(&body).unwrap() else {
+            panic!("not an object")
+        };
+        let mut want: Vec<&String> = keys.keys().filter(|k| *k != "hash").collect();
+        want.sort();
+        assert_eq!(written.keys().collect::<Vec<_>>(), want);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            String::from_utf8(through_serde(&full)).unwrap()
+        );
+        // And with each optional field left out in turn, and all of them.
+        let minimal = Record::new("n", "dns", "dns", crate::Decision::Deny, "x");
+        let mut variants = vec![minimal];
+        for i in 0..20 {
+            let mut r = full.clone();
+            match i {
+                0 => r.budget = None,
+                1 => r.capability = None,
+                2 => r.cell = None,
+                3 => r.cell_generation = None,
+                4 => r.cell_uid = None,
+                5 => r.destination = None,
+                6 => r.headers.clear(),
+                7 => r.host = None,
+                8 => r.latency_us = None,
+                9 => r.method = None,
+                10 => r.namespace = None,
+                11 => r.policy_packs = Some(Default::default()),
+                12 => r.policy_packs = None,
+                13 => r.reasons.clear(),
+                14 => r.schema = None,
+                15 => r.sni = None,
+                16 => r.withheld.clear(),
+                17 => r.port = None,
+                18 => r.token_id = None,
+                _ => r.role = None,
+            }
+            variants.push(r);
+        }
+        for r in &variants {
+            let mut body = Vec::new();
+            write_record(r, &mut body);
+            assert_eq!(
+                String::from_utf8(body).unwrap(),
+                String::from_utf8(through_serde(r)).unwrap()
+            );
+        }
     }
 
     #[test]
