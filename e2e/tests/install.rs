@@ -258,7 +258,8 @@ enum Front {
 /// Least privilege and the contract of docs/kubernetes.md, for any rendering (kustomize or Helm).
 fn check_contract(docs: &[Value], front: Front) {
     // No container anywhere is privileged or gets a network capability; only the node's audit-dir
-    // init container gets a capability at all (CHOWN).
+    // init container (CHOWN) and, when the self-check is on, its prober (SYS_ADMIN, to enter pod
+    // network namespaces) get a capability at all.
     for w in docs
         .iter()
         .filter(|d| kind(d) == "Deployment" || kind(d) == "DaemonSet")
@@ -276,6 +277,10 @@ fn check_contract(docs: &[Value], front: Front) {
                 let added = strings(&sc["capabilities"]["add"]);
                 if c["name"] == "audit-dir" {
                     assert_eq!(added, ["CHOWN"], "{who}");
+                } else if c["name"] == "self-check-prober" {
+                    // Kubernetes gives a capability only to a root container.
+                    assert_eq!(added, ["SYS_ADMIN"], "{who}");
+                    assert_eq!(sc["runAsUser"], 0, "{who}");
                 } else {
                     assert!(added.is_empty(), "{who} adds capabilities {added:?}");
                     assert_ne!(sc["runAsUser"], 0, "{who} runs as root");
@@ -374,17 +379,23 @@ fn check_contract(docs: &[Value], front: Front) {
         want_ports.insert((15011, "TCP".to_owned()));
     }
     assert_eq!(ports, want_ports);
-    let containers: Vec<&str> = pod["containers"]
+    let mut containers: Vec<&str> = pod["containers"]
         .as_array()
         .expect("containers")
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
+    containers.sort_unstable();
+    let self_check = check_self_check(ds);
+    let mut want_containers = vec!["node"];
     if front == Front::Envoy {
-        assert_eq!(containers, ["node", "envoy"]);
-    } else {
-        assert_eq!(containers, ["node"]);
+        want_containers.push("envoy");
     }
+    if self_check {
+        want_containers.push("self-check-prober");
+    }
+    want_containers.sort_unstable();
+    assert_eq!(containers, want_containers);
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(node[probe]["httpGet"]["port"], 15021, "{probe}");
     }
@@ -554,6 +565,80 @@ fn check_contract(docs: &[Value], front: Front) {
             name(d)
         );
     }
+}
+
+/// The node DaemonSet's enforcement self-check: the node says `--self-check-interval` explicitly
+/// (off, or an interval with the prober's socket), and when it is on the prober container is
+/// there with exactly what it needs. Returns whether it is on.
+fn check_self_check(ds: &Value) -> bool {
+    let node = container(ds, "containers", "node");
+    let env = env_of(node);
+    let interval = env
+        .get("CELLGATE_SELF_CHECK_INTERVAL")
+        .expect("the node states its self-check interval, off included");
+    let prober = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "self-check-prober");
+    if interval == "off" {
+        assert!(prober.is_none(), "a prober without the self-check");
+        assert!(!env.contains_key("CELLGATE_SELF_CHECK_PROBER"));
+        return false;
+    }
+    let prober = prober.expect("the self-check needs its prober container");
+    let socket = "unix:/run/cellgate-selfcheck/prober.sock";
+    assert_eq!(
+        env.get("CELLGATE_SELF_CHECK_PROBER").map(String::as_str),
+        Some(socket)
+    );
+    assert_eq!(strings(&prober["args"]), ["self-check-prober"]);
+    assert_eq!(
+        prober["image"],
+        container(ds, "containers", "node")["image"],
+        "the prober is the node image"
+    );
+    let penv = env_of(prober);
+    assert_eq!(
+        penv.get("CELLGATE_SELF_CHECK_PROBER").map(String::as_str),
+        Some(socket)
+    );
+    assert_eq!(
+        penv.get("CELLGATE_SELF_CHECK_TARGET"),
+        env.get("CELLGATE_SELF_CHECK_TARGET"),
+        "the node and its prober agree on the must-deny destination"
+    );
+    assert!(
+        prober.get("ports").is_none(),
+        "the prober listens on no port"
+    );
+    let netns = mount(prober, "netns");
+    assert_eq!(netns["readOnly"], true);
+    assert_eq!(netns["mountPropagation"], "HostToContainer");
+    assert_eq!(
+        penv.get("CELLGATE_SELF_CHECK_NETNS_DIR")
+            .map(String::as_str),
+        netns["mountPath"].as_str()
+    );
+    assert_eq!(
+        mount(prober, "self-check")["mountPath"],
+        mount(node, "self-check")["mountPath"]
+    );
+    // Only the prober sees the host's namespaces; it mounts nothing else.
+    let mounts = prober["volumeMounts"].as_array().expect("mounts");
+    assert_eq!(mounts.len(), 2, "{mounts:?}");
+    assert!(node["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .all(|m| m["name"] != "netns"));
+    let volumes = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes");
+    let vol = |n: &str| volumes.iter().find(|v| v["name"] == n).expect("volume");
+    assert!(vol("netns")["hostPath"]["path"].is_string());
+    assert_eq!(vol("self-check")["emptyDir"]["medium"], "Memory");
+    true
 }
 
 /// What an Envoy-mode render was asked for.
@@ -939,7 +1024,7 @@ fn readme_node_resources_overlay() -> String {
 fn kustomize_all_options() -> String {
     kustomize_overlay(&format!(
         "{}\
-         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets, DEPLOY/components/audit-anchors, DEPLOY/components/policy-packs]\n\
+         components: [DEPLOY/components/ext-authz, DEPLOY/components/k8s-secrets, DEPLOY/components/audit-anchors, DEPLOY/components/policy-packs, DEPLOY/components/self-check]\n\
          configMapGenerator:\n\
          - name: cellgate-operator\n  behavior: merge\n  literals: [CELLGATE_NODE_CIDRS=10.0.0.0/16]\n",
         readme_node_resources_overlay().replace(
@@ -1648,11 +1733,13 @@ fn by_name(list: &Value) -> BTreeMap<String, Value> {
 
 /// The chart's values for what `kustomize_all_options` turns on: the node's Kubernetes Secrets,
 /// resources, ext_authz with a token header, audit anchors, and both starter packs.
-const NODE_OPTIONS: [&str; 20] = [
+const NODE_OPTIONS: [&str; 22] = [
     "--set",
     CIDRS,
     "--set",
     "node.k8sSecrets=true",
+    "--set",
+    "node.selfCheck.enabled=true",
     "--set",
     "node.resources.requests.cpu=500m",
     "--set",
@@ -1694,6 +1781,14 @@ fn helm_node_options_configure_the_nodes_as_kustomize_does() {
     let cfg = node_config_of(node, None);
     assert!(cfg.credentials.k8s_secrets);
     assert_eq!(
+        cfg.self_check.interval,
+        Some(std::time::Duration::from_secs(30))
+    );
+    assert_eq!(
+        cfg.self_check.prober,
+        cellgate_node::config::ProberAddr::Unix("/run/cellgate-selfcheck/prober.sock".into())
+    );
+    assert_eq!(
         cfg.ext_authz.as_ref().map(|a| a.to_string()).as_deref(),
         Some("0.0.0.0:15011")
     );
@@ -1732,6 +1827,26 @@ fn helm_node_options_configure_the_nodes_as_kustomize_does() {
         node_of(&k),
         "node differs between Helm and kustomize"
     );
+    let prober_of = |d: &[Value]| {
+        let c = container(
+            find(d, "DaemonSet", "cellgate-node"),
+            "containers",
+            "self-check-prober",
+        );
+        (
+            env_of(c),
+            c["args"].clone(),
+            c["image"].clone(),
+            c["resources"].clone(),
+            c["securityContext"].clone(),
+            by_name(&c["volumeMounts"]),
+        )
+    };
+    assert_eq!(
+        prober_of(&h),
+        prober_of(&k),
+        "self-check prober differs between Helm and kustomize"
+    );
     for (k_, n) in [
         ("ClusterRole", "cellgate-node-secrets"),
         ("ClusterRoleBinding", "cellgate-node-secrets"),
@@ -1762,6 +1877,9 @@ fn helm_node_options_configure_the_nodes_as_kustomize_does() {
     let cfg = node_config_of(node, None);
     assert!(!cfg.credentials.k8s_secrets);
     assert!(cfg.ext_authz.is_none() && cfg.ext_authz_token_header.is_none());
+    // The self-check is off explicitly, without its privileged prober.
+    assert_eq!(cfg.self_check.interval, None);
+    assert!(!check_self_check(find(&d, "DaemonSet", "cellgate-node")));
     assert_eq!(
         node["resources"],
         serde_json::json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}})
@@ -1786,6 +1904,40 @@ fn assert_rejected(extra: &[&str], message: &str) {
 #[test]
 fn helm_rejects_bad_values_early() {
     const SCHEMA: &str = "values don't meet the specifications of the schema";
+    // The self-check: durations and the target by the schema, their relation and Envoy mode by
+    // the checks.
+    let on = ["--set", CIDRS, "--set", "node.selfCheck.enabled=true"];
+    for (value, key) in [
+        ("node.selfCheck.interval=0s", "node.selfCheck.interval"),
+        ("node.selfCheck.timeout=soon", "node.selfCheck.timeout"),
+        ("node.selfCheck.target=192.0.2.1", "node.selfCheck.target"),
+        (
+            "node.selfCheck.netnsHostPath=netns",
+            "node.selfCheck.netnsHostPath",
+        ),
+    ] {
+        let mut args = on.to_vec();
+        args.extend(["--set", value]);
+        assert_rejected(&args, key);
+    }
+    let mut args = on.to_vec();
+    args.extend(["--set", "node.selfCheck.timeout=30s"]);
+    assert_rejected(&args, "node.selfCheck.timeout (30s) is not shorter than");
+    let mut args = on.to_vec();
+    args.extend([
+        "--set",
+        "envoy.enabled=true",
+        "--set",
+        "envoy.podCIDRs={10.244.0.0/16}",
+        "--set",
+        "envoy.intercept.hosts={api.example.com}",
+        "--set",
+        "envoy.intercept.secret=cellgate-envoy-intercept",
+    ]);
+    assert_rejected(
+        &args,
+        "node.selfCheck.enabled and envoy.enabled are both set",
+    );
     // No node CIDRs: the schema requires at least one.
     assert_rejected(&[], "nodeCIDRs");
     assert_rejected(&[], SCHEMA);

@@ -104,6 +104,16 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with $v.node.selfCheck -}}
+{{- if .enabled -}}
+{{- if $v.envoy.enabled -}}
+{{- fail "cellgate: node.selfCheck.enabled and envoy.enabled are both set. The self-check's probe is raw TCP to a reserved address, which the nodes' Envoy does not carry (it closes raw TCP): every cell would read Governed=False. Turn one off." -}}
+{{- end -}}
+{{- if ge (include "cellgate.millis" .timeout | int64) (include "cellgate.millis" .interval | int64) -}}
+{{- fail (printf "cellgate: node.selfCheck.timeout (%s) is not shorter than node.selfCheck.interval (%s): a probe must end before the next starts." .timeout .interval) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.envoy.enabled -}}
 {{- if $v.extAuthz.enabled -}}
 {{- fail "cellgate: envoy.enabled and extAuthz.enabled are both set. envoy.enabled runs Envoy in the node pods and serves ext_authz to it on a Unix socket inside the pod; extAuthz.enabled serves ext_authz on TCP 15011 of every node for an Envoy you run elsewhere. The node has one ext_authz listener: choose one." -}}
@@ -119,6 +129,21 @@ that skips schema validation still fails clearly) and add what a schema cannot e
 {{- end -}}
 {{- end -}}
 {{- end }}
+
+{{/* A duration of values.schema.json (Nms, Ns, Nm, Nh, Nd) in milliseconds. */}}
+{{- define "cellgate.millis" -}}
+{{- $d := toString . -}}
+{{- if hasSuffix "ms" $d -}}{{ trimSuffix "ms" $d | int64 }}
+{{- else if hasSuffix "s" $d -}}{{ mul (trimSuffix "s" $d | int64) 1000 }}
+{{- else if hasSuffix "m" $d -}}{{ mul (trimSuffix "m" $d | int64) 60000 }}
+{{- else if hasSuffix "h" $d -}}{{ mul (trimSuffix "h" $d | int64) 3600000 }}
+{{- else if hasSuffix "d" $d -}}{{ mul (trimSuffix "d" $d | int64) 86400000 }}
+{{- else -}}0
+{{- end -}}
+{{- end }}
+
+{{/* The prober's socket, in a directory only the node pod's two containers mount. */}}
+{{- define "cellgate.selfCheck.runDir" -}}/run/cellgate-selfcheck{{- end }}
 
 {{/* Whether a sink of alerts.sinks is signed: json always, slack when signed is set. */}}
 {{- define "cellgate.alertsSigned" -}}

@@ -27,6 +27,14 @@ pub const MANAGED_BY: &str = "cellgate-operator";
 pub const OPERATOR_FIELD_MANAGER: &str = "cellgate-operator";
 /// Field manager of the node's status writes (`status.enforcement`).
 pub const NODE_FIELD_MANAGER: &str = "cellgate-node";
+/// Field manager of the node's enforcement self-check: it owns the `Governed` entry of
+/// `status.conditions` (a list-map keyed by `type`) and nothing else, so its applies never remove
+/// the operator's conditions, `status.enforcement` or `status.usage`.
+pub const SELF_CHECK_FIELD_MANAGER: &str = "cellgate-node-selfcheck";
+/// Condition type written by the node hosting the cell's pod: a probe from inside the pod's
+/// network namespace to a must-deny destination crossed the tagger and was refused by the node
+/// (`True`), showed the cell's traffic is not governed (`False`), or could not run (`Unknown`).
+pub const CONDITION_GOVERNED: &str = "Governed";
 /// Field manager of the kubectl plugin's edits (`revoke`, `suspend`, `resume`).
 pub const KUBECTL_FIELD_MANAGER: &str = "kubectl-cellgate";
 /// Finalizer that holds a deleted cell until its token is revoked.
@@ -79,14 +87,16 @@ pub fn pod_name(cell: &str) -> String {
     cell.to_string()
 }
 
-/// Observed state of an `AgentCell`, written by the operator (and `enforcement` by the node).
+/// Observed state of an `AgentCell`, written by the operator (and `enforcement`, `usage` and the
+/// `Governed` condition by the node).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentCellStatus {
     /// `Pending`, `Running`, `Suspended`, `Invalid`, `Failed` or `Terminating`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// `TokenIssued`, `PodReady` and `Enforced`, each with a reason.
+    /// `TokenIssued`, `PodReady` and `Enforced` (the operator's), and `Governed` (the node's
+    /// enforcement self-check), each with a reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -184,12 +194,13 @@ pub struct Enforcement {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `TokenIssued`, `PodReady` or `Enforced`.
+    /// `TokenIssued`, `PodReady`, `Enforced` or `Governed`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     pub status: String,
-    /// A CamelCase reason, e.g. `TokenValid`, `PodPending`, `GenerationBehind`.
+    /// A CamelCase reason, e.g. `TokenValid`, `PodPending`, `GenerationBehind`,
+    /// `ProbeRefusedAtNode`.
     #[serde(default)]
     pub reason: String,
     /// Details for humans.
@@ -397,6 +408,7 @@ mod tests {
                 "Phase",
                 "Capabilities",
                 "Enforced",
+                "Governed",
                 "Usage",
                 "Suspended",
                 "Age"

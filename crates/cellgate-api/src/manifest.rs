@@ -90,6 +90,7 @@ pub struct ObjectMeta {
     printcolumn = r#"{"name":"Phase","type":"string","description":"Lifecycle phase","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Capabilities","type":"integer","description":"Number of capabilities","jsonPath":".status.capabilities"}"#,
     printcolumn = r#"{"name":"Enforced","type":"string","description":"Whether the node enforces the current generation","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
+    printcolumn = r#"{"name":"Governed","type":"string","description":"Whether the node's self-check proved the cell's traffic crosses the boundary","jsonPath":".status.conditions[?(@.type==\"Governed\")].status"}"#,
     printcolumn = r#"{"name":"Usage","type":"string","description":"Budget usage, as the cell's node counts it","jsonPath":".status.usage.summary"}"#,
     printcolumn = r#"{"name":"Suspended","type":"boolean","priority":1,"jsonPath":".spec.suspended"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

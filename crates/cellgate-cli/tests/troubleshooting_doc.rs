@@ -182,8 +182,9 @@ fn every_cellgate_name_is_an_error_code_or_a_metric() {
     }
     // Where the node and the operator register their metrics (names without the `_total` a
     // counter gets on the wire; the operator's under the prefix `cellgate_operator`).
-    let node =
-        source("crates/cellgate-node/src/metrics.rs") + &source("crates/cellgate-node/src/lib.rs");
+    let node = source("crates/cellgate-node/src/metrics.rs")
+        + &source("crates/cellgate-node/src/lib.rs")
+        + &source("crates/cellgate-node/src/selfcheck.rs");
     let operator = source("crates/cellgate-operator/src/metrics.rs");
     assert!(operator.contains("Registry::with_prefix(\"cellgate_operator\")"));
     let text = doc();
@@ -218,6 +219,9 @@ fn every_condition_type_and_reason_is_written_by_the_operator() {
     let sources = [
         "crates/cellgate-operator/src/status.rs",
         "crates/cellgate-operator/src/policy.rs",
+        // The node writes `Governed` (its enforcement self-check).
+        "crates/cellgate-node/src/selfcheck.rs",
+        "crates/cellgate-api/src/crd.rs",
     ]
     .map(source)
     .join("\n");

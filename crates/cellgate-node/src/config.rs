@@ -167,6 +167,281 @@ pub struct NodeArgs {
     /// Export request spans too (true) or audit records only (false) [env: CELLGATE_OTLP_TRACES] [default: true]
     #[arg(long)]
     pub otlp_traces: Option<bool>,
+    /// Time between enforcement self-checks of each cell on this node (a probe from inside the pod's network namespace to a must-deny destination; docs/kubernetes.md), or `off` [env: CELLGATE_SELF_CHECK_INTERVAL] [default: 30s]
+    #[arg(long)]
+    pub self_check_interval: Option<String>,
+    /// The must-deny destination of the self-check probe, ADDR:PORT: the intake answers every connection to it itself and never forwards one, whatever a capability says [env: CELLGATE_SELF_CHECK_TARGET] [default: 192.0.2.1:9]
+    #[arg(long)]
+    pub self_check_target: Option<SocketAddr>,
+    /// Bound on one probe (connect, then the node's answer), e.g. 2s or 500ms; shorter than the interval [env: CELLGATE_SELF_CHECK_TIMEOUT] [default: 2s]
+    #[arg(long)]
+    pub self_check_timeout: Option<String>,
+    /// Directory of the pods' network namespaces (containerd and CRI-O bind them there), for the in-process prober [env: CELLGATE_SELF_CHECK_NETNS_DIR] [default: /var/run/netns]
+    #[arg(long)]
+    pub self_check_netns_dir: Option<PathBuf>,
+    /// What enters the pods' network namespaces: `in-process` (the node itself; needs CAP_SYS_ADMIN) or unix:PATH, the socket of a `cellgate-node self-check-prober` beside the node [env: CELLGATE_SELF_CHECK_PROBER] [default: in-process]
+    #[arg(long)]
+    pub self_check_prober: Option<String>,
+}
+
+/// Command line of `cellgate-node self-check-prober`: the privileged half of the enforcement
+/// self-check ([`crate::selfcheck::prober`]), run beside an unprivileged node.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "cellgate-node self-check-prober",
+    version,
+    about = "Enters pod network namespaces on the node's behalf and probes the must-deny destination from inside (needs CAP_SYS_ADMIN); answers only the node, over a Unix socket."
+)]
+pub struct ProberArgs {
+    /// The Unix socket to serve, unix:PATH or a path [env: CELLGATE_SELF_CHECK_PROBER]
+    #[arg(long)]
+    pub socket: Option<String>,
+    /// The must-deny destination, as the node's --self-check-target: the only one probed [env: CELLGATE_SELF_CHECK_TARGET] [default: 192.0.2.1:9]
+    #[arg(long)]
+    pub target: Option<SocketAddr>,
+    /// Directory of the pods' network namespaces [env: CELLGATE_SELF_CHECK_NETNS_DIR] [default: /var/run/netns]
+    #[arg(long)]
+    pub netns_dir: Option<PathBuf>,
+    /// Log format: text or json [env: CELLGATE_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The default must-deny destination: TEST-NET-1 (RFC 5737, never routed), the discard port.
+pub const SELF_CHECK_TARGET: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(192, 0, 2, 1),
+    9,
+));
+/// The default directory of pod network namespaces.
+pub const SELF_CHECK_NETNS_DIR: &str = "/var/run/netns";
+
+/// Who enters the pods' network namespaces for the self-check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProberAddr {
+    /// The node itself, from a thread of its own (needs CAP_SYS_ADMIN).
+    InProcess,
+    /// A `cellgate-node self-check-prober` listening on this Unix socket.
+    Unix(PathBuf),
+}
+
+impl ProberAddr {
+    /// Parses `in-process`, `unix:PATH` or a path.
+    ///
+    /// # Errors
+    /// A message naming the value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "in-process" {
+            return Ok(Self::InProcess);
+        }
+        match ListenAddr::parse(s) {
+            Ok(ListenAddr::Unix(p)) => Ok(Self::Unix(p)),
+            _ => Err(format!(
+                "{s:?}: expected in-process or unix:PATH (the prober's socket)"
+            )),
+        }
+    }
+}
+
+/// The enforcement self-check ([`crate::selfcheck`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfCheckConfig {
+    /// Time between probes of each cell; `None`: off (explicitly: `--self-check-interval off`).
+    pub interval: Option<Duration>,
+    /// The must-deny destination the probe dials and the intake reserves.
+    pub target: SocketAddr,
+    /// Bound on one probe.
+    pub timeout: Duration,
+    /// Where the in-process prober looks for network namespaces.
+    pub netns_dir: PathBuf,
+    /// Who enters the namespaces.
+    pub prober: ProberAddr,
+}
+
+impl SelfCheckConfig {
+    /// Off, with the default target (still reserved by the intake) and bounds.
+    pub fn off() -> Self {
+        Self {
+            interval: None,
+            target: SELF_CHECK_TARGET,
+            timeout: Duration::from_secs(2),
+            netns_dir: PathBuf::from(SELF_CHECK_NETNS_DIR),
+            prober: ProberAddr::InProcess,
+        }
+    }
+
+    fn from_args_env(
+        args: &NodeArgs,
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut c = Self::off();
+        let interval = args
+            .self_check_interval
+            .clone()
+            .or_else(|| get("CELLGATE_SELF_CHECK_INTERVAL"))
+            .unwrap_or_else(|| "30s".into());
+        c.interval = if interval == "off" {
+            None
+        } else {
+            Some(parse_duration_ms(&interval).ok_or_else(|| {
+                invalid(
+                    "--self-check-interval",
+                    format!("{interval:?} is not a duration like 30s, or off"),
+                )
+            })?)
+        };
+        if let Some(t) = args
+            .self_check_target
+            .or(match get("CELLGATE_SELF_CHECK_TARGET") {
+                Some(v) => Some(v.parse().map_err(|_| {
+                    invalid("--self-check-target", format!("{v:?} is not ADDR:PORT"))
+                })?),
+                None => None,
+            })
+        {
+            c.target = t;
+        }
+        if let Some(t) = args
+            .self_check_timeout
+            .clone()
+            .or_else(|| get("CELLGATE_SELF_CHECK_TIMEOUT"))
+        {
+            c.timeout = parse_duration_ms(&t).ok_or_else(|| {
+                invalid(
+                    "--self-check-timeout",
+                    format!("{t:?} is not a duration like 2s or 500ms"),
+                )
+            })?;
+        }
+        if let Some(d) = args
+            .self_check_netns_dir
+            .clone()
+            .or_else(|| get("CELLGATE_SELF_CHECK_NETNS_DIR").map(PathBuf::from))
+        {
+            c.netns_dir = d;
+        }
+        if let Some(p) = args
+            .self_check_prober
+            .clone()
+            .or_else(|| get("CELLGATE_SELF_CHECK_PROBER"))
+        {
+            c.prober = ProberAddr::parse(&p).map_err(|m| invalid("--self-check-prober", m))?;
+        }
+        Ok(c)
+    }
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_self_check_target(self.target)?;
+        if self.timeout.is_zero() {
+            return Err(invalid("--self-check-timeout", "must be more than 0"));
+        }
+        if let Some(i) = self.interval {
+            if self.timeout >= i {
+                return Err(invalid(
+                    "--self-check-timeout",
+                    format!(
+                        "{:?} is not shorter than the interval {i:?}: a probe must end before the next starts",
+                        self.timeout
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A must-deny destination must be an address a pod would route out of itself: not loopback
+/// (every namespace answers it locally), unspecified or multicast, and not port 0.
+fn check_self_check_target(t: SocketAddr) -> Result<(), ConfigError> {
+    let ip = t.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || t.port() == 0 {
+        return Err(invalid(
+            "--self-check-target",
+            format!("{t} is loopback, unspecified, multicast or port 0: choose an address no pod has and no network routes, e.g. {SELF_CHECK_TARGET}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `500ms`, or a duration `parse_duration` takes (`2s`, `1m`).
+fn parse_duration_ms(s: &str) -> Option<Duration> {
+    match s.strip_suffix("ms") {
+        Some(n) => n
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Duration::from_millis),
+        None => cellgate_api::manifest::parse_duration(s).map(Duration::from_secs),
+    }
+}
+
+/// The resolved configuration of `cellgate-node self-check-prober`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProberConfig {
+    /// The socket served.
+    pub socket: PathBuf,
+    /// The only destination probed.
+    pub target: SocketAddr,
+    /// Where network namespaces are looked for.
+    pub netns_dir: PathBuf,
+    /// JSON logs.
+    pub log_json: bool,
+}
+
+impl ProberConfig {
+    /// Resolves flags and the environment.
+    ///
+    /// # Errors
+    /// The first invalid value, named.
+    pub fn from_args_env(
+        args: ProberArgs,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let socket = args
+            .socket
+            .or_else(|| get("CELLGATE_SELF_CHECK_PROBER"))
+            .ok_or_else(|| invalid("--socket", "the prober needs the Unix socket to serve"))?;
+        let socket = match ProberAddr::parse(&socket) {
+            Ok(ProberAddr::Unix(p)) => p,
+            _ => {
+                return Err(invalid(
+                    "--socket",
+                    format!("{socket:?} is not unix:PATH or a path"),
+                ))
+            }
+        };
+        let target = match (args.target, get("CELLGATE_SELF_CHECK_TARGET")) {
+            (Some(t), _) => t,
+            (None, Some(v)) => v
+                .parse()
+                .map_err(|_| invalid("--target", format!("{v:?} is not ADDR:PORT")))?,
+            (None, None) => SELF_CHECK_TARGET,
+        };
+        check_self_check_target(target)?;
+        let log_format = args
+            .log_format
+            .or_else(|| get("CELLGATE_LOG_FORMAT"))
+            .unwrap_or_else(|| "text".into());
+        if log_format != "json" && log_format != "text" {
+            return Err(invalid(
+                "--log-format",
+                format!("{log_format:?}: expected text or json"),
+            ));
+        }
+        Ok(Self {
+            socket,
+            target,
+            netns_dir: args
+                .netns_dir
+                .or_else(|| get("CELLGATE_SELF_CHECK_NETNS_DIR").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(SELF_CHECK_NETNS_DIR)),
+            log_json: log_format == "json",
+        })
+    }
 }
 
 /// The OTLP export the flags and the standard `OTEL_*` variables name, if any.
@@ -495,6 +770,8 @@ pub struct NodeConfig {
     pub alerts: Option<PathBuf>,
     /// OTLP export of audit records and spans; `None`: no export.
     pub otlp: Option<cellgate_otel::OtlpConfig>,
+    /// The enforcement self-check ([`crate::selfcheck`]).
+    pub self_check: SelfCheckConfig,
 }
 
 /// When the record of an allowed request must be on disk (denials are always durable before
@@ -622,6 +899,7 @@ impl NodeConfig {
     ) -> Result<Self, ConfigError> {
         let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
         let credentials = credential_backends(&args, &get)?;
+        let self_check = SelfCheckConfig::from_args_env(&args, &get)?;
         let otlp = otlp_config(&args, env, &get)?;
         let list = |k: &str| -> Vec<String> {
             get(k)
@@ -820,6 +1098,7 @@ impl NodeConfig {
             log_json: log_format == "json",
             alerts: path(args.alerts, "CELLGATE_ALERTS"),
             otlp,
+            self_check,
             ..Self::defaults()
         };
         if log_format != "json" && log_format != "text" {
@@ -888,6 +1167,8 @@ impl NodeConfig {
             credentials: crate::credentials::BackendConfig::default(),
             alerts: None,
             otlp: None,
+            // Off for tests and embedders; the node's flags default to every 30s.
+            self_check: SelfCheckConfig::off(),
         }
     }
 
@@ -944,6 +1225,7 @@ impl NodeConfig {
         if self.cell_max_connections == 0 {
             return Err(invalid("--cell-max-connections", "must be at least 1"));
         }
+        self.self_check.validate()?;
         if self.listen == self.admin && self.listen.port() != 0 {
             return Err(invalid(
                 "--admin",
@@ -1332,6 +1614,108 @@ mod tests {
             err.to_string().contains("expected relaxed or strict"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn self_check_from_flag_or_env_off_explicitly_and_checked() {
+        let parse = |flags: &[&str], e: &[(&str, &str)]| {
+            let mut argv = vec!["cellgate-node", "--trust", "a.pub"];
+            argv.extend_from_slice(flags);
+            NodeConfig::from_args_env(NodeArgs::parse_from(argv), &env(e))
+        };
+        let c = parse(&[], &[]).unwrap().self_check;
+        assert_eq!(c.interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.target, SELF_CHECK_TARGET);
+        assert_eq!(c.timeout, Duration::from_secs(2));
+        assert_eq!(c.netns_dir, PathBuf::from("/var/run/netns"));
+        assert_eq!(c.prober, ProberAddr::InProcess);
+        let c = parse(
+            &["--self-check-interval", "1m"],
+            &[
+                ("CELLGATE_SELF_CHECK_INTERVAL", "5s"),
+                ("CELLGATE_SELF_CHECK_TARGET", "198.51.100.7:7"),
+                ("CELLGATE_SELF_CHECK_TIMEOUT", "500ms"),
+                ("CELLGATE_SELF_CHECK_NETNS_DIR", "/run/netns"),
+                (
+                    "CELLGATE_SELF_CHECK_PROBER",
+                    "unix:/run/cellgate-selfcheck/prober.sock",
+                ),
+            ],
+        )
+        .unwrap()
+        .self_check;
+        assert_eq!(c.interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.target, "198.51.100.7:7".parse().unwrap());
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.netns_dir, PathBuf::from("/run/netns"));
+        assert_eq!(
+            c.prober,
+            ProberAddr::Unix("/run/cellgate-selfcheck/prober.sock".into())
+        );
+        let off = parse(&[], &[("CELLGATE_SELF_CHECK_INTERVAL", "off")]).unwrap();
+        assert_eq!(off.self_check.interval, None);
+        assert_eq!(NodeConfig::defaults().self_check.interval, None);
+        for (flags, e, needle) in [
+            (
+                vec!["--self-check-interval", "0s"],
+                vec![],
+                "--self-check-interval",
+            ),
+            (
+                vec![],
+                vec![("CELLGATE_SELF_CHECK_INTERVAL", "never")],
+                "or off",
+            ),
+            (
+                vec!["--self-check-target", "127.0.0.1:9"],
+                vec![],
+                "loopback",
+            ),
+            (vec!["--self-check-target", "0.0.0.0:9"], vec![], "loopback"),
+            (vec!["--self-check-target", "192.0.2.1:0"], vec![], "port 0"),
+            (
+                vec!["--self-check-interval", "2s", "--self-check-timeout", "2s"],
+                vec![],
+                "not shorter than the interval",
+            ),
+            (
+                vec!["--self-check-prober", "127.0.0.1:9"],
+                vec![],
+                "expected in-process or unix:PATH",
+            ),
+        ] {
+            let err = parse(&flags, &e).unwrap_err().to_string();
+            assert!(err.contains(needle), "{flags:?} {e:?}: {err}");
+        }
+        // The timeout may equal the interval only when the check is off.
+        parse(
+            &["--self-check-interval", "off", "--self-check-timeout", "1m"],
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn prober_config_from_flag_or_env() {
+        let c = ProberConfig::from_args_env(
+            ProberArgs::parse_from(["prober", "--socket", "unix:/run/p.sock"]),
+            &env(&[("CELLGATE_SELF_CHECK_TARGET", "192.0.2.9:9")]),
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/p.sock"));
+        assert_eq!(c.target, "192.0.2.9:9".parse().unwrap());
+        assert_eq!(c.netns_dir, PathBuf::from("/var/run/netns"));
+        let err = ProberConfig::from_args_env(ProberArgs::parse_from(["prober"]), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--socket"), "{err}");
+        let err = ProberConfig::from_args_env(
+            ProberArgs::parse_from(["prober", "--socket", "/p.sock", "--target", "[::1]:9"]),
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("loopback"), "{err}");
     }
 
     #[test]

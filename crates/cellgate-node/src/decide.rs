@@ -354,6 +354,13 @@ fn decide_inner(shared: &Shared, ident: &ConnIdentity, facts: &Facts) -> Outcome
             None,
         );
     };
+    // The self-check's must-deny destination is never allowed, whatever a capability says: the
+    // intake takes probes to it before any decision; this covers the other front doors.
+    if shared.self_check.reserves(ident.original_dst) {
+        let mut o = crate::selfcheck::refusal(ident.original_dst);
+        o.cell = Some(entry);
+        return o;
+    }
     // The kill switch: before anything else about the cell, and re-checked for what is open.
     if let Some(lock) = shared.lockdown.applies(&entry.cell.namespace) {
         let mut o = Outcome::deny(

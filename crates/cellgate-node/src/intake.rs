@@ -4,7 +4,9 @@
 //! audit record naming the reason: connection limit; PPv2 header (present, v2, well formed,
 //! carrying TLV 0xE0, within the time limit); token (signature, key id, audience, validity,
 //! revocation); the cell it names; the source address it is bound to (in Kubernetes mode: a
-//! Running pod of that cell on this node, from the pod watch). Then the first bytes (waited for
+//! Running pod of that cell on this node, from the pod watch). A connection to the destination
+//! reserved for the enforcement self-check is then taken by [`crate::selfcheck::answer_probe`]
+//! or refused (`self_check_reserved`), never forwarded. Then the first bytes (waited for
 //! until they can be told apart, within the first-bytes time limit) tell TLS (a ClientHello:
 //! take SNI), plaintext HTTP, or other TCP, which only a `protocol: tcp` capability relays.
 
@@ -151,7 +153,21 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
         .await;
     }
     let verified = shared.verifier.verify(&header.token, decide::now_secs());
-    let ident = match decide::identify(&shared, verified, src, dst) {
+    let admitted = decide::identify(&shared, verified, src, dst);
+    // The self-check's must-deny destination: a probe in flight is taken (before the cell's
+    // slots, rates and budgets: it is not the cell's traffic), anything else refused. Nothing
+    // connected to it is ever forwarded, whatever a capability says.
+    if shared.self_check.reserves(dst) {
+        if crate::selfcheck::answer_probe(&shared, &mut stream, &admitted).await {
+            return;
+        }
+        let (ident, out) = match admitted {
+            Err(r) => (r.ident, r.out),
+            Ok(ident) => (Some(ident), crate::selfcheck::refusal(dst)),
+        };
+        return refused(&shared, ident.as_ref(), peer, src, dst, out).await;
+    }
+    let ident = match admitted {
         Ok(i) => i,
         Err(r) => {
             let (ident, out) = (r.ident, r.out);

@@ -36,6 +36,11 @@
 //! from a spawned task: the watch never waits on it and a failed write is only logged (and
 //! retried on the next event).
 //!
+//! The enforcement self-check ([`crate::selfcheck`]) writes the `Governed` entry of
+//! `status.conditions` with a field manager of its own (`cellgate-node-selfcheck`): conditions
+//! are a list-map keyed by `type`, so its apply owns that entry only and leaves the operator's
+//! conditions, `status.enforcement` and `status.usage` to their managers.
+//!
 //! Until each watch has listed once, `/readyz` says which is missing; the node denies meanwhile
 //! (no cell is known). When the API server is unreachable the watches retry with backoff and the
 //! node keeps enforcing its last state.
@@ -122,6 +127,53 @@ impl KubeState {
                 && !matches!(pod_phase(p), Some("Succeeded" | "Failed"))
         })
     }
+}
+
+impl KubeState {
+    /// The condition `type_` of AgentCell `namespace/name`, as the watch last saw it.
+    pub fn cell_condition(
+        &self,
+        namespace: &str,
+        name: &str,
+        type_: &str,
+    ) -> Option<cellgate_api::crd::Condition> {
+        let key = reflector::ObjectRef::new(name).within(namespace);
+        self.cells
+            .get(&key)?
+            .status
+            .as_ref()?
+            .condition(type_)
+            .cloned()
+    }
+
+    /// Applies the self-check's `Governed` condition to AgentCell `namespace/name` (server-side
+    /// apply of that one list entry, field manager
+    /// [`SELF_CHECK_FIELD_MANAGER`](cellgate_api::crd::SELF_CHECK_FIELD_MANAGER), forced).
+    ///
+    /// # Errors
+    /// When the API server does not take it.
+    pub async fn apply_governed(
+        &self,
+        namespace: &str,
+        name: &str,
+        condition: &cellgate_api::crd::Condition,
+    ) -> Result<(), kube::Error> {
+        let api: Api<AgentCellResource> = Api::namespaced(self.client.clone(), namespace);
+        let params = PatchParams::apply(cellgate_api::crd::SELF_CHECK_FIELD_MANAGER).force();
+        api.patch_status(name, &params, &Patch::Apply(&governed_patch(condition)))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The server-side apply body of the self-check's condition: `status.conditions` with that one
+/// entry, nothing else.
+pub fn governed_patch(condition: &cellgate_api::crd::Condition) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "status": { "conditions": [condition] },
+    })
 }
 
 /// Starts the five watches on `tasks` (aborted when the node shuts down).
@@ -1169,6 +1221,28 @@ mod tests {
             .as_str()
             .unwrap_or_default();
         assert!(t.starts_with("2023-11-14T22:13:20.123"), "{t}");
+        assert!(v.get("spec").is_none() && v.get("metadata").is_none());
+    }
+
+    #[test]
+    fn governed_patch_applies_one_condition_only() {
+        let c = cellgate_api::crd::Condition {
+            type_: "Governed".into(),
+            status: "False".into(),
+            reason: "RulesMissing".into(),
+            message: "m".into(),
+            last_transition_time: Some("2026-12-02T08:00:00.000Z".into()),
+            observed_generation: Some(3),
+        };
+        let v = governed_patch(&c);
+        assert_eq!(v["kind"], "AgentCell");
+        assert_eq!(
+            v["status"],
+            serde_json::json!({"conditions": [{
+                "type": "Governed", "status": "False", "reason": "RulesMissing", "message": "m",
+                "lastTransitionTime": "2026-12-02T08:00:00.000Z", "observedGeneration": 3,
+            }]})
+        );
         assert!(v.get("spec").is_none() && v.get("metadata").is_none());
     }
 }

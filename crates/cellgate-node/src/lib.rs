@@ -13,6 +13,9 @@
 //! | intake (PPv2 required) | `0.0.0.0:15001` | data path |
 //! | admin (`/healthz`, `/readyz`, `/metrics`, `/audit`, `/lockdown`) | `127.0.0.1:15021` | admin thread |
 //! | Envoy ext_authz and ext_proc gRPC ([`ext_authz`], [`ext_proc`]), TCP or Unix socket | off (`--ext-authz`) | data path |
+//!
+//! Every `--self-check-interval` the node proves each cell on it governed ([`selfcheck`]): a
+//! probe from inside the pod's network namespace to a must-deny destination the intake reserves.
 
 pub mod admin;
 pub mod alerts;
@@ -39,6 +42,7 @@ pub mod policy_source;
 pub mod reason;
 pub mod recorded;
 pub mod scrub;
+pub mod selfcheck;
 pub mod tunnel;
 pub mod upstream;
 pub mod usage;
@@ -123,6 +127,9 @@ pub struct Shared {
     pub export: Option<cellgate_otel::AuditExporter>,
     /// Spans of forwarded requests, when a traces endpoint is configured.
     pub tracer: Option<cellgate_otel::RequestTracer>,
+    /// The enforcement self-check: probes in flight (the intake reports them) and each cell's
+    /// last verdict.
+    pub self_check: selfcheck::SelfCheck,
 }
 
 impl Shared {
@@ -390,11 +397,14 @@ impl metrics::Gauges for ScrapedValues {
                 }
             }
         }
-        vec![metrics::LabeledGauge {
-            name: "cellgate_budget_used",
-            help: "Budget counters of the cells on this node (scope: cell or a capability; counter: requests over the cell's life, window_requests in the current window, LLM tokens, spend_micros in millionths of a USD)",
-            series,
-        }]
+        vec![
+            metrics::LabeledGauge {
+                name: "cellgate_budget_used",
+                help: "Budget counters of the cells on this node (scope: cell or a capability; counter: requests over the cell's life, window_requests in the current window, LLM tokens, spend_micros in millionths of a USD)",
+                series,
+            },
+            s.self_check.gauge(),
+        ]
     }
 }
 
@@ -553,6 +563,7 @@ pub async fn run_with(
         alerts: alerts::Alerts::default(),
         export,
         tracer,
+        self_check: selfcheck::SelfCheck::new(&config.self_check),
         config,
     });
     // Subscribed before the first record the node writes.
@@ -627,6 +638,7 @@ pub async fn run_with(
     if let Some(client) = kube_client {
         kubernetes::start(&shared, client, &mut tasks);
     }
+    selfcheck::start(&shared, &mut tasks);
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
     tasks.spawn(ledger.flush_loop());

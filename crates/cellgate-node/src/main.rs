@@ -1,5 +1,6 @@
 //! `cellgate-node`: parses arguments, starts logging, runs the node until SIGTERM or Ctrl-C, then
-//! drains.
+//! drains. `cellgate-node self-check-prober ...` runs the privileged half of the enforcement
+//! self-check instead (`cellgate_node::selfcheck::prober`).
 
 use std::process::ExitCode;
 
@@ -13,10 +14,16 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = NodeArgs::parse();
     let env: std::collections::HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("CELLGATE_") || k == "HOSTNAME")
         .collect();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "self-check-prober")
+    {
+        return prober(&env);
+    }
+    let args = NodeArgs::parse();
     let config = match NodeConfig::from_args_env(args, &env) {
         Ok(c) => c,
         Err(e) => {
@@ -51,6 +58,43 @@ fn main() -> ExitCode {
         node.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// `cellgate-node self-check-prober`: serves the node's probe requests until SIGTERM.
+fn prober(env: &std::collections::HashMap<String, String>) -> ExitCode {
+    let argv = std::iter::once(std::ffi::OsString::from("cellgate-node self-check-prober"))
+        .chain(std::env::args_os().skip(2));
+    let args = cellgate_node::config::ProberArgs::parse_from(argv);
+    let config = match cellgate_node::config::ProberConfig::from_args_env(args, env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cellgate-node self-check-prober: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_json);
+    // Each probe runs on a thread of its own; the socket needs no more than one runtime thread.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cellgate-node self-check-prober: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(cellgate_node::selfcheck::prober::serve(
+        config,
+        wait_for_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("cannot serve: {e}");
+            eprintln!("cellgate-node self-check-prober: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -31,6 +31,13 @@ pub struct ConnLabels {
     pub outcome: String,
 }
 
+/// Labels of `cellgate_self_check_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SelfCheckLabels {
+    /// The `Governed` condition's reason (`RulesMissing`, `TaggerNotListening`, ...).
+    pub reason: String,
+}
+
 /// Labels of `cellgate_alerts_failed_total` and `cellgate_alerts_dropped_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
@@ -125,6 +132,10 @@ pub struct Metrics {
     /// Denials by host, for the few hosts first denied ([`DENIED_HOSTS_MAX`]).
     pub denied_hosts: Family<HostLabels, Counter>,
     denied_hosts_named: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Enforcement self-check probes run ([`crate::selfcheck`]).
+    pub self_check_probes: Counter,
+    /// Self-check probes that did not prove their cell governed, by the condition's reason.
+    pub self_check_failures: Family<SelfCheckLabels, Counter>,
 }
 
 /// Values read at scrape time from other components' atomics.
@@ -325,8 +336,22 @@ impl Metrics {
             "Denied requests by host: the first 100 hosts denied since the node started by name, any other as host=\"other\"",
             denied_hosts.clone(),
         );
+        let self_check_probes = Counter::default();
+        registry.register(
+            "cellgate_self_check_probes",
+            "Enforcement self-check probes run (one per cell on this node per interval, plus a confirmation of each TaggerNotListening or NotReceivedByNode)",
+            self_check_probes.clone(),
+        );
+        let self_check_failures = Family::<SelfCheckLabels, Counter>::default();
+        registry.register(
+            "cellgate_self_check_failures",
+            "Enforcement self-check probes that did not prove their cell governed, by the Governed condition's reason (False: RulesMissing, TaggerNotListening, ...; Unknown: ProbeUnavailable, ...)",
+            self_check_failures.clone(),
+        );
         registry.register_collector(Box::new(Scraped(scraped)));
         Self {
+            self_check_probes,
+            self_check_failures,
             denied_hosts,
             denied_hosts_named: Default::default(),
             alerts,
@@ -369,6 +394,18 @@ impl Metrics {
                 host: if named { host.into() } else { "other".into() },
             })
             .inc();
+    }
+
+    /// Counts a self-check probe, and its reason when it did not prove the cell governed.
+    pub fn self_check_probe(&self, reason: &str, governed: bool) {
+        self.self_check_probes.inc();
+        if !governed {
+            self.self_check_failures
+                .get_or_create(&SelfCheckLabels {
+                    reason: reason.into(),
+                })
+                .inc();
+        }
     }
 
     /// Counts a connection outcome.

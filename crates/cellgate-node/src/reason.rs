@@ -114,6 +114,9 @@ reasons! {
     Ppv2Timeout = "ppv2_timeout",
 
     // The shape of a connection or request (docs/security.md, docs/policy.md).
+    /// A connection to the destination reserved for the node's enforcement self-check that is
+    /// not a probe in flight: nothing is ever forwarded there.
+    SelfCheckReserved = "self_check_reserved",
     /// The cell has too many open connections.
     CellConnectionLimit = "cell_connection_limit",
     /// The cell is over its request rate (429).

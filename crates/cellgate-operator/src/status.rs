@@ -293,27 +293,34 @@ pub fn compute(obs: &Observation<'_>) -> AgentCellStatus {
     }
 }
 
-/// The status of a deleted cell waiting for revocation: the previous status, phase `Terminating`.
-pub fn terminating(cell: &AgentCellResource) -> AgentCellStatus {
-    let mut st = cell.status.clone().unwrap_or_default();
+/// `st` without what the node writes under its own field managers: `enforcement`, `usage` and
+/// the `Governed` condition. Applying one of them as the operator would make it a co-owner
+/// (and a forced apply would overwrite the node's newer value).
+fn operator_part(mut st: AgentCellStatus) -> AgentCellStatus {
     st.enforcement = None;
     st.usage = None;
+    st.conditions
+        .retain(|c| c.type_ != cellgate_api::crd::CONDITION_GOVERNED);
+    st
+}
+
+/// The status of a deleted cell waiting for revocation: the previous status, phase `Terminating`.
+pub fn terminating(cell: &AgentCellResource) -> AgentCellStatus {
+    let mut st = operator_part(cell.status.clone().unwrap_or_default());
     st.phase = Some(phase::TERMINATING.into());
     st.message = Some("deleted: revoking the cell's token".into());
     st
 }
 
-/// Whether `desired` differs from what the object has (ignoring the node's `enforcement`).
+/// Whether `desired` differs from what the object has (ignoring what the node writes).
 pub fn needs_write(cell: &AgentCellResource, desired: &AgentCellStatus) -> bool {
-    let mut current = cell.status.clone().unwrap_or_default();
-    current.enforcement = None;
-    &current != desired
+    operator_part(cell.status.clone().unwrap_or_default()) != *desired
 }
 
-/// The server-side-apply body for the status subresource. `enforcement` is never included.
+/// The server-side-apply body for the status subresource. What the node writes is never
+/// included.
 pub fn status_patch(desired: &AgentCellStatus) -> serde_json::Value {
-    let mut st = desired.clone();
-    st.enforcement = None;
+    let st = operator_part(desired.clone());
     serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -412,6 +419,36 @@ mod tests {
         });
         assert_eq!(st2, st);
         assert!(!needs_write(&again, &st2));
+        // What the node writes (usage, the Governed condition) is not the operator's to write
+        // back: no write for it, and never in a patch.
+        let mut noded = again.clone();
+        if let Some(s) = noded.status.as_mut() {
+            s.usage = Some(cellgate_api::crd::UsageStatus {
+                node: "n1".into(),
+                time: "t".into(),
+                ..Default::default()
+            });
+            s.conditions.push(Condition {
+                type_: "Governed".into(),
+                status: "True".into(),
+                reason: "ProbeRefusedAtNode".into(),
+                ..Default::default()
+            });
+        }
+        assert!(!needs_write(&noded, &st2));
+        let term = terminating(&noded);
+        assert!(term.condition("Governed").is_none() && term.usage.is_none());
+        assert!(term.condition("Enforced").is_some());
+        let patch = status_patch(noded.status.as_ref().unwrap());
+        assert!(
+            patch["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] != "Governed"),
+            "{patch}"
+        );
+        assert!(patch["status"].get("usage").is_none(), "{patch}");
     }
 
     #[test]
