@@ -983,6 +983,31 @@ async fn address_capability_binds_the_host_to_the_dialled_address_in_envoy_mode(
     }
 }
 
+/// The enforcement self-check's must-deny destination stays closed through Envoy too, even for
+/// a capability that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_check_destination_is_refused_in_envoy_mode() {
+    let env = start().await;
+    install_cell(
+        &env.f,
+        "testnet",
+        "apiVersion: cellgate.dev/v1alpha1\nkind: AgentCell\nmetadata: {name: testnet, namespace: agents}\nspec:\n  capabilities:\n    - name: testnet\n      destinations: [{cidr: 192.0.2.0/24, ports: [9]}]\n",
+    )
+    .await;
+    let mut c = client(env.addr).await;
+    let mut r = Req::new(&env, "testnet", "GET", "x", "/");
+    r.host = "192.0.2.1:9".into();
+    r.sni = None;
+    r.dst_addr = "192.0.2.1";
+    r.dst_port = 9;
+    r.headers.push((":scheme", "http".into()));
+    let got = check(&mut c, &r).await;
+    assert_eq!(code(&got), 7, "{got:?}");
+    let (status, body) = denied(&got);
+    assert_eq!(status, 403);
+    assert_eq!(body["reason"], "self_check_reserved", "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_without_port_is_decided_for_the_port_envoy_connects_to() {
     let env = start().await;
