@@ -231,6 +231,26 @@ impl Kube {
         self.get_with(&self.token(), path).await
     }
 
+    /// The status of one request, or `None` when the node closed the connection without an
+    /// answer: what a request in flight while the policy changes may get, since the node
+    /// re-decides what is open and cuts what the new policy denies. For polling until a policy
+    /// is in force; assertions use [`Self::get`].
+    async fn status_while_policy_changes(&self, path: &str) -> Option<u16> {
+        let tcp = self
+            .connect_from(
+                IpAddr::from([127, 0, 0, 1]),
+                self.http.port(),
+                &self.token(),
+            )
+            .await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(self.req(path)).await.ok()?;
+        Some(resp.status().as_u16())
+    }
+
     fn req(&self, path: &str) -> http::Request<Empty<Bytes>> {
         http::Request::builder()
             .uri(path)
@@ -1270,7 +1290,7 @@ async fn the_node_loads_accepted_policy_snapshots_only_and_a_cluster_pack_denies
     k.api.watch_opened(Watched::Policies).await;
     // The cluster pack's deny refuses a request its capability grants.
     until(Duration::from_secs(5), async || {
-        k.get("/public/admin").await.status == 403
+        k.status_while_policy_changes("/public/admin").await == Some(403)
     })
     .await;
     assert_eq!(k.get("/public/a").await.status, 200);
@@ -1331,7 +1351,7 @@ async fn the_node_loads_accepted_policy_snapshots_only_and_a_cluster_pack_denies
     accepted["metadata"]["generation"] = 3.into();
     assert!(k.api.send(Watched::ClusterPolicies, "MODIFIED", accepted));
     until(Duration::from_secs(3), async || {
-        k.get("/public/b").await.status == 403
+        k.status_while_policy_changes("/public/b").await == Some(403)
     })
     .await;
     assert_eq!(k.get("/public/a").await.status, 200);
