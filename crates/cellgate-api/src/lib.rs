@@ -8,9 +8,12 @@
 //! - [`policy_pack`]: the `CellgatePolicy` and `CellgateClusterPolicy` resources (policy packs in
 //!   Kubernetes), their status and history, and the files a pack adds to a node's policy set.
 //! - [`path`]: the canonical form of HTTP request paths, which the node decides on and forwards.
+//! - [`ca_rotation`]: the interception CA's rotation: its state, the request that starts it, the
+//!   nodes' reports, and the check of those reports.
 //!
 //! Start reading at [`manifest::parse_agent_cell`].
 
+pub mod ca_rotation;
 pub mod crd;
 pub mod manifest;
 pub mod model;
