@@ -28,9 +28,9 @@ pub const CERT_FILE: &str = "ca.crt";
 /// File name of the CA private key (PEM PKCS#8, mode 0600) inside a CA directory.
 pub const KEY_FILE: &str = "ca.key";
 
-/// How long a CA made by [`init`] or [`Ca::generate`] is valid. A year: long enough that rotating
-/// it (which means re-mounting the bundle into every agent) is a yearly chore, short enough that a
-/// leaked key does not stay useful forever.
+/// How long a CA made by [`init`] or [`Ca::generate`] (or a rotation's successor,
+/// [`crate::rotation::successor`]) is valid. A year: rotating it (`kubectl cellgate ca rotate`,
+/// no restart of anything) is a yearly chore, and a leaked key does not stay useful forever.
 pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// How far back `notBefore` is set on everything this crate signs. Agents' clocks may lag the
@@ -190,11 +190,13 @@ pub struct Ca {
     cert_der: CertificateDer<'static>,
     cert_pem: String,
     not_after: OffsetDateTime,
+    fingerprint: String,
 }
 
 impl fmt::Debug for Ca {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ca")
+            .field("fingerprint", &self.fingerprint)
             .field("not_after", &self.not_after)
             .field("key", &"[elided]")
             .finish_non_exhaustive()
@@ -211,6 +213,19 @@ impl Ca {
     }
 
     fn generate_with_validity(common_name: &str, validity: Duration) -> Result<Ca, CaError> {
+        Self::generate_profile(&Profile {
+            common_name,
+            organization: "Cellgate",
+            algorithm: &PKCS_ECDSA_P256_SHA256,
+            path_len: 0,
+            validity,
+        })
+    }
+
+    /// Generates a self-signed CA as `profile` says: Cellgate's constraints (`CA:TRUE` with the
+    /// path length given, keyCertSign + cRLSign), a random serial, backdated by [`BACKDATE`].
+    pub(crate) fn generate_profile(profile: &Profile<'_>) -> Result<Ca, CaError> {
+        let common_name = profile.common_name;
         if common_name.trim().is_empty() {
             return Err(CaError::InvalidName {
                 name: common_name.to_owned(),
@@ -221,17 +236,18 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
-        dn.push(DnType::OrganizationName, "Cellgate");
+        dn.push(DnType::OrganizationName, profile.organization);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(profile.path_len));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = now - BACKDATE;
-        params.not_after = now + validity;
+        params.not_after = now + profile.validity;
         params.serial_number = Some(random_serial().map_err(CaError::Generate)?);
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+        let key = KeyPair::generate_for(profile.algorithm).map_err(CaError::Generate)?;
         let cert = params.self_signed(&key).map_err(CaError::Generate)?;
         let not_after = params.not_after;
         Ok(Ca {
+            fingerprint: crate::rotation::fingerprint(cert.der()),
             cert_der: cert.der().clone(),
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
@@ -254,12 +270,26 @@ impl Ca {
         let key_path = dir.join(KEY_FILE);
         let cert_pem = read_to_string(&cert_path)?;
         let key_pem = read_to_string(&key_path)?;
+        Self::from_pem(cert_pem, &key_pem, cert_path, key_path)
+    }
+
+    /// The checks of [`Ca::load`] on a certificate and key already read; the paths only name them
+    /// in errors.
+    ///
+    /// # Errors
+    /// As [`Ca::load`], but never [`CaError::Io`].
+    pub fn from_pem(
+        cert_pem: String,
+        key_pem: &str,
+        cert_path: PathBuf,
+        key_path: PathBuf,
+    ) -> Result<Ca, CaError> {
         let cert_der =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::BadCert {
                 path: cert_path.clone(),
                 reason: e.to_string(),
             })?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::BadKey {
+        let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::BadKey {
             path: key_path.clone(),
             source,
         })?;
@@ -298,6 +328,7 @@ impl Ca {
         })?;
         let ca = Ca {
             issuer,
+            fingerprint: crate::rotation::fingerprint(&cert_der),
             cert_der: cert_der.into_owned(),
             cert_pem,
             not_after,
@@ -353,14 +384,31 @@ impl Ca {
         self.not_after
     }
 
-    /// The private key, PEM PKCS#8. Only [`init`] needs it; it is never logged.
-    fn key_pem(&self) -> String {
+    /// SHA-256 of the certificate (DER), lowercase hex: how reports and status name this CA.
+    #[must_use]
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The private key, PEM PKCS#8: for [`init`], and for the operator writing a new CA into the
+    /// nodes' Secret. Never log it.
+    #[must_use]
+    pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
 
     pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
     }
+}
+
+/// What [`Ca::generate_profile`] makes.
+pub(crate) struct Profile<'a> {
+    pub(crate) common_name: &'a str,
+    pub(crate) organization: &'a str,
+    pub(crate) algorithm: &'static rcgen::SignatureAlgorithm,
+    pub(crate) path_len: u8,
+    pub(crate) validity: Duration,
 }
 
 fn read_to_string(path: &Path) -> Result<String, CaError> {

@@ -8,6 +8,8 @@
 //! - [`ca`]: the interception CA (`cellgate ca init` writes it, the node loads it).
 //! - [`mint`]: per-SNI leaf certificates signed by the CA, cached in a bounded LRU as ready
 //!   `rustls::ServerConfig`s, with concurrent misses collapsed into one mint.
+//! - [`rotation`]: CA rotation: fingerprints, the successor of a CA, and the set of CAs a node
+//!   loads from its CA directory (the signing one, and the next while it is introduced).
 //! - [`upstream`]: the `rustls::ClientConfig` the node uses towards the real server (system roots
 //!   plus extra CAs) and the mapping of certificate failures to stable reason labels.
 //! - [`trust`]: the other side of interception, what the agent's clients trust: the cell CA plus
@@ -22,6 +24,7 @@ use std::sync::Arc;
 pub mod ca;
 pub mod client_hello;
 pub mod mint;
+pub mod rotation;
 pub mod trust;
 pub mod upstream;
 

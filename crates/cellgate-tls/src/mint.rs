@@ -6,6 +6,11 @@
 //! replaced once it is within a quarter of its lifetime of expiry, so an agent is never handed a
 //! certificate about to lapse.
 //!
+//! The CA can be replaced while the minter serves ([`LeafMinter::set_ca`], during a CA rotation):
+//! every cached leaf of the old CA stops being served at once, and the next handshake for each
+//! name gets a leaf of the new one. A mint already under way finishes with the CA it started with
+//! and is not cached past the switch.
+//!
 //! The mint runs inline on the calling task rather than in `spawn_blocking`. Measured with
 //! `cargo bench -p cellgate-tls --bench mint` (release, 2 shared cores): keygen + sign is p50
 //! ~45 µs, p99 ~90 µs; with building the rustls config (which re-parses the key) p50 ~75 µs. A hop
@@ -19,7 +24,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
@@ -138,13 +143,16 @@ struct Entry {
     config: Arc<ServerConfig>,
     /// When this entry stops being served and a new leaf is minted.
     refresh_at: Instant,
+    /// The CA generation that signed it; an entry of an earlier one is never served.
+    generation: u64,
 }
 
 type Flight = Arc<OnceCell<Arc<ServerConfig>>>;
 
 /// Mints and caches per-SNI server configs. Share it behind an `Arc`; all methods take `&self`.
 pub struct LeafMinter {
-    ca: Arc<Ca>,
+    /// The CA new leaves are signed with, and its generation (bumped by each [`Self::set_ca`]).
+    ca: RwLock<(Arc<Ca>, u64)>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     sessions: Arc<dyn StoresServerSessions>,
     config: MinterConfig,
@@ -159,6 +167,7 @@ impl fmt::Debug for LeafMinter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LeafMinter")
             .field("config", &self.config)
+            .field("ca", &self.ca().fingerprint())
             .field("cached", &self.len())
             .field("hits", &self.hits())
             .field("misses", &self.misses())
@@ -172,7 +181,7 @@ impl LeafMinter {
     #[must_use]
     pub fn new(ca: Arc<Ca>, config: MinterConfig) -> Self {
         Self {
-            ca,
+            ca: RwLock::new((ca, 0)),
             provider: crate::crypto_provider(),
             sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
             config,
@@ -233,6 +242,33 @@ impl LeafMinter {
         Ok(leaf)
     }
 
+    /// The CA new leaves are signed with.
+    #[must_use]
+    pub fn ca(&self) -> Arc<Ca> {
+        Arc::clone(&self.current().0)
+    }
+
+    /// Signs new leaves with `ca` from now on, and forgets every cached leaf of the CA before it
+    /// (the next handshake for each name gets a fresh leaf). Returns whether the CA changed: the
+    /// same certificate given again changes nothing.
+    pub fn set_ca(&self, ca: Arc<Ca>) -> bool {
+        {
+            let mut current = self.ca.write().unwrap_or_else(PoisonError::into_inner);
+            if current.0.fingerprint() == ca.fingerprint() {
+                return false;
+            }
+            let generation = current.1.wrapping_add(1);
+            *current = (ca, generation);
+        }
+        lock(&self.cache).clear();
+        true
+    }
+
+    fn current(&self) -> (Arc<Ca>, u64) {
+        let current = self.ca.read().unwrap_or_else(PoisonError::into_inner);
+        (Arc::clone(&current.0), current.1)
+    }
+
     /// Cache hits since creation.
     #[must_use]
     pub fn hits(&self) -> u64 {
@@ -266,14 +302,17 @@ impl LeafMinter {
 
     /// A cached config that is not yet due for refresh. Bumps the entry's recency.
     fn fresh(&self, key: &str) -> Option<Arc<ServerConfig>> {
+        let generation = self.current().1;
         let mut cache = lock(&self.cache);
         let entry = cache.get(key)?;
-        (Instant::now() < entry.refresh_at).then(|| Arc::clone(&entry.config))
+        (Instant::now() < entry.refresh_at && entry.generation == generation)
+            .then(|| Arc::clone(&entry.config))
     }
 
     fn mint_config(&self, name: &LeafName) -> Result<Arc<ServerConfig>, MintError> {
         let started = Instant::now();
-        let leaf = self.sign(name)?;
+        let (ca, generation) = self.current();
+        let leaf = self.sign_with(&ca, name)?;
         let config_err = |source| MintError::Config {
             name: name.key.clone(),
             source,
@@ -295,13 +334,19 @@ impl LeafMinter {
         config.session_storage = Arc::clone(&self.sessions);
         let config = Arc::new(config);
         let refresh_at = Instant::now() + (remaining - remaining / 4);
-        lock(&self.cache).put(
-            name.key.clone(),
-            Entry {
-                config: Arc::clone(&config),
-                refresh_at,
-            },
-        );
+        let mut cache = lock(&self.cache);
+        // A switch of CA while this leaf was minted: serve it this once, cache it not.
+        if generation == self.current().1 {
+            cache.put(
+                name.key.clone(),
+                Entry {
+                    config: Arc::clone(&config),
+                    refresh_at,
+                    generation,
+                },
+            );
+        }
+        drop(cache);
         tracing::debug!(
             server.name = %name.key,
             elapsed_us = started.elapsed().as_micros(),
@@ -311,7 +356,11 @@ impl LeafMinter {
     }
 
     fn sign(&self, name: &LeafName) -> Result<CertifiedLeaf, MintError> {
-        let leaf = sign_leaf(&self.ca, &name.key, self.config.leaf_lifetime).map_err(|source| {
+        self.sign_with(&self.current().0, name)
+    }
+
+    fn sign_with(&self, ca: &Ca, name: &LeafName) -> Result<CertifiedLeaf, MintError> {
+        let leaf = sign_leaf(ca, &name.key, self.config.leaf_lifetime).map_err(|source| {
             MintError::Generate {
                 name: name.key.clone(),
                 source,
@@ -485,9 +534,9 @@ mod tests {
         let m = minter(10, DEFAULT_LEAF_LIFETIME);
         let leaf = m.mint_leaf("API.Example.com").unwrap();
         assert_eq!(leaf.chain.len(), 2);
-        assert_eq!(&leaf.chain[1], m.ca.cert_der());
-        verify(&m.ca, &leaf, "api.example.com").unwrap();
-        let err = verify(&m.ca, &leaf, "other.example.com").unwrap_err();
+        assert_eq!(&leaf.chain[1], m.ca().cert_der());
+        verify(&m.ca(), &leaf, "api.example.com").unwrap();
+        let err = verify(&m.ca(), &leaf, "other.example.com").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -501,7 +550,7 @@ mod tests {
         // a leaf from another CA does not verify against this one
         let other = minter(10, DEFAULT_LEAF_LIFETIME);
         let foreign = other.mint_leaf("api.example.com").unwrap();
-        assert!(verify(&m.ca, &foreign, "api.example.com").is_err());
+        assert!(verify(&m.ca(), &foreign, "api.example.com").is_err());
         assert!(!format!("{leaf:?}").contains("PRIVATE"));
     }
 
@@ -510,7 +559,7 @@ mod tests {
         let m = minter(10, DEFAULT_LEAF_LIFETIME);
         for ip in ["10.1.2.3", "2001:db8::1"] {
             let leaf = m.mint_leaf(ip).unwrap();
-            verify(&m.ca, &leaf, ip).unwrap();
+            verify(&m.ca(), &leaf, ip).unwrap();
         }
     }
 
@@ -518,7 +567,7 @@ mod tests {
     fn leaf_never_outlives_the_ca() {
         let m = minter(10, Duration::from_secs(10 * 365 * 24 * 3600));
         let leaf = m.mint_leaf("long.example").unwrap();
-        assert!(leaf.not_after <= SystemTime::from(m.ca.not_after()));
+        assert!(leaf.not_after <= SystemTime::from(m.ca().not_after()));
     }
 
     #[test]
@@ -614,6 +663,29 @@ mod tests {
         let c = m.server_config("short.example").await.unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(m.mints(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_ca_replaces_every_cached_leaf() {
+        let m = minter(10, DEFAULT_LEAF_LIFETIME);
+        let old = m.ca();
+        let a = m.server_config("a.example").await.unwrap();
+        assert!(Arc::ptr_eq(
+            &a,
+            &m.server_config("a.example").await.unwrap()
+        ));
+        assert!(!m.set_ca(Arc::clone(&old)), "the same CA changes nothing");
+        assert_eq!(m.len(), 1);
+        let new = Arc::new(Ca::generate("Cellgate rotated test CA").unwrap());
+        assert!(m.set_ca(Arc::clone(&new)));
+        assert!(m.is_empty());
+        assert_eq!(m.ca().fingerprint(), new.fingerprint());
+        let b = m.server_config("a.example").await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(m.mints(), 2);
+        let leaf = m.mint_leaf("a.example").unwrap();
+        verify(&new, &leaf, "a.example").unwrap();
+        assert!(verify(&old, &leaf, "a.example").is_err());
     }
 
     #[tokio::test]
