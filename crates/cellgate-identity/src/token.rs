@@ -181,8 +181,11 @@ pub fn issue(key: &SigningKey, claims: &Claims) -> Result<String, String> {
 }
 
 /// Verifies tokens against a set of trusted public keys and a revocation set.
+///
+/// The trusted keys can be replaced while tokens are verified ([`Verifier::set_keys`]): that is
+/// how a node follows a rotation of the signing key by key id without a restart.
 pub struct Verifier {
-    keys: HashMap<String, DecodingKey>,
+    keys: RwLock<HashMap<String, DecodingKey>>,
     /// Revoked token ids, with the token's expiry when known (`None`: kept for good).
     revoked: RwLock<HashMap<String, Option<i64>>>,
     validation: Validation,
@@ -191,7 +194,7 @@ pub struct Verifier {
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("kids", &self.key_ids())
             .finish_non_exhaustive()
     }
 }
@@ -199,19 +202,7 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier trusting `keys`.
     pub fn new(keys: &[PublicKey]) -> Self {
-        let keys =
-            keys.iter()
-                .map(|k| {
-                    (
-                        k.kid.clone(),
-                        DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(k.raw))
-                            .unwrap_or_else(|_| {
-                                // from_ed_components only fails on bad base64, which we just produced.
-                                DecodingKey::from_ed_der(&k.raw)
-                            }),
-                    )
-                })
-                .collect();
+        let keys = RwLock::new(decoding_keys(keys));
         let mut validation = Validation::new(Algorithm::EdDSA);
         // Time and audience are checked below against an explicit `now`, so each failure gets its
         // own reason and tests (and replay) are deterministic.
@@ -226,9 +217,29 @@ impl Verifier {
         }
     }
 
-    /// The trusted key ids.
+    /// The trusted key ids, sorted.
     pub fn key_ids(&self) -> Vec<String> {
-        self.keys.keys().cloned().collect()
+        let mut ids: Vec<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Trusts exactly `keys` from now on: tokens whose `kid` is among them verify, others are
+    /// refused as [`TokenError::UnknownKey`]. Returns whether the set of key ids changed.
+    pub fn set_keys(&self, keys: &[PublicKey]) -> bool {
+        let before = self.key_ids();
+        let next = decoding_keys(keys);
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        before != self.key_ids()
     }
 
     /// Revokes a token id for good: later verifications of it fail with
@@ -302,9 +313,12 @@ impl Verifier {
             .ok_or_else(|| TokenError::UnknownKey(String::new()))?;
         let key = self
             .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&kid)
+            .cloned()
             .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature(kid.clone()),
@@ -326,6 +340,22 @@ impl Verifier {
         }
         Ok(c)
     }
+}
+
+fn decoding_keys(keys: &[PublicKey]) -> HashMap<String, DecodingKey> {
+    keys.iter()
+        .map(|k| {
+            (
+                k.kid.clone(),
+                DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(k.raw)).unwrap_or_else(
+                    |_| {
+                        // from_ed_components only fails on bad base64, which we just produced.
+                        DecodingKey::from_ed_der(&k.raw)
+                    },
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Checks that a connection from `source` may use `claims`: when the token is bound to a pod
@@ -397,6 +427,34 @@ mod tests {
         v.revoke_until("kept-for-good", NOW);
         assert_eq!(v.prune_revoked(NOW + 3600), 0);
         assert!(v.is_revoked("kept-for-good"));
+    }
+
+    #[test]
+    fn a_second_key_is_trusted_beside_the_first_then_alone() {
+        let (old, v, c) = setup();
+        let new = SigningKey::generate().unwrap();
+        let old_token = issue(&old, &c).unwrap();
+        let new_token = issue(&new, &c).unwrap();
+        assert_eq!(
+            v.verify(&new_token, NOW).unwrap_err().reason(),
+            "token_unknown_key"
+        );
+        assert!(v.set_keys(&[old.public_key(), new.public_key()]));
+        assert!(
+            !v.set_keys(&[new.public_key(), old.public_key()]),
+            "same ids"
+        );
+        assert_eq!(v.verify(&old_token, NOW).unwrap(), c);
+        assert_eq!(v.verify(&new_token, NOW).unwrap(), c);
+        let mut ids = vec![old.kid().to_string(), new.kid().to_string()];
+        ids.sort();
+        assert_eq!(v.key_ids(), ids);
+        assert!(v.set_keys(&[new.public_key()]));
+        assert_eq!(
+            v.verify(&old_token, NOW).unwrap_err().reason(),
+            "token_unknown_key"
+        );
+        assert_eq!(v.verify(&new_token, NOW).unwrap(), c);
     }
 
     #[test]
