@@ -83,6 +83,9 @@ pub struct NodeArgs {
     /// Node name written in audit records; with --kubernetes, the node whose pods are served (required there, from the downward API) [env: CELLGATE_NODE_NAME] [default: host name]
     #[arg(long)]
     pub node_name: Option<String>,
+    /// With --kubernetes, this node pod's own name (downward API, metadata.name): the node's CA report names it, and the operator counts a report only from the pod running now [env: CELLGATE_POD_NAME]
+    #[arg(long)]
+    pub pod_name: Option<String>,
     /// Take cells, the pods on this node and token revocations from the Kubernetes API (in-cluster config or KUBECONFIG) instead of --cells and --pod [env: CELLGATE_KUBERNETES]
     #[arg(long)]
     pub kubernetes: bool,
@@ -730,6 +733,8 @@ pub struct NodeConfig {
     pub dns_loopback_as: Option<IpAddr>,
     /// Node name.
     pub node_name: String,
+    /// The node pod's name, in Kubernetes mode (named in its CA report).
+    pub pod_name: Option<String>,
     /// Kubernetes mode: cells, pod addresses and revocations come from the API server.
     pub kubernetes: bool,
     /// The control plane's namespace (the revocations ConfigMap), in Kubernetes mode.
@@ -1084,6 +1089,7 @@ impl NodeConfig {
             upstream_ca: paths(args.upstream_ca, "CELLGATE_UPSTREAM_CA"),
             resolve,
             node_name,
+            pod_name: args.pod_name.or_else(|| get("CELLGATE_POD_NAME")),
             kubernetes,
             control_namespace,
             max_connections,
@@ -1147,6 +1153,7 @@ impl NodeConfig {
             pods: Vec::new(),
             dns_loopback_as: None,
             node_name: "node".into(),
+            pod_name: None,
             kubernetes: false,
             control_namespace: "cellgate-system".into(),
             max_connections: 10_000,

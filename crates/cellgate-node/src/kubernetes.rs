@@ -31,6 +31,9 @@
 //! ([`source_is_cell_pod`]), else `source_not_bound`; [`crate::decide`] repeats the check, so a
 //! relay from a pod that went away is closed too.
 //!
+//! Besides the watches, the node writes its CA report, the Lease `cellgate-node-<node>` in the
+//! control namespace ([`crate::ca_reload::report`]): what a CA rotation waits for.
+//!
 //! After applying an AgentCell whose pod runs on this node, the node reports the generation it
 //! enforces in `status.enforcement` (server-side apply, field manager `cellgate-node`, forced),
 //! from a spawned task: the watch never waits on it and a failed write is only logged (and
@@ -201,6 +204,10 @@ pub fn start(shared: &Arc<Shared>, client: kube::Client, tasks: &mut tokio::task
     tasks.spawn(watch_lockdown(shared.clone(), state.clone()));
     tasks.spawn(report_usage(shared.clone(), state.clone()));
     tasks.spawn(watch_approvals(shared.clone(), state.clone()));
+    tasks.spawn(crate::ca_reload::report(
+        shared.clone(),
+        state.client.clone(),
+    ));
     tasks.spawn(watch_policies(shared.clone(), state));
 }
 

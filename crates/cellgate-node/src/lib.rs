@@ -22,6 +22,7 @@ pub mod alerts;
 pub mod answer;
 pub mod approvals;
 pub mod budget;
+pub mod ca_reload;
 pub mod cells;
 pub mod config;
 pub mod credentials;
@@ -83,6 +84,9 @@ pub struct Shared {
     /// Leaf certificates for names no capability names (the agent still gets its 403 over
     /// TLS): a small cache of its own, so such names never evict the others.
     pub minter_unnamed: Arc<LeafMinter>,
+    /// The CA introduced by a rotation, and what the CA and trust files last held
+    /// ([`ca_reload`]).
+    pub ca: ca_reload::NodeCas,
     /// Per-cell connection and request-rate ceilings.
     pub limits: Arc<limits::CellLimiter>,
     /// Upstream HTTP client.
@@ -463,13 +467,18 @@ pub async fn run_with(
         }
     };
     let verifier = Verifier::new(&load_trust(&config.trust)?);
-    let ca = match &config.ca_dir {
-        Some(dir) => cellgate_tls::ca::Ca::load(dir)
+    let cas = match &config.ca_dir {
+        Some(dir) => cellgate_tls::rotation::CaSet::load(dir)
             .with_context(|| format!("loading the CA from {}", dir.display()))?,
-        None => cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA")
-            .context("generating an in-memory CA")?,
+        None => cellgate_tls::rotation::CaSet {
+            signing: Arc::new(
+                cellgate_tls::ca::Ca::generate("Cellgate ephemeral CA")
+                    .context("generating an in-memory CA")?,
+            ),
+            next: None,
+        },
     };
-    let ca = Arc::new(ca);
+    let ca = cas.signing.clone();
     let minter = Arc::new(LeafMinter::new(
         ca.clone(),
         cellgate_tls::mint::MinterConfig::default(),
@@ -533,6 +542,7 @@ pub async fn run_with(
         policy_source,
         minter: minter.clone(),
         minter_unnamed,
+        ca: ca_reload::NodeCas::new(cas.next),
         limits: Arc::default(),
         upstream,
         credentials,
@@ -641,6 +651,7 @@ pub async fn run_with(
     selfcheck::start(&shared, &mut tasks);
     tasks.spawn(intake::serve(shared.clone(), intake_listener));
     tasks.spawn(watch_sources(shared.clone()));
+    tasks.spawn(ca_reload::watch(shared.clone()));
     tasks.spawn(ledger.flush_loop());
     // Admin traffic does not share a runtime with the data path.
     admin::spawn(shared.clone(), admin_listener)?;

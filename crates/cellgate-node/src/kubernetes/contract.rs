@@ -11,6 +11,7 @@
 //! | `GET /apis/cellgate.dev/v1alpha1/cellgateclusterpolicies?…`, `…/cellgatepolicies?…` (list, watch) | as above |
 //! | `GET /api/v1/namespaces/NS/configmaps/NAME` | the ConfigMap of [`ApiServer::put_configmap`] (e.g. a policy snapshot) |
 //! | `PATCH /apis/cellgate.dev/v1alpha1/namespaces/NS/agentcells/NAME/status` | the last object sent with that name, with the patch's status |
+//! | `PATCH /apis/coordination.k8s.io/v1/namespaces/NS/leases/NAME` (the node's CA report) | the patch, as the object |
 //! | anything else | 404 `Status` |
 //!
 //! Objects sent get an increasing `metadata.resourceVersion`, as the watcher needs one.
@@ -532,6 +533,17 @@ fn answer(state: &Mutex<State>, call: &Call) -> Response<MockBody> {
                     })
                 });
             obj["status"] = patch["status"].clone();
+            return json(200, &obj);
+        }
+    }
+    if call.method == http::Method::PATCH {
+        if let ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", _] =
+            segments.as_slice()
+        {
+            let mut obj: serde_json::Value = serde_json::from_slice(&call.body).unwrap_or_default();
+            obj["metadata"]["namespace"] = (*ns).into();
+            s.resource_version += 1;
+            obj["metadata"]["resourceVersion"] = s.resource_version.to_string().into();
             return json(200, &obj);
         }
     }
