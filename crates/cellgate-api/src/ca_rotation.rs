@@ -59,6 +59,9 @@ pub const KEY_NEXT: &str = "next.crt";
 pub const KEY_PREVIOUS: &str = "previous.crt";
 /// State key: when the phase began (RFC 3339).
 pub const KEY_SINCE: &str = "since";
+/// State key: when every cell's CA ConfigMap was first seen holding the new CA
+/// ([`Phase::Introduced`], RFC 3339): [`BUNDLE_PROPAGATION`] counts from then.
+pub const KEY_BUNDLES_READY: &str = "bundlesReady";
 /// State key: how long the old CA stays published once every node signs with the new one.
 pub const KEY_GRACE: &str = "grace";
 /// State key: when the old CA is removed ([`Phase::Retiring`], RFC 3339).
@@ -77,9 +80,10 @@ pub const KEY_REQUEST: &str = "request";
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest grace period accepted: the old CA is kept in every bundle meanwhile.
 pub const MAX_GRACE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
-/// The least time the new CA stays [`Phase::Introduced`] after it entered the bundles: kubelet
-/// refreshes a mounted ConfigMap within its sync period plus its cache TTL (about a minute each by
-/// default), and the operator cannot see that happen in the agents' pods.
+/// How long the new CA stays [`Phase::Introduced`] after every cell's CA ConfigMap holds it
+/// ([`KEY_BUNDLES_READY`]): kubelet refreshes a mounted ConfigMap within its sync period plus its
+/// cache TTL (about a minute each by default), and the operator cannot see that happen in the
+/// agents' pods.
 pub const BUNDLE_PROPAGATION: Duration = Duration::from_secs(2 * 60);
 
 /// Labels of the node DaemonSet's pods (chart and kustomize base alike).
@@ -171,6 +175,8 @@ pub struct State {
     pub previous: Option<String>,
     /// When the phase began (RFC 3339).
     pub since: Option<String>,
+    /// When every cell bundle was first seen holding the new CA ([`Phase::Introduced`]).
+    pub bundles_ready: Option<String>,
     /// The grace period of the rotation in progress (humantime text, e.g. `24h`).
     pub grace: Option<String>,
     /// When the old CA goes ([`Phase::Retiring`]).
@@ -208,6 +214,7 @@ impl State {
             next: get(KEY_NEXT).map(|p| format!("{p}\n")),
             previous: get(KEY_PREVIOUS).map(|p| format!("{p}\n")),
             since: get(KEY_SINCE),
+            bundles_ready: get(KEY_BUNDLES_READY),
             grace: get(KEY_GRACE),
             retire_after: get(KEY_RETIRE_AFTER),
             waiting: get(KEY_WAITING),
@@ -252,6 +259,7 @@ impl State {
             (KEY_NEXT, &self.next),
             (KEY_PREVIOUS, &self.previous),
             (KEY_SINCE, &self.since),
+            (KEY_BUNDLES_READY, &self.bundles_ready),
             (KEY_GRACE, &self.grace),
             (KEY_RETIRE_AFTER, &self.retire_after),
             (KEY_WAITING, &self.waiting),

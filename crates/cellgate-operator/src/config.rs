@@ -18,6 +18,10 @@ pub const ENV_SIGNING_KEY: &str = "CELLGATE_SIGNING_KEY";
 pub const ENV_CA_CERT: &str = "CELLGATE_CA_CERT";
 /// `--system-roots` / `CELLGATE_SYSTEM_ROOTS`.
 pub const ENV_SYSTEM_ROOTS: &str = "CELLGATE_SYSTEM_ROOTS";
+/// `--ca-secret` / `CELLGATE_CA_SECRET`.
+pub const ENV_CA_SECRET: &str = "CELLGATE_CA_SECRET";
+/// `--ca-bundle-configmap` / `CELLGATE_CA_BUNDLE_CONFIGMAP`.
+pub const ENV_CA_BUNDLE_CONFIGMAP: &str = "CELLGATE_CA_BUNDLE_CONFIGMAP";
 /// `--token-ttl` / `CELLGATE_TOKEN_TTL`.
 pub const ENV_TOKEN_TTL: &str = "CELLGATE_TOKEN_TTL";
 /// `--init-image` / `CELLGATE_INIT_IMAGE`.
@@ -129,6 +133,15 @@ pub struct Args {
     /// [env: CELLGATE_SYSTEM_ROOTS] [default: /etc/ssl/certs/ca-certificates.crt]
     #[arg(long, value_name = "FILE|none")]
     pub system_roots: Option<String>,
+    /// Secret (control namespace) the nodes mount as their CA directory; a CA rotation writes
+    /// the new CA into it [env: CELLGATE_CA_SECRET] [default: cellgate-ca]
+    #[arg(long, value_name = "NAME")]
+    pub ca_secret: Option<String>,
+    /// ConfigMap (control namespace) holding the published CA certificates (ca.crt), the one
+    /// --ca-cert is mounted from; a CA rotation keeps it current
+    /// [env: CELLGATE_CA_BUNDLE_CONFIGMAP] [default: cellgate-ca-bundle]
+    #[arg(long, value_name = "NAME")]
+    pub ca_bundle_configmap: Option<String>,
     /// Lifetime of cell tokens, e.g. `1h` [env: CELLGATE_TOKEN_TTL] [default: 1h]
     #[arg(long, value_name = "DUR")]
     pub token_ttl: Option<String>,
@@ -215,11 +228,16 @@ pub enum LogFormat {
 pub struct Config {
     /// The control plane's Ed25519 signing key (PEM `PRIVATE KEY`).
     pub signing_key: PathBuf,
-    /// The interception CA certificate (PEM), copied into each cell's CA ConfigMap.
+    /// The interception CA certificate (PEM), copied into each cell's CA ConfigMap until the CA
+    /// rotation state (`cellgate-ca-rotation`) says which CAs are published.
     pub ca_cert: PathBuf,
     /// The system roots (PEM) added to each cell's trust bundle; `None` (`--system-roots none`):
     /// the bundle holds the cell CA only.
     pub system_roots: Option<PathBuf>,
+    /// The nodes' CA Secret, in the control namespace.
+    pub ca_secret: String,
+    /// The published CA certificates' ConfigMap, in the control namespace.
+    pub ca_bundle_configmap: String,
     /// Lifetime of each minted token; rotated when less than a third is left.
     pub token_ttl: Duration,
     /// Image of `cellgate-init`.
@@ -519,6 +537,16 @@ impl Config {
             .unwrap_or(DEFAULT_CA_CERT.into())
             .into(),
             system_roots,
+            ca_secret: pick(args.ca_secret.as_ref(), env, ENV_CA_SECRET)
+                .map(|s| s.trim().to_string())
+                .unwrap_or(cellgate_api::ca_rotation::DEFAULT_CA_SECRET.into()),
+            ca_bundle_configmap: pick(
+                args.ca_bundle_configmap.as_ref(),
+                env,
+                ENV_CA_BUNDLE_CONFIGMAP,
+            )
+            .map(|s| s.trim().to_string())
+            .unwrap_or(cellgate_api::ca_rotation::DEFAULT_CA_BUNDLE_CONFIGMAP.into()),
             token_ttl,
             init_image: pick(args.init_image.as_ref(), env, ENV_INIT_IMAGE)
                 .unwrap_or_else(default_init_image),
@@ -598,6 +626,23 @@ impl Config {
                     .into(),
             });
         }
+        for (flag, env, value) in [
+            ("--ca-secret", ENV_CA_SECRET, &self.ca_secret),
+            (
+                "--ca-bundle-configmap",
+                ENV_CA_BUNDLE_CONFIGMAP,
+                &self.ca_bundle_configmap,
+            ),
+        ] {
+            if !is_dns_subdomain(value) {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    env,
+                    value: value.clone(),
+                    reason: "an object name is a DNS-1123 subdomain: lower case letters, digits, '-' and '.', at most 253".into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -657,9 +702,11 @@ impl Config {
     /// key is a path), but the key file's content is never logged.
     pub fn summary(&self) -> String {
         format!(
-            "signing_key={} ca_cert={} system_roots={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={} lease_duration={} lease_renew_deadline={} lease_retry_period={} identity={}",
+            "signing_key={} ca_cert={} ca_secret={} ca_bundle_configmap={} system_roots={} token_ttl={} init_image={} tagger_image={} node_cidrs={} control_namespace={} admin={} log_format={:?} api_listen={} api_tls={} audit_log={} cell_max_connections={} lease_duration={} lease_renew_deadline={} lease_retry_period={} identity={}",
             self.signing_key.display(),
             self.ca_cert.display(),
+            self.ca_secret,
+            self.ca_bundle_configmap,
             self.system_roots
                 .as_ref()
                 .map_or(SYSTEM_ROOTS_NONE.into(), |p| p.display().to_string()),
@@ -683,6 +730,17 @@ impl Config {
             self.identity.as_deref().unwrap_or("-"),
         )
     }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -745,6 +803,27 @@ mod tests {
         let bad = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]);
         let err = Config::resolve(&args, &bad).expect_err("no scheme");
         assert!(err.to_string().contains("--otlp-endpoint"), "{err}");
+    }
+
+    #[test]
+    fn the_ca_objects_default_to_the_installers_names_and_are_checked() {
+        let args = Args::parse_from(["cellgate-operator", "--node-cidr", "10.0.0.7/16"]);
+        let c = Config::resolve(&args, &BTreeMap::new()).expect("valid");
+        assert_eq!(
+            (c.ca_secret.as_str(), c.ca_bundle_configmap.as_str()),
+            ("cellgate-ca", "cellgate-ca-bundle")
+        );
+        let e = env(&[
+            (ENV_CA_SECRET, "corp-ca"),
+            (ENV_CA_BUNDLE_CONFIGMAP, "corp.ca-bundle"),
+        ]);
+        let c = Config::resolve(&args, &e).expect("valid");
+        assert_eq!(
+            (c.ca_secret.as_str(), c.ca_bundle_configmap.as_str()),
+            ("corp-ca", "corp.ca-bundle")
+        );
+        let err = Config::resolve(&args, &env(&[(ENV_CA_SECRET, "Corp_CA")])).expect_err("bad");
+        assert!(err.to_string().contains("--ca-secret"), "{err}");
     }
 
     #[test]

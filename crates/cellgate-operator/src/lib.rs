@@ -16,11 +16,13 @@
 //! - [`api`]: the control API (HTTPS, `/api/v1`), and [`oplog`], the operator's own audit log;
 //! - [`policy`]: the policy packs (`CellgatePolicy`, `CellgateClusterPolicy`): validation,
 //!   snapshots, history;
+//! - [`ca`]: the interception CA's rotation (the leader runs it beside the controllers);
 //! - [`config`]: flags and `CELLGATE_*` variables.
 
 pub mod admin;
 pub mod api;
 pub mod backoff;
+pub mod ca;
 pub mod config;
 pub mod desired;
 pub mod leader;
@@ -393,6 +395,16 @@ pub async fn run_with(
         config.control_namespace.clone(),
         clock.clone(),
     ));
+    let rotation = Arc::new(
+        ca::Rotation::new(
+            client.clone(),
+            config.control_namespace.clone(),
+            config.ca_secret.clone(),
+            config.ca_bundle_configmap.clone(),
+            clock.clone(),
+        )
+        .with_audit(audit.clone()),
+    );
     // On every replica (it only reads files), so that a new leader starts from the current bundle.
     let trust_watch = tokio::spawn(trust::watch(
         trust_files,
@@ -417,6 +429,9 @@ pub async fn run_with(
     let work = || {
         metrics.leading(true);
         let controllers = controllers(client.clone(), ctx, policy_ctx, graceful.clone());
+        // The CA rotation writes the nodes' Secret and the published CAs: the leader's too.
+        let controllers =
+            futures_util::future::join(controllers, rotation.run(graceful.clone())).map(|_| ());
         async move {
             tokio::select! {
                 () = controllers => {}

@@ -412,7 +412,10 @@ pub async fn apply(cell: Arc<AgentCellResource>, ctx: Arc<Context>) -> Result<Ac
     let secret = desired::token_secret(&cell, &current.issued).map_err(Error::Desired)?;
     apply_child::<Secret>(client, &ns, &secret).await?;
 
-    let ca = desired::ca_bundle(&cell, &ctx.trust.current()).map_err(Error::Desired)?;
+    let bundle = ctx.trust.current();
+    let mut ca = desired::ca_bundle(&cell, &bundle).map_err(Error::Desired)?;
+    // Which cell CAs it holds: what a CA rotation waits for.
+    crate::ca::annotate_bundle(&mut ca, &bundle);
     apply_child::<ConfigMap>(client, &ns, &ca).await?;
 
     let np = desired::network_policy(&cell, &ctx.settings).map_err(Error::Desired)?;

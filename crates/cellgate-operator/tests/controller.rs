@@ -738,7 +738,10 @@ impl Fixture {
         pod: Option<&Value>,
     ) -> (Vec<Step>, Value) {
         let sa = to_value(&desired::service_account(cell).expect("sa"));
-        let ca = to_value(&desired::ca_bundle(cell, &self.ca).expect("ca"));
+        let mut ca = desired::ca_bundle(cell, &self.ca).expect("ca");
+        // Annotated with the fingerprints of its cell CAs (what a CA rotation waits for).
+        cellgate_operator::ca::annotate_bundle(&mut ca, &self.ca);
+        let ca = to_value(&ca);
         let np = to_value(&desired::network_policy(cell, &self.settings).expect("np"));
         let secret = self.secret(cell, t);
         let mut steps = vec![

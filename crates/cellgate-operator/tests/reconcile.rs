@@ -462,7 +462,11 @@ fn child_calls(
     pod: Option<Value>,
 ) -> Vec<Call> {
     let sa = to_value(&desired::service_account(cell).expect("sa"));
-    let ca = to_value(&desired::ca_bundle(cell, &fx.ca).expect("ca"));
+    // The cell's bundle, annotated with the fingerprints of the cell CAs it holds (what a CA
+    // rotation checks).
+    let mut ca = desired::ca_bundle(cell, &fx.ca).expect("ca");
+    cellgate_operator::ca::annotate_bundle(&mut ca, &fx.ca);
+    let ca = to_value(&ca);
     let np = to_value(&desired::network_policy(cell, &fx.settings).expect("np"));
     let secret = fx.secret(cell, t);
     vec![
