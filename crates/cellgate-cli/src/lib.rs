@@ -3,7 +3,11 @@
 //! - `cellgate keys init --out DIR`: an Ed25519 signing key (`signing.key`, 0600) and its public
 //!   half with a key id (`signing.pub`).
 //! - `cellgate token issue --key FILE --cell CELL.yaml --ttl 10m [--bind ADDR]`: a cell token.
+//! - `cellgate keys jwks FILE...`: one JWK set of the keys in the given `signing.pub` files (a
+//!   node's trust during a signing key rotation).
 //! - `cellgate ca init --out DIR`: the CA the node mints leaf certificates with.
+//! - `cellgate ca rotate [--grace 24h] [--force]`, `cellgate ca status`: a rotation of a
+//!   cluster's interception CA, run by the operator (see [`kubectl_ca`]).
 //! - `cellgate audit verify FILE [--anchors FILE --anchor-key PUBKEY]`: proves an audit log
 //!   untouched, or names the first bad record; with anchors, also that it was neither cut nor
 //!   rewritten since they were signed.
@@ -40,6 +44,7 @@ pub mod admin;
 pub mod advise;
 pub mod explain;
 pub mod kubectl;
+pub mod kubectl_ca;
 pub mod kubectl_policy;
 pub mod policy;
 pub mod replay;
@@ -64,7 +69,8 @@ enum Command {
     /// Cell tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// The certificate authority for TLS interception.
+    /// The certificate authority for TLS interception: `ca init` (a CA on disk), `ca rotate` and
+    /// `ca status` (a cluster's CA rotation).
     #[command(subcommand)]
     Ca(CaCmd),
     /// The audit log: `audit verify FILE`, `audit CELL` for a cell's recent decisions in a cluster, or `audit -A --since 1h --decision deny` across every node through the control API.
@@ -126,6 +132,13 @@ enum KeysCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Prints one JWK set (`{"keys":[...]}`) of the public keys in the given signing.pub files:
+    /// what a node's --trust file holds while the signing key rotates (the old and the new key).
+    Jwks {
+        /// signing.pub files (a JWK or a JWK set each).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +180,13 @@ enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Starts a rotation of the cluster's interception CA: the operator introduces a new CA in
+    /// every cell's bundle and every node, switches the nodes to it once all have it, and removes
+    /// the old one after the grace period. No agent restarts.
+    Rotate(kubectl_ca::RotateArgs),
+    /// Shows the cluster's CA rotation: phase, CAs with fingerprints and expiry, which node has
+    /// which, and what the operator waits for.
+    Status(kubectl_ca::StatusArgs),
 }
 
 /// `audit`: either `audit verify FILE` or `audit CELL` (a cell's recent decisions from its node).
@@ -228,6 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 key.kid()
             );
         }
+        Command::Keys(KeysCmd::Jwks { files }) => {
+            print!("{}", jwks(&files)?);
+        }
         Command::Token(TokenCmd::Issue {
             key,
             cell,
@@ -275,6 +298,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 files.key.display()
             );
         }
+        Command::Ca(CaCmd::Rotate(args)) => return kubectl::block_on(kubectl_ca::rotate(args)),
+        Command::Ca(CaCmd::Status(args)) => return kubectl::block_on(kubectl_ca::status(args)),
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -365,6 +390,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One JWK set of every key in `files`, each key once (by key id), in the order given.
+fn jwks(files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut keys: Vec<cellgate_identity::PublicKey> = Vec::new();
+    for f in files {
+        for k in cellgate_identity::PublicKey::load_all(f)? {
+            if !keys.iter().any(|have| have.kid == k.kid) {
+                keys.push(k);
+            }
+        }
+    }
+    let set: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| serde_json::from_str(&k.to_jwk_json()))
+        .collect::<Result<_, _>>()?;
+    Ok(format!("{}\n", serde_json::json!({ "keys": set })))
 }
 
 fn serde_json_string(c: &cellgate_identity::Claims) -> String {
