@@ -313,6 +313,7 @@ fn check_contract(docs: &[Value], front: Front) {
     let env = env_of(node);
     let want = [
         ("CELLGATE_NODE_NAME", "fieldRef:spec.nodeName"),
+        ("CELLGATE_POD_NAME", "fieldRef:metadata.name"),
         ("CELLGATE_CONTROL_NAMESPACE", "fieldRef:metadata.namespace"),
         (
             "CELLGATE_LISTEN",
@@ -507,9 +508,27 @@ fn check_contract(docs: &[Value], front: Front) {
             ),
         ]
     );
-    for (resources, verbs) in rules("Role", "cellgate-node") {
-        assert_eq!(resources, ["configmaps"]);
-        assert_eq!(verbs, ["get", "list", "watch"]);
+    // In its namespace: read ConfigMaps, and write its CA report (a Lease, server-side apply).
+    assert_eq!(
+        rules("Role", "cellgate-node"),
+        [
+            (
+                vec!["configmaps".to_string()],
+                vec!["get".to_string(), "list".into(), "watch".into()]
+            ),
+            (
+                vec!["leases".to_string()],
+                vec!["get".to_string(), "create".into(), "patch".into()]
+            ),
+        ]
+    );
+    // The CA rotation: the operator reads the reports; whoever rotates writes one ConfigMap by
+    // name and reads the reports, never a Secret.
+    assert!(rules("Role", "cellgate-operator")
+        .iter()
+        .any(|(r, v)| r == &["leases"] && v.iter().any(|v| v == "list")));
+    for (resources, _) in rules("Role", "cellgate-ca-rotator") {
+        assert!(!resources.iter().any(|r| r == "secrets"), "{resources:?}");
     }
     let operator_rules = rules("ClusterRole", "cellgate-operator");
     for needed in [
@@ -997,7 +1016,12 @@ fn assert_leader_election(docs: &[Value], dep: &Value, op: &Value) {
         .collect();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0]["resources"], json!(["leases"]));
-    assert_eq!(leases[0]["verbs"], json!(["get", "create", "update"]));
+    // Leader election (get, create, update) and the CA rotation's reading of the nodes'
+    // reports (list).
+    assert_eq!(
+        leases[0]["verbs"],
+        json!(["get", "list", "create", "update"])
+    );
     for d in docs.iter().filter(|d| kind(d) == "ClusterRole") {
         assert!(
             !d.to_string().contains("coordination.k8s.io"),
@@ -1628,6 +1652,7 @@ fn helm_and_kustomize_render_the_same_objects() {
         ("ClusterRole", "cellgate-operator"),
         ("ClusterRole", "cellgate-node"),
         ("Role", "cellgate-node"),
+        ("Role", "cellgate-ca-rotator"),
         ("NetworkPolicy", "cellgate-default-deny"),
     ] {
         assert_eq!(
