@@ -85,7 +85,9 @@ if [ -z "${ENVOY_BIN:-}" ]; then
   eval "$(bash "$root/.ci/install-envoy-openbao.sh" | tail -n 3)"
 fi
 [ -x "$ENVOY_BIN" ] || { echo "missing Envoy at $ENVOY_BIN" >&2; exit 1; }
-ENVOY_VERSION="$("$ENVOY_BIN" --version | grep -m1 -o 'version: [^ ]*' | cut -d/ -f2)"
+# awk reads all of Envoy's output: a `grep -m1` would close the pipe early, and with pipefail
+# Envoy's SIGPIPE would end the script.
+ENVOY_VERSION="$("$ENVOY_BIN" --version | awk '/version:/ && v == "" {sub(/.*version: [^\/]*\//, ""); sub(/\/.*/, ""); v = $0} END {print v}')"
 
 work="$(mktemp -d -t cellgate-bench.XXXXXX)"
 pids=()
@@ -353,8 +355,8 @@ if [ "$envoy_ok" != "200 $BODY_BYTES" ]; then
 fi
 # Requests Envoy completed so far (its own counter: the CPU per request below divides by it).
 envoy_requests() {
-  curl -sf "http://127.0.0.1:$ENVOY_ADMIN_PORT/stats?filter=^http\.bench\.downstream_rq_total$" |
-    awk -F': ' '{print $2+0}'
+  { curl -sf "http://127.0.0.1:$ENVOY_ADMIN_PORT/stats?filter=^http\.bench\.downstream_rq_total$" || true; } |
+    awk -F': ' '{n = $2 + 0} END {print n + 0}'
 }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 NODE_IDLE_RSS="$(rss_kb "$node_pid")"

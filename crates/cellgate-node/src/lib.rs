@@ -38,6 +38,7 @@ pub mod kubernetes;
 pub mod limits;
 pub mod lockdown;
 pub mod mcp;
+pub mod memory;
 pub mod metrics;
 pub mod policy_source;
 pub mod reason;

@@ -13,7 +13,23 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off before anything allocates (an ELF constructor runs before
+/// the Rust runtime's own start-up): the first heap pages are base pages too. See
+/// `cellgate_node::memory` for why and the figures. `main` repeats the call to report a failure.
+// A function pointer in `.init_array`, called once by the loader with no arguments.
+#[allow(unsafe_code)]
+#[used]
+#[link_section = ".init_array"]
+static HUGE_PAGES_OFF_AT_LOAD: extern "C" fn() = {
+    extern "C" fn huge_pages_off() {
+        let _ = cellgate_node::memory::disable_transparent_huge_pages();
+    }
+    huge_pages_off
+};
+
 fn main() -> ExitCode {
+    // Already done at load; repeated here (idempotent) so that a failure can be logged.
+    let huge_pages_off = cellgate_node::memory::disable_transparent_huge_pages();
     let env: std::collections::HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("CELLGATE_") || k == "HOSTNAME")
         .collect();
@@ -32,6 +48,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_json);
+    if let Err(e) = huge_pages_off {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off; the resident size may be larger");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("cellgate-data");
     if let Some(n) = config.worker_threads {
