@@ -187,27 +187,6 @@ fn role_of(state: &State, fingerprint: &str) -> String {
         )
 }
 
-fn first_fingerprint(pem: &str) -> String {
-    cellgate_tls::rotation::fingerprints(pem)
-        .into_iter()
-        .next()
-        .unwrap_or_default()
-}
-
-fn table(out: &mut String, rows: &[Vec<String>]) {
-    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-}
-
 /// The rotation as text: phase, times, what the operator waits for, the CAs, and every node pod
 /// with what it has loaded, what it signs with, the token keys it trusts, and whether it is
 /// ready for the phase's next step.
@@ -249,7 +228,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
     }
 
     let _ = writeln!(out, "\nCAs (published in every cell's bundle):");
-    let mut rows = vec![vec![
+    let mut rows = vec![[
         "ROLE".to_string(),
         "SHA-256 FINGERPRINT".to_string(),
         "SUBJECT".to_string(),
@@ -264,7 +243,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
         for info in cellgate_tls::rotation::describe(pem)
             .map_err(|e| anyhow::anyhow!("{role} CA of {ROTATION_CONFIGMAP}: {e}"))?
         {
-            rows.push(vec![
+            rows.push([
                 role.to_string(),
                 info.fingerprint,
                 info.subject,
@@ -272,7 +251,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
             ]);
         }
     }
-    table(&mut out, &rows);
+    out.push_str(&kubectl::table(&rows));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), control_ns);
     let pods = pods
@@ -288,8 +267,10 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
         .iter()
         .filter_map(NodeReport::from_lease)
         .collect();
-    let new_fp = state.new_ca().map(first_fingerprint);
-    let signing_fp = first_fingerprint(&state.signing);
+    let new_fp = state
+        .new_ca()
+        .map(cellgate_tls::rotation::first_fingerprint);
+    let signing_fp = cellgate_tls::rotation::first_fingerprint(&state.signing);
     let want = match (state.phase, &new_fp) {
         (Phase::Introduced, Some(fp)) => Want::Loaded(fp),
         _ => Want::Signing(&signing_fp),
@@ -310,7 +291,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
             "none found in {control_ns} with labels {NODE_POD_SELECTOR}"
         );
     } else {
-        let mut rows = vec![vec![
+        let mut rows = vec![[
             "NODE".to_string(),
             "POD".to_string(),
             "LOADED".to_string(),
@@ -322,7 +303,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
         for (p, check) in check_nodes(&pods, &reports, want) {
             let report = reports.iter().find(|r| r.node == p.node && r.pod == p.pod);
             let dash = || "-".to_string();
-            rows.push(vec![
+            rows.push([
                 if p.node.is_empty() {
                     dash()
                 } else {
@@ -346,7 +327,7 @@ pub async fn status_text(client: Client, control_ns: &str) -> anyhow::Result<Str
                 },
             ]);
         }
-        table(&mut out, &rows);
+        out.push_str(&kubectl::table(&rows));
     }
     Ok(out)
 }

@@ -182,13 +182,6 @@ fn text_of(data: Option<&BTreeMap<String, ByteString>>, key: &str) -> Option<Str
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
-fn first_fingerprint(pem: &str) -> String {
-    cellgate_tls::rotation::fingerprints(pem)
-        .into_iter()
-        .next()
-        .unwrap_or_default()
-}
-
 impl Rotation {
     /// A driver for the state in `namespace`, the nodes' Secret `secret` and the published
     /// ConfigMap `bundle_configmap`.
@@ -372,7 +365,7 @@ impl Rotation {
             .patch(ROTATION_CONFIGMAP, &params(), &Patch::Apply(&cm))
             .await
             .map_err(kube_err("apply", what()))?;
-        tracing::info!(ca.signing = %first_fingerprint(&state.signing), "CA rotation state created from the nodes' Secret");
+        tracing::info!(ca.signing = %cellgate_tls::rotation::first_fingerprint(&state.signing), "CA rotation state created from the nodes' Secret");
         Ok((
             created.data.unwrap_or_default(),
             created.metadata.resource_version.unwrap_or_default(),
@@ -496,7 +489,9 @@ impl Rotation {
             format!("Secret {}/{}", self.namespace, self.secret),
         ))?;
         let data = secret.data.unwrap_or_default();
-        let fp = |k: &str| text_of(Some(&data), k).map(|t| first_fingerprint(&t));
+        let fp = |k: &str| {
+            text_of(Some(&data), k).map(|t| cellgate_tls::rotation::first_fingerprint(&t))
+        };
         let mismatch = |what: &str, key: &str| {
             RotationError::Secret {
             secret: self.secret.clone(),
@@ -506,7 +501,9 @@ impl Rotation {
             ),
         }
         };
-        if fp(SECRET_CERT).as_deref() != Some(first_fingerprint(&state.signing).as_str()) {
+        if fp(SECRET_CERT).as_deref()
+            != Some(cellgate_tls::rotation::first_fingerprint(&state.signing).as_str())
+        {
             return Err(mismatch("signing", SECRET_CERT));
         }
         if !data.contains_key(SECRET_KEY) {
@@ -516,7 +513,8 @@ impl Rotation {
             });
         }
         if let Some(next) = &state.next {
-            if fp(SECRET_NEXT_CERT).as_deref() != Some(first_fingerprint(next).as_str())
+            if fp(SECRET_NEXT_CERT).as_deref()
+                != Some(cellgate_tls::rotation::first_fingerprint(next).as_str())
                 || !data.contains_key(SECRET_NEXT_KEY)
             {
                 return Err(mismatch("next", SECRET_NEXT_CERT));
@@ -594,7 +592,10 @@ impl Rotation {
             ByteString(new.key_pem().into_bytes()),
         );
         self.write_secret(data, secret_rv).await?;
-        let replaced = state.next.as_deref().map(first_fingerprint);
+        let replaced = state
+            .next
+            .as_deref()
+            .map(cellgate_tls::rotation::first_fingerprint);
         let next = State {
             phase: Phase::Introduced,
             next: Some(new.cert_pem().to_string()),
@@ -715,7 +716,7 @@ impl Rotation {
         now: i64,
     ) -> Result<Step, RotationError> {
         let next_pem = state.next.clone().unwrap_or_default();
-        let new_fp = first_fingerprint(&next_pem);
+        let new_fp = cellgate_tls::rotation::first_fingerprint(&next_pem);
         let mut waits = Vec::new();
         let bundles = self.bundles_without(&new_fp).await?;
         if bundles.is_empty() {
@@ -757,7 +758,7 @@ impl Rotation {
             }
         }
         self.write_secret(switched, secret_rv).await?;
-        let old_fp = first_fingerprint(&state.signing);
+        let old_fp = cellgate_tls::rotation::first_fingerprint(&state.signing);
         let next = State {
             phase: Phase::Active,
             previous: Some(state.signing.clone()),
@@ -784,7 +785,7 @@ impl Rotation {
 
     /// `Active` → `Retiring` once every node signs with the new CA.
     async fn active(&self, state: State, rv: &str, now: i64) -> Result<Step, RotationError> {
-        let fp = first_fingerprint(&state.signing);
+        let fp = cellgate_tls::rotation::first_fingerprint(&state.signing);
         let waits = self.nodes(Want::Signing(&fp)).await?;
         if !waits.is_empty() {
             return self.wait(state, rv, waits).await;
@@ -832,7 +833,7 @@ impl Rotation {
         if now < until {
             return Ok(Step::Waiting(state.waiting.unwrap_or_default()));
         }
-        let fp = first_fingerprint(&state.signing);
+        let fp = cellgate_tls::rotation::first_fingerprint(&state.signing);
         let waits = self.nodes(Want::Signing(&fp)).await?;
         if !waits.is_empty() {
             return self.wait(state, rv, waits).await;
@@ -840,7 +841,7 @@ impl Rotation {
         let old = state
             .previous
             .as_deref()
-            .map(first_fingerprint)
+            .map(cellgate_tls::rotation::first_fingerprint)
             .unwrap_or_default();
         let next = State {
             phase: Phase::Idle,

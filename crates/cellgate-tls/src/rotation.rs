@@ -48,6 +48,13 @@ pub fn fingerprints(pem: &str) -> Vec<String> {
         .collect()
 }
 
+/// The fingerprint of the first certificate of a PEM text that decodes; empty when none does
+/// (a fingerprint then matches nothing).
+#[must_use]
+pub fn first_fingerprint(pem: &str) -> String {
+    fingerprints(pem).into_iter().next().unwrap_or_default()
+}
+
 /// One certificate, described for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
