@@ -3,7 +3,7 @@
 //! mimalloc commits its arenas eagerly and advises the kernel to back them with huge pages
 //! (`madvise(MADV_HUGEPAGE)`); on kernels whose THP mode is `madvise` or `always`, a node that
 //! has touched a few MB of its heap then holds whole 2 MB pages. Measured with `bench/load.sh`
-//! (docs/benchmarks.md, "Node memory"): RSS 53 MB idle and 58-68 MB after the load runs with huge
+//! (docs/benchmarks.md, "Cellgate vs Envoy in one run"): RSS 53 MB idle and 58-68 MB after the load runs with huge
 //! pages, 27 MB and 32-34 MB without, at the same CPU per request. The node is a long-lived
 //! DaemonSet pod next to the agents: its resident size is what a node operator budgets.
 //!
