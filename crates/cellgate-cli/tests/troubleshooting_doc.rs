@@ -222,6 +222,8 @@ fn every_condition_type_and_reason_is_written_by_the_operator() {
         // The node writes `Governed` (its enforcement self-check).
         "crates/cellgate-node/src/selfcheck.rs",
         "crates/cellgate-api/src/crd.rs",
+        // The CA rotation's phases (`kubectl cellgate ca status`).
+        "crates/cellgate-api/src/ca_rotation.rs",
     ]
     .map(source)
     .join("\n");
