@@ -15,32 +15,12 @@
 
 use std::time::{Duration, Instant};
 
-use cellgate_audit::{AuditLog, AuditOptions, Decision, Record};
+use cellgate_audit::{AuditLog, AuditOptions, Record};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-fn record(i: u64) -> Record {
-    let mut r = Record::new(
-        "node-a",
-        "intake",
-        "https",
-        Decision::Allow,
-        "capability_granted",
-    );
-    r.cell = Some("researcher".into());
-    r.namespace = Some("agents".into());
-    r.token_id = Some("0b6f0f3e-1c7d-4a53-9d2e-6c1f4b7a9e10".into());
-    r.source = Some("10.244.1.17:41822".into());
-    r.destination = Some("140.82.112.3:443".into());
-    r.method = Some("GET".into());
-    r.host = Some("api.github.com".into());
-    r.path = Some(format!("/repos/cellgate/cellgate/issues/{i}"));
-    r.capability = Some("github-read".into());
-    r.policy_version = Some("sha256:5f1d".into());
-    r.budget = Some(serde_json::json!({"requests": {"used": i, "limit": 1_000_000}}));
-    r.latency_us = Some(87);
-    r.request_id = Some(format!("req-{i}"));
-    r
-}
+#[path = "support/record.rs"]
+mod support;
+use support::record;
 
 fn bench_dir() -> tempfile::TempDir {
     match std::env::var_os("CELLGATE_BENCH_DIR") {
