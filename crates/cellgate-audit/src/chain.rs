@@ -43,29 +43,9 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
 
 /// Appends the canonical JSON of an object to `out`.
 pub(crate) fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
-    write_object_with_slot(map, out, "");
-}
-
-/// Where a key absent from an object goes in its canonical JSON: the byte offset in the output
-/// and whether entries come before and after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Slot {
-    at: usize,
-    before: bool,
-    after: bool,
-}
-
-/// [`write_object`], also returning where an entry with key `slot` (not in `map`) would go, so
-/// that it can be spliced in afterwards without writing the object again.
-fn write_object_with_slot(map: &Map<String, Value>, out: &mut Vec<u8>, slot: &str) -> Slot {
     let mut entries: Vec<(&String, &Value)> = map.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    let mut found = Slot {
-        at: out.len(),
-        before: false,
-        after: false,
-    };
     for (i, (key, value)) in entries.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -73,16 +53,8 @@ fn write_object_with_slot(map: &Map<String, Value>, out: &mut Vec<u8>, slot: &st
         write_str(key, out);
         out.push(b':');
         write_value(value, out);
-        // Sorted: the keys before the slot come first, and it goes right after the last of them.
-        if key.as_str() < slot {
-            found.at = out.len();
-            found.before = true;
-        } else {
-            found.after = true;
-        }
     }
     out.push(b'}');
-    found
 }
 
 fn write_value(value: &Value, out: &mut Vec<u8>) {
@@ -243,12 +215,14 @@ impl Members<'_> {
     }
 }
 
-/// Appends the canonical JSON of `rec` without its `hash` key, and returns where that key goes.
+/// Appends the canonical JSON of `rec` without its `hash` key, and returns the offset in `out`
+/// where that key's entry goes: right after `front_door`, which every record has, and before
+/// `node`, which every record has too (so the entry always takes a leading comma).
 ///
 /// The same bytes as [`write_object`] over `serde_json::to_value(rec)` minus `hash` (a test holds
 /// the two together, field by field), without building the intermediate `Value` tree: the
 /// members are written in sorted key order, each omitted exactly when serde skips it.
-fn write_record(rec: &Record, out: &mut Vec<u8>) -> Slot {
+fn write_record(rec: &Record, out: &mut Vec<u8>) -> usize {
     out.push(b'{');
     let mut m = Members { out, any: false };
     if let Some(budget) = &rec.budget {
@@ -262,12 +236,8 @@ fn write_record(rec: &Record, out: &mut Vec<u8>) -> Slot {
     m.str("decision", rec.decision.as_str());
     m.opt_str("destination", rec.destination.as_ref());
     m.str("front_door", &rec.front_door);
-    // "hash" sorts here, after "front_door", which every record has.
-    let slot = Slot {
-        at: m.out.len(),
-        before: true,
-        after: true,
-    };
+    // "hash" sorts here.
+    let slot = m.out.len();
     if !rec.headers.is_empty() {
         m.map("headers", &rec.headers);
     }
@@ -302,19 +272,13 @@ fn write_record(rec: &Record, out: &mut Vec<u8>) -> Slot {
 /// Initial capacity of a record's canonical body; a typical record is a few hundred bytes.
 const LINE_HINT: usize = 512;
 
-/// The `"hash":"..."` entry to splice into a record's body at `slot`, with the comma that
-/// separates it from its neighbour.
-fn hash_entry(hash: &str, slot: Slot) -> Vec<u8> {
+/// The `,"hash":"..."` entry [`write_record`]'s offset takes.
+fn hash_entry(hash: &str) -> Vec<u8> {
     let mut entry = Vec::with_capacity(HASH_HEX_LEN.saturating_add(10));
-    if slot.before {
-        entry.push(b',');
-    }
+    entry.push(b',');
     write_str("hash", &mut entry);
     entry.push(b':');
     write_str(hash, &mut entry);
-    if !slot.before && slot.after {
-        entry.push(b',');
-    }
     entry
 }
 
@@ -344,7 +308,7 @@ pub(crate) fn seal(rec: &mut Record, seq: u64, prev: &str, out: &mut Vec<u8>) ->
         let mut body = Vec::with_capacity(LINE_HINT);
         let slot = write_record(rec, &mut body);
         let hash = record_hash(prev, &body);
-        let entry = hash_entry(&hash, slot);
+        let entry = hash_entry(&hash);
         let line_len = body.len().saturating_add(entry.len());
         if line_len > MAX_LINE_LEN {
             if clamped {
@@ -356,7 +320,7 @@ pub(crate) fn seal(rec: &mut Record, seq: u64, prev: &str, out: &mut Vec<u8>) ->
             clamped = true;
             continue;
         }
-        let (head, tail) = body.split_at(slot.at.min(body.len()));
+        let (head, tail) = body.split_at(slot.min(body.len()));
         out.reserve(line_len.saturating_add(1));
         out.extend_from_slice(head);
         out.extend_from_slice(&entry);
@@ -519,37 +483,28 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_entry_spliced_into_the_body_is_the_object_written_with_it() {
-        // Keys before and after "hash", only before, only after, none, and keys sharing its
-        // prefix ("has", "hash0", "hasH"): the splice must land exactly where sorting puts it.
-        let cases: [&[&str]; 6] = [
-            &["time", "seq", "action", "prev", "z"],
-            &["a", "b"],
-            &["i", "seq"],
-            &[],
-            &["has", "hash0", "hasH", "hashes"],
-            &["hasi"],
-        ];
-        let hash = "ab".repeat(32);
-        for keys in cases {
-            let mut map = Map::new();
-            for (i, k) in keys.iter().enumerate() {
-                map.insert((*k).to_owned(), json!({"n": i, "s": "x\"y"}));
-            }
-            let mut body = Vec::new();
-            let slot = write_object_with_slot(&map, &mut body, "hash");
-            let mut plain = Vec::new();
-            write_object(&map, &mut plain);
-            assert_eq!(body, plain, "the body is the canonical object: {keys:?}");
-            let (head, tail) = body.split_at(slot.at);
-            let spliced = [head, &hash_entry(&hash, slot), tail].concat();
-            map.insert("hash".to_owned(), Value::String(hash.clone()));
+    fn a_sealed_line_is_the_serde_form_with_its_hash_written_canonically() {
+        // The fewest fields a record has, and every field set: the hash entry lands where
+        // sorting puts it in both.
+        let minimal = Record::new("n", "dns", "dns", crate::Decision::Deny, "x");
+        let mut full = minimal.clone();
+        full.headers = [("x-a".to_owned(), "1".to_owned())].into_iter().collect();
+        full.host = Some("h".into());
+        full.budget = Some(serde_json::json!({"a": 1}));
+        full.withheld = vec!["cookie".into()];
+        for mut rec in [minimal, full] {
+            let mut line = Vec::new();
+            seal(&mut rec, 3, ZERO_HASH, &mut line).unwrap();
+            let Value::Object(mut map) = serde_json::to_value(&rec).unwrap() else {
+                panic!("not an object")
+            };
+            map.insert("hash".to_owned(), Value::String(rec.hash.clone()));
             let mut written = Vec::new();
             write_object(&map, &mut written);
+            written.push(b'\n');
             assert_eq!(
-                String::from_utf8(spliced).unwrap(),
-                String::from_utf8(written).unwrap(),
-                "keys {keys:?}"
+                String::from_utf8(line).unwrap(),
+                String::from_utf8(written).unwrap()
             );
         }
     }
